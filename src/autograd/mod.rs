@@ -1,0 +1,264 @@
+//! Define-by-run reverse mode. Each op that sees an input requiring gradients wraps its
+//! output with a `Node`: edges to the inputs' nodes (or leaves) and a one-shot backward
+//! closure holding the saved activations. `backward` runs the closures in reverse
+//! topological order and drops each one after use, so the graph's memory is returned as
+//! soon as the gradients exist.
+
+use crate::tensor::{Tensor, TensorId};
+use crate::{Error, Result};
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Maps the output gradient to one gradient per input (None where the input needs none).
+pub type BackwardFn = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
+
+pub enum Edge {
+    Node(Arc<Node>),
+    Leaf(Tensor),
+}
+
+pub struct Node {
+    name: &'static str,
+    edges: Vec<Option<Edge>>,
+    backward: Mutex<Option<BackwardFn>>,
+}
+
+impl Node {
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
+/// While alive, ops record no graph (restores the previous mode on drop).
+pub struct NoGradGuard(bool);
+
+impl NoGradGuard {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        NoGradGuard(GRAD_ENABLED.with(|g| g.replace(false)))
+    }
+}
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.0));
+    }
+}
+
+/// Runs `f` without recording a graph.
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    let _g = NoGradGuard::new();
+    f()
+}
+
+/// Whether an op on `inputs` must record a node.
+pub fn needs_grad(inputs: &[&Tensor]) -> bool {
+    is_grad_enabled() && inputs.iter().any(|t| t.requires_grad())
+}
+
+/// Wraps `out` (computed without a graph) with a node whose backward is `backward`.
+/// `backward` returns one entry per input, in order.
+pub fn record(
+    name: &'static str,
+    out: Tensor,
+    inputs: &[&Tensor],
+    backward: impl FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Tensor {
+    if !needs_grad(inputs) {
+        return out;
+    }
+    let edges = inputs
+        .iter()
+        .map(|t| match t.grad_fn() {
+            Some(n) => Some(Edge::Node(n.clone())),
+            None if t.requires_grad() => Some(Edge::Leaf((*t).clone())),
+            None => None,
+        })
+        .collect();
+    let node = Arc::new(Node {
+        name,
+        edges,
+        backward: Mutex::new(Some(Box::new(backward))),
+    });
+    out.with_grad_fn(node)
+}
+
+fn node_key(n: &Arc<Node>) -> usize {
+    Arc::as_ptr(n) as usize
+}
+
+/// Nodes reachable from `root`, each after all nodes that consume it.
+fn topo_order(root: &Arc<Node>) -> Vec<Arc<Node>> {
+    let mut order = Vec::new();
+    let mut visited = std::collections::HashSet::new();
+    // Iterative post-order DFS: (node, next edge to visit).
+    let mut stack: Vec<(Arc<Node>, usize)> = vec![(root.clone(), 0)];
+    visited.insert(node_key(root));
+    while let Some((node, i)) = stack.pop() {
+        if i < node.edges.len() {
+            stack.push((node.clone(), i + 1));
+            if let Some(Edge::Node(child)) = &node.edges[i] {
+                if visited.insert(node_key(child)) {
+                    stack.push((child.clone(), 0));
+                }
+            }
+        } else {
+            order.push(node);
+        }
+    }
+    order.reverse();
+    order
+}
+
+fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    *slot = Some(match slot.take() {
+        None => g,
+        Some(prev) => prev.add(&g)?,
+    });
+    Ok(())
+}
+
+/// Runs the graph under `root` backwards from `root_grad`; returns the gradient of every
+/// leaf reached, keyed by leaf id, with the leaf itself.
+fn run_backward(root: &Tensor, root_grad: Tensor) -> Result<HashMap<TensorId, (Tensor, Tensor)>> {
+    let _g = NoGradGuard::new();
+    if root_grad.shape() != root.shape() {
+        return Err(Error::Autograd(format!(
+            "upstream gradient has shape {:?} but the tensor has {:?}",
+            root_grad.shape(),
+            root.shape()
+        )));
+    }
+    let mut leaves: HashMap<TensorId, (Tensor, Tensor)> = HashMap::new();
+    let add_leaf = |leaves: &mut HashMap<TensorId, (Tensor, Tensor)>, leaf: &Tensor, g: Tensor| {
+        let id = leaf.id();
+        match leaves.remove(&id) {
+            None => leaves.insert(id, (leaf.clone(), g)),
+            Some((l, prev)) => leaves.insert(id, (l, prev.add(&g)?)),
+        };
+        Ok::<(), Error>(())
+    };
+    let Some(root_node) = root.grad_fn() else {
+        if root.requires_grad() {
+            add_leaf(&mut leaves, root, root_grad)?;
+            return Ok(leaves);
+        }
+        return Err(Error::Autograd(
+            "backward on a tensor that does not require gradients (no parameter in its graph, \
+             or computed under no_grad)"
+                .into(),
+        ));
+    };
+    let order = topo_order(root_node);
+    let mut grads: HashMap<usize, Option<Tensor>> = HashMap::new();
+    grads.insert(node_key(root_node), Some(root_grad));
+    for node in order {
+        let Some(Some(g)) = grads.remove(&node_key(&node)) else {
+            continue;
+        };
+        let f = node
+            .backward
+            .lock()
+            .expect("node lock")
+            .take()
+            .ok_or_else(|| {
+                Error::Autograd(format!(
+                    "the graph through {} was already freed by an earlier backward",
+                    node.name
+                ))
+            })?;
+        let input_grads = f(&g)?;
+        if input_grads.len() != node.edges.len() {
+            return Err(Error::Autograd(format!(
+                "{} backward returned {} gradients for {} inputs",
+                node.name,
+                input_grads.len(),
+                node.edges.len()
+            )));
+        }
+        for (edge, ig) in node.edges.iter().zip(input_grads) {
+            let (Some(edge), Some(ig)) = (edge, ig) else {
+                continue;
+            };
+            match edge {
+                Edge::Node(n) => accumulate(grads.entry(node_key(n)).or_default(), ig)?,
+                Edge::Leaf(l) => {
+                    if ig.shape() != l.shape() {
+                        return Err(Error::Autograd(format!(
+                            "{} produced a gradient of shape {:?} for an input of shape {:?}",
+                            node.name,
+                            ig.shape(),
+                            l.shape()
+                        )));
+                    }
+                    add_leaf(&mut leaves, l, ig)?
+                }
+            }
+        }
+    }
+    Ok(leaves)
+}
+
+impl Tensor {
+    /// Backward from a scalar: accumulates d self / d leaf into every leaf's `grad()`.
+    pub fn backward(&self) -> Result<()> {
+        if self.numel() != 1 {
+            return Err(Error::Autograd(format!(
+                "backward() needs a scalar, got shape {:?}; use backward_with(grad)",
+                self.shape()
+            )));
+        }
+        let one = Tensor::ones(self.shape(), self.dtype())?;
+        self.backward_with(&one)
+    }
+
+    /// Backward with a given upstream gradient (same shape as `self`).
+    pub fn backward_with(&self, grad: &Tensor) -> Result<()> {
+        let leaves = run_backward(self, grad.clone())?;
+        let _g = NoGradGuard::new();
+        for (_, (leaf, g)) in leaves {
+            let total = match leaf.grad() {
+                None => g,
+                Some(prev) => prev.add(&g)?,
+            };
+            leaf.set_grad(Some(total));
+        }
+        Ok(())
+    }
+}
+
+/// Gradients of `output` (seeded with `grad`, or 1 for a scalar) with respect to `wrt` only,
+/// returned rather than accumulated into `.grad()`. None for a leaf the output does not
+/// depend on. Frees the graph like `backward`.
+pub fn grad(
+    output: &Tensor,
+    grad: Option<&Tensor>,
+    wrt: &[&Tensor],
+) -> Result<Vec<Option<Tensor>>> {
+    let seed = match grad {
+        Some(g) => g.clone(),
+        None => {
+            if output.numel() != 1 {
+                return Err(Error::Autograd(format!(
+                    "grad() without an upstream gradient needs a scalar, got {:?}",
+                    output.shape()
+                )));
+            }
+            Tensor::ones(output.shape(), output.dtype())?
+        }
+    };
+    let mut leaves = run_backward(output, seed)?;
+    Ok(wrt
+        .iter()
+        .map(|t| leaves.remove(&t.id()).map(|(_, g)| g))
+        .collect())
+}

@@ -1,0 +1,119 @@
+//! CPU kernels on slices: strided gathers, parallel maps, GEMM through the `gemm` crate.
+
+use crate::tensor::Layout;
+use rayon::prelude::*;
+
+/// Below this many elements, kernels stay on the calling thread.
+pub const PAR_MIN: usize = 1 << 15;
+
+/// Copies the elements of a strided view into a new contiguous vector.
+pub fn gather_strided<T: Copy>(all: &[T], layout: &Layout) -> Vec<T> {
+    let mut out = Vec::with_capacity(layout.numel());
+    layout.for_each_row(|start, stride, len| {
+        if stride == 1 {
+            out.extend_from_slice(&all[start..start + len]);
+        } else {
+            out.extend((0..len).map(|j| all[start + j * stride]));
+        }
+    });
+    out
+}
+
+/// `out[i] = f(x[i])`, in parallel for large inputs.
+pub fn map<T: Copy + Send + Sync, U: Copy + Send + Sync>(
+    x: &[T],
+    f: impl Fn(T) -> U + Sync,
+) -> Vec<U> {
+    if x.len() >= PAR_MIN {
+        x.par_iter().map(|&v| f(v)).collect()
+    } else {
+        x.iter().map(|&v| f(v)).collect()
+    }
+}
+
+/// `out[i] = f(a[i], b[i])`, in parallel for large inputs.
+pub fn zip_map<T: Copy + Send + Sync, U: Copy + Send + Sync>(
+    a: &[T],
+    b: &[T],
+    f: impl Fn(T, T) -> U + Sync,
+) -> Vec<U> {
+    debug_assert_eq!(a.len(), b.len());
+    if a.len() >= PAR_MIN {
+        a.par_iter()
+            .zip(b.par_iter())
+            .map(|(&x, &y)| f(x, y))
+            .collect()
+    } else {
+        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+    }
+}
+
+/// Applies `f` to consecutive rows of length `n` of `data` (parallel over rows).
+pub fn for_rows_mut<T: Send>(data: &mut [T], n: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    if n == 0 {
+        return;
+    }
+    if data.len() >= PAR_MIN {
+        data.par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        data.chunks_mut(n).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// Number of threads rayon runs on.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// A strided matrix operand: element (i, j) at `ptr + i*rs + j*cs`.
+#[derive(Clone, Copy)]
+pub struct MatRef<T> {
+    pub ptr: *const T,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// `dst[m,n] (+)= lhs[m,k] @ rhs[k,n]`; `dst` row-major contiguous with row stride `n`.
+///
+/// # Safety
+/// `lhs`, `rhs` must address valid m×k and k×n matrices with their strides; `dst` must hold
+/// m×n elements.
+pub unsafe fn gemm<T: 'static + num_traits::Zero + num_traits::One + Copy>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    accumulate: bool,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    parallel: bool,
+) {
+    let par = if parallel && threads() > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        accumulate,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        par,
+    );
+}

@@ -1,0 +1,14 @@
+//! tessera: a from-scratch deep-learning framework — tensors, reverse-mode autograd, a CPU
+//! backend, optimisers and safetensors IO, on which Qwen2.5-VL training is built.
+
+pub mod autograd;
+pub mod backend;
+mod error;
+pub mod io;
+pub mod ops;
+pub mod optim;
+pub mod tensor;
+
+pub use autograd::{grad, no_grad, NoGradGuard};
+pub use error::{Error, Result};
+pub use tensor::{DType, Float, Rng, Tensor, WithDType};

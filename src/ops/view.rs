@@ -1,0 +1,303 @@
+//! Views and shape ops: reshape, permute/transpose, narrow, broadcast, squeeze/unsqueeze,
+//! contiguous. Views share the buffer; each records a backward that maps the gradient back
+//! to the input's shape.
+
+use crate::autograd::record;
+use crate::backend::cpu;
+use crate::tensor::{contiguous_strides, Layout, Tensor};
+use crate::{any_dispatch, float_dispatch, DType, Error, Result, WithDType};
+
+fn copy_contiguous<T: WithDType>(t: &Tensor) -> Result<Tensor> {
+    let v = t.read_strided::<T, _>(cpu::gather_strided)?;
+    Tensor::from_vec(v, t.shape())
+}
+
+impl Tensor {
+    /// A contiguous tensor with the same values (self when already contiguous).
+    pub fn contiguous(&self) -> Result<Tensor> {
+        if self.is_contiguous() {
+            return Ok(self.clone());
+        }
+        let out = any_dispatch!(self.dtype(), T => copy_contiguous::<T>(self)?);
+        Ok(record("contiguous", out, &[self], |g| {
+            Ok(vec![Some(g.clone())])
+        }))
+    }
+
+    /// Same elements, new shape. `shape` may contain one `usize::MAX` meaning "the rest".
+    /// Copies only when the layout is not contiguous.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let mut shape = shape.to_vec();
+        if let Some(i) = shape.iter().position(|&d| d == usize::MAX) {
+            let known: usize = shape.iter().filter(|&&d| d != usize::MAX).product();
+            if known == 0 || self.numel() % known != 0 {
+                return Err(Error::shape(
+                    "reshape",
+                    format!("cannot infer a dim reshaping {:?}", self.shape()),
+                ));
+            }
+            shape[i] = self.numel() / known;
+        }
+        if shape.iter().product::<usize>() != self.numel() {
+            return Err(Error::shape(
+                "reshape",
+                format!("cannot reshape {:?} into {shape:?}", self.shape()),
+            ));
+        }
+        if shape == self.shape() {
+            return Ok(self.clone());
+        }
+        let src = self.contiguous()?;
+        let layout = Layout {
+            strides: contiguous_strides(&shape),
+            shape: shape.clone(),
+            offset: src.layout().offset,
+        };
+        let in_shape = self.shape().to_vec();
+        let out = src.view_with(layout);
+        Ok(record("reshape", out, &[&src], move |g| {
+            Ok(vec![Some(g.reshape(&in_shape)?)])
+        }))
+    }
+
+    /// Collapses everything into one dimension.
+    pub fn flatten_all(&self) -> Result<Tensor> {
+        self.reshape(&[self.numel()])
+    }
+
+    /// Reorders dimensions: output dim i is input dim `dims[i]`.
+    pub fn permute(&self, dims: &[usize]) -> Result<Tensor> {
+        let r = self.rank();
+        let mut seen = vec![false; r];
+        if dims.len() != r
+            || dims
+                .iter()
+                .any(|&d| d >= r || std::mem::replace(&mut seen[d], true))
+        {
+            return Err(Error::shape(
+                "permute",
+                format!(
+                    "{dims:?} is not a permutation of the dims of {:?}",
+                    self.shape()
+                ),
+            ));
+        }
+        let l = self.layout();
+        let layout = Layout {
+            shape: dims.iter().map(|&d| l.shape[d]).collect(),
+            strides: dims.iter().map(|&d| l.strides[d]).collect(),
+            offset: l.offset,
+        };
+        let mut inverse = vec![0; r];
+        for (i, &d) in dims.iter().enumerate() {
+            inverse[d] = i;
+        }
+        let out = self.view_with(layout);
+        Ok(record("permute", out, &[self], move |g| {
+            Ok(vec![Some(g.permute(&inverse)?)])
+        }))
+    }
+
+    /// Swaps two dims (negative counts from the end).
+    pub fn transpose(&self, d0: isize, d1: isize) -> Result<Tensor> {
+        let (a, b) = (
+            self.normalize_dim(d0, "transpose")?,
+            self.normalize_dim(d1, "transpose")?,
+        );
+        let mut dims: Vec<usize> = (0..self.rank()).collect();
+        dims.swap(a, b);
+        self.permute(&dims)
+    }
+
+    /// Transpose of the last two dims.
+    pub fn t(&self) -> Result<Tensor> {
+        self.transpose(-2, -1)
+    }
+
+    /// Elements `start..start+len` along `dim` (a view).
+    pub fn narrow(&self, dim: isize, start: usize, len: usize) -> Result<Tensor> {
+        let d = self.normalize_dim(dim, "narrow")?;
+        let size = self.shape()[d];
+        if start + len > size {
+            return Err(Error::shape(
+                "narrow",
+                format!(
+                    "{start}..{} out of range 0..{size} on dim {d} of {:?}",
+                    start + len,
+                    self.shape()
+                ),
+            ));
+        }
+        let mut layout = self.layout().clone();
+        layout.offset += start * layout.strides[d];
+        layout.shape[d] = len;
+        let out = self.view_with(layout);
+        let in_shape = self.shape().to_vec();
+        Ok(record("narrow", out, &[self], move |g| {
+            // Pad the gradient with zeros back to the input's extent along `d`.
+            let mut parts = Vec::new();
+            let mut zshape = in_shape.clone();
+            if start > 0 {
+                zshape[d] = start;
+                parts.push(Tensor::zeros(&zshape, g.dtype())?);
+            }
+            parts.push(g.clone());
+            if start + len < size {
+                zshape[d] = size - start - len;
+                parts.push(Tensor::zeros(&zshape, g.dtype())?);
+            }
+            Ok(vec![Some(Tensor::cat(
+                &parts.iter().collect::<Vec<_>>(),
+                d as isize,
+            )?)])
+        }))
+    }
+
+    /// Splits `dim` into pieces of the given sizes (views).
+    pub fn split(&self, sizes: &[usize], dim: isize) -> Result<Vec<Tensor>> {
+        let d = self.normalize_dim(dim, "split")?;
+        if sizes.iter().sum::<usize>() != self.shape()[d] {
+            return Err(Error::shape(
+                "split",
+                format!(
+                    "sizes {sizes:?} do not add up to dim {d} of {:?}",
+                    self.shape()
+                ),
+            ));
+        }
+        let mut start = 0;
+        sizes
+            .iter()
+            .map(|&s| {
+                let t = self.narrow(d as isize, start, s);
+                start += s;
+                t
+            })
+            .collect()
+    }
+
+    /// Numpy-style broadcast to `shape` (a view with zero strides).
+    pub fn broadcast_as(&self, shape: &[usize]) -> Result<Tensor> {
+        if shape == self.shape() {
+            return Ok(self.clone());
+        }
+        let layout = self.layout().broadcast_as(shape)?;
+        let in_shape = self.shape().to_vec();
+        let out = self.view_with(layout);
+        Ok(record("broadcast", out, &[self], move |g| {
+            Ok(vec![Some(g.sum_to_shape(&in_shape)?)])
+        }))
+    }
+
+    /// Alias of `broadcast_as`.
+    pub fn expand(&self, shape: &[usize]) -> Result<Tensor> {
+        self.broadcast_as(shape)
+    }
+
+    /// Removes a size-1 dim.
+    pub fn squeeze(&self, dim: isize) -> Result<Tensor> {
+        let d = self.normalize_dim(dim, "squeeze")?;
+        if self.shape()[d] != 1 {
+            return Err(Error::shape(
+                "squeeze",
+                format!("dim {d} of {:?} is not 1", self.shape()),
+            ));
+        }
+        let mut l = self.layout().clone();
+        l.shape.remove(d);
+        l.strides.remove(d);
+        self.shape_view("squeeze", l)
+    }
+
+    /// Inserts a size-1 dim at `dim` (0..=rank; negative counts from the end).
+    pub fn unsqueeze(&self, dim: isize) -> Result<Tensor> {
+        let r = self.rank() as isize;
+        let d = if dim < 0 { dim + r + 1 } else { dim };
+        if d < 0 || d > r {
+            return Err(Error::shape(
+                "unsqueeze",
+                format!("dim {dim} out of range for {:?}", self.shape()),
+            ));
+        }
+        let d = d as usize;
+        let mut l = self.layout().clone();
+        let stride = if d < l.rank() {
+            l.strides[d] * l.shape[d]
+        } else {
+            1
+        };
+        l.shape.insert(d, 1);
+        l.strides.insert(d, stride);
+        self.shape_view("unsqueeze", l)
+    }
+
+    fn shape_view(&self, name: &'static str, layout: Layout) -> Result<Tensor> {
+        let in_shape = self.shape().to_vec();
+        let out = self.view_with(layout);
+        Ok(record(name, out, &[self], move |g| {
+            Ok(vec![Some(g.reshape(&in_shape)?)])
+        }))
+    }
+
+    /// Sums a broadcast gradient back down to `shape` (the inverse of `broadcast_as`).
+    pub fn sum_to_shape(&self, shape: &[usize]) -> Result<Tensor> {
+        if self.shape() == shape {
+            return Ok(self.clone());
+        }
+        let extra = self.rank().checked_sub(shape.len()).ok_or_else(|| {
+            Error::shape(
+                "sum_to_shape",
+                format!("{:?} has fewer dims than {shape:?}", self.shape()),
+            )
+        })?;
+        let mut dims: Vec<usize> = (0..extra).collect();
+        for (i, &s) in shape.iter().enumerate() {
+            if s == 1 && self.shape()[extra + i] != 1 {
+                dims.push(extra + i);
+            }
+        }
+        let summed = if dims.is_empty() {
+            self.clone()
+        } else {
+            self.sum_dims(&dims, true)?
+        };
+        summed.reshape(shape)
+    }
+
+    /// Cast to another dtype (gradient cast back for float inputs).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        // Through f64: exact for every dtype here except i64 beyond 2^53 (ids never are).
+        let out = match (self.dtype(), dtype) {
+            (DType::F32, DType::BF16) => Tensor::from_vec(
+                self.to_vec::<f32>()?
+                    .into_iter()
+                    .map(half::bf16::from_f32)
+                    .collect::<Vec<_>>(),
+                self.shape(),
+            )?,
+            (DType::F32, DType::F16) => Tensor::from_vec(
+                self.to_vec::<f32>()?
+                    .into_iter()
+                    .map(half::f16::from_f32)
+                    .collect::<Vec<_>>(),
+                self.shape(),
+            )?,
+            _ => Tensor::from_f64s(&self.to_f64s()?, self.shape(), dtype)?,
+        };
+        let from = self.dtype();
+        if !(from.is_float() && dtype.is_float()) {
+            return Ok(out);
+        }
+        Ok(record("to_dtype", out, &[self], move |g| {
+            Ok(vec![Some(g.to_dtype(from)?)])
+        }))
+    }
+}
+
+/// Float helper used by ops that need a float dtype check with a message.
+pub(crate) fn check_float(t: &Tensor, op: &'static str) -> Result<()> {
+    float_dispatch!(t.dtype(), op, T => { let _ = std::marker::PhantomData::<T>; Ok(()) })
+}
