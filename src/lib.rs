@@ -8,6 +8,7 @@ pub mod io;
 pub mod ops;
 pub mod optim;
 pub mod tensor;
+pub mod testing;
 
 pub use autograd::{grad, no_grad, NoGradGuard};
 pub use error::{Error, Result};

@@ -32,6 +32,7 @@ macro_rules! map2 {
     }};
 }
 pub(crate) use map1;
+#[allow(unused_imports)]
 pub(crate) use map2;
 
 #[inline]

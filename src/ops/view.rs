@@ -5,7 +5,7 @@
 use crate::autograd::record;
 use crate::backend::cpu;
 use crate::tensor::{contiguous_strides, Layout, Tensor};
-use crate::{any_dispatch, float_dispatch, DType, Error, Result, WithDType};
+use crate::{any_dispatch, DType, Error, Result, WithDType};
 
 fn copy_contiguous<T: WithDType>(t: &Tensor) -> Result<Tensor> {
     let v = t.read_strided::<T, _>(cpu::gather_strided)?;
@@ -295,9 +295,4 @@ impl Tensor {
             Ok(vec![Some(g.to_dtype(from)?)])
         }))
     }
-}
-
-/// Float helper used by ops that need a float dtype check with a message.
-pub(crate) fn check_float(t: &Tensor, op: &'static str) -> Result<()> {
-    float_dispatch!(t.dtype(), op, T => { let _ = std::marker::PhantomData::<T>; Ok(()) })
 }

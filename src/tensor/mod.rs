@@ -263,7 +263,8 @@ impl Tensor {
     pub fn is_leaf(&self) -> bool {
         self.0.grad_fn.is_none()
     }
-    pub(crate) fn same_storage(&self, other: &Tensor) -> bool {
+    /// Whether two tensors are views of one buffer.
+    pub fn same_storage(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.0.storage, &other.0.storage)
     }
 

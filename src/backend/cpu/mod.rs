@@ -117,3 +117,18 @@ pub unsafe fn gemm<T: 'static + num_traits::Zero + num_traits::One + Copy>(
         par,
     );
 }
+
+/// A raw pointer that kernels share across rayon workers that write disjoint elements.
+#[derive(Clone, Copy)]
+pub struct SyncPtr<T>(*mut T);
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    pub fn new(p: *mut T) -> Self {
+        SyncPtr(p)
+    }
+    #[inline]
+    pub fn get(&self) -> *mut T {
+        self.0
+    }
+}

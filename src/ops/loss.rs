@@ -1,0 +1,135 @@
+//! Fused losses from logits, never holding the full softmax.
+//!
+//! cross_entropy: logits [..., V], targets (i64) [...] -> scalar mean over the tokens whose
+//! target != ignore_index (HF / PyTorch semantics; 0 when no token counts).
+//!   forward  ℓ_r = lse(x_r) − x_r[t_r];   backward dx_r = g/n · (softmax(x_r) − onehot(t_r))
+//! log_prob_of: logits [..., V], ids [...] -> log softmax(x)[id] of shape [...] (the token
+//! log-probabilities of policy-gradient losses).
+//!   backward dx_r = g_r · (onehot(id_r) − softmax(x_r))
+
+use crate::autograd::record;
+use crate::backend::cpu;
+use crate::tensor::{Float, Tensor};
+use crate::{float_dispatch, Error, Result};
+use num_traits::Zero;
+use rayon::prelude::*;
+
+fn row_lse<T: Float>(row: &[T]) -> T {
+    let m = row
+        .iter()
+        .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
+    m + row.iter().map(|&v| (v - m).exp()).sum::<T>().ln()
+}
+
+/// Rows of the logits, and each row's target id (None = ignored).
+fn rows_and_targets(
+    op: &'static str,
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: Option<i64>,
+) -> Result<(Tensor, usize, Vec<Option<usize>>)> {
+    let v = *logits.shape().last().unwrap_or(&0);
+    if logits.rank() == 0 || logits.shape()[..logits.rank() - 1] != *targets.shape() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "logits {:?} do not fit targets {:?} (want [..., V] and [...])",
+                logits.shape(),
+                targets.shape()
+            ),
+        ));
+    }
+    let ids: Vec<i64> = match targets.dtype() {
+        crate::DType::I64 => targets.to_vec::<i64>()?,
+        crate::DType::U32 => targets
+            .to_vec::<u32>()?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        d => {
+            return Err(Error::DType {
+                op,
+                dtype: d,
+                hint: " (targets must be i64 or u32)".into(),
+            })
+        }
+    };
+    let t = ids
+        .into_iter()
+        .map(|id| {
+            if Some(id) == ignore_index {
+                Ok(None)
+            } else if id < 0 || id as usize >= v {
+                Err(Error::shape(
+                    op,
+                    format!("target id {id} outside the vocabulary 0..{v}"),
+                ))
+            } else {
+                Ok(Some(id as usize))
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((logits.detach().contiguous()?, v, t))
+}
+
+impl Tensor {
+    /// Mean cross-entropy of `targets` under `self` (logits); see the module doc.
+    pub fn cross_entropy(&self, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
+        let (x, v, t) = rows_and_targets("cross_entropy", self, targets, Some(ignore_index))?;
+        let n = t.iter().filter(|t| t.is_some()).count();
+        let (loss, lse) = float_dispatch!(x.dtype(), "cross_entropy", T => {
+            let lse: Vec<T> = x.read::<T, _>(|xs| {
+                if xs.len() >= cpu::PAR_MIN {
+                    xs.par_chunks(v).map(row_lse).collect()
+                } else {
+                    xs.chunks(v).map(row_lse).collect()
+                }
+            })?;
+            let total: f64 = x.read::<T, _>(|xs| {
+                t.iter().enumerate().filter_map(|(r, ti)| ti.map(|c| crate::WithDType::to_f64(lse[r] - xs[r * v + c]))).sum()
+            })?;
+            let mean = if n == 0 { 0.0 } else { total / n as f64 };
+            (Tensor::scalar(mean, x.dtype())?, Tensor::from_vec(lse, &[t.len()])?)
+        });
+        Ok(record("cross_entropy", loss, &[self], move |g| {
+            let g = g.to_scalar()? / n.max(1) as f64;
+            float_dispatch!(x.dtype(), "cross_entropy_backward", T => {
+                let mut dx = x.to_vec::<T>()?;
+                let lse = lse.to_vec::<T>()?;
+                let gt = T::c(g);
+                cpu::for_rows_mut(&mut dx, v, |r, row| match t[r] {
+                    None => row.iter_mut().for_each(|e| *e = T::zero()),
+                    Some(c) => {
+                        row.iter_mut().for_each(|e| *e = (*e - lse[r]).exp() * gt);
+                        row[c] -= gt;
+                    }
+                });
+                Ok(vec![Some(Tensor::from_vec(dx, x.shape())?)])
+            })
+        }))
+    }
+
+    /// log softmax(self)[ids] along the last dim; see the module doc.
+    pub fn log_prob_of(&self, ids: &Tensor) -> Result<Tensor> {
+        let (x, v, t) = rows_and_targets("log_prob_of", self, ids, None)?;
+        let t: Vec<usize> = t.into_iter().map(|c| c.expect("no ignore index")).collect();
+        let (out, lse) = float_dispatch!(x.dtype(), "log_prob_of", T => {
+            let (lp, lse): (Vec<T>, Vec<T>) = x.read::<T, _>(|xs| {
+                xs.chunks(v).zip(&t).map(|(row, &c)| { let l = row_lse(row); (row[c] - l, l) }).unzip()
+            })?;
+            (Tensor::from_vec(lp, ids.shape())?, Tensor::from_vec(lse, &[t.len()])?)
+        });
+        Ok(record("log_prob_of", out, &[self], move |g| {
+            float_dispatch!(x.dtype(), "log_prob_of_backward", T => {
+                let gv = g.contiguous()?.to_vec::<T>()?;
+                let lv = lse.to_vec::<T>()?;
+                let mut dx = x.to_vec::<T>()?;
+                cpu::for_rows_mut(&mut dx, v, |r, row| {
+                    row.iter_mut().for_each(|e| *e = -(*e - lv[r]).exp() * gv[r]);
+                    row[t[r]] += gv[r];
+                });
+                Ok(vec![Some(Tensor::from_vec(dx, x.shape())?)])
+            })
+        }))
+    }
+}

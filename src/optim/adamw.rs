@@ -1,0 +1,291 @@
+//! AdamW (Loshchilov & Hutter), exactly as `torch.optim.AdamW`.
+//!
+//! For a parameter `p` with gradient `g` at its `t`-th update (t counts the steps at which
+//! this parameter had a gradient, starting at 1), learning rate `lr` and its group's weight
+//! decay `wd`:
+//!
+//! ```text
+//! p      <- p * (1 - lr * wd)                      decoupled weight decay, before Adam
+//! m      <- m + (1 - beta1) * (g - m)              torch's lerp_, = beta1*m + (1-beta1)*g
+//! v      <- v * beta2 + (1 - beta2) * g * g
+//! bc1     = 1 - beta1^t,   bc2 = 1 - beta2^t       (f64)
+//! denom   = sqrt(v) / sqrt(bc2) + eps              eps outside the bias-corrected sqrt
+//! p      <- p - (lr / bc1) * m / denom
+//! ```
+//!
+//! Scalars (`1 - lr*wd`, `lr/bc1`, `sqrt(bc2)`, ...) are computed in f64 and rounded once to
+//! the parameter dtype, and the element-wise operations run in the parameter dtype in
+//! torch's order, so an f32 run tracks torch's f32 run to a few ulps. `m` and `v` start at
+//! zero and have the parameter's dtype. Each tensor is updated in one fused pass over
+//! `(p, m, v, g)`.
+
+use super::{
+    check_state_tensor, deep_copy, grad_for_update, validate_groups, ParamGroup, PAR_CHUNK,
+    PAR_THRESHOLD,
+};
+use crate::{float_dispatch, no_grad, Error, Float, Result, Tensor};
+use rayon::prelude::*;
+
+/// Hyper-parameters shared by all groups (the weight decay here is the one [`AdamW::new`]
+/// gives its single group). Defaults are torch's: betas (0.9, 0.999), eps 1e-8,
+/// weight decay 0.01.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// The state of one parameter: its update count and both moments (parameter dtype/shape).
+#[derive(Debug, Clone)]
+pub struct AdamWParamState {
+    pub step: u64,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+}
+
+/// Checkpointable optimiser state. `params[i]` belongs to the i-th parameter in
+/// construction order (groups in order, then parameters within a group); `None` for a
+/// parameter that has not been updated yet.
+#[derive(Debug, Clone, Default)]
+pub struct AdamWState {
+    /// Number of `step` calls made.
+    pub steps: u64,
+    pub params: Vec<Option<AdamWParamState>>,
+}
+
+pub struct AdamW {
+    groups: Vec<ParamGroup>,
+    config: AdamWConfig,
+    steps: u64,
+    /// One entry per parameter, in construction order.
+    state: Vec<Option<AdamWParamState>>,
+}
+
+/// Per-tensor scalars of one update, rounded to the parameter dtype.
+struct Coefs<T> {
+    decay: Option<T>,
+    one_minus_beta1: T,
+    beta2: T,
+    one_minus_beta2: T,
+    bc2_sqrt: T,
+    eps: T,
+    neg_step_size: T,
+}
+
+#[inline]
+fn adamw_serial<T: Float>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], k: &Coefs<T>) {
+    let n = p.len();
+    let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
+    for i in 0..n {
+        let gi = g[i];
+        let mut pi = p[i];
+        if let Some(d) = k.decay {
+            pi = pi * d;
+        }
+        let mi = m[i] + k.one_minus_beta1 * (gi - m[i]);
+        let vi = v[i] * k.beta2 + k.one_minus_beta2 * gi * gi;
+        let denom = vi.sqrt() / k.bc2_sqrt + k.eps;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi + k.neg_step_size * mi / denom;
+    }
+}
+
+fn adamw_kernel<T: Float>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], k: &Coefs<T>) {
+    if p.len() < PAR_THRESHOLD {
+        adamw_serial(p, m, v, g, k);
+        return;
+    }
+    p.par_chunks_mut(PAR_CHUNK)
+        .zip(m.par_chunks_mut(PAR_CHUNK))
+        .zip(v.par_chunks_mut(PAR_CHUNK))
+        .zip(g.par_chunks(PAR_CHUNK))
+        .for_each(|(((p, m), v), g)| adamw_serial(p, m, v, g, k));
+}
+
+impl AdamW {
+    /// One group holding `params`, decayed with `config.weight_decay`.
+    pub fn new(params: Vec<Tensor>, config: AdamWConfig) -> Result<AdamW> {
+        let wd = config.weight_decay;
+        Self::with_groups(vec![ParamGroup::new(params, wd)], config)
+    }
+
+    /// Several groups, each with its own weight decay (`config.weight_decay` is unused).
+    pub fn with_groups(groups: Vec<ParamGroup>, config: AdamWConfig) -> Result<AdamW> {
+        let (b1, b2) = config.betas;
+        if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
+            return Err(Error::msg(format!(
+                "AdamW: betas must lie in [0, 1), got ({b1}, {b2})"
+            )));
+        }
+        if !(config.eps.is_finite() && config.eps >= 0.0) {
+            return Err(Error::msg(format!("AdamW: invalid eps {}", config.eps)));
+        }
+        validate_groups("AdamW", &groups)?;
+        let n = groups.iter().map(|g| g.params.len()).sum();
+        Ok(AdamW {
+            groups,
+            config,
+            steps: 0,
+            state: vec![None; n],
+        })
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    pub fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
+    /// All parameters in construction order (the order of [`AdamWState::params`]).
+    pub fn params(&self) -> impl Iterator<Item = &Tensor> {
+        self.groups.iter().flat_map(|g| g.params.iter())
+    }
+
+    /// Number of `step` calls made (restored by `load_state`).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Clears every parameter's gradient.
+    pub fn zero_grad(&self) {
+        for p in self.params() {
+            p.zero_grad();
+        }
+    }
+
+    /// One update of every parameter that has a gradient, with learning rate `lr`.
+    pub fn step(&mut self, lr: f64) -> Result<()> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::msg(format!(
+                "AdamW::step: invalid learning rate {lr}"
+            )));
+        }
+        let config = self.config;
+        no_grad(|| {
+            let mut index = 0;
+            for group in &self.groups {
+                for p in &group.params {
+                    let slot = &mut self.state[index];
+                    update_param(p, index, slot, lr, group.weight_decay, &config)?;
+                    index += 1;
+                }
+            }
+            Ok::<(), Error>(())
+        })?;
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// A snapshot of the state (tensors are copies: later steps do not change it).
+    pub fn state(&self) -> Result<AdamWState> {
+        let params = self
+            .state
+            .iter()
+            .map(|s| {
+                s.as_ref()
+                    .map(|s| {
+                        Ok(AdamWParamState {
+                            step: s.step,
+                            exp_avg: deep_copy(&s.exp_avg)?,
+                            exp_avg_sq: deep_copy(&s.exp_avg_sq)?,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamWState {
+            steps: self.steps,
+            params,
+        })
+    }
+
+    /// Replaces the state with a copy of `state`, which must list one entry per parameter,
+    /// each moment matching its parameter's shape and dtype. Nothing changes on error.
+    pub fn load_state(&mut self, state: &AdamWState) -> Result<()> {
+        let params: Vec<&Tensor> = self.params().collect();
+        if state.params.len() != params.len() {
+            return Err(Error::msg(format!(
+                "AdamW::load_state: state has {} parameters but the optimiser has {}",
+                state.params.len(),
+                params.len()
+            )));
+        }
+        let mut loaded = Vec::with_capacity(params.len());
+        for (i, (s, p)) in state.params.iter().zip(params).enumerate() {
+            loaded.push(match s {
+                None => None,
+                Some(s) => {
+                    check_state_tensor("AdamW::load_state", "exp_avg", i, p, &s.exp_avg)?;
+                    check_state_tensor("AdamW::load_state", "exp_avg_sq", i, p, &s.exp_avg_sq)?;
+                    Some(AdamWParamState {
+                        step: s.step,
+                        exp_avg: deep_copy(&s.exp_avg)?,
+                        exp_avg_sq: deep_copy(&s.exp_avg_sq)?,
+                    })
+                }
+            });
+        }
+        self.state = loaded;
+        self.steps = state.steps;
+        Ok(())
+    }
+}
+
+fn update_param(
+    p: &Tensor,
+    index: usize,
+    slot: &mut Option<AdamWParamState>,
+    lr: f64,
+    weight_decay: f64,
+    config: &AdamWConfig,
+) -> Result<()> {
+    let Some(g) = grad_for_update("AdamW::step", index, p)? else {
+        return Ok(());
+    };
+    if slot.is_none() {
+        *slot = Some(AdamWParamState {
+            step: 0,
+            exp_avg: p.zeros_like()?,
+            exp_avg_sq: p.zeros_like()?,
+        });
+    }
+    let st = slot.as_mut().expect("state initialised above");
+    let t = st.step + 1;
+    let (b1, b2) = config.betas;
+    let bc1 = 1.0 - b1.powf(t as f64);
+    let bc2 = 1.0 - b2.powf(t as f64);
+    float_dispatch!(p.dtype(), "AdamW::step", T => {
+        let k = Coefs::<T> {
+            decay: (weight_decay != 0.0).then(|| T::c(1.0 - lr * weight_decay)),
+            one_minus_beta1: T::c(1.0 - b1),
+            beta2: T::c(b2),
+            one_minus_beta2: T::c(1.0 - b2),
+            bc2_sqrt: T::c(bc2.sqrt()),
+            eps: T::c(config.eps),
+            neg_step_size: T::c(-(lr / bc1)),
+        };
+        p.write::<T, _>(|ps| -> Result<()> {
+            st.exp_avg.write::<T, _>(|ms| -> Result<()> {
+                st.exp_avg_sq.write::<T, _>(|vs| -> Result<()> {
+                    g.read::<T, _>(|gs| adamw_kernel(ps, ms, vs, gs, &k))
+                })?
+            })?
+        })??;
+    });
+    st.step = t;
+    Ok(())
+}
