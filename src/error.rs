@@ -8,7 +8,7 @@ pub enum Error {
     #[error("{op}: shape mismatch: {msg}")]
     Shape { op: &'static str, msg: String },
 
-    #[error("{op}: unsupported dtype {dtype:?}{hint}")]
+    #[error("{op}: unsupported dtype {dtype}{hint}")]
     DType {
         op: &'static str,
         dtype: DType,

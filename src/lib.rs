@@ -3,8 +3,10 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod cli;
 mod error;
 pub mod io;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod tensor;

@@ -481,6 +481,16 @@ fn malformed_and_unsupported_headers() {
     );
 
     let p = write(
+        "huge_shape.safetensors",
+        raw_file(
+            r#"{"x":{"dtype":"X9","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#,
+            &[],
+        ),
+    );
+    let msg = expect_err(&p, "huge shape", || TensorFile::open(&p));
+    assert!(msg.contains("too many elements"), "{msg}");
+
+    let p = write(
         "huge_len.safetensors",
         [u64::MAX.to_le_bytes().as_slice(), b"{}"].concat(),
     );

@@ -27,6 +27,12 @@ fn floats(v: &Value) -> Vec<f64> {
         .collect()
 }
 
+/// Inputs (initial parameters, gradients) are f32 values stored as their shortest decimal;
+/// torch ran on their exact value (also in the f64 runs), so round them back to f32.
+fn f32_floats(v: &Value) -> Vec<f64> {
+    floats(v).into_iter().map(|x| x as f32 as f64).collect()
+}
+
 fn shapes(fx: &Value) -> Vec<Vec<usize>> {
     fx["shapes"]
         .as_array()
@@ -48,7 +54,7 @@ fn make_params(fx: &Value, dtype: DType) -> Vec<Tensor> {
         .iter()
         .zip(init)
         .map(|(s, v)| {
-            Tensor::from_f64s(&floats(v), s, dtype)
+            Tensor::from_f64s(&f32_floats(v), s, dtype)
                 .unwrap()
                 .requires_grad_()
         })
@@ -61,7 +67,13 @@ fn step_grads(fx: &Value, step: usize) -> Vec<Option<Vec<f64>>> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|g| if g.is_null() { None } else { Some(floats(g)) })
+        .map(|g| {
+            if g.is_null() {
+                None
+            } else {
+                Some(f32_floats(g))
+            }
+        })
         .collect()
 }
 

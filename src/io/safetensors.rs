@@ -422,12 +422,11 @@ fn convert<S: WithDType, D: WithDType>(s: S) -> D {
     D::from_f64(s.to_f64())
 }
 
+/// Tensor entries by name, and the metadata map, of a parsed header.
+type ParsedHeader = (BTreeMap<String, TensorInfo>, HashMap<String, String>);
+
 /// Parses and validates a header. Errors are messages; the caller prefixes the path.
-#[allow(clippy::type_complexity)]
-fn parse_header(
-    header: &[u8],
-    data_len: u64,
-) -> std::result::Result<(BTreeMap<String, TensorInfo>, HashMap<String, String>), String> {
+fn parse_header(header: &[u8], data_len: u64) -> std::result::Result<ParsedHeader, String> {
     let text = std::str::from_utf8(header)
         .map_err(|e| format!("malformed header: not valid UTF-8 ({e})"))?;
     let value: serde_json::Value =
@@ -488,6 +487,15 @@ fn parse_entry(
             .and_then(|d| usize::try_from(d).ok())
             .ok_or_else(|| format!("malformed header: bad dimension {d} in \"shape\""))?;
         shape.push(d);
+    }
+    if shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .is_none()
+    {
+        return Err(format!(
+            "malformed header: shape {shape:?} has too many elements"
+        ));
     }
     let offs = obj
         .get("data_offsets")

@@ -91,7 +91,7 @@ fn adamw_serial<T: Float>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], k: &Co
         let gi = g[i];
         let mut pi = p[i];
         if let Some(d) = k.decay {
-            pi = pi * d;
+            pi *= d;
         }
         let mi = m[i] + k.one_minus_beta1 * (gi - m[i]);
         let vi = v[i] * k.beta2 + k.one_minus_beta2 * gi * gi;

@@ -89,14 +89,14 @@ fn sgd_momentum_serial<T: Float>(p: &mut [T], buf: &mut [T], g: &[T], first: boo
         };
         buf[i] = b;
         let d = if k.nesterov { d + k.momentum * b } else { b };
-        p[i] = p[i] + k.neg_lr * d;
+        p[i] += k.neg_lr * d;
     }
 }
 
 fn sgd_plain_serial<T: Float>(p: &mut [T], g: &[T], k: &Coefs<T>) {
     for (pi, &gi) in p.iter_mut().zip(g) {
         let d = direction(*pi, gi, k);
-        *pi = *pi + k.neg_lr * d;
+        *pi += k.neg_lr * d;
     }
 }
 

@@ -1,0 +1,45 @@
+//! The `tessera` command line.
+
+mod bench;
+mod demo;
+
+use crate::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "A from-scratch deep-learning framework: autograd, CPU backend, Qwen2.5-VL training"
+)]
+struct Cli {
+    /// Worker threads (default: all cores; or RAYON_NUM_THREADS).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a small transformer from scratch on a synthetic task (sorting digits) and
+    /// print its loss and accuracy as it learns.
+    Demo(demo::DemoArgs),
+    /// Benchmarks of the CPU kernels (GFLOP/s, ms); tools/bench/cpu_vs_torch.py puts them
+    /// beside PyTorch on the same machine.
+    Bench(bench::BenchArgs),
+}
+
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| crate::Error::msg(format!("--threads {n}: {e}")))?;
+    }
+    match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}

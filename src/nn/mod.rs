@@ -1,0 +1,134 @@
+//! Layers as small structs of named parameters: Linear, RmsNorm, Embedding, and a parameter
+//! list that optimisers and checkpoints walk by name.
+
+pub mod tiny_lm;
+
+use crate::{DType, Result, Rng, Tensor};
+
+/// Named parameters in a fixed order (the order optimiser state and checkpoints use).
+#[derive(Default, Clone)]
+pub struct Params {
+    entries: Vec<(String, Tensor)>,
+}
+
+impl Params {
+    pub fn push(&mut self, name: impl Into<String>, t: &Tensor) {
+        self.entries.push((name.into(), t.clone()));
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.entries.iter().map(|(n, t)| (n.as_str(), t))
+    }
+    pub fn tensors(&self) -> Vec<Tensor> {
+        self.entries.iter().map(|(_, t)| t.clone()).collect()
+    }
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.entries.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    /// Total number of scalars.
+    pub fn numel(&self) -> usize {
+        self.entries.iter().map(|(_, t)| t.numel()).sum()
+    }
+    /// Writes every parameter to a safetensors file (atomically).
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let refs: Vec<(&str, &Tensor)> = self.iter().collect();
+        crate::io::save(path, &refs, None)
+    }
+}
+
+/// y = x Wᵀ + b with W [out, in].
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Weights ~ N(0, std²) (GPT-2 / Qwen use std 0.02), zero bias.
+    pub fn new(
+        din: usize,
+        dout: usize,
+        bias: bool,
+        std: f64,
+        dtype: DType,
+        rng: &mut Rng,
+    ) -> Result<Linear> {
+        Ok(Linear {
+            weight: Tensor::randn(&[dout, din], std, dtype, rng)?.requires_grad_(),
+            bias: if bias {
+                Some(Tensor::zeros(&[dout], dtype)?.requires_grad_())
+            } else {
+                None
+            },
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+    pub fn collect(&self, prefix: &str, p: &mut Params) {
+        p.push(format!("{prefix}.weight"), &self.weight);
+        if let Some(b) = &self.bias {
+            p.push(format!("{prefix}.bias"), b);
+        }
+    }
+}
+
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(d: usize, eps: f64, dtype: DType) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: Tensor::ones(&[d], dtype)?.requires_grad_(),
+            eps,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.rms_norm(&self.weight, self.eps)
+    }
+}
+
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(vocab: usize, d: usize, std: f64, dtype: DType, rng: &mut Rng) -> Result<Embedding> {
+        Ok(Embedding {
+            weight: Tensor::randn(&[vocab, d], std, dtype, rng)?.requires_grad_(),
+        })
+    }
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Tensor::embedding(ids, &self.weight)
+    }
+}
+
+/// cos and sin tables [T, D] of rotate-half RoPE for positions 0..T.
+pub fn rope_tables(
+    t: usize,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let mut c = Vec::with_capacity(t * head_dim);
+    let mut s = Vec::with_capacity(t * head_dim);
+    for pos in 0..t {
+        for j in 0..head_dim {
+            let inv = theta.powf(-((2 * (j % half)) as f64) / head_dim as f64);
+            let a = pos as f64 * inv;
+            c.push(a.cos());
+            s.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_f64s(&c, &[t, head_dim], dtype)?,
+        Tensor::from_f64s(&s, &[t, head_dim], dtype)?,
+    ))
+}

@@ -1,0 +1,141 @@
+//! Autograd semantics: accumulation, backward with an upstream gradient, gradients for a
+//! subset of leaves, no_grad, detach, and errors instead of panics.
+
+use tessera::{grad, no_grad, DType, Rng, Tensor};
+
+fn param(v: &[f64], shape: &[usize]) -> Tensor {
+    Tensor::from_f64s(v, shape, DType::F64)
+        .unwrap()
+        .requires_grad_()
+}
+
+#[test]
+fn gradients_accumulate_until_zeroed() {
+    let x = param(&[1.0, 2.0, 3.0], &[3]);
+    let loss = || x.mul(&x).unwrap().sum_all().unwrap(); // d/dx = 2x
+    loss().backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_f64s().unwrap(), vec![2.0, 4.0, 6.0]);
+    loss().backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_f64s().unwrap(), vec![4.0, 8.0, 12.0]);
+    x.zero_grad();
+    assert!(x.grad().is_none());
+    loss().backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_f64s().unwrap(), vec![2.0, 4.0, 6.0]);
+}
+
+#[test]
+fn backward_with_upstream_gradient() {
+    let x = param(&[1.0, -2.0], &[2]);
+    let y = x.mul_scalar(3.0).unwrap();
+    let up = Tensor::from_f64s(&[10.0, 100.0], &[2], DType::F64).unwrap();
+    y.backward_with(&up).unwrap();
+    assert_eq!(x.grad().unwrap().to_f64s().unwrap(), vec![30.0, 300.0]);
+    // A non-scalar without an upstream gradient is an error, not a panic.
+    let y = x.mul_scalar(3.0).unwrap();
+    assert!(y.backward().is_err());
+    let wrong = Tensor::ones(&[3], DType::F64).unwrap();
+    assert!(x.mul_scalar(2.0).unwrap().backward_with(&wrong).is_err());
+}
+
+#[test]
+fn shared_subexpressions_sum_their_gradients() {
+    // y = a*b + a ; dy/da = b + 1, dy/db = a
+    let a = param(&[2.0], &[1]);
+    let b = param(&[5.0], &[1]);
+    let y = a.mul(&b).unwrap().add(&a).unwrap().sum_all().unwrap();
+    y.backward().unwrap();
+    assert_eq!(a.grad().unwrap().to_f64s().unwrap(), vec![6.0]);
+    assert_eq!(b.grad().unwrap().to_f64s().unwrap(), vec![2.0]);
+}
+
+#[test]
+fn grad_of_a_subset_of_leaves_leaves_dot_grad_alone() {
+    let a = param(&[1.0, 2.0], &[2]);
+    let b = param(&[3.0, 4.0], &[2]);
+    let c = param(&[9.0], &[1]);
+    let y = a.mul(&b).unwrap().sum_all().unwrap();
+    let g = grad(&y, None, &[&b, &c]).unwrap();
+    assert_eq!(g[0].as_ref().unwrap().to_f64s().unwrap(), vec![1.0, 2.0]);
+    assert!(g[1].is_none(), "c does not influence y");
+    assert!(a.grad().is_none() && b.grad().is_none());
+}
+
+#[test]
+fn no_grad_and_detach_cut_the_graph() {
+    let x = param(&[1.0], &[1]);
+    let y = no_grad(|| x.mul_scalar(2.0).unwrap());
+    assert!(!y.requires_grad());
+    assert!(y.backward().is_err());
+    let z = x
+        .mul_scalar(2.0)
+        .unwrap()
+        .detach()
+        .mul(&x)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    z.backward().unwrap();
+    // Only the direct path through `x` counts: d(2x_detached * x)/dx = 2x = 2.
+    assert_eq!(x.grad().unwrap().to_f64s().unwrap(), vec![2.0]);
+}
+
+#[test]
+fn a_second_backward_through_a_freed_graph_is_an_error() {
+    let x = param(&[1.0, 2.0], &[2]);
+    let y = x.exp().unwrap().sum_all().unwrap();
+    y.backward().unwrap();
+    let e = y.backward().unwrap_err().to_string();
+    assert!(e.contains("already freed"), "{e}");
+}
+
+#[test]
+fn views_share_storage_and_in_place_writes_are_visible() {
+    let mut rng = Rng::new(5);
+    let x = Tensor::randn(&[3, 4], 1.0, DType::F32, &mut rng).unwrap();
+    let t = x.t().unwrap();
+    assert!(t.same_storage(&x) && !t.is_contiguous());
+    x.write::<f32, _>(|d| d[1] = 42.0).unwrap();
+    assert_eq!(t.to_vec::<f32>().unwrap()[3], 42.0); // t[1][0] == x[0][1]
+    let n = x.narrow(1, 1, 2).unwrap();
+    assert!(n.same_storage(&x));
+    assert_eq!(n.to_vec::<f32>().unwrap()[0], 42.0);
+}
+
+#[test]
+fn dtypes_cast_and_round_trip() {
+    let v = vec![1.5f64, -2.25, 3.0, 65504.0];
+    for dt in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+        let t = Tensor::from_f64s(&v, &[4], dt).unwrap();
+        assert_eq!(
+            t.to_dtype(DType::F64).unwrap().to_f64s().unwrap()[..3],
+            v[..3],
+            "{dt}"
+        );
+    }
+    let ids = Tensor::arange(0.0, 5.0, 1.0, DType::I64).unwrap();
+    assert_eq!(ids.to_vec::<i64>().unwrap(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(
+        ids.to_dtype(DType::U32).unwrap().to_vec::<u32>().unwrap(),
+        vec![0, 1, 2, 3, 4]
+    );
+    let b = Tensor::from_f64s(&[1.0 / 3.0], &[1], DType::F32)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    assert_eq!(
+        b.to_vec::<half::bf16>().unwrap()[0],
+        half::bf16::from_f32(1.0 / 3.0)
+    );
+    // Ops need a compute dtype: a clear error, not a panic.
+    let e = ids.exp().unwrap_err().to_string();
+    assert!(e.contains("exp") && e.contains("i64"), "{e}");
+}
+
+#[test]
+fn seeded_randomness_is_reproducible() {
+    let a = Tensor::randn(&[16], 1.0, DType::F32, &mut Rng::new(11)).unwrap();
+    let b = Tensor::randn(&[16], 1.0, DType::F32, &mut Rng::new(11)).unwrap();
+    assert_eq!(a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+    let c = Tensor::randn(&[16], 1.0, DType::F32, &mut Rng::new(12)).unwrap();
+    assert_ne!(a.to_vec::<f32>().unwrap(), c.to_vec::<f32>().unwrap());
+}
