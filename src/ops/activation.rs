@@ -5,9 +5,11 @@
 use super::elementwise::map2;
 use crate::autograd::record;
 use crate::backend::cpu;
+use crate::tensor::Float;
 use crate::tensor::Tensor;
 use crate::{float_dispatch, Error, Result};
-use num_traits::One;
+use num_traits::{One, Zero};
+use rayon::prelude::*;
 
 impl Tensor {
     pub fn swiglu(&self, up: &Tensor) -> Result<Tensor> {
@@ -19,29 +21,31 @@ impl Tensor {
         }
         let (gate, upd) = (self.detach(), up.detach());
         let out = map2!(gate.clone(), upd.clone(), "swiglu", |a, b: T| a
-            / (T::one() + (-a).exp())
+            / (T::one() + (-a).exp_fast())
             * b);
         Ok(record("swiglu", out, &[self, up], move |g| {
             let (gate, up, g) = (gate.contiguous()?, upd.contiguous()?, g.contiguous()?);
             let (dg, du) = float_dispatch!(g.dtype(), "swiglu_backward", T => {
-                let (a, b, gv) = (gate.to_vec::<T>()?, up.to_vec::<T>()?, g.to_vec::<T>()?);
-                let mut dg = vec![T::one(); a.len()];
-                let mut du = vec![T::one(); a.len()];
-                let (pg, pu) = (cpu::SyncPtr::new(dg.as_mut_ptr()), cpu::SyncPtr::new(du.as_mut_ptr()));
-                let n = a.len();
-                let work = |i: usize| {
-                    let s = T::one() / (T::one() + (-a[i]).exp());
-                    unsafe {
-                        *pu.get().add(i) = gv[i] * a[i] * s;
-                        *pg.get().add(i) = gv[i] * b[i] * s * (T::one() + a[i] * (T::one() - s));
+                let n = g.numel();
+                let mut dg = vec![T::zero(); n];
+                let mut du = vec![T::zero(); n];
+                gate.read::<T, _>(|a| up.read::<T, _>(|b| g.read::<T, _>(|gv| {
+                    const CHUNK: usize = 4096;
+                    let work = |(c, (dgc, duc)): (usize, (&mut [T], &mut [T]))| {
+                        let o = c * CHUNK;
+                        for i in 0..dgc.len() {
+                            let (x, y, gi) = (a[o + i], b[o + i], gv[o + i]);
+                            let s = T::one() / (T::one() + (-x).exp_fast());
+                            duc[i] = gi * x * s;
+                            dgc[i] = gi * y * s * (T::one() + x * (T::one() - s));
+                        }
+                    };
+                    if n >= cpu::PAR_MIN {
+                        dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(work);
+                    } else {
+                        dg.chunks_mut(CHUNK).zip(du.chunks_mut(CHUNK)).enumerate().for_each(work);
                     }
-                };
-                if n >= cpu::PAR_MIN {
-                    use rayon::prelude::*;
-                    (0..n).into_par_iter().for_each(work);
-                } else {
-                    (0..n).for_each(work);
-                }
+                })))???;
                 (Tensor::from_vec(dg, g.shape())?, Tensor::from_vec(du, g.shape())?)
             });
             Ok(vec![Some(dg), Some(du)])

@@ -125,12 +125,12 @@ fn probs<T: Float>(
         let l = match lse_in {
             Some(l) => l[i],
             None => {
-                let s: T = row.iter().map(|&e| (e - m).exp()).sum();
+                let s: T = cpu::rows::sum_exp(row, m);
                 m + s.ln()
             }
         };
         lse[i] = l;
-        row.iter_mut().for_each(|e| *e = (*e - l).exp());
+        row.iter_mut().for_each(|e| *e = (*e - l).exp_fast());
     }
     lse
 }

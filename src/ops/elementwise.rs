@@ -37,14 +37,14 @@ pub(crate) use map2;
 
 #[inline]
 fn sigmoid<T: Float>(x: T) -> T {
-    T::one() / (T::one() + (-x).exp())
+    T::one() / (T::one() + (-x).exp_fast())
 }
 
 /// d gelu(x) / dx with gelu(x) = x Φ(x): Φ(x) + x φ(x).
 #[inline]
 fn gelu_grad<T: Float>(x: T) -> T {
     let cdf = T::c(0.5) * (T::one() + (x * T::c(std::f64::consts::FRAC_1_SQRT_2)).error_fn());
-    let pdf = (T::c(-0.5) * x * x).exp() * T::c(0.398_942_280_401_432_7);
+    let pdf = (T::c(-0.5) * x * x).exp_fast() * T::c(0.398_942_280_401_432_7);
     cdf + x * pdf
 }
 
@@ -70,7 +70,7 @@ impl Tensor {
     }
 
     pub fn exp(&self) -> Result<Tensor> {
-        let out = map1!(self, "exp", |v: T| v.exp());
+        let out = map1!(self, "exp", |v: T| v.exp_fast());
         let y = out.clone();
         let keep = needs_grad(&[self]);
         Ok(record("exp", out, &[self], move |g| {

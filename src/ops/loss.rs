@@ -15,10 +15,7 @@ use num_traits::Zero;
 use rayon::prelude::*;
 
 fn row_lse<T: Float>(row: &[T]) -> T {
-    let m = row
-        .iter()
-        .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
-    m + row.iter().map(|&v| (v - m).exp()).sum::<T>().ln()
+    cpu::rows::logsumexp(row)
 }
 
 /// Rows of the logits, and each row's target id (None = ignored).
@@ -100,7 +97,7 @@ impl Tensor {
                 cpu::for_rows_mut(&mut dx, v, |r, row| match t[r] {
                     None => row.iter_mut().for_each(|e| *e = T::zero()),
                     Some(c) => {
-                        row.iter_mut().for_each(|e| *e = (*e - lse[r]).exp() * gt);
+                        row.iter_mut().for_each(|e| *e = (*e - lse[r]).exp_fast() * gt);
                         row[c] -= gt;
                     }
                 });
@@ -125,7 +122,7 @@ impl Tensor {
                 let lv = lse.to_vec::<T>()?;
                 let mut dx = x.to_vec::<T>()?;
                 cpu::for_rows_mut(&mut dx, v, |r, row| {
-                    row.iter_mut().for_each(|e| *e = -(*e - lv[r]).exp() * gv[r]);
+                    row.iter_mut().for_each(|e| *e = -(*e - lv[r]).exp_fast() * gv[r]);
                     row[t[r]] += gv[r];
                 });
                 Ok(vec![Some(Tensor::from_vec(dx, x.shape())?)])

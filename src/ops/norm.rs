@@ -10,6 +10,7 @@ use crate::tensor::Float;
 use crate::tensor::Tensor;
 use crate::{float_dispatch, Error, Result};
 use num_traits::{One, Zero};
+use rayon::prelude::*;
 
 impl Tensor {
     pub fn rms_norm(&self, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -27,41 +28,55 @@ impl Tensor {
         let x = self.detach().contiguous()?;
         let w = weight.detach().contiguous()?;
         let (out, rstd) = float_dispatch!(x.dtype(), "rms_norm", T => {
-            let wv = w.to_vec::<T>()?;
-            let mut y = x.to_vec::<T>()?;
-            let rows = if d == 0 { 0 } else { y.len() / d };
-            let mut rstd = vec![T::zero(); rows];
-            let rp = crate::backend::cpu::SyncPtr::new(rstd.as_mut_ptr());
-            cpu::for_rows_mut(&mut y, d, |i, row| {
-                let ms = row.iter().map(|&v| v * v).sum::<T>() / T::c(d as f64);
-                let r = T::one() / (ms + T::c(eps)).sqrt();
-                unsafe { *rp.get().add(i) = r };
-                for (e, &wj) in row.iter_mut().zip(&wv) {
-                    *e = *e * r * wj;
-                }
-            });
+            let rows = if d == 0 { 0 } else { x.numel() / d };
+            let (y, rstd) = w.read::<T, _>(|wv| x.read::<T, _>(|xs| {
+                let rstd: Vec<T> = xs.chunks(d.max(1)).map(|r| {
+                    T::one() / (cpu::rows::dot(r, r) / T::c(d as f64) + T::c(eps)).sqrt()
+                }).collect();
+                let y = cpu::map_rows(xs, d, |i, r, o| {
+                    for ((e, &xv), &wj) in o.iter_mut().zip(r).zip(wv) {
+                        *e = xv * rstd[i] * wj;
+                    }
+                });
+                (y, rstd)
+            }))??;
             (Tensor::from_vec(y, x.shape())?, Tensor::from_vec(rstd, &[rows])?)
         });
         let grads = [self.requires_grad(), weight.requires_grad()];
         Ok(record("rms_norm", out, &[self, weight], move |g| {
             let g = g.contiguous()?;
             float_dispatch!(x.dtype(), "rms_norm_backward", T => {
-                let (xv, gv, wv, rv) = (x.to_vec::<T>()?, g.to_vec::<T>()?, w.to_vec::<T>()?, rstd.to_vec::<T>()?);
-                let mut dx = vec![T::zero(); xv.len()];
-                let mut dw = vec![T::zero(); d];
-                for (i, ((xr, gr), dxr)) in xv.chunks(d).zip(gv.chunks(d)).zip(dx.chunks_mut(d)).enumerate() {
-                    let r = rv[i];
-                    let mut dot = T::zero();
-                    for j in 0..d {
-                        let xh = xr[j] * r;
-                        dw[j] += gr[j] * xh;
-                        dot += gr[j] * wv[j] * xh;
+                let (dx, dw) = x.read::<T, _>(|xv| g.read::<T, _>(|gv| w.read::<T, _>(|wv| rstd.read::<T, _>(|rv| {
+                    let gw_dot = |i: usize| {
+                        let (xr, gr) = (&xv[i * d..(i + 1) * d], &gv[i * d..(i + 1) * d]);
+                        (0..d).map(|j| gr[j] * wv[j] * xr[j]).sum::<T>() * rv[i]
+                    };
+                    let dx = cpu::map_rows2(xv, gv, d, |i, xr, gr, o| {
+                        let (r, mean) = (rv[i], gw_dot(i) / T::c(d as f64));
+                        for j in 0..d {
+                            o[j] = r * (gr[j] * wv[j] - xr[j] * r * mean);
+                        }
+                    });
+                    // dweight: per-chunk partial sums over rows, then a final sum.
+                    let rows = if d == 0 { 0 } else { xv.len() / d };
+                    let chunk = rows.div_ceil(cpu::threads().max(1) * 4).max(1);
+                    let partial: Vec<Vec<T>> = (0..rows.div_ceil(chunk)).into_par_iter().map(|c| {
+                        let mut acc = vec![T::zero(); d];
+                        for i in c * chunk..((c + 1) * chunk).min(rows) {
+                            for j in 0..d {
+                                acc[j] += gv[i * d + j] * xv[i * d + j] * rv[i];
+                            }
+                        }
+                        acc
+                    }).collect();
+                    let mut dw = vec![T::zero(); d];
+                    for p in partial {
+                        for j in 0..d {
+                            dw[j] += p[j];
+                        }
                     }
-                    let mean = dot / T::c(d as f64);
-                    for j in 0..d {
-                        dxr[j] = r * (gr[j] * wv[j] - xr[j] * r * mean);
-                    }
-                }
+                    (dx, dw)
+                }))))????;
                 Ok(vec![
                     if grads[0] { Some(Tensor::from_vec(dx, x.shape())?) } else { None },
                     if grads[1] { Some(Tensor::from_vec(dw, &[d])?) } else { None },

@@ -6,7 +6,7 @@ use crate::autograd::record;
 use crate::backend::cpu;
 use crate::tensor::{Float, Tensor};
 use crate::{float_dispatch, Error, Result};
-use num_traits::Zero;
+use num_traits::{One, Zero};
 
 /// The input permuted so the reduced dims are last and made contiguous; returns it with the
 /// kept-dims shape (keepdim layout) and the length of each reduced row.
@@ -71,16 +71,11 @@ macro_rules! reduce_rows {
 }
 
 fn row_max<T: Float>(row: &[T]) -> T {
-    row.iter()
-        .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m })
+    cpu::rows::max(row)
 }
 
 fn row_logsumexp<T: Float>(row: &[T]) -> T {
-    let m = row_max(row);
-    if m == T::neg_infinity() {
-        return m;
-    }
-    m + row.iter().map(|&v| (v - m).exp()).sum::<T>().ln()
+    cpu::rows::logsumexp(row)
 }
 
 impl Tensor {
@@ -188,22 +183,35 @@ impl Tensor {
             let x = x.contiguous()?;
             let n = *x.shape().last().unwrap_or(&1);
             float_dispatch!(x.dtype(), "softmax", T => {
-                let mut v = x.to_vec::<T>()?;
-                cpu::for_rows_mut(&mut v, n, |_, row| {
-                    let m = row_max(row);
-                    let mut s = T::zero();
-                    for e in row.iter_mut() { *e = (*e - m).exp(); s += *e; }
-                    for e in row.iter_mut() { *e = *e / s; }
-                });
+                let v = x.read::<T, _>(|xs| cpu::map_rows(xs, n, |_, r, o| {
+                    let m = row_max(r);
+                    for (e, &xv) in o.iter_mut().zip(r) {
+                        *e = (xv - m).exp_fast();
+                    }
+                    let inv = T::one() / cpu::rows::sum(o);
+                    o.iter_mut().for_each(|e| *e = *e * inv);
+                }))?;
                 Tensor::from_vec(v, x.shape())
             })
         })?;
         let y = out.clone();
         Ok(record("softmax", out, &[self], move |g| {
-            // dx = y * (g - Σ g·y)
-            let gy = g.mul(&y)?;
-            let s = gy.sum(d as isize, true)?;
-            Ok(vec![Some(gy.sub(&y.mul(&s)?)?)])
+            // dx = y · (g − Σ g·y)
+            if d + 1 != y.rank() {
+                let gy = g.mul(&y)?;
+                let s = gy.sum(d as isize, true)?;
+                return Ok(vec![Some(gy.sub(&y.mul(&s)?)?)]);
+            }
+            let (g, n) = (g.contiguous()?, *y.shape().last().unwrap_or(&1));
+            float_dispatch!(y.dtype(), "softmax_backward", T => {
+                let v = y.read::<T, _>(|ys| g.read::<T, _>(|gs| cpu::map_rows2(ys, gs, n, |_, yr, gr, o| {
+                    let dot = cpu::rows::dot(gr, yr);
+                    for ((e, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+                        *e = yv * (gv - dot);
+                    }
+                })))??;
+                Ok(vec![Some(Tensor::from_vec(v, y.shape())?)])
+            })
         }))
     }
 
@@ -214,20 +222,33 @@ impl Tensor {
             let x = x.contiguous()?;
             let n = *x.shape().last().unwrap_or(&1);
             float_dispatch!(x.dtype(), "log_softmax", T => {
-                let mut v = x.to_vec::<T>()?;
-                cpu::for_rows_mut(&mut v, n, |_, row| {
-                    let l = row_logsumexp(row);
-                    for e in row.iter_mut() { *e -= l; }
-                });
+                let v = x.read::<T, _>(|xs| cpu::map_rows(xs, n, |_, r, o| {
+                    let l = row_logsumexp(r);
+                    for (e, &xv) in o.iter_mut().zip(r) {
+                        *e = xv - l;
+                    }
+                }))?;
                 Tensor::from_vec(v, x.shape())
             })
         })?;
         let y = out.clone();
         Ok(record("log_softmax", out, &[self], move |g| {
-            // dx = g - softmax · Σ g
-            let s = g.sum(d as isize, true)?;
-            let p = map1!(y, "log_softmax_backward", |v: T| v.exp());
-            Ok(vec![Some(g.sub(&p.mul(&s)?)?)])
+            // dx = g − softmax · Σ g
+            if d + 1 != y.rank() {
+                let s = g.sum(d as isize, true)?;
+                let p = map1!(y, "log_softmax_backward", |v: T| v.exp_fast());
+                return Ok(vec![Some(g.sub(&p.mul(&s)?)?)]);
+            }
+            let (g, n) = (g.contiguous()?, *y.shape().last().unwrap_or(&1));
+            float_dispatch!(y.dtype(), "log_softmax_backward", T => {
+                let v = y.read::<T, _>(|ys| g.read::<T, _>(|gs| cpu::map_rows2(ys, gs, n, |_, yr, gr, o| {
+                    let s = cpu::rows::sum(gr);
+                    for ((e, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+                        *e = gv - yv.exp_fast() * s;
+                    }
+                })))??;
+                Ok(vec![Some(Tensor::from_vec(v, y.shape())?)])
+            })
         }))
     }
 }

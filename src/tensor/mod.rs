@@ -178,7 +178,7 @@ impl Tensor {
 
     pub fn full(shape: &[usize], v: f64, dtype: DType) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        Self::from_f64s(&vec![v; n], shape, dtype)
+        any_dispatch!(dtype, T => Tensor::from_vec(vec![T::from_f64(v); n], shape))
     }
 
     pub fn zeros(shape: &[usize], dtype: DType) -> Result<Tensor> {

@@ -132,3 +132,130 @@ impl<T> SyncPtr<T> {
         self.0
     }
 }
+
+/// Row helpers written with 8 independent accumulators so LLVM vectorises them (a plain
+/// float fold is sequential: IEEE addition is not reassociated).
+pub mod rows {
+    use crate::tensor::Float;
+
+    const L: usize = 8;
+
+    #[inline]
+    pub fn max<T: Float>(row: &[T]) -> T {
+        let mut acc = [T::neg_infinity(); L];
+        let chunks = row.chunks_exact(L);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..L {
+                acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+            }
+        }
+        let mut m = rest
+            .iter()
+            .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
+        for a in acc {
+            m = if a > m { a } else { m };
+        }
+        m
+    }
+
+    #[inline]
+    pub fn sum<T: Float>(row: &[T]) -> T {
+        let mut acc = [T::zero(); L];
+        let chunks = row.chunks_exact(L);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..L {
+                acc[i] += c[i];
+            }
+        }
+        acc.iter().copied().sum::<T>() + rest.iter().copied().sum::<T>()
+    }
+
+    #[inline]
+    pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+        let mut acc = [T::zero(); L];
+        let n = a.len().min(b.len());
+        let full = n / L * L;
+        for (ca, cb) in a[..full].chunks_exact(L).zip(b[..full].chunks_exact(L)) {
+            for i in 0..L {
+                acc[i] += ca[i] * cb[i];
+            }
+        }
+        let tail: T = (full..n).map(|i| a[i] * b[i]).sum();
+        acc.iter().copied().sum::<T>() + tail
+    }
+
+    /// Σ exp(x − m).
+    #[inline]
+    pub fn sum_exp<T: Float>(row: &[T], m: T) -> T {
+        let mut acc = [T::zero(); L];
+        let chunks = row.chunks_exact(L);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..L {
+                acc[i] += (c[i] - m).exp_fast();
+            }
+        }
+        acc.iter().copied().sum::<T>() + rest.iter().map(|&v| (v - m).exp_fast()).sum::<T>()
+    }
+
+    /// log Σ exp(x), stable; −inf for an empty or all −inf row.
+    #[inline]
+    pub fn logsumexp<T: Float>(row: &[T]) -> T {
+        let m = max(row);
+        if m == T::neg_infinity() {
+            return m;
+        }
+        m + sum_exp(row, m).ln()
+    }
+}
+
+/// `out` rows of length `n` computed from the matching rows of `x` (parallel over rows).
+pub fn map_rows<T: Copy + Send + Sync + Default>(
+    x: &[T],
+    n: usize,
+    f: impl Fn(usize, &[T], &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let mut out = vec![T::default(); x.len()];
+    if n == 0 {
+        return out;
+    }
+    if x.len() >= PAR_MIN {
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .enumerate()
+            .for_each(|(i, (o, r))| f(i, r, o));
+    } else {
+        out.chunks_mut(n)
+            .zip(x.chunks(n))
+            .enumerate()
+            .for_each(|(i, (o, r))| f(i, r, o));
+    }
+    out
+}
+
+/// Like `map_rows` with two same-shape inputs.
+pub fn map_rows2<T: Copy + Send + Sync + Default>(
+    x: &[T],
+    y: &[T],
+    n: usize,
+    f: impl Fn(usize, &[T], &[T], &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let mut out = vec![T::default(); x.len()];
+    if n == 0 {
+        return out;
+    }
+    if x.len() >= PAR_MIN {
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n).zip(y.par_chunks(n)))
+            .enumerate()
+            .for_each(|(i, (o, (a, b)))| f(i, a, b, o));
+    } else {
+        out.chunks_mut(n)
+            .zip(x.chunks(n).zip(y.chunks(n)))
+            .enumerate()
+            .for_each(|(i, (o, (a, b)))| f(i, a, b, o));
+    }
+    out
+}
