@@ -1,6 +1,8 @@
 //! Finite-difference gradient checks of the elementwise, reduction, shape and index ops, on
 //! several shapes each, with broadcasting and non-contiguous views.
 
+#![allow(clippy::cloned_ref_to_slice_refs)] // `&[x.clone()]` reads better in a table of checks
+
 use tessera::testing::{check_grad, GradCheck};
 use tessera::{DType, Result, Rng, Tensor};
 

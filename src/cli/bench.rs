@@ -82,13 +82,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
 }
 
+type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+
 /// One fused-op case: its name, shape description and a closure computing a scalar loss
 /// from the parameter-like inputs (so forward+backward can be timed too).
 struct OpCase {
     name: &'static str,
     shape: &'static str,
     inputs: Vec<Tensor>,
-    f: Box<dyn Fn(&[Tensor]) -> Result<Tensor>>,
+    f: OpFn,
 }
 
 /// The shapes here are mirrored by tools/bench/cpu_vs_torch.py (keep them in step).

@@ -28,7 +28,7 @@ impl Tensor {
         let x = self.detach().contiguous()?;
         let w = weight.detach().contiguous()?;
         let (out, rstd) = float_dispatch!(x.dtype(), "rms_norm", T => {
-            let rows = if d == 0 { 0 } else { x.numel() / d };
+            let rows = x.numel().checked_div(d).unwrap_or(0);
             let (y, rstd) = w.read::<T, _>(|wv| x.read::<T, _>(|xs| {
                 let rstd: Vec<T> = xs.chunks(d.max(1)).map(|r| {
                     T::one() / (cpu::rows::dot(r, r) / T::c(d as f64) + T::c(eps)).sqrt()
@@ -58,7 +58,7 @@ impl Tensor {
                         }
                     });
                     // dweight: per-chunk partial sums over rows, then a final sum.
-                    let rows = if d == 0 { 0 } else { xv.len() / d };
+                    let rows = xv.len().checked_div(d).unwrap_or(0);
                     let chunk = rows.div_ceil(cpu::threads().max(1) * 4).max(1);
                     let partial: Vec<Vec<T>> = (0..rows.div_ceil(chunk)).into_par_iter().map(|c| {
                         let mut acc = vec![T::zero(); d];

@@ -189,7 +189,7 @@ impl Tensor {
                         *e = (xv - m).exp_fast();
                     }
                     let inv = T::one() / cpu::rows::sum(o);
-                    o.iter_mut().for_each(|e| *e = *e * inv);
+                    o.iter_mut().for_each(|e| *e *= inv);
                 }))?;
                 Tensor::from_vec(v, x.shape())
             })

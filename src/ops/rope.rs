@@ -16,7 +16,7 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tenso
     let x = x.contiguous()?;
     let cl = cos.layout().broadcast_as(x.shape())?;
     let sl = sin.layout().broadcast_as(x.shape())?;
-    if cl.strides.last() != Some(&1) && d > 1 || sl.strides.last() != Some(&1) && d > 1 {
+    if d > 1 && (cl.strides.last() != Some(&1) || sl.strides.last() != Some(&1)) {
         return Err(Error::msg(
             "rope: cos/sin must be contiguous in the last dim",
         ));
@@ -49,7 +49,7 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tenso
 impl Tensor {
     pub fn rope(&self, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let d = *self.shape().last().unwrap_or(&0);
-        if d % 2 != 0 {
+        if !d.is_multiple_of(2) {
             return Err(Error::shape(
                 "rope",
                 format!("last dim of {:?} must be even", self.shape()),

@@ -80,6 +80,7 @@ pub struct MatRef<T> {
 /// # Safety
 /// `lhs`, `rhs` must address valid m×k and k×n matrices with their strides; `dst` must hold
 /// m×n elements.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm<T: 'static + num_traits::Zero + num_traits::One + Copy>(
     m: usize,
     n: usize,
