@@ -9,6 +9,7 @@ pub mod io;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod qwen2_5_vl;
 pub mod tensor;
 pub mod testing;
 

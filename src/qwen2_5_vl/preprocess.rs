@@ -1,0 +1,1 @@
+//! Image preprocessing (smart_resize, PIL-matching bicubic, normalise, patchify).

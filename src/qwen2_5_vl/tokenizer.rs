@@ -1,0 +1,1 @@
+//! Tokenizer and the Qwen2.5-VL chat template.
