@@ -102,11 +102,9 @@ fn rms_norm() {
         )
         .unwrap();
     }
-    check_grad(
-        "rms_norm_t",
-        &[randn(&[5, 3], 50), randn(&[5], 51)],
-        |v| v[0].t()?.rms_norm(&v[1], 1e-6),
-    )
+    check_grad("rms_norm_t", &[randn(&[5, 3], 50), randn(&[5], 51)], |v| {
+        v[0].t()?.rms_norm(&v[1], 1e-6)
+    })
     .unwrap();
     // Against the composition x * rsqrt(mean(x^2) + eps) * w.
     let (x, w) = (randn(&[4, 7], 52), randn(&[7], 53));

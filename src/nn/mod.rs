@@ -9,11 +9,20 @@ use crate::{DType, Result, Rng, Tensor};
 #[derive(Default, Clone)]
 pub struct Params {
     entries: Vec<(String, Tensor)>,
+    index: std::collections::HashMap<String, usize>,
 }
 
 impl Params {
+    /// Adds (or replaces) a parameter.
     pub fn push(&mut self, name: impl Into<String>, t: &Tensor) {
-        self.entries.push((name.into(), t.clone()));
+        let name = name.into();
+        match self.index.get(&name) {
+            Some(&i) => self.entries[i].1 = t.clone(),
+            None => {
+                self.index.insert(name.clone(), self.entries.len());
+                self.entries.push((name, t.clone()));
+            }
+        }
     }
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
         self.entries.iter().map(|(n, t)| (n.as_str(), t))
@@ -22,7 +31,12 @@ impl Params {
         self.entries.iter().map(|(_, t)| t.clone()).collect()
     }
     pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.entries.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+        self.index.get(name).map(|&i| &self.entries[i].1)
+    }
+    /// The parameter `name`, or an error naming it.
+    pub fn require(&self, name: &str) -> crate::Result<&Tensor> {
+        self.get(name)
+            .ok_or_else(|| crate::Error::msg(format!("missing parameter '{name}'")))
     }
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -117,7 +117,10 @@ mod tests {
             }))
         };
         let x = Tensor::randn(&[4], 1.0, DType::F64, &mut Rng::new(3)).unwrap();
-        let err = check_grad("bad_square", std::slice::from_ref(&x), |v| bad_square(&v[0])).unwrap_err();
+        let err = check_grad("bad_square", std::slice::from_ref(&x), |v| {
+            bad_square(&v[0])
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("bad_square: input 0"), "{err}");
         check_grad("square", &[x], |v| v[0].mul(&v[0])).unwrap();
     }

@@ -1,0 +1,219 @@
+//! The vision tower: patch embedding, 2D rotary positions, window reordering, window and
+//! full-attention blocks, and the 2x2 patch merger.
+//!
+//! pixel_values [S, C·tp·p·p] (S patches, rows in raster order over 2x2 merge blocks, each
+//! block's 4 patches contiguous) -> image features [S/4, out_hidden] in the same order.
+
+use super::config::VisionConfig;
+use crate::nn::Params;
+use crate::ops::attention::AttentionOptions;
+use crate::{Error, Result, Tensor};
+
+/// Everything about the token layout that depends only on the grids (no weights).
+pub struct VisionPlan {
+    /// Patch rows in window order (index into the raster-order rows), [S].
+    pub window_rows: Tensor,
+    /// Merged units back from window order to raster order (argsort of the unit order), [S/4].
+    pub unit_inverse: Tensor,
+    /// Segment boundaries (in patches) of the windows and of the full images.
+    pub cu_window: Vec<usize>,
+    pub cu_full: Vec<usize>,
+    /// Rotary tables in window order, [S, head_dim].
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+/// f32 inverse frequencies `1 / theta^(2i/dim)` for i < dim/2, computed in f32 as PyTorch does.
+pub(crate) fn inv_freq_f32(theta: f64, dim: usize) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / dim as f32))
+        .collect()
+}
+
+impl VisionPlan {
+    pub fn new(grids: &[[usize; 3]], c: &VisionConfig) -> Result<VisionPlan> {
+        let m = c.spatial_merge_size;
+        let unit = m * m;
+        let win = c.window_size / m / c.patch_size; // window side in merged units
+        let hd = c.head_dim();
+        // Axial 2D rope: hd/4 frequencies per axis, angles [h·f, w·f], duplicated for the pairs.
+        let inv = inv_freq_f32(c.rope_theta, hd / 2);
+        let mut unit_order: Vec<usize> = Vec::new();
+        let mut cu_window = vec![0usize];
+        let mut cu_full = vec![0usize];
+        // (hpos, wpos) of each patch in raster-of-blocks order.
+        let mut pos: Vec<(usize, usize)> = Vec::new();
+        let mut offset = 0;
+        for (gi, &[t, h, w]) in grids.iter().enumerate() {
+            if t == 0 || h % m != 0 || w % m != 0 {
+                return Err(Error::shape(
+                    "vision",
+                    format!(
+                        "image {gi}: grid [{t}, {h}, {w}] is not a multiple of the merge size {m}"
+                    ),
+                ));
+            }
+            let (lh, lw) = (h / m, w / m);
+            for _ in 0..t {
+                for bh in 0..lh {
+                    for bw in 0..lw {
+                        for mh in 0..m {
+                            for mw in 0..m {
+                                pos.push((bh * m + mh, bw * m + mw));
+                            }
+                        }
+                    }
+                }
+                cu_full.push(cu_full.last().unwrap() + h * w);
+            }
+            let (nwh, nww) = ((lh + win - lh % win) / win, (lw + win - lw % win) / win);
+            for tt in 0..t {
+                for wy in 0..nwh {
+                    for wx in 0..nww {
+                        let mut n = 0;
+                        for r in wy * win..((wy + 1) * win).min(lh) {
+                            for cc in wx * win..((wx + 1) * win).min(lw) {
+                                unit_order.push(offset + tt * lh * lw + r * lw + cc);
+                                n += 1;
+                            }
+                        }
+                        let last = *cu_window.last().unwrap();
+                        if n > 0 {
+                            cu_window.push(last + n * unit);
+                        }
+                    }
+                }
+            }
+            offset += t * lh * lw;
+        }
+        let s = pos.len();
+        let rows: Vec<i64> = unit_order
+            .iter()
+            .flat_map(|&u| (0..unit).map(move |k| (u * unit + k) as i64))
+            .collect();
+        let mut inverse = vec![0i64; unit_order.len()];
+        for (i, &u) in unit_order.iter().enumerate() {
+            inverse[u] = i as i64;
+        }
+        let (mut cos, mut sin) = (Vec::with_capacity(s * hd), Vec::with_capacity(s * hd));
+        for &r in &rows {
+            let (hp, wp) = pos[r as usize];
+            let angles: Vec<f32> = inv
+                .iter()
+                .map(|&f| hp as f32 * f)
+                .chain(inv.iter().map(|&f| wp as f32 * f))
+                .collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        Ok(VisionPlan {
+            window_rows: Tensor::from_vec(rows, &[s])?,
+            unit_inverse: Tensor::from_vec(inverse, &[s / unit])?,
+            cu_window,
+            cu_full,
+            cos: Tensor::from_vec(cos, &[s, 1, hd])?,
+            sin: Tensor::from_vec(sin, &[s, 1, hd])?,
+        })
+    }
+}
+
+/// One block: x + proj(attn(rope(qkv(norm1 x)))) then x + mlp(norm2 x), all with biases.
+fn block(
+    x: &Tensor,
+    p: &Params,
+    i: usize,
+    c: &VisionConfig,
+    plan: &VisionPlan,
+    cu: &[usize],
+) -> Result<Tensor> {
+    let name = |s: &str| format!("visual.blocks.{i}.{s}");
+    let w = |s: &str| p.require(&name(s));
+    let (s, hd, nh) = (x.dim(0)?, c.head_dim(), c.num_heads);
+    let y = x.rms_norm(w("norm1.weight")?, 1e-6)?;
+    let qkv = y
+        .linear(w("attn.qkv.weight")?, Some(w("attn.qkv.bias")?))?
+        .reshape(&[s, 3, nh, hd])?;
+    let part = |k: usize| qkv.narrow(1, k, 1)?.squeeze(1); // [S, H, hd]
+    let (cos, sin) = (plan.cos.to_dtype(x.dtype())?, plan.sin.to_dtype(x.dtype())?);
+    let heads = |t: Tensor| t.transpose(0, 1)?.unsqueeze(0); // [1, H, S, hd]
+    let q = heads(part(0)?.rope(&cos, &sin)?)?;
+    let k = heads(part(1)?.rope(&cos, &sin)?)?;
+    let v = heads(part(2)?)?;
+    let opts = AttentionOptions {
+        cu_seqlens: Some(cu.to_vec()),
+        ..Default::default()
+    };
+    let a = Tensor::attention(&q, &k, &v, &opts)?
+        .squeeze(0)?
+        .transpose(0, 1)?
+        .reshape(&[s, nh * hd])?;
+    let x = x.add(&a.linear(w("attn.proj.weight")?, Some(w("attn.proj.bias")?))?)?;
+    let y = x.rms_norm(w("norm2.weight")?, 1e-6)?;
+    let gate = y.linear(w("mlp.gate_proj.weight")?, Some(w("mlp.gate_proj.bias")?))?;
+    let up = y.linear(w("mlp.up_proj.weight")?, Some(w("mlp.up_proj.bias")?))?;
+    x.add(
+        &gate
+            .swiglu(&up)?
+            .linear(w("mlp.down_proj.weight")?, Some(w("mlp.down_proj.bias")?))?,
+    )
+}
+
+/// pixel_values [S, patch_dim] and the image grids -> features [S/4, out_hidden] (raster order).
+pub fn vision_forward(
+    p: &Params,
+    c: &VisionConfig,
+    pixel_values: &Tensor,
+    grids: &[[usize; 3]],
+) -> Result<Tensor> {
+    let s: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+    if pixel_values.rank() != 2
+        || pixel_values.dim(0)? != s
+        || pixel_values.dim(1)? != c.patch_dim()
+    {
+        return Err(Error::shape(
+            "vision",
+            format!(
+                "pixel_values {:?} do not match image_grid_thw {grids:?} (expected [{s}, {}])",
+                pixel_values.shape(),
+                c.patch_dim()
+            ),
+        ));
+    }
+    let plan = VisionPlan::new(grids, c)?;
+    let dtype = p.require("visual.patch_embed.proj.weight")?.dtype();
+    let pe = p
+        .require("visual.patch_embed.proj.weight")?
+        .reshape(&[c.hidden_size, c.patch_dim()])?;
+    let x = pixel_values.to_dtype(dtype)?.linear(&pe, None)?;
+    let mut x = x.index_select(&plan.window_rows, 0)?;
+    for i in 0..c.depth {
+        let cu = if c.fullatt_block_indexes.contains(&i) {
+            &plan.cu_full
+        } else {
+            &plan.cu_window
+        };
+        x = block(&x, p, i, c, &plan, cu)?;
+    }
+    let unit = c.spatial_merge_size * c.spatial_merge_size;
+    let y = x
+        .rms_norm(p.require("visual.merger.ln_q.weight")?, 1e-6)?
+        .reshape(&[s / unit, c.hidden_size * unit])?;
+    let z = y
+        .linear(
+            p.require("visual.merger.mlp.0.weight")?,
+            Some(p.require("visual.merger.mlp.0.bias")?),
+        )?
+        .gelu()?
+        .linear(
+            p.require("visual.merger.mlp.2.weight")?,
+            Some(p.require("visual.merger.mlp.2.bias")?),
+        )?;
+    z.index_select(&plan.unit_inverse, 0)
+}
+
+/// Number of language-model tokens an image of this grid becomes.
+pub fn tokens_for_grid(g: &[usize; 3], c: &VisionConfig) -> usize {
+    g[0] * g[1] * g[2] / (c.spatial_merge_size * c.spatial_merge_size)
+}
