@@ -15,6 +15,25 @@ pub struct BenchArgs {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
+    /// step: model directory (its config.json; weights are random).
+    #[arg(long, default_value = "models/bench-tiny")]
+    model: std::path::PathBuf,
+    /// step: samples per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// step: tokens per sample, image tokens included.
+    #[arg(long, default_value_t = 64)]
+    seq: usize,
+    /// step: image height,width in pixels (multiples of 28), one image per sample.
+    #[arg(long, default_value = "112,112", value_delimiter = ',')]
+    image: Vec<usize>,
+    /// step: timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 /// Median seconds of `f` over enough repetitions to fill about `budget` seconds.
@@ -76,8 +95,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Ok(())
         }
         "ops" => bench_ops(a.json),
+        "step" => bench_step(&a),
+        "forward" => bench_forward(&a),
         other => Err(Error::msg(format!(
-            "bench: unknown benchmark '{other}' (try: matmul, ops)"
+            "bench: unknown benchmark '{other}' (try: matmul, ops, step, forward)"
         ))),
     }
 }
@@ -185,5 +206,186 @@ fn bench_ops(json: bool) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// A synthetic training batch for `config`: per sample one `h`x`w` image (random pixels) as
+/// `<vision_start> <image_pad>×n <vision_end>` followed by random text, `seq` tokens in all.
+pub fn synthetic_batch(
+    config: &crate::qwen2_5_vl::Config,
+    batch: usize,
+    seq: usize,
+    h: usize,
+    w: usize,
+    rng: &mut Rng,
+) -> Result<crate::qwen2_5_vl::Batch> {
+    let v = &config.vision;
+    let f = v.patch_size * v.spatial_merge_size;
+    if h % f != 0 || w % f != 0 || h == 0 || w == 0 {
+        return Err(Error::msg(format!(
+            "--image {h},{w}: both sides must be positive multiples of {f}"
+        )));
+    }
+    let grid = [1, h / v.patch_size, w / v.patch_size];
+    let n_img = crate::qwen2_5_vl::vision::tokens_for_grid(&grid, v);
+    if seq < n_img + 3 {
+        return Err(Error::msg(format!(
+            "--seq {seq} is shorter than the {} tokens of one {h}x{w} image",
+            n_img + 2
+        )));
+    }
+    let vocab = config.text.vocab_size as u64;
+    let special = [
+        config.image_token_id,
+        config.video_token_id,
+        config.vision_start_token_id,
+        config.vision_end_token_id,
+    ];
+    let mut ids = Vec::with_capacity(batch * seq);
+    for _ in 0..batch {
+        ids.push(config.vision_start_token_id);
+        ids.extend(std::iter::repeat_n(config.image_token_id, n_img));
+        ids.push(config.vision_end_token_id);
+        while ids.len() % seq != 0 {
+            let t = rng.below(vocab) as i64;
+            if !special.contains(&t) {
+                ids.push(t);
+            }
+        }
+    }
+    let input_ids = Tensor::from_vec(ids.clone(), &[batch, seq])?;
+    let labels: Vec<i64> = ids
+        .iter()
+        .map(|&t| if special.contains(&t) { -100 } else { t })
+        .collect();
+    let patches = batch * grid[1] * grid[2];
+    Ok(crate::qwen2_5_vl::Batch {
+        input_ids: Some(input_ids),
+        attention_mask: None,
+        pixel_values: Some(Tensor::randn(
+            &[patches, v.patch_dim()],
+            1.0,
+            DType::F32,
+            rng,
+        )?),
+        image_grid_thw: vec![grid; batch],
+        labels: Some(Tensor::from_vec(labels, &[batch, seq])?),
+    })
+}
+
+/// One full training step (forward, backward, AdamW) of Qwen2.5-VL with random weights.
+fn bench_step(a: &BenchArgs) -> Result<()> {
+    use crate::optim::{AdamW, AdamWConfig};
+    use crate::qwen2_5_vl::{Config, QwenVl};
+    if a.device != "cpu" {
+        return Err(Error::msg(format!(
+            "--device {}: only the CPU backend exists so far",
+            a.device
+        )));
+    }
+    if a.dtype != "f32" {
+        return Err(Error::msg(format!(
+            "--dtype {}: the CPU backend computes in f32",
+            a.dtype
+        )));
+    }
+    let [h, w] = a.image[..] else {
+        return Err(Error::msg("--image wants H,W"));
+    };
+    let config = Config::from_file(a.model.join("config.json"))?;
+    let mut rng = Rng::new(0);
+    let model = QwenVl::random(config.clone(), DType::F32, &mut rng)?;
+    let batch = synthetic_batch(&config, a.batch, a.seq, h, w, &mut rng)?;
+    let mut opt = AdamW::new(model.params.tensors(), AdamWConfig::default())?;
+    let mut step = || -> Result<f64> {
+        let t = Instant::now();
+        let loss = model
+            .forward(&batch)?
+            .loss
+            .ok_or_else(|| Error::msg("no loss"))?;
+        loss.backward()?;
+        opt.step(1e-4)?;
+        opt.zero_grad();
+        Ok(t.elapsed().as_secs_f64())
+    };
+    step()?; // warm-up
+    let mut times: Vec<f64> = (0..a.steps.max(1)).map(|_| step()).collect::<Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tokens = (a.batch * a.seq) as f64 / median;
+    if a.json {
+        println!(
+            "{{\"step_ms_median\": {:.3}, \"tokens_per_s\": {:.1}, \"threads\": {}, \"params\": {}}}",
+            median * 1e3,
+            tokens,
+            rayon::current_num_threads(),
+            model.params.numel()
+        );
+    } else {
+        println!(
+            "train step {}: batch {} x seq {} + one {h}x{w} image each: {:.1} ms median of {} ({tokens:.0} tokens/s, {} threads)",
+            a.model.display(),
+            a.batch,
+            a.seq,
+            median * 1e3,
+            times.len(),
+            rayon::current_num_threads()
+        );
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes, where /proc exists.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
+/// One no-grad forward of the model in `--model` (its weights when the directory has them,
+/// else random), batch × seq tokens with one image each: load time, forward time, peak memory.
+fn bench_forward(a: &BenchArgs) -> Result<()> {
+    use crate::qwen2_5_vl::{Config, QwenVl};
+    let [h, w] = a.image[..] else {
+        return Err(Error::msg("--image wants H,W"));
+    };
+    let t0 = Instant::now();
+    let has_weights = a.model.join("model.safetensors").exists()
+        || a.model.join("model.safetensors.index.json").exists();
+    let mut rng = Rng::new(0);
+    let model = if has_weights {
+        QwenVl::load(&a.model, DType::F32)?
+    } else {
+        QwenVl::random(
+            Config::from_file(a.model.join("config.json"))?,
+            DType::F32,
+            &mut rng,
+        )?
+    };
+    let load_s = t0.elapsed().as_secs_f64();
+    let batch = synthetic_batch(&model.config, a.batch, a.seq, h, w, &mut rng)?;
+    let t1 = Instant::now();
+    let out = crate::no_grad(|| model.forward(&batch))?;
+    let fwd_s = t1.elapsed().as_secs_f64();
+    let loss = out
+        .loss
+        .map(|l| l.to_scalar())
+        .transpose()?
+        .unwrap_or(f64::NAN);
+    let peak = peak_rss_bytes()
+        .map(|b| b as f64 / (1u64 << 30) as f64)
+        .unwrap_or(f64::NAN);
+    println!(
+        "{{\"model\": \"{}\", \"params\": {}, \"weights\": \"{}\", \"load_s\": {load_s:.2}, \"forward_s\": {fwd_s:.3}, \"tokens\": {}, \"loss\": {loss:.4}, \"peak_rss_gib\": {peak:.2}, \"threads\": {}}}",
+        a.model.display(),
+        model.params.numel(),
+        if has_weights { "loaded" } else { "random" },
+        a.batch * a.seq,
+        rayon::current_num_threads()
+    );
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! The `tessera` command line.
 
-mod bench;
+pub mod bench;
 mod demo;
+pub mod forward;
+mod init;
 
 use crate::Result;
 use clap::{Parser, Subcommand};
@@ -25,6 +27,10 @@ enum Command {
     /// Train a small transformer from scratch on a synthetic task (sorting digits) and
     /// print its loss and accuracy as it learns.
     Demo(demo::DemoArgs),
+    /// Qwen2.5-VL forward (and backward with --grad) on tensors from a safetensors file.
+    Forward(forward::ForwardArgs),
+    /// Write a model directory with random weights for a config.json.
+    Init(init::InitArgs),
     /// Benchmarks of the CPU kernels (GFLOP/s, ms); tools/bench/cpu_vs_torch.py puts them
     /// beside PyTorch on the same machine.
     Bench(bench::BenchArgs),
@@ -41,5 +47,7 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Forward(a) => forward::run(a),
+        Command::Init(a) => init::run(a),
     }
 }

@@ -7,7 +7,8 @@
 //!    `alpha_composite` integer arithmetic, grayscale and palette expanded to RGB;
 //! 2. `smart_resize` to sides divisible by `patch_size * merge_size` (28);
 //! 3. PIL `Image.resize(..., BICUBIC)` on the 8-bit image: separable, antialiased when
-//!    downscaling, 22-bit fixed-point coefficients, horizontal pass then vertical pass;
+//!    downscaling, 22-bit fixed-point coefficients, 8-bit intermediate between the passes
+//!    (pass order as in Pillow 13, see [`resize_bicubic`]);
 //! 4. rescale by 1/255 (in f64, then f32) and normalise `(x - mean) / std` in f32;
 //! 5. flatten into `[gh * gw, 3 * 2 * 14 * 14]` rows, the frame duplicated to the temporal
 //!    patch size.
@@ -254,7 +255,7 @@ fn composite_on_white(src: [u8; 4]) -> [u8; 3] {
 }
 
 // ---------------------------------------------------------------------------------------------
-// PIL bicubic resampling (Pillow's libImaging/Resample.c, 8 bits per channel)
+// PIL bicubic resampling (Pillow 13's libImaging/Resample.c, 8 bits per channel)
 // ---------------------------------------------------------------------------------------------
 
 /// Fractional bits of the fixed-point filter weights: 32 - 8 (pixel) - 2 (headroom for the
@@ -331,6 +332,10 @@ fn resample_weights(in_size: usize, out_size: usize) -> ResampleWeights {
 }
 
 impl ResampleWeights {
+    fn out_size(&self) -> usize {
+        self.start.len()
+    }
+
     fn of(&self, i: usize) -> (usize, &[i32]) {
         let k = &self.weights[i * self.ksize..i * self.ksize + self.len[i]];
         (self.start[i], k)
@@ -344,9 +349,15 @@ fn clip8(acc: i64) -> u8 {
 }
 
 /// PIL `Image.resize((out_w, out_h), BICUBIC)` of an interleaved RGB u8 image `[h, w, 3]`,
-/// giving `[out_h, out_w, 3]`. Like `ImagingResampleInner`: a horizontal pass into an 8-bit
-/// intermediate (only the rows the vertical pass reads), then a vertical pass; a pass whose
-/// size is unchanged is skipped, so equal sizes copy.
+/// giving `[out_h, out_w, 3]`, bit for bit as Pillow 13's `ImagingResampleInner`: two 1-D
+/// passes with an 8-bit (rounded, clipped) intermediate; a pass whose size is unchanged is
+/// skipped, so equal sizes copy.
+///
+/// Pass order matters for the result (the intermediate is rounded). Pillow 13 runs the
+/// vertical pass first when the height loses more than twice as many pixels as the width
+/// (`h - out_h > 2 * (w - out_w)` and `h > out_h`), otherwise horizontal first; Pillow 12
+/// and earlier always ran horizontal first, so on such inputs results differ from older
+/// Pillow by a few levels.
 pub fn resize_bicubic(
     rgb: &[u8],
     height: usize,
@@ -368,49 +379,85 @@ pub fn resize_bicubic(
     }
     let need_horizontal = out_width != width;
     let need_vertical = out_height != height;
-    let vertical = resample_weights(height, out_height);
+    let height_loss = height as i64 - out_height as i64;
+    let width_loss = width as i64 - out_width as i64;
+    let vertical_first = height_loss > 0 && height_loss > 2 * width_loss;
 
-    let mut current: std::borrow::Cow<[u8]> = std::borrow::Cow::Borrowed(rgb);
-    let mut row_offset = 0;
-    let mut cur_width = width;
-    if need_horizontal {
-        // Rows first_row..last_row of the source are all the vertical pass reads.
-        let first_row = vertical.start[0];
-        let last_row = vertical.start[out_height - 1] + vertical.len[out_height - 1];
-        let horizontal = resample_weights(width, out_width);
-        let mut temp = vec![0u8; (last_row - first_row) * out_width * 3];
-        temp.par_chunks_mut(out_width * 3)
-            .enumerate()
-            .for_each(|(y, out_row)| {
-                let src = &rgb[(y + first_row) * width * 3..(y + first_row + 1) * width * 3];
-                for (x, out_px) in out_row.chunks_exact_mut(3).enumerate() {
-                    let (lo, k) = horizontal.of(x);
-                    let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
-                    for (j, &w) in k.iter().enumerate() {
-                        let p = &src[(lo + j) * 3..(lo + j) * 3 + 3];
-                        for c in 0..3 {
-                            acc[c] += p[c] as i64 * w as i64;
-                        }
-                    }
+    match (need_horizontal, need_vertical) {
+        (false, false) => Ok(rgb.to_vec()),
+        (true, false) => {
+            let horizontal = resample_weights(width, out_width);
+            Ok(resample_rows(rgb, width, 0, height, &horizontal))
+        }
+        (false, true) => {
+            let vertical = resample_weights(height, out_height);
+            Ok(resample_columns(rgb, width, 0, &vertical))
+        }
+        (true, true) if vertical_first => {
+            let vertical = resample_weights(height, out_height);
+            let temp = resample_columns(rgb, width, 0, &vertical);
+            let horizontal = resample_weights(width, out_width);
+            Ok(resample_rows(&temp, width, 0, out_height, &horizontal))
+        }
+        (true, true) => {
+            // Only source rows first_row..last_row feed the vertical pass.
+            let vertical = resample_weights(height, out_height);
+            let first_row = vertical.start[0];
+            let last_row = vertical.start[out_height - 1] + vertical.len[out_height - 1];
+            let horizontal = resample_weights(width, out_width);
+            let temp = resample_rows(rgb, width, first_row, last_row - first_row, &horizontal);
+            Ok(resample_columns(&temp, out_width, first_row, &vertical))
+        }
+    }
+}
+
+/// Horizontal pass: rows `first_row..first_row + n_rows` of `src` (`[*, width, 3]`)
+/// resampled along x to `[n_rows, weights.out_size(), 3]`.
+fn resample_rows(
+    src: &[u8],
+    width: usize,
+    first_row: usize,
+    n_rows: usize,
+    weights: &ResampleWeights,
+) -> Vec<u8> {
+    let out_width = weights.out_size();
+    let mut out = vec![0u8; n_rows * out_width * 3];
+    out.par_chunks_mut(out_width * 3)
+        .enumerate()
+        .for_each(|(y, out_row)| {
+            let row = (y + first_row) * width * 3;
+            let src_row = &src[row..row + width * 3];
+            for (x, out_px) in out_row.chunks_exact_mut(3).enumerate() {
+                let (lo, k) = weights.of(x);
+                let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
+                for (px, &w) in src_row[lo * 3..].chunks_exact(3).zip(k) {
                     for c in 0..3 {
-                        out_px[c] = clip8(acc[c]);
+                        acc[c] += px[c] as i64 * w as i64;
                     }
                 }
-            });
-        current = std::borrow::Cow::Owned(temp);
-        row_offset = first_row;
-        cur_width = out_width;
-    }
-    if !need_vertical {
-        return Ok(current.into_owned());
-    }
-    let src = &current[..];
-    let stride = cur_width * 3;
+                for c in 0..3 {
+                    out_px[c] = clip8(acc[c]);
+                }
+            }
+        });
+    out
+}
+
+/// Vertical pass: `src` (`[*, width, 3]`, its row 0 being source row `row_offset`) resampled
+/// along y to `[weights.out_size(), width, 3]`.
+fn resample_columns(
+    src: &[u8],
+    width: usize,
+    row_offset: usize,
+    weights: &ResampleWeights,
+) -> Vec<u8> {
+    let stride = width * 3;
+    let out_height = weights.out_size();
     let mut out = vec![0u8; out_height * stride];
     out.par_chunks_mut(stride)
         .enumerate()
         .for_each(|(y, out_row)| {
-            let (lo, k) = vertical.of(y);
+            let (lo, k) = weights.of(y);
             let lo = lo - row_offset;
             let mut acc = vec![1i64 << (PRECISION_BITS - 1); stride];
             for (j, &w) in k.iter().enumerate() {
@@ -423,7 +470,7 @@ pub fn resize_bicubic(
                 *o = clip8(a);
             }
         });
-    Ok(out)
+    out
 }
 
 // ---------------------------------------------------------------------------------------------

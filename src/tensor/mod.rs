@@ -207,16 +207,41 @@ impl Tensor {
 
     /// Uniform in [lo, hi).
     pub fn rand(shape: &[usize], lo: f64, hi: f64, dtype: DType, rng: &mut Rng) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| lo + (hi - lo) * rng.uniform()).collect();
-        Self::from_f64s(&v, shape, dtype)
+        Self::generate(shape, dtype, rng, move |r| lo + (hi - lo) * r.uniform())
     }
 
     /// Normal with mean 0 and standard deviation `std`.
     pub fn randn(shape: &[usize], std: f64, dtype: DType, rng: &mut Rng) -> Result<Tensor> {
+        Self::generate(shape, dtype, rng, move |r| std * r.normal())
+    }
+
+    /// Fills a tensor from `draw`. Small tensors take values straight from `rng`; large ones
+    /// (more than 2^20 elements) take one seed from it and fill 2^20-element chunks in
+    /// parallel, chunk i from `Rng::new(seed + i)` — the same numbers on every run and
+    /// machine either way.
+    fn generate(
+        shape: &[usize],
+        dtype: DType,
+        rng: &mut Rng,
+        draw: impl Fn(&mut Rng) -> f64 + Sync,
+    ) -> Result<Tensor> {
+        const CHUNK: usize = 1 << 20;
         let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| std * rng.normal()).collect();
-        Self::from_f64s(&v, shape, dtype)
+        any_dispatch!(dtype, T => {
+            let v: Vec<T> = if n <= CHUNK {
+                (0..n).map(|_| T::from_f64(draw(rng))).collect()
+            } else {
+                use rayon::prelude::*;
+                let seed = rng.next_u64();
+                let mut v = vec![T::from_f64(0.0); n];
+                v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
+                    let mut r = Rng::new(seed.wrapping_add(i as u64));
+                    c.iter_mut().for_each(|e| *e = T::from_f64(draw(&mut r)));
+                });
+                v
+            };
+            Tensor::from_vec(v, shape)
+        })
     }
 
     // ---------------------------------------------------------------- accessors

@@ -3,6 +3,9 @@
 use crate::tensor::Layout;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod gemm_f32;
+
 /// Below this many elements, kernels stay on the calling thread.
 pub const PAR_MIN: usize = 1 << 15;
 
@@ -91,6 +94,31 @@ pub unsafe fn gemm<T: 'static + num_traits::Zero + num_traits::One + Copy>(
     rhs: MatRef<T>,
     parallel: bool,
 ) {
+    // f32 on AVX2 + FMA: our packed kernel (src/backend/cpu/gemm_f32.rs), except for tiny
+    // or skinny products, where the gemm crate's small-matrix paths are faster.
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && m * n * k >= 32 * 32 * 32
+        && m >= 8
+        && n >= 32
+        && gemm_f32::available()
+    {
+        gemm_f32::gemm(
+            m,
+            n,
+            k,
+            dst as *mut f32,
+            accumulate,
+            lhs.ptr as *const f32,
+            lhs.rs,
+            lhs.cs,
+            rhs.ptr as *const f32,
+            rhs.rs,
+            rhs.cs,
+            parallel,
+        );
+        return;
+    }
     let par = if parallel && threads() > 1 && m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(threads())
     } else {

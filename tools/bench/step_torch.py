@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""The PyTorch + transformers twin of `tessera bench step`: one full training step (forward,
+backward, AdamW) of Qwen2.5-VL with random weights, same config, batch, sequence, image size
+and thread count. With --tessera it also runs tessera's binary and prints the ratio.
+
+    pip install torch transformers
+    python3 tools/bench/step_torch.py --model models/bench-tiny --batch 8 --seq 64 --image 112,112 \
+        --threads 2 --tessera target/release/tessera
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import time
+
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="models/bench-tiny")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--image", default="112,112")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--attn", default="sdpa", help="transformers attention implementation")
+    ap.add_argument("--tessera", default=None, help="path of the tessera binary to compare with")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = Qwen2_5_VLConfig(**json.load(open(f"{a.model}/config.json")))
+    cfg._attn_implementation = a.attn
+    model = Qwen2_5_VLForConditionalGeneration(cfg).float().train()
+    h, w = (int(x) for x in a.image.split(","))
+    v = cfg.vision_config
+    grid = [1, h // v.patch_size, w // v.patch_size]
+    n_img = grid[1] * grid[2] // (v.spatial_merge_size ** 2)
+    special = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
+    rows = []
+    for _ in range(a.batch):
+        r = [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id]
+        while len(r) < a.seq:
+            t = int(torch.randint(0, cfg.text_config.vocab_size, ()))
+            if t not in special:
+                r.append(t)
+        rows.append(r)
+    ids = torch.tensor(rows)
+    labels = ids.clone()
+    for s in special:
+        labels[ids == s] = -100
+    pixels = torch.randn(a.batch * grid[1] * grid[2], 3 * 2 * v.patch_size ** 2)
+    grids = torch.tensor([grid] * a.batch)
+    mm = (ids == cfg.image_token_id).int()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        t = time.perf_counter()
+        out = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grids, labels=labels, mm_token_type_ids=mm)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    step()
+    torch_ms = statistics.median(step() for _ in range(a.steps)) * 1e3
+    print(f"PyTorch {torch.__version__} ({a.attn}): {torch_ms:.1f} ms/step, "
+          f"{a.batch * a.seq / torch_ms * 1e3:.0f} tokens/s, {a.threads} threads")
+    if a.tessera:
+        out = subprocess.run([a.tessera, "--threads", str(a.threads), "bench", "step", "--model", a.model,
+                              "--batch", str(a.batch), "--seq", str(a.seq), "--image", a.image,
+                              "--steps", str(a.steps), "--json"], check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        print(f"tessera: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s")
+        print(f"tessera time / PyTorch time = {r['step_ms_median'] / torch_ms:.2f} (target <= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
