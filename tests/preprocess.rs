@@ -189,22 +189,3 @@ fn undecodable_file_is_an_error_naming_it() {
         .to_string();
     assert!(msg.contains("does_not_exist.jpg"), "{msg}");
 }
-
-#[test]
-fn tmp_random_resize_vs_pil() {
-    let cases = std::fs::read_to_string("/tmp/rz/cases.txt").unwrap();
-    let mut bad = 0;
-    for line in cases.lines() {
-        let v: Vec<usize> = line.split(' ').map(|x| x.parse().unwrap()).collect();
-        let input = std::fs::read(format!("/tmp/rz/{}.in", v[0])).unwrap();
-        let want = std::fs::read(format!("/tmp/rz/{}.out", v[0])).unwrap();
-        let got = tessera::qwen2_5_vl::preprocess::resize_bicubic(&input, v[1], v[2], v[3], v[4])
-            .unwrap();
-        if got != want {
-            bad += 1;
-            eprintln!("mismatch {line}");
-        }
-    }
-    eprintln!("{} cases, {bad} mismatches", cases.lines().count());
-    assert_eq!(bad, 0);
-}

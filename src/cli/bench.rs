@@ -221,7 +221,7 @@ pub fn synthetic_batch(
 ) -> Result<crate::qwen2_5_vl::Batch> {
     let v = &config.vision;
     let f = v.patch_size * v.spatial_merge_size;
-    if h % f != 0 || w % f != 0 || h == 0 || w == 0 {
+    if !h.is_multiple_of(f) || !w.is_multiple_of(f) || h == 0 || w == 0 {
         return Err(Error::msg(format!(
             "--image {h},{w}: both sides must be positive multiples of {f}"
         )));

@@ -69,7 +69,7 @@ pub fn read_batch(path: &std::path::Path) -> Result<Batch> {
         Some(p) => Some(p.to_dtype(DType::F32)?),
         None => None,
     };
-    if pixel_values.is_some() != !grids.is_empty() {
+    if pixel_values.is_some() == grids.is_empty() {
         return Err(Error::file(
             path,
             "pixel_values and image_grid_thw must come together",

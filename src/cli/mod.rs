@@ -4,6 +4,7 @@ pub mod bench;
 mod demo;
 pub mod forward;
 mod init;
+mod tokenize;
 
 use crate::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Qwen2.5-VL forward (and backward with --grad) on tensors from a safetensors file.
     Forward(forward::ForwardArgs),
+    /// Token ids of a text (JSON), optionally through the chat template with images.
+    Tokenize(tokenize::TokenizeArgs),
     /// Write a model directory with random weights for a config.json.
     Init(init::InitArgs),
     /// Benchmarks of the CPU kernels (GFLOP/s, ms); tools/bench/cpu_vs_torch.py puts them
@@ -49,5 +52,6 @@ pub fn run() -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Init(a) => init::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
     }
 }

@@ -186,8 +186,8 @@ impl Config {
     fn validate(&self) -> Result<()> {
         let t = &self.text;
         let bad = |m: String| Err(Error::msg(format!("config: {m}")));
-        if t.hidden_size % t.num_attention_heads != 0
-            || t.num_attention_heads % t.num_key_value_heads != 0
+        if !t.hidden_size.is_multiple_of(t.num_attention_heads)
+            || !t.num_attention_heads.is_multiple_of(t.num_key_value_heads)
         {
             return bad(format!(
                 "hidden {} / heads {} / kv heads {} do not divide",
@@ -202,13 +202,16 @@ impl Config {
             ));
         }
         let v = &self.vision;
-        if v.hidden_size % v.num_heads != 0 || v.head_dim() % 4 != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_heads) || !v.head_dim().is_multiple_of(4) {
             return bad(format!(
                 "vision hidden {} / heads {} must give a head dim divisible by 4",
                 v.hidden_size, v.num_heads
             ));
         }
-        if v.window_size % (v.spatial_merge_size * v.patch_size) != 0 {
+        if !v
+            .window_size
+            .is_multiple_of(v.spatial_merge_size * v.patch_size)
+        {
             return bad(format!(
                 "window_size {} is not a multiple of merge·patch",
                 v.window_size

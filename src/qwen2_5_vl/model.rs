@@ -131,7 +131,7 @@ impl QwenVl {
             Some(m) => Some(m.to_dtype(DType::I64)?.to_vec::<i64>()?),
             None => None,
         };
-        let (pos, rope_deltas) = rope_index(
+        let pos = rope_index(
             c,
             &ids.to_vec::<i64>()?,
             b,
@@ -209,7 +209,7 @@ impl QwenVl {
         Ok(Output {
             logits,
             loss,
-            rope_deltas,
+            rope_deltas: pos.rope_deltas,
         })
     }
 }

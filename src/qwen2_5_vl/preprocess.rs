@@ -44,6 +44,8 @@ pub struct PreprocessConfig {
 }
 
 impl Default for PreprocessConfig {
+    // The CLIP constants verbatim as transformers writes them; they round to the same f32.
+    #[allow(clippy::excessive_precision)]
     fn default() -> Self {
         PreprocessConfig {
             min_pixels: 56 * 56,

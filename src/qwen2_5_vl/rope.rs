@@ -5,7 +5,16 @@ use super::config::{Config, TextConfig};
 use super::vision::inv_freq_f32;
 use crate::{Error, Result, Tensor};
 
-/// Positions [3][B][T] and rope_delta[b] (transformers' `get_rope_index`).
+/// M-RoPE position ids: for each axis (T, H, W) a flat [B·seq] vector.
+pub struct Positions {
+    pub axes: [Vec<i64>; 3],
+    pub batch: usize,
+    pub seq: usize,
+    /// Per row: max position + 1 − tokens (for decoding with a KV cache).
+    pub rope_deltas: Vec<i64>,
+}
+
+/// Positions and rope deltas as transformers' `get_rope_index` computes them.
 ///
 /// Over the non-padding tokens of each row: text tokens count up on all three axes; a run of
 /// image tokens takes the next grid (in batch order) and gets (T, H, W) = (s + t, s + r, s + c)
@@ -18,9 +27,13 @@ pub fn rope_index(
     seq: usize,
     attention_mask: Option<&[i64]>,
     grids: &[[usize; 3]],
-) -> Result<(Vec<Vec<Vec<i64>>>, Vec<i64>)> {
+) -> Result<Positions> {
     let m = c.vision.spatial_merge_size;
-    let mut pos = vec![vec![vec![0i64; seq]; batch]; 3];
+    let mut axes = [
+        vec![0i64; batch * seq],
+        vec![0i64; batch * seq],
+        vec![0i64; batch * seq],
+    ];
     let mut deltas = Vec::with_capacity(batch);
     let mut next_grid = grids.iter().enumerate();
     for b in 0..batch {
@@ -39,8 +52,8 @@ pub fn rope_index(
                 ));
             }
             if id != c.image_token_id {
-                for a in 0..3 {
-                    pos[a][b][keep[k]] = current;
+                for axis in axes.iter_mut() {
+                    axis[b * seq + keep[k]] = current;
                 }
                 max_pos = max_pos.max(current);
                 current += 1;
@@ -70,9 +83,9 @@ pub fn rope_index(
                     for cc in 0..lw {
                         let i = keep[k + j];
                         let p = [current + tt as i64, current + r as i64, current + cc as i64];
-                        for a in 0..3 {
-                            pos[a][b][i] = p[a];
-                            max_pos = max_pos.max(p[a]);
+                        for (axis, v) in axes.iter_mut().zip(p) {
+                            axis[b * seq + i] = v;
+                            max_pos = max_pos.max(v);
                         }
                         j += 1;
                     }
@@ -89,14 +102,19 @@ pub fn rope_index(
             grids.len()
         )));
     }
-    Ok((pos, deltas))
+    Ok(Positions {
+        axes,
+        batch,
+        seq,
+        rope_deltas: deltas,
+    })
 }
 
 /// cos/sin [B, 1, T, head_dim]: frequency f uses axis 0 (T) for f < s0, 1 (H) for f < s0+s1,
 /// else 2 (W); angle = pos[axis]·inv_freq[f] in f32; halves duplicated (rotate-half pairs).
 pub fn mrope_tables(
     t: &TextConfig,
-    pos: &[Vec<Vec<i64>>],
+    pos: &Positions,
     dtype: crate::DType,
 ) -> Result<(Tensor, Tensor)> {
     let hd = t.head_dim();
@@ -111,18 +129,16 @@ pub fn mrope_tables(
             2
         }
     };
-    let (batch, seq) = (pos[0].len(), pos[0].first().map_or(0, |r| r.len()));
+    let (batch, seq) = (pos.batch, pos.seq);
     let mut cos = Vec::with_capacity(batch * seq * hd);
     let mut sin = Vec::with_capacity(batch * seq * hd);
-    for b in 0..batch {
-        for i in 0..seq {
-            let angles: Vec<f32> = (0..hd / 2)
-                .map(|f| pos[axis(f)][b][i] as f32 * inv[f])
-                .collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
-            }
+    for token in 0..batch * seq {
+        let angles: Vec<f32> = (0..hd / 2)
+            .map(|f| pos.axes[axis(f)][token] as f32 * inv[f])
+            .collect();
+        for _ in 0..2 {
+            cos.extend(angles.iter().map(|a| a.cos()));
+            sin.extend(angles.iter().map(|a| a.sin()));
         }
     }
     let shape = [batch, 1, seq, hd];
