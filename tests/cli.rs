@@ -154,3 +154,35 @@ fn tokenize_chat_expands_image_pads() {
     assert_eq!(ids[0], 151644);
     assert_eq!(&ids[ids.len() - 3..], &[151644, 77091, 198]);
 }
+
+#[test]
+fn preprocess_writes_the_contract_tensors() {
+    let img = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess/rgb_70x98.png");
+    let out_path = tmp("cli_preprocess.safetensors");
+    let out = tessera()
+        .arg("preprocess")
+        .arg("--image")
+        .arg(&img)
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f = TensorFile::open(&out_path).unwrap();
+    assert_eq!(
+        f.get("image_grid_thw").unwrap().to_vec::<i64>().unwrap(),
+        vec![1, 4, 8]
+    );
+    assert_eq!(f.shape("pixel_values").unwrap(), &[32, 1176]);
+    let bad = tessera()
+        .args(["preprocess", "--image", "/nonexistent.png", "--out"])
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent.png"));
+}

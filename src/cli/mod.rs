@@ -4,6 +4,7 @@ pub mod bench;
 mod demo;
 pub mod forward;
 mod init;
+mod preprocess;
 mod tokenize;
 
 use crate::Result;
@@ -30,6 +31,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Qwen2.5-VL forward (and backward with --grad) on tensors from a safetensors file.
     Forward(forward::ForwardArgs),
+    /// Image to pixel_values and image_grid_thw (Qwen2.5-VL preprocessing).
+    Preprocess(preprocess::PreprocessArgs),
     /// Token ids of a text (JSON), optionally through the chat template with images.
     Tokenize(tokenize::TokenizeArgs),
     /// Write a model directory with random weights for a config.json.
@@ -53,5 +56,6 @@ pub fn run() -> Result<()> {
         Command::Forward(a) => forward::run(a),
         Command::Init(a) => init::run(a),
         Command::Tokenize(a) => tokenize::run(a),
+        Command::Preprocess(a) => preprocess::run(a),
     }
 }
