@@ -2,9 +2,12 @@
 //! models (fixtures by tools/parity/make_model_fixtures.py), including both on-disk naming
 //! variants, several images of different grids per batch, GQA ratios and left padding.
 
+mod common;
+
+use common::load_batch;
 use std::path::{Path, PathBuf};
 use tessera::io::TensorFile;
-use tessera::qwen2_5_vl::{Batch, QwenVl};
+use tessera::qwen2_5_vl::QwenVl;
 use tessera::{DType, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
@@ -21,33 +24,6 @@ fn rel_err(a: &[f64], b: &[f64], keep: impl Fn(usize) -> bool) -> f64 {
         den += b[i].powi(2);
     }
     (num / den.max(1e-300)).sqrt()
-}
-
-pub fn load_batch(dir: &Path) -> Batch {
-    let f = TensorFile::open(dir.join("inputs.safetensors")).unwrap();
-    let get = |n: &str| {
-        if f.contains(n) {
-            Some(f.get(n).unwrap())
-        } else {
-            None
-        }
-    };
-    let grids = get("image_grid_thw")
-        .map(|g| {
-            g.to_vec::<i64>()
-                .unwrap()
-                .chunks(3)
-                .map(|c| [c[0] as usize, c[1] as usize, c[2] as usize])
-                .collect()
-        })
-        .unwrap_or_default();
-    Batch {
-        input_ids: get("input_ids"),
-        attention_mask: get("attention_mask"),
-        pixel_values: get("pixel_values"),
-        image_grid_thw: grids,
-        labels: get("labels"),
-    }
 }
 
 fn check_case(name: &str) {

@@ -68,7 +68,7 @@ const PF_ROWS: usize = 16;
 const PAR_WORK: usize = 1 << 21;
 
 /// Dynamic scheduling: aim for this many tasks per thread in each B panel.
-const TASKS_PER_THREAD: usize = 3;
+const TASKS_PER_THREAD: usize = 8;
 
 thread_local! {
     static A_BUF: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
@@ -226,8 +226,8 @@ fn plan(m: usize, nc: usize, nt: usize) -> (usize, usize) {
     let mut rb = m.div_ceil(MC);
     let want = if nt > 1 { TASKS_PER_THREAD * nt } else { 1 };
     if rb < want {
-        // Smaller row blocks (down to 4 slivers) before splitting columns.
-        rb = want.min(sm.div_ceil(4)).max(rb);
+        // Smaller row blocks (down to 8 slivers) before splitting columns.
+        rb = want.min(sm.div_ceil(8)).max(rb);
     }
     let mut cb = 1;
     if rb < want {
