@@ -15,4 +15,4 @@ pub mod testing;
 
 pub use autograd::{grad, no_grad, NoGradGuard};
 pub use error::{Error, Result};
-pub use tensor::{DType, Float, Rng, Tensor, WithDType};
+pub use tensor::{DType, Device, Float, Rng, Tensor, WithDType};

@@ -217,7 +217,7 @@ impl Tensor {
                 self.shape()
             )));
         }
-        let one = Tensor::ones(self.shape(), self.dtype())?;
+        let one = Tensor::full_on(self.shape(), 1.0, self.dtype(), self.device())?;
         self.backward_with(&one)
     }
 
@@ -253,7 +253,7 @@ pub fn grad(
                     output.shape()
                 )));
             }
-            Tensor::ones(output.shape(), output.dtype())?
+            Tensor::full_on(output.shape(), 1.0, output.dtype(), output.device())?
         }
     };
     let mut leaves = run_backward(output, seed)?;

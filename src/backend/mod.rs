@@ -1,2 +1,3 @@
-//! Compute backends. CPU is the reference (f32/f64); CUDA comes with its own issue.
+//! Compute backends. CPU is the reference (f32/f64); CUDA (f32/bf16) is tested against it.
 pub mod cpu;
+pub mod cuda;

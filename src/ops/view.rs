@@ -18,7 +18,11 @@ impl Tensor {
         if self.is_contiguous() {
             return Ok(self.clone());
         }
-        let out = any_dispatch!(self.dtype(), T => copy_contiguous::<T>(self)?);
+        let out = if self.is_cuda() {
+            crate::backend::cuda::ops::contiguous(self)?
+        } else {
+            any_dispatch!(self.dtype(), T => copy_contiguous::<T>(self)?)
+        };
         Ok(record("contiguous", out, &[self], |g| {
             Ok(vec![Some(g.clone())])
         }))
@@ -271,6 +275,10 @@ impl Tensor {
         }
         // Through f64: exact for every dtype here except i64 beyond 2^53 (ids never are).
         let out = match (self.dtype(), dtype) {
+            (DType::F32, DType::BF16) | (DType::BF16, DType::F32) if self.is_cuda() => {
+                crate::backend::cuda::ops::cast(self, dtype)?
+            }
+            _ if self.is_cuda() => crate::no_grad(|| self.to_cpu()?.to_dtype(dtype)?.to_cuda())?,
             (DType::F32, DType::BF16) => Tensor::from_vec(
                 self.to_vec::<f32>()?
                     .into_iter()

@@ -9,7 +9,7 @@ mod storage;
 pub use dtype::{DType, Float, WithDType};
 pub use layout::{broadcast_shapes, contiguous_strides, Layout};
 pub use rng::Rng;
-pub use storage::{live_bytes, peak_bytes, Storage, StorageData, StorageElem};
+pub use storage::{live_bytes, peak_bytes, CudaStorage, Storage, StorageData, StorageElem};
 
 use crate::autograd::Node;
 use crate::{Error, Result};
@@ -66,6 +66,34 @@ macro_rules! any_dispatch {
             }
         }
     };
+}
+
+/// Where a tensor's elements live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Device {
+    Cpu,
+    /// The process's CUDA device (ordinal 0).
+    Cuda,
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "cuda:0" | "gpu" => Ok(Device::Cuda),
+            _ => Err(Error::msg(format!("unknown device {s:?} (expected cpu or cuda)"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -336,10 +364,119 @@ impl Tensor {
         *self.0.grad.lock().expect("grad lock") = g;
     }
 
+    // ---------------------------------------------------------------- devices
+
+    pub fn device(&self) -> Device {
+        if self.0.storage.read().expect("storage lock").is_cuda() {
+            Device::Cuda
+        } else {
+            Device::Cpu
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        self.device() == Device::Cuda
+    }
+
+    /// A tensor of `len`-element device buffer `buf` with a contiguous `shape`.
+    pub fn from_cuda(buf: crate::backend::cuda::CudaBuffer, dtype: DType, shape: &[usize]) -> Tensor {
+        let len = shape.iter().product();
+        Self::from_storage(Storage::new(StorageData::Cuda(CudaStorage { buf, dtype, len })), shape)
+    }
+
+    /// An uninitialised contiguous device tensor (every element is written by the caller).
+    pub fn empty_cuda(shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let dev = crate::backend::cuda::device()?;
+        let n: usize = shape.iter().product();
+        let buf = dev.alloc(n * dtype.size_in_bytes())?;
+        Ok(Self::from_cuda(buf, dtype, shape))
+    }
+
+    /// A zero-filled tensor on `device`.
+    pub fn zeros_on(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => Self::zeros(shape, dtype),
+            Device::Cuda => {
+                let t = Self::empty_cuda(shape, dtype)?;
+                let dev = crate::backend::cuda::device()?;
+                dev.memset_zero(t.cuda_ptr()?, t.numel() * dtype.size_in_bytes())?;
+                Ok(t)
+            }
+        }
+    }
+
+    /// A tensor filled with `v` on `device`.
+    pub fn full_on(shape: &[usize], v: f64, dtype: DType, device: Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => Self::full(shape, v, dtype),
+            Device::Cuda if v == 0.0 => Self::zeros_on(shape, dtype, device),
+            Device::Cuda => crate::backend::cuda::ops::fill(shape, v, dtype),
+        }
+    }
+
+    /// Device address of this view's first element (valid while `self` lives).
+    pub fn cuda_ptr(&self) -> Result<u64> {
+        let guard = self.0.storage.read().expect("storage lock");
+        let c = guard
+            .cuda()
+            .ok_or_else(|| Error::msg(format!("internal: cuda_ptr of a cpu tensor {:?}", self.shape())))?;
+        Ok(c.buf.ptr() + (self.0.layout.offset * self.dtype().size_in_bytes()) as u64)
+    }
+
+    /// A copy on `device` (the same tensor if it is already there). Differentiable: the
+    /// gradient is copied back.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        let from = self.device();
+        if from == device {
+            return Ok(self.clone());
+        }
+        let out = match device {
+            Device::Cuda => {
+                let src = self.contiguous()?;
+                let dev = crate::backend::cuda::device()?;
+                let t = Self::empty_cuda(self.shape(), self.dtype())?;
+                any_dispatch!(self.dtype(), T => src.read::<T, _>(|v| dev.htod(v, t.cuda_ptr()?))??);
+                t
+            }
+            Device::Cpu => {
+                let src = self.contiguous()?;
+                let dev = crate::backend::cuda::device()?;
+                let ptr = src.cuda_ptr()?;
+                any_dispatch!(self.dtype(), T => {
+                    let mut v = vec![T::from_f64(0.0); self.numel()];
+                    dev.dtoh(ptr, &mut v)?;
+                    Tensor::from_vec(v, self.shape())?
+                })
+            }
+        };
+        Ok(crate::autograd::record("to_device", out, &[self], move |g| {
+            Ok(vec![Some(g.to_device(from)?)])
+        }))
+    }
+
+    pub fn to_cuda(&self) -> Result<Tensor> {
+        self.to_device(Device::Cuda)
+    }
+
+    pub fn to_cpu(&self) -> Result<Tensor> {
+        self.to_device(Device::Cpu)
+    }
+
+    fn cpu_only(&self, what: &str) -> Error {
+        Error::msg(format!(
+            "{what}: tensor {:?} {} is on cuda; this needs a cpu tensor (use .to_cpu())",
+            self.shape(),
+            self.dtype()
+        ))
+    }
+
     // ---------------------------------------------------------------- data access
 
     /// Runs `f` on the elements of a contiguous tensor.
     pub fn read<T: WithDType, R>(&self, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+        if self.is_cuda() {
+            return Err(self.cpu_only("read"));
+        }
         if !self.is_contiguous() {
             return Err(Error::msg(format!(
                 "internal: read of a non-contiguous tensor {:?}",
@@ -360,6 +497,9 @@ impl Tensor {
 
     /// Runs `f` on the whole buffer and the layout (strided access without a copy).
     pub fn read_strided<T: WithDType, R>(&self, f: impl FnOnce(&[T], &Layout) -> R) -> Result<R> {
+        if self.is_cuda() {
+            return Err(self.cpu_only("read"));
+        }
         let guard = self.0.storage.read().expect("storage lock");
         let all = guard.as_slice::<T>().ok_or_else(|| {
             Error::msg(format!(
@@ -374,6 +514,9 @@ impl Tensor {
     /// Runs `f` on the elements of a contiguous tensor, writable in place. Used by optimisers
     /// on parameters; a view sharing the buffer sees the change.
     pub fn write<T: WithDType, R>(&self, f: impl FnOnce(&mut [T]) -> R) -> Result<R> {
+        if self.is_cuda() {
+            return Err(self.cpu_only("write"));
+        }
         if !self.is_contiguous() {
             return Err(Error::msg(format!(
                 "in-place write needs a contiguous tensor, got shape {:?}",
@@ -403,7 +546,15 @@ impl Tensor {
                 ),
             ));
         }
-        let src = src.contiguous()?;
+        if self.is_cuda() {
+            let src = src.to_cuda()?.contiguous()?;
+            if !self.is_contiguous() {
+                return Err(self.cpu_only("assign into a non-contiguous cuda view"));
+            }
+            let dev = crate::backend::cuda::device()?;
+            return dev.dtod(src.cuda_ptr()?, self.cuda_ptr()?, self.numel() * self.dtype().size_in_bytes());
+        }
+        let src = src.to_cpu()?.contiguous()?;
         any_dispatch!(self.dtype(), T => {
             let v = src.to_vec::<T>()?;
             self.write::<T, _>(|d| d.copy_from_slice(&v))
@@ -412,6 +563,9 @@ impl Tensor {
 
     /// Elements in logical (row-major) order, whatever the layout.
     pub fn to_vec<T: WithDType>(&self) -> Result<Vec<T>> {
+        if self.is_cuda() {
+            return crate::no_grad(|| self.to_cpu())?.to_vec();
+        }
         self.read_strided::<T, _>(|all, layout| {
             if layout.is_contiguous() {
                 all[layout.offset..layout.offset + layout.numel()].to_vec()
@@ -439,7 +593,7 @@ impl Tensor {
 
     /// Raw little-endian bytes of a contiguous copy.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let t = self.contiguous()?;
+        let t = self.to_cpu()?.contiguous()?;
         let guard = t.0.storage.read().expect("storage lock");
         let sz = t.dtype().size_in_bytes();
         let o = t.0.layout.offset * sz;

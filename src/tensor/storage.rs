@@ -18,6 +18,14 @@ pub fn peak_bytes() -> usize {
     PEAK_BYTES.load(Ordering::Relaxed)
 }
 
+/// A buffer on the CUDA device: `len` elements of `dtype`.
+#[derive(Debug)]
+pub struct CudaStorage {
+    pub buf: crate::backend::cuda::CudaBuffer,
+    pub dtype: DType,
+    pub len: usize,
+}
+
 #[derive(Debug)]
 pub enum StorageData {
     F32(Vec<f32>),
@@ -26,6 +34,8 @@ pub enum StorageData {
     F16(Vec<f16>),
     I64(Vec<i64>),
     U32(Vec<u32>),
+    /// Device memory (not counted in `live_bytes`; see the CUDA allocator's stats).
+    Cuda(CudaStorage),
 }
 
 #[derive(Debug)]
@@ -43,6 +53,7 @@ impl Storage {
             StorageData::F16(v) => v.len() * 2,
             StorageData::I64(v) => v.len() * 8,
             StorageData::U32(v) => v.len() * 4,
+            StorageData::Cuda(_) => 0,
         };
         let now = LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
         PEAK_BYTES.fetch_max(now, Ordering::Relaxed);
@@ -54,13 +65,25 @@ impl Storage {
     }
 
     pub fn dtype(&self) -> DType {
-        match self.data {
+        match &self.data {
             StorageData::F32(_) => DType::F32,
             StorageData::F64(_) => DType::F64,
             StorageData::BF16(_) => DType::BF16,
             StorageData::F16(_) => DType::F16,
             StorageData::I64(_) => DType::I64,
             StorageData::U32(_) => DType::U32,
+            StorageData::Cuda(c) => c.dtype,
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self.data, StorageData::Cuda(_))
+    }
+
+    pub fn cuda(&self) -> Option<&CudaStorage> {
+        match &self.data {
+            StorageData::Cuda(c) => Some(c),
+            _ => None,
         }
     }
 
@@ -76,7 +99,8 @@ impl Storage {
         T::unwrap_mut(&mut self.data)
     }
 
-    /// Raw little-endian bytes (for safetensors).
+    /// Raw little-endian bytes (for safetensors); empty for device storage (copy it to the
+    /// CPU first, as `Tensor::to_bytes` does).
     pub fn as_bytes(&self) -> &[u8] {
         match &self.data {
             StorageData::F32(v) => bytemuck::cast_slice(v),
@@ -85,6 +109,7 @@ impl Storage {
             StorageData::F16(v) => bytemuck::cast_slice(v),
             StorageData::I64(v) => bytemuck::cast_slice(v),
             StorageData::U32(v) => bytemuck::cast_slice(v),
+            StorageData::Cuda(_) => &[],
         }
     }
 }

@@ -1,0 +1,27 @@
+// Layout and dtype kernels: strided gather into a contiguous buffer (`contiguous`), dtype
+// casts, fills. Every launch is a grid-stride loop over the output's elements.
+
+// dst[i] = src[offset(i)] for a strided view of rank <= MAX_RANK.
+#define STRIDED_COPY(NAME, T)                                                             \
+    extern "C" __global__ void NAME(const T* src, T* dst, Strides s, i64 n) {            \
+        GRID_LOOP(i, n) { dst[i] = src[strided_offset(i, s)]; }                          \
+    }
+STRIDED_COPY(strided_copy_4, unsigned int)
+STRIDED_COPY(strided_copy_2, unsigned short)
+STRIDED_COPY(strided_copy_8, unsigned long long)
+
+// Casts between f32 and bf16 (contiguous).
+extern "C" __global__ void cast_f32_bf16(const float* src, bf16_t* dst, i64 n) {
+    GRID_LOOP(i, n) { dst[i] = f2bf(src[i]); }
+}
+extern "C" __global__ void cast_bf16_f32(const bf16_t* src, float* dst, i64 n) {
+    GRID_LOOP(i, n) { dst[i] = bf2f(src[i]); }
+}
+
+extern "C" __global__ void fill_f32(float* dst, float v, i64 n) {
+    GRID_LOOP(i, n) { dst[i] = v; }
+}
+extern "C" __global__ void fill_bf16(bf16_t* dst, float v, i64 n) {
+    bf16_t b = f2bf(v);
+    GRID_LOOP(i, n) { dst[i] = b; }
+}

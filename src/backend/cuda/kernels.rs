@@ -1,0 +1,43 @@
+//! The kernel sources, embedded at build time. Every file here is compiled by NVRTC on first
+//! use (and by the CI compile check for sm_80 and sm_90).
+
+/// Prepended to every file: bf16 helpers, `Strides`, warp/block reductions.
+pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+macro_rules! sources {
+    ($($f:literal),* $(,)?) => {
+        /// (file name, source) of every kernel file.
+        pub const SOURCES: &[(&str, &str)] = &[$(($f, include_str!(concat!("../../../kernels/", $f)))),*];
+    };
+}
+sources!(
+    "copy.cu",
+    "elementwise.cu",
+    "reduce.cu",
+    "norm.cu",
+    "rope.cu",
+    "activation.cu",
+    "loss.cu",
+    "index.cu",
+    "matmul.cu",
+    "attention.cu",
+    "optim.cu",
+);
+
+/// The source of `kernels/<file>`.
+pub fn source(file: &str) -> Option<&'static str> {
+    SOURCES.iter().find(|(f, _)| *f == file).map(|(_, s)| *s)
+}
+
+/// Kernel-name suffix for a float dtype: "f32" or "bf16".
+pub fn suffix(dtype: crate::DType, op: &'static str) -> crate::Result<&'static str> {
+    match dtype {
+        crate::DType::F32 => Ok("f32"),
+        crate::DType::BF16 => Ok("bf16"),
+        d => Err(crate::Error::DType {
+            op,
+            dtype: d,
+            hint: " on cuda (f32 and bf16 only)".into(),
+        }),
+    }
+}

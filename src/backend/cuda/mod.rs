@@ -1,0 +1,303 @@
+//! The CUDA backend: one device, one context and one stream per process, a caching allocator,
+//! NVRTC-compiled kernels (`kernels/*.cu`) and their launches.
+//!
+//! The driver and NVRTC are loaded at run time (cudarc dynamic loading): building tessera needs
+//! no CUDA toolkit, and a machine without a driver gets the error "no CUDA driver found", never
+//! a panic. All work goes to one stream, so a freed block can be handed to the next allocation
+//! at once: stream order guarantees the old kernels finished with it before new ones start.
+//!
+//! Kernel argument convention (kernels/common.cuh): pointers are `u64` device addresses
+//! (`CUdeviceptr`), sizes and strides `long long` (i64), scalars `float` (f32).
+
+mod alloc;
+pub mod compile;
+pub mod kernels;
+pub mod ops;
+
+pub use alloc::{AllocStats, CudaBuffer};
+
+use crate::{Error, Result};
+use cudarc::driver::{result, sys};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Mutex, OnceLock};
+
+/// The process's CUDA device (ordinal 0).
+pub struct CudaDevice {
+    ctx: sys::CUcontext,
+    pub(crate) stream: sys::CUstream,
+    /// Marketing name, e.g. "NVIDIA H100 80GB HBM3".
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub cc: (i32, i32),
+    pub sm_count: i32,
+    pub total_mem: usize,
+    alloc: Mutex<alloc::Allocator>,
+    functions: Mutex<HashMap<(&'static str, String), usize>>,
+}
+
+// The raw handles are process-global driver objects; every use goes through the driver, which
+// is thread-safe once the context is current on the calling thread (`bind`).
+unsafe impl Send for CudaDevice {}
+unsafe impl Sync for CudaDevice {}
+
+static DEVICE: OnceLock<std::result::Result<CudaDevice, String>> = OnceLock::new();
+
+thread_local! {
+    static BOUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Msg(format!("cuda: {what}: {e:?}"))
+}
+
+/// Whether a CUDA driver and at least one device are present (never panics).
+pub fn is_available() -> bool {
+    device().is_ok()
+}
+
+/// The device, initialised on first use. Errors (no driver, no device) are remembered.
+pub fn device() -> Result<&'static CudaDevice> {
+    let d = DEVICE.get_or_init(init).as_ref().map_err(|e| Error::Msg(e.clone()))?;
+    d.bind()?;
+    Ok(d)
+}
+
+/// For tests: the device, or None after printing why the test is skipped.
+pub fn device_or_skip(test: &str) -> Option<&'static CudaDevice> {
+    match device() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped {test}: {e}");
+            None
+        }
+    }
+}
+
+fn init() -> std::result::Result<CudaDevice, String> {
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("no CUDA driver found (libcuda.so could not be loaded)".into());
+    }
+    let e = |what: &str, err: result::DriverError| format!("cuda: {what}: {err:?}");
+    result::init().map_err(|x| e("cuInit", x))?;
+    let count = result::device::get_count().map_err(|x| e("device count", x))?;
+    if count == 0 {
+        return Err("no CUDA device found (the driver reports 0 devices)".into());
+    }
+    let dev = result::device::get(0).map_err(|x| e("device 0", x))?;
+    // SAFETY: dev is a valid device handle; the primary context is retained for the process.
+    unsafe {
+        let ctx = result::primary_ctx::retain(dev).map_err(|x| e("primary context", x))?;
+        result::ctx::set_current(ctx).map_err(|x| e("set context", x))?;
+        let attr = |a| result::device::get_attribute(dev, a).map_err(|x| e("attribute", x));
+        let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let total_mem = result::device::total_mem(dev).map_err(|x| e("total memory", x))?;
+        let name = result::device::get_name(dev).map_err(|x| e("name", x))?;
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(|x| e("stream", x))?;
+        BOUND.with(|b| b.set(true));
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            name,
+            cc: (major, minor),
+            sm_count,
+            total_mem,
+            alloc: Mutex::new(alloc::Allocator::default()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// One kernel argument: a pointer to a value that lives until the launch returns (the driver
+/// copies argument values at launch).
+pub struct Arg<'a>(*mut c_void, std::marker::PhantomData<&'a ()>);
+
+/// Wraps a kernel argument. Pass `u64` for pointers, `i64` for sizes, `f32` for scalars, or a
+/// `#[repr(C)]` struct that matches the kernel's parameter type exactly.
+pub fn arg<T: Copy>(v: &T) -> Arg<'_> {
+    Arg(v as *const T as *mut c_void, std::marker::PhantomData)
+}
+
+impl CudaDevice {
+    /// Makes the context current on the calling thread (once per thread).
+    fn bind(&self) -> Result<()> {
+        if !BOUND.with(|b| b.get()) {
+            // SAFETY: ctx is the retained primary context.
+            unsafe { result::ctx::set_current(self.ctx) }.map_err(|e| driver_err("set context", e))?;
+            BOUND.with(|b| b.set(true));
+        }
+        Ok(())
+    }
+
+    /// "sm_90"-style architecture name of this device.
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.cc.0, self.cc.1)
+    }
+
+    /// Allocates `bytes` (rounded up to the allocator's size class). Contents are undefined.
+    pub fn alloc(&'static self, bytes: usize) -> Result<CudaBuffer> {
+        self.alloc.lock().expect("allocator lock").alloc(bytes, self)
+    }
+
+    pub(crate) fn release(&self, ptr: u64, class: usize) {
+        if let Ok(mut a) = self.alloc.lock() {
+            a.release(ptr, class);
+        }
+    }
+
+    /// Bytes in use, peak and cached by the caching allocator.
+    pub fn mem_stats(&self) -> AllocStats {
+        self.alloc.lock().expect("allocator lock").stats()
+    }
+
+    /// Returns all cached (unused) blocks to the driver.
+    pub fn empty_cache(&self) -> Result<()> {
+        self.synchronize()?;
+        self.alloc.lock().expect("allocator lock").empty_cache()
+    }
+
+    /// Resets the peak-bytes gauge to the bytes in use now.
+    pub fn reset_peak(&self) {
+        self.alloc.lock().expect("allocator lock").reset_peak();
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: the stream belongs to this context.
+        unsafe { result::stream::synchronize(self.stream) }.map_err(|e| driver_err("synchronize", e))
+    }
+
+    /// Host -> device copy of `src` into `dst` (which must hold at least `src`'s bytes).
+    pub fn htod<T: Copy>(&self, src: &[T], dst: u64) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: dst is a live allocation of at least size_of_val(src) bytes (callers'
+        // contract); the copy completes before we return (synchronous from pageable memory
+        // is not guaranteed, so we synchronise).
+        unsafe {
+            result::memcpy_htod_async(dst, src, self.stream).map_err(|e| driver_err("copy to device", e))?;
+        }
+        self.synchronize()
+    }
+
+    /// Device -> host copy into `dst` (blocks until the stream has finished).
+    pub fn dtoh<T: Copy>(&self, src: u64, dst: &mut [T]) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: src holds at least size_of_val(dst) bytes; we synchronise before returning.
+        unsafe {
+            result::memcpy_dtoh_async(dst, src, self.stream).map_err(|e| driver_err("copy to host", e))?;
+        }
+        self.synchronize()
+    }
+
+    /// Device -> device copy of `bytes` (stream-ordered, asynchronous).
+    pub fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: both ranges are live allocations of at least `bytes`.
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream) }
+            .map_err(|e| driver_err("device copy", e))
+    }
+
+    /// Sets `bytes` bytes at `dst` to zero (stream-ordered).
+    pub fn memset_zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: dst is a live allocation of at least `bytes`.
+        unsafe { result::memset_d8_async(dst, 0, bytes, self.stream) }.map_err(|e| driver_err("memset", e))
+    }
+
+    /// The function `kernel` of `kernels/<file>`, compiled (or loaded from the disk cache) on
+    /// first use.
+    fn function(&self, file: &'static str, kernel: &str) -> Result<sys::CUfunction> {
+        let key = (file, kernel.to_string());
+        if let Some(&f) = self.functions.lock().expect("functions lock").get(&key) {
+            return Ok(f as sys::CUfunction);
+        }
+        let module = self.module(file)?;
+        let name = CString::new(kernel).expect("kernel name");
+        // SAFETY: module is a loaded module of this context.
+        let f = unsafe { result::module::get_function(module, name) }
+            .map_err(|e| Error::Msg(format!("cuda: kernel {kernel} not found in kernels/{file}: {e:?}")))?;
+        self.functions.lock().expect("functions lock").insert(key, f as usize);
+        Ok(f)
+    }
+
+    fn module(&self, file: &'static str) -> Result<sys::CUmodule> {
+        static MODULES: OnceLock<Mutex<HashMap<&'static str, usize>>> = OnceLock::new();
+        let modules = MODULES.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut guard = modules.lock().expect("modules lock");
+        if let Some(&m) = guard.get(file) {
+            return Ok(m as sys::CUmodule);
+        }
+        let cubin = compile::cubin_cached(file, &self.arch())?;
+        // SAFETY: cubin is a complete ELF image for this device's architecture.
+        let m = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }
+            .map_err(|e| Error::Msg(format!("cuda: loading kernels/{file} for {}: {e:?}", self.arch())))?;
+        guard.insert(file, m as usize);
+        Ok(m)
+    }
+
+    /// Launches `kernel` from `kernels/<file>` on the stream.
+    pub fn launch(
+        &self,
+        file: &'static str,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &[Arg<'_>],
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let f = self.function(file, kernel)?;
+        if shared_bytes > 48 * 1024 {
+            // SAFETY: f is a valid function; raising the dynamic shared-memory limit.
+            unsafe {
+                result::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_bytes as i32,
+                )
+            }
+            .map_err(|e| driver_err(kernel, e))?;
+        }
+        let mut params: Vec<*mut c_void> = args.iter().map(|a| a.0).collect();
+        // SAFETY: the argument list matches the kernel's signature (callers' contract, checked
+        // by the op tests); all pointers are live device allocations.
+        unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut params) }
+            .map_err(|e| Error::Msg(format!("cuda: launching {kernel} (kernels/{file}): {e:?}")))
+    }
+
+    /// Times `f` with events on the stream, in milliseconds.
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = result::event::create(flags).map_err(|e| driver_err("event", e))?;
+        let stop = result::event::create(flags).map_err(|e| driver_err("event", e))?;
+        // SAFETY: events and stream belong to this context; destroyed before returning.
+        unsafe {
+            result::event::record(start, self.stream).map_err(|e| driver_err("event", e))?;
+            f()?;
+            result::event::record(stop, self.stream).map_err(|e| driver_err("event", e))?;
+            result::event::synchronize(stop).map_err(|e| driver_err("event", e))?;
+            let ms = result::event::elapsed(start, stop).map_err(|e| driver_err("event", e))?;
+            let _ = result::event::destroy(start);
+            let _ = result::event::destroy(stop);
+            Ok(ms)
+        }
+    }
+}
+
+/// Blocks of `threads` covering `n` items (at least one block is never launched for n = 0).
+pub fn blocks_for(n: usize, threads: usize) -> u32 {
+    n.div_ceil(threads).min(u32::MAX as usize) as u32
+}

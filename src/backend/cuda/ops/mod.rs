@@ -1,0 +1,128 @@
+//! CUDA implementations of the ops. Each `src/ops/*.rs` op checks `is_cuda()` on its input and
+//! calls the function of the same name here, which launches the kernels of `kernels/<file>`
+//! and records the same backward semantics as the CPU path. Tests compare the two on fresh
+//! random inputs (tests/cuda_ops.rs).
+
+use super::{arg, blocks_for, device};
+use crate::tensor::Layout;
+use crate::{DType, Error, Result, Tensor};
+
+/// `struct Strides` of kernels/common.cuh.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Strides {
+    pub rank: i64,
+    pub shape: [i64; 8],
+    pub stride: [i64; 8],
+}
+
+impl Strides {
+    /// Shape and element strides, with size-1 dims dropped and dims that are contiguous with
+    /// each other merged (fewer index divisions in the kernel). `strides` may contain zeros
+    /// (broadcast). Errors when more than 8 dims remain.
+    pub fn new(shape: &[usize], strides: &[usize], op: &'static str) -> Result<Strides> {
+        let mut dims: Vec<(usize, usize)> = Vec::new();
+        for (&n, &s) in shape.iter().zip(strides) {
+            if n == 1 {
+                continue;
+            }
+            if let Some(last) = dims.last_mut() {
+                if last.1 == s * n {
+                    *last = (last.0 * n, s);
+                    continue;
+                }
+            }
+            dims.push((n, s));
+        }
+        if dims.len() > 8 {
+            return Err(Error::shape(op, format!("cuda supports views of rank <= 8, got {shape:?} / {strides:?}")));
+        }
+        let mut out = Strides { rank: dims.len() as i64, ..Default::default() };
+        for (i, (n, s)) in dims.into_iter().enumerate() {
+            out.shape[i] = n as i64;
+            out.stride[i] = s as i64;
+        }
+        Ok(out)
+    }
+
+    pub fn of(layout: &Layout, op: &'static str) -> Result<Strides> {
+        Self::new(&layout.shape, &layout.strides, op)
+    }
+}
+
+/// Threads per block for the grid-stride elementwise kernels.
+pub const THREADS: usize = 256;
+
+/// Grid size for a grid-stride loop over `n` items: enough blocks to fill the device a few
+/// times over, no more.
+pub fn grid_for(n: usize) -> u32 {
+    let cap = device().map(|d| d.sm_count as u32 * 16).unwrap_or(2048).max(1);
+    blocks_for(n, THREADS).clamp(1, cap)
+}
+
+/// A device tensor of `shape` filled with `v`.
+pub fn fill(shape: &[usize], v: f64, dtype: DType) -> Result<Tensor> {
+    let t = Tensor::empty_cuda(shape, dtype)?;
+    let n = t.numel();
+    if n == 0 {
+        return Ok(t);
+    }
+    let sfx = super::kernels::suffix(dtype, "fill")?;
+    let (p, val, n64) = (t.cuda_ptr()?, v as f32, n as i64);
+    device()?.launch("copy.cu", &format!("fill_{sfx}"), (grid_for(n), 1, 1), (THREADS as u32, 1, 1), 0, &[arg(&p), arg(&val), arg(&n64)])?;
+    Ok(t)
+}
+
+/// A contiguous copy of a (non-contiguous) device view. No autograd (the caller records).
+pub fn contiguous(x: &Tensor) -> Result<Tensor> {
+    let out = Tensor::empty_cuda(x.shape(), x.dtype())?;
+    let n = x.numel();
+    if n == 0 {
+        return Ok(out);
+    }
+    let s = Strides::of(x.layout(), "contiguous")?;
+    let kernel = match x.dtype().size_in_bytes() {
+        2 => "strided_copy_2",
+        4 => "strided_copy_4",
+        8 => "strided_copy_8",
+        _ => return Err(Error::dtype("contiguous", x.dtype())),
+    };
+    let (src, dst, n64) = (x.cuda_ptr()?, out.cuda_ptr()?, n as i64);
+    device()?.launch("copy.cu", kernel, (grid_for(n), 1, 1), (THREADS as u32, 1, 1), 0, &[arg(&src), arg(&dst), arg(&s), arg(&n64)])?;
+    Ok(out)
+}
+
+/// f32 <-> bf16 cast of a device tensor (contiguous result). No autograd (the caller records).
+pub fn cast(x: &Tensor, to: DType) -> Result<Tensor> {
+    let x = if x.is_contiguous() { x.clone() } else { contiguous(x)? };
+    let kernel = match (x.dtype(), to) {
+        (DType::F32, DType::BF16) => "cast_f32_bf16",
+        (DType::BF16, DType::F32) => "cast_bf16_f32",
+        (a, b) => {
+            return Err(Error::msg(format!("to_dtype: cuda casts f32 <-> bf16 only, not {a} -> {b}")));
+        }
+    };
+    let out = Tensor::empty_cuda(x.shape(), to)?;
+    let n = x.numel();
+    let (src, dst, n64) = (x.cuda_ptr()?, out.cuda_ptr()?, n as i64);
+    device()?.launch("copy.cu", kernel, (grid_for(n), 1, 1), (THREADS as u32, 1, 1), 0, &[arg(&src), arg(&dst), arg(&n64)])?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Strides;
+
+    #[test]
+    fn strides_merge_and_drop() {
+        // contiguous [2,3,4] -> one dim of 24
+        let s = Strides::new(&[2, 3, 4], &[12, 4, 1], "t").unwrap();
+        assert_eq!((s.rank, s.shape[0], s.stride[0]), (1, 24, 1));
+        // transpose [3,2] of [2,3]: strides [1,3] stay two dims
+        let s = Strides::new(&[3, 2], &[1, 3], "t").unwrap();
+        assert_eq!(s.rank, 2);
+        // broadcast dim (stride 0) and size-1 dims
+        let s = Strides::new(&[1, 5, 4], &[0, 0, 1], "t").unwrap();
+        assert_eq!((s.rank, s.shape[0], s.stride[0], s.shape[1]), (2, 5, 0, 4));
+    }
+}
