@@ -66,7 +66,7 @@ pub(super) fn available() -> bool {
 const PF_ROWS: usize = 16;
 
 /// Multiply-adds per thread below which fewer threads are used.
-const PAR_WORK: usize = 1 << 21;
+const PAR_WORK: usize = 1 << 18;
 
 /// Dynamic scheduling: aim for this many tasks per thread in each B panel.
 const TASKS_PER_THREAD: usize = 8;
@@ -109,6 +109,7 @@ impl Drop for Scratch {
     }
 }
 
+/// A read-only strided operand: element (i, j) at `ptr + i*rs + j*cs`.
 #[derive(Clone, Copy)]
 struct Mat {
     ptr: *const f32,
@@ -126,14 +127,18 @@ impl Mat {
     }
 }
 
+/// The destination or a packed buffer, shared by the tasks of one product.
 #[derive(Clone, Copy)]
 struct Ptr(*mut f32);
-// SAFETY: shared across rayon workers that only write disjoint parts (or only read).
+
 impl Ptr {
     fn get(self) -> *mut f32 {
         self.0
     }
 }
+
+// SAFETY: tasks running on rayon workers write disjoint parts of what these point to
+// (tiles of C, slivers of packed B), or only read it, and the driver outlives them.
 unsafe impl Send for Ptr {}
 unsafe impl Sync for Ptr {}
 unsafe impl Send for Mat {}
@@ -220,19 +225,28 @@ unsafe fn gemm_with_panel(
     }
 }
 
-/// How one `jc` panel (`nc` columns) is cut into tasks: `rb` row blocks of whole MR
-/// slivers times `cb` column chunks of whole NR slivers.
+/// How one panel (`nc` columns) is cut into tasks: `rb` row blocks of whole MR slivers
+/// times `cb` column chunks of whole NR slivers. One thread: row blocks of MC. Several:
+/// about TASKS_PER_THREAD tasks per thread, from smaller row blocks first (down to 4
+/// slivers), then column chunks (down to 4 slivers; each chunk packs its own A), and a
+/// task count that is a multiple of the thread count when there are few.
 fn plan(m: usize, nc: usize, nt: usize) -> (usize, usize) {
     let (sm, sn) = (m.div_ceil(MR), nc.div_ceil(NR));
-    let mut rb = m.div_ceil(MC);
-    let want = if nt > 1 { TASKS_PER_THREAD * nt } else { 1 };
-    if rb < want {
-        // Smaller row blocks (down to 8 slivers) before splitting columns.
-        rb = want.min(sm.div_ceil(8)).max(rb);
+    let rb0 = m.div_ceil(MC);
+    let want = TASKS_PER_THREAD * nt;
+    if nt <= 1 || rb0 >= want {
+        return (rb0, 1);
     }
-    let mut cb = 1;
-    if rb < want {
-        cb = want.div_ceil(rb).min(sn.div_ceil(8)).max(1);
+    let mut rb = want.min(sm.div_ceil(4)).max(rb0);
+    if rb < want && rb > nt {
+        rb = (rb / nt * nt).max(rb0);
+    }
+    let cmax = sn.div_ceil(4);
+    let mut cb = want.div_ceil(rb).min(cmax).max(1);
+    if (rb * cb) % nt != 0 {
+        if let Some(c) = (cb..=cmax).find(|c| (rb * c) % nt == 0) {
+            cb = c;
+        }
     }
     (rb, cb)
 }
@@ -378,7 +392,7 @@ unsafe fn kernel(
     for i in 0..mr {
         let row = c.add(i * ldc) as *const i8;
         _mm_prefetch::<_MM_HINT_T0>(row);
-        _mm_prefetch::<_MM_HINT_T0>(row.add(60));
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(60));
     }
     let z = _mm256_setzero_ps();
     let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
@@ -790,6 +804,54 @@ mod tests {
                 }
             }
         });
+    }
+
+    #[test]
+    fn general_strides() {
+        if !available() {
+            return;
+        }
+        // Neither stride 1: A (i, p) at 2*(i*k + p) + 1, B (p, j) at 3*(j*k + p).
+        for &(m, k, n) in &[(7, 13, 5), (37, 29, 41), (130, 257, 97)] {
+            let a = fill(2 * m * k + 1, 5);
+            let b = fill(3 * k * n, 6);
+            let (ars, acs, brs, bcs) = (2 * k as isize, 2, 3, 3 * k as isize);
+            for parallel in [false, true] {
+                let mut dst = vec![0.0f32; m * n];
+                unsafe {
+                    gemm(
+                        m,
+                        n,
+                        k,
+                        dst.as_mut_ptr(),
+                        false,
+                        a.as_ptr().add(1),
+                        ars,
+                        acs,
+                        b.as_ptr(),
+                        brs,
+                        bcs,
+                        parallel,
+                    );
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut want, mut scale) = (0.0f64, 0.0f64);
+                        for p in 0..k {
+                            let x = a[1 + (i as isize * ars + p as isize * acs) as usize] as f64;
+                            let y = b[(p as isize * brs + j as isize * bcs) as usize] as f64;
+                            want += x * y;
+                            scale += (x * y).abs();
+                        }
+                        let got = dst[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() / scale.max(1.0) <= 1e-5,
+                            "{m}x{k}x{n}: ({i},{j}) got {got} want {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

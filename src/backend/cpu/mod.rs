@@ -100,7 +100,7 @@ pub unsafe fn gemm<T: 'static + num_traits::Zero + num_traits::One + Copy>(
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
         && m * n * k >= 32 * 32 * 32
         && m >= 8
-        && n >= 32
+        && n >= 48
         && gemm_f32::available()
     {
         gemm_f32::gemm(
