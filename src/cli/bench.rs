@@ -5,8 +5,9 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// What to time: matmul (GFLOP/s of square and LLM-shaped f32 products) or ops (the
-    /// fused model ops, forward and forward+backward, at fixed shapes).
+    /// What to time: matmul (GFLOP/s of square and LLM-shaped f32 products), ops (the
+    /// fused model ops, forward and forward+backward, at fixed shapes), step, forward, or
+    /// cuda (memory-bound CUDA kernels' bandwidth against a device copy).
     #[arg(default_value = "matmul")]
     what: String,
     /// Matrix sizes for matmul, as MxKxN or a single N for square.
@@ -34,6 +35,12 @@ pub struct BenchArgs {
     device: String,
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// cuda: rows of the memory-bound kernels' input.
+    #[arg(long, default_value_t = 16384)]
+    rows: usize,
+    /// cuda: columns (hidden size / vocabulary) of the memory-bound kernels' input.
+    #[arg(long, default_value_t = 4096)]
+    cols: usize,
 }
 
 /// Median seconds of `f` over enough repetitions to fill about `budget` seconds.
@@ -76,6 +83,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let (m, k, n) = parse_size(s)?;
                 let x = Tensor::randn(&[m, k], 1.0, DType::F32, &mut rng)?;
                 let y = Tensor::randn(&[k, n], 1.0, DType::F32, &mut rng)?;
+                if a.device == "cuda" {
+                    let dtype: DType = a.dtype.parse()?;
+                    let (x, y) = (x.to_cuda()?.to_dtype(dtype)?, y.to_cuda()?.to_dtype(dtype)?);
+                    let dev = crate::backend::cuda::device()?;
+                    let mut ms = Vec::new();
+                    for i in 0..12 {
+                        let t = dev.time_ms(|| x.matmul(&y).map(|_| ()))?;
+                        if i >= 2 {
+                            ms.push(t as f64);
+                        }
+                    }
+                    ms.sort_by(f64::total_cmp);
+                    let tflops = 2.0 * (m * k * n) as f64 / (ms[ms.len() / 2] * 1e-3) / 1e12;
+                    println!(
+                        "{{\"op\": \"matmul\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {:.4}, \"tflops\": {tflops:.2}}}",
+                        ms[ms.len() / 2]
+                    );
+                    continue;
+                }
                 let secs = time_median(1.0, || x.matmul(&y).map(|_| ()))?;
                 let gflops = 2.0 * (m * k * n) as f64 / secs / 1e9;
                 if a.json {
@@ -95,10 +121,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Ok(())
         }
         "ops" => bench_ops(a.json),
+        "cuda" => super::bench_cuda::run(a.rows, a.cols, a.json),
         "step" => bench_step(&a),
         "forward" => bench_forward(&a),
         other => Err(Error::msg(format!(
-            "bench: unknown benchmark '{other}' (try: matmul, ops, step, forward)"
+            "bench: unknown benchmark '{other}' (try: matmul, ops, step, forward, cuda)"
         ))),
     }
 }

@@ -1,6 +1,7 @@
 //! The `tessera` command line.
 
 pub mod bench;
+mod bench_cuda;
 mod demo;
 pub mod forward;
 mod init;

@@ -48,6 +48,25 @@ impl Params {
     pub fn numel(&self) -> usize {
         self.entries.iter().map(|(_, t)| t.numel()).sum()
     }
+    /// The same parameters as new leaves on `device` (gradients wanted where the source
+    /// wanted them).
+    pub fn to_device(&self, device: crate::Device) -> Result<Params> {
+        let mut out = Params::default();
+        for (name, t) in self.iter() {
+            let moved = crate::no_grad(|| t.detach().to_device(device))?;
+            out.push(name, &if t.requires_grad() { moved.requires_grad_() } else { moved });
+        }
+        Ok(out)
+    }
+    /// The same parameters cast to `dtype` (float parameters only), as new leaves.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Params> {
+        let mut out = Params::default();
+        for (name, t) in self.iter() {
+            let cast = crate::no_grad(|| t.detach().to_dtype(dtype))?;
+            out.push(name, &if t.requires_grad() { cast.requires_grad_() } else { cast });
+        }
+        Ok(out)
+    }
     /// Writes every parameter to a safetensors file (atomically).
     pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let refs: Vec<(&str, &Tensor)> = self.iter().collect();

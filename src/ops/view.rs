@@ -143,12 +143,12 @@ impl Tensor {
             let mut zshape = in_shape.clone();
             if start > 0 {
                 zshape[d] = start;
-                parts.push(Tensor::zeros(&zshape, g.dtype())?);
+                parts.push(Tensor::zeros_on(&zshape, g.dtype(), g.device())?);
             }
             parts.push(g.clone());
             if start + len < size {
                 zshape[d] = size - start - len;
-                parts.push(Tensor::zeros(&zshape, g.dtype())?);
+                parts.push(Tensor::zeros_on(&zshape, g.dtype(), g.device())?);
             }
             Ok(vec![Some(Tensor::cat(
                 &parts.iter().collect::<Vec<_>>(),

@@ -49,6 +49,23 @@ impl QwenVl {
         Ok(QwenVl { config, params })
     }
 
+    /// The model with its parameters on `device` (new leaves).
+    pub fn to_device(&self, device: crate::Device) -> Result<QwenVl> {
+        Ok(QwenVl {
+            config: self.config.clone(),
+            params: self.params.to_device(device)?,
+        })
+    }
+
+    /// Where the parameters live.
+    pub fn device(&self) -> crate::Device {
+        self.params
+            .iter()
+            .next()
+            .map(|(_, t)| t.device())
+            .unwrap_or(crate::Device::Cpu)
+    }
+
     fn p(&self, name: &str) -> Result<&Tensor> {
         self.params.require(name)
     }
@@ -141,10 +158,14 @@ impl QwenVl {
         )?;
         let mut h = self.embed(batch)?;
         let (cos, sin) = mrope_tables(t, &pos, h.dtype())?;
+        let (cos, sin) = (cos.to_device(h.device())?, sin.to_device(h.device())?);
         let (hd, nh, nkv) = (t.head_dim(), t.num_attention_heads, t.num_key_value_heads);
         let opts = AttentionOptions {
             causal: true,
-            key_padding: batch.attention_mask.clone(),
+            key_padding: match &batch.attention_mask {
+                Some(m) => Some(m.to_device(h.device())?),
+                None => None,
+            },
             ..Default::default()
         };
         for i in 0..t.num_hidden_layers {

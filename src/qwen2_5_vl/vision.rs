@@ -136,7 +136,8 @@ fn block(
         .linear(w("attn.qkv.weight")?, Some(w("attn.qkv.bias")?))?
         .reshape(&[s, 3, nh, hd])?;
     let part = |k: usize| qkv.narrow(1, k, 1)?.squeeze(1); // [S, H, hd]
-    let (cos, sin) = (plan.cos.to_dtype(x.dtype())?, plan.sin.to_dtype(x.dtype())?);
+    let to = |t: &Tensor| t.to_device(x.device())?.to_dtype(x.dtype());
+    let (cos, sin) = (to(&plan.cos)?, to(&plan.sin)?);
     let heads = |t: Tensor| t.transpose(0, 1)?.unsqueeze(0); // [1, H, S, hd]
     let q = heads(part(0)?.rope(&cos, &sin)?)?;
     let k = heads(part(1)?.rope(&cos, &sin)?)?;
@@ -186,7 +187,10 @@ pub fn vision_forward(
     let pe = p
         .require("visual.patch_embed.proj.weight")?
         .reshape(&[c.hidden_size, c.patch_dim()])?;
-    let x = pixel_values.to_dtype(dtype)?.linear(&pe, None)?;
+    let x = pixel_values
+        .to_device(pe.device())?
+        .to_dtype(dtype)?
+        .linear(&pe, None)?;
     let mut x = x.index_select(&plan.window_rows, 0)?;
     for i in 0..c.depth {
         let cu = if c.fullatt_block_indexes.contains(&i) {

@@ -36,6 +36,23 @@ impl DType {
     }
 }
 
+impl std::str::FromStr for DType {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<DType> {
+        match s {
+            "f32" | "float32" => Ok(DType::F32),
+            "f64" | "float64" => Ok(DType::F64),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            "f16" | "float16" => Ok(DType::F16),
+            "i64" | "int64" => Ok(DType::I64),
+            "u32" | "uint32" => Ok(DType::U32),
+            _ => Err(crate::Error::msg(format!(
+                "unknown dtype {s:?} (expected f32, f64, bf16, f16, i64 or u32)"
+            ))),
+        }
+    }
+}
+
 impl std::fmt::Display for DType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

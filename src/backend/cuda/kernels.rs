@@ -22,6 +22,7 @@ sources!(
     "matmul.cu",
     "attention.cu",
     "optim.cu",
+    "gemm.cu",
 );
 
 /// The source of `kernels/<file>`.

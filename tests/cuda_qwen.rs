@@ -1,0 +1,86 @@
+//! The whole tiny Qwen2.5-VL (parity fixtures) forward and backward on CUDA against the CPU
+//! backend: f32 logits, loss and every parameter gradient <= 1e-4 (relative L2); bf16 logits
+//! <= 2e-2. Skips without a GPU.
+
+mod common;
+
+use common::load_batch;
+use std::path::Path;
+use tessera::backend::cuda;
+use tessera::qwen2_5_vl::QwenVl;
+use tessera::{DType, Device};
+
+fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
+    let (mut num, mut den) = (0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        num += (x - y).powi(2);
+        den += y.powi(2);
+    }
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn case(name: &str) {
+    if cuda::device_or_skip(&format!("cuda_qwen {name}")).is_none() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen_parity").join(name);
+    let cpu = QwenVl::load(&dir, DType::F32).unwrap();
+    let batch = load_batch(&dir);
+    let out = cpu.forward(&batch).unwrap();
+    let loss = out.loss.unwrap();
+    loss.backward().unwrap();
+
+    let gpu = cpu.to_device(Device::Cuda).unwrap();
+    let t = std::time::Instant::now();
+    let gout = gpu.forward(&batch).unwrap();
+    assert!(gout.logits.is_cuda());
+    let gloss = gout.loss.unwrap();
+    gloss.backward().unwrap();
+    cuda::device().unwrap().synchronize().unwrap();
+    println!("{name}: cuda f32 forward+backward {:.1?}", t.elapsed());
+
+    let e = rel_l2(&gout.logits.to_f64s().unwrap(), &out.logits.to_f64s().unwrap());
+    println!("{name}: f32 logits rel {e:.2e}");
+    assert!(e <= 1e-4, "{name}: f32 logits rel error {e}");
+    let (a, b) = (gloss.to_scalar().unwrap(), loss.to_scalar().unwrap());
+    assert!(((a - b) / b).abs() <= 1e-4, "{name}: loss {a} vs {b}");
+    let mut worst = (0.0f64, String::new());
+    for ((pname, p), (_, gp)) in cpu.params.iter().zip(gpu.params.iter()) {
+        match (p.grad(), gp.grad()) {
+            (Some(g), Some(gg)) => {
+                assert!(gg.is_cuda(), "{pname}: gradient not on cuda");
+                let e = rel_l2(&gg.to_f64s().unwrap(), &g.to_f64s().unwrap());
+                assert!(e <= 1e-4, "{name}: gradient of {pname}: rel error {e}");
+                if e > worst.0 {
+                    worst = (e, pname.to_string());
+                }
+            }
+            (None, None) => {}
+            (a, b) => panic!("{name}: {pname}: gradient on cpu {} vs cuda {}", a.is_some(), b.is_some()),
+        }
+    }
+    println!("{name}: worst f32 gradient rel {:.2e} ({})", worst.0, worst.1);
+
+    let bf = gpu.to_device(Device::Cuda).unwrap();
+    let bf = QwenVl { config: bf.config.clone(), params: bf.params.to_dtype(DType::BF16).unwrap() };
+    let bout = tessera::no_grad(|| bf.forward(&batch)).unwrap();
+    assert_eq!(bout.logits.dtype(), DType::BF16);
+    let e = rel_l2(&bout.logits.to_f64s().unwrap(), &out.logits.to_f64s().unwrap());
+    println!("{name}: bf16 logits rel {e:.2e}");
+    assert!(e <= 2e-2, "{name}: bf16 logits rel error {e}");
+}
+
+#[test]
+fn tied_gqa_on_cuda_matches_cpu() {
+    case("tied_gqa");
+}
+
+#[test]
+fn untied_mha_on_cuda_matches_cpu() {
+    case("untied_mha_hf_names");
+}
+
+#[test]
+fn text_only_on_cuda_matches_cpu() {
+    case("text_only_gqa4");
+}

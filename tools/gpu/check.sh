@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU check: run on a machine with an NVIDIA GPU, CUDA and PyTorch (no Rust needed), from
+# the repository root, with prebuilt release binaries in $1 (made by tools/gpu/prepare.sh):
+#
+#     bash tools/gpu/check.sh .gpu
+#
+# Runs every CUDA test binary, the kernel benchmarks and the PyTorch baselines side by side;
+# writes logs and report.md under $OUT (default /tmp/tessera-gpu). Finishes in a few minutes.
+set -u
+BIN=${1:-.gpu}
+OUT=${OUT:-/tmp/tessera-gpu}
+mkdir -p "$OUT"
+START=$(date +%s)
+log() { echo "[check $(( $(date +%s) - START ))s] $*"; }
+
+# NVRTC: the CUDA toolkit's, else the one in PyTorch's environment.
+for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib \
+         $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13/lib") for p in nvidia.__path__))' 2>/dev/null); do
+    if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then
+        export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+        log "nvrtc from $d"
+        break
+    fi
+done
+export TESSERA_REQUIRE_NVRTC=1 TESSERA_CACHE_DIR=/tmp/tessera-kernel-cache RUST_BACKTRACE=1
+# Test binaries find their fixtures through the path they were built at.
+BUILT_AT=$(cat "$BIN/built_at" 2>/dev/null || echo /work/main)
+if [ "$BUILT_AT" != "$PWD" ] && [ ! -e "$BUILT_AT" ]; then
+    mkdir -p "$(dirname "$BUILT_AT")" && ln -s "$PWD" "$BUILT_AT"
+fi
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/device.txt"
+
+log "tests"
+: > "$OUT/tests.log"
+for t in "$BIN"/tests/*; do
+    name=$(basename "$t")
+    log "test $name"
+    timeout 240 "$t" --test-threads 2 --nocapture >"$OUT/test-$name.log" 2>&1
+    rc=$?
+    grep -E "^test |test result|panicked|skipped" "$OUT/test-$name.log" | tee -a "$OUT/tests.log"
+    echo "$name exit $rc" | tee -a "$OUT/tests.log"
+done
+tail -n 60 "$OUT"/test-*.log > "$OUT/tests-tail.log" 2>/dev/null
+
+log "bench cuda"
+timeout 150 "$BIN/tessera" bench cuda --json > "$OUT/bench_cuda.jsonl" 2> "$OUT/bench_cuda.err"
+echo "exit $?" >> "$OUT/bench_cuda.err"
+log "bench matmul"
+timeout 120 "$BIN/tessera" bench matmul --device cuda --dtype bf16 \
+    --sizes 1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048 \
+    > "$OUT/bench_matmul.jsonl" 2>> "$OUT/bench_cuda.err"
+log "torch baselines"
+timeout 150 python3 tools/gpu/torch_baselines.py > "$OUT/torch.jsonl" 2> "$OUT/torch.err"
+python3 tools/gpu/report.py "$OUT" | tee "$OUT/report.md"
+cat "$OUT/bench_cuda.err" | tail -n 20
+log "done"

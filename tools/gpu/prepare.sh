@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds the release test and bench binaries here (no GPU needed) and copies them, stripped,
+# into a git-ignored folder (default .gpu/) for tools/gpu/check.sh on a GPU machine.
+#
+#     bash tools/gpu/prepare.sh [.gpu]
+set -euo pipefail
+DEST=${1:-.gpu}
+grep -qx "/$DEST/" .git/info/exclude 2>/dev/null || echo "/$DEST/" >> .git/info/exclude
+rm -rf "$DEST" && mkdir -p "$DEST/tests"
+cargo build --release --bin tessera
+# Test executables: cargo prints them as "Executable tests/<name>.rs (target/release/deps/<name>-<hash>)".
+TESTS=$(for f in tests/cuda_*.rs; do printf -- "--test %s " "$(basename "$f" .rs)"; done)
+# shellcheck disable=SC2086
+cargo test --release --no-run $TESTS 2>&1 | tee /tmp/tessera-test-build.log | grep -E "Executable tests/cuda_" \
+    | sed -E 's/.*\((.*)\)/\1/' | while read -r exe; do
+    name=$(basename "$exe" | sed -E 's/-[0-9a-f]+$//')
+    cp "$exe" "$DEST/tests/$name"
+done
+cp target/release/tessera "$DEST/"
+strip "$DEST"/tessera "$DEST"/tests/*
+echo "$PWD" > "$DEST/built_at"
+du -sh "$DEST"; ls -la "$DEST/tests"

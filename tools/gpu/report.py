@@ -1,0 +1,59 @@
+"""Joins `tessera bench cuda --json` and tools/gpu/torch_baselines.py output into a markdown
+table: each kernel's bandwidth as a fraction of the copy, and the PyTorch time beside ours.
+
+    python3 tools/gpu/report.py OUT_DIR   (reads bench_cuda.jsonl, bench_matmul.jsonl, torch.jsonl)
+"""
+import json
+import os
+import sys
+
+
+def load(path):
+    if not os.path.exists(path):
+        return []
+    out = []
+    for line in open(path):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def main():
+    d = sys.argv[1]
+    ours = load(os.path.join(d, "bench_cuda.jsonl"))
+    torch = load(os.path.join(d, "torch.jsonl"))
+    tk = {r["kernel"]: r for r in torch if "kernel" in r}
+    print("| kernel | shape | tessera ms | GB/s | of copy | PyTorch ms | PyTorch / tessera |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in ours:
+        t = tk.get(r["kernel"])
+        tm = f"{t['ms']:.3f}" if t else "-"
+        ratio = f"{t['ms'] / r['ms']:.2f}x" if t else "-"
+        print(f"| {r['kernel']} | {r['shape']} | {r['ms']:.3f} | {r['gbps']:.0f} | "
+              f"{100 * r['fraction_of_copy']:.0f}% | {tm} | {ratio} |")
+    mm = load(os.path.join(d, "bench_matmul.jsonl"))
+    tm = {(r["m"], r["k"], r["n"]): r for r in torch if r.get("op") == "matmul"}
+    if mm:
+        print()
+        print("| GEMM bf16 m x k x n | tessera TFLOP/s | PyTorch (cuBLAS) TFLOP/s | ratio |")
+        print("|---|---:|---:|---:|")
+        for r in mm:
+            t = tm.get((r["m"], r["k"], r["n"]))
+            tt = f"{t['tflops']:.1f}" if t else "-"
+            ratio = f"{r['tflops'] / t['tflops']:.2f}" if t else "-"
+            print(f"| {r['m']}x{r['k']}x{r['n']} ({r['dtype']}) | {r['tflops']:.1f} | {tt} | {ratio} |")
+    att = [r for r in torch if r.get("op") == "attention"]
+    if att:
+        print()
+        print("| SDPA (PyTorch, causal, bf16) b,h,t,d | ms | TFLOP/s |")
+        print("|---|---:|---:|")
+        for r in att:
+            print(f"| {r['b']},{r['h']},{r['t']},{r['d']} | {r['ms']:.3f} | {r['tflops']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""PyTorch baselines on the GPU for `tessera bench cuda` and `tessera bench matmul --device cuda`:
+the same ops at the same shapes, bf16, CUDA-event medians. Prints JSON lines.
+
+    python3 tools/gpu/torch_baselines.py [--rows 16384 --cols 4096]
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+
+def time_ms(f, reps=20):
+    f()
+    f()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        f()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=16384)
+    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--sizes", default="1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    dev = "cuda"
+    bf = torch.bfloat16
+    R, C = a.rows, a.cols
+    n = R * C
+    x = torch.randn(R, C, device=dev, dtype=bf)
+    g = torch.randn(R, C, device=dev, dtype=bf)
+    w = torch.randn(C, device=dev, dtype=bf)
+    y = torch.empty_like(x)
+    emit(kernel="copy (cuMemcpyDtoD)", ms=time_ms(lambda: y.copy_(x)))
+    emit(kernel="rms_norm fwd", ms=time_ms(lambda: F.rms_norm(x, (C,), w, 1e-6)))
+
+    def fb(f, *ins):
+        ins = [t.detach().requires_grad_() for t in ins]
+        out = f(*ins)
+        torch.autograd.grad(out, ins, g if out.dim() else None)
+
+    emit(kernel="rms_norm fwd+bwd", ms=time_ms(lambda: fb(lambda t: F.rms_norm(t, (C,), w, 1e-6), x)))
+    emit(kernel="softmax fwd", ms=time_ms(lambda: torch.softmax(x, -1)))
+    emit(kernel="softmax fwd+bwd", ms=time_ms(lambda: fb(lambda t: torch.softmax(t, -1), x)))
+    up = torch.randn(R, C, device=dev, dtype=bf)
+    emit(kernel="swiglu fwd", ms=time_ms(lambda: F.silu(x) * up))
+    emit(kernel="swiglu fwd+bwd", ms=time_ms(lambda: fb(lambda s, u: F.silu(s) * u, x, up)))
+    del up
+    d, h = 128, 32
+    t = max(n // (d * h), 1)
+    q = x.reshape(1, h, t, d)
+    cos = torch.randn(t, d, device=dev, dtype=bf)
+    sin = torch.randn(t, d, device=dev, dtype=bf)
+
+    def rope(q):
+        q1, q2 = q[..., : d // 2], q[..., d // 2 :]
+        return q * cos + torch.cat((-q2, q1), -1) * sin
+
+    emit(kernel="rope fwd", ms=time_ms(lambda: rope(q)))
+    targets = (torch.arange(R, device=dev) * 7919) % C
+    emit(kernel="cross_entropy fwd", ms=time_ms(lambda: F.cross_entropy(x, targets)))
+
+    def ce_fb():
+        t_ = x.detach().requires_grad_()
+        torch.autograd.grad(F.cross_entropy(t_, targets), [t_])
+
+    emit(kernel="cross_entropy fwd+bwd", ms=time_ms(ce_fb))
+    del x, g, y, q
+    p = torch.nn.Parameter(torch.randn(n, device=dev) * 0.02)
+    p.grad = torch.randn(n, device=dev)
+    opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
+    emit(kernel="adamw step", ms=time_ms(opt.step))
+    del p, opt
+    for s in a.sizes.split(","):
+        dims = [int(v) for v in s.split("x")]
+        m, k, nn = dims * 3 if len(dims) == 1 else dims
+        A = torch.randn(m, k, device=dev, dtype=bf)
+        B = torch.randn(k, nn, device=dev, dtype=bf)
+        ms = time_ms(lambda: A @ B)
+        emit(op="matmul", device="torch", dtype="bf16", m=m, k=k, n=nn, ms=ms, tflops=2 * m * k * nn / ms / 1e9)
+    for (b, hh, tt, dd) in [(4, 16, 1024, 128), (4, 16, 2048, 64)]:
+        qq = torch.randn(b, hh, tt, dd, device=dev, dtype=bf)
+        ms = time_ms(lambda: F.scaled_dot_product_attention(qq, qq, qq, is_causal=True))
+        emit(op="attention", device="torch", b=b, h=hh, t=tt, d=dd, ms=ms,
+             tflops=4 * b * hh * tt * tt * dd / 2 / ms / 1e9)
+
+
+if __name__ == "__main__":
+    main()
