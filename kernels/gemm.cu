@@ -18,30 +18,6 @@
 #define TC_LDS (TC_BK + TC_PAD)  // shared row stride in bf16 elements (80 bytes)
 #define TC_STAGES 3
 
-__device__ __forceinline__ unsigned int smem_addr(const void* p) {
-    unsigned int a;
-    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-// 16-byte async copy global -> shared; `valid` false zero-fills the destination.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    unsigned int s = smem_addr(smem);
-    int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // One k-tile of A (TC_BM x TC_BK) and B (TC_BN x TC_BK) into shared stage `sa`, `sb`.
 // 128 rows x 4 chunks of 16 bytes each = 512 chunks per operand, 2 per thread.
 __device__ __forceinline__ void tc_load_tile(bf16_t* sa, bf16_t* sb, const bf16_t* A, const bf16_t* B,
@@ -63,8 +39,6 @@ __device__ __forceinline__ void tc_load_tile(bf16_t* sa, bf16_t* sb, const bf16_
         cp_async16(sb + row * TC_LDS + kc, srcB, vb);
     }
 }
-
-__device__ __forceinline__ unsigned int ld_pair(const bf16_t* p) { return *reinterpret_cast<const unsigned int*>(p); }
 
 // flags: bit 0 = add bias[N] (bf16), bit 1 = accumulate into C.
 extern "C" __global__ void __launch_bounds__(256)

@@ -114,6 +114,26 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
     out.push(Row { name: "adamw step".into(), shape: format!("{n} f32"), bytes: 7.0 * 4.0 * n as f64, ms });
     drop((opt, p));
 
+    // Attention forward: the tensor-core flash kernel (and the op's default path) in TFLOP/s,
+    // causal, printed as extra JSON lines.
+    let mut att = Vec::new();
+    for (b, h, t, d) in [(4usize, 16usize, 1024usize, 128usize), (4, 16, 2048, 64)] {
+        let q = rand(&[b, h, t, d], &mut rng)?;
+        let flops = 4.0 * (b * h * t * t * d) as f64 / 2.0;
+        let scale = 1.0 / (d as f64).sqrt();
+        let ms = time_ms(5, || cuda::flash::flash_fwd(&q, &q, &q, true, scale).map(|_| ()))?;
+        att.push(format!(
+            "{{\"op\": \"attention\", \"kernel\": \"flash_fwd (tensor cores)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+            flops / (ms * 1e-3) / 1e12
+        ));
+        let opts = crate::ops::attention::AttentionOptions { causal: true, ..Default::default() };
+        let ms = time_ms(3, || no_grad(|| Tensor::attention(&q, &q, &q, &opts)).map(|_| ()))?;
+        att.push(format!(
+            "{{\"op\": \"attention\", \"kernel\": \"Tensor::attention\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+            flops / (ms * 1e-3) / 1e12
+        ));
+    }
+
     let copy_bw = out[0].bytes / (out[0].ms * 1e-3);
     if !json {
         println!("device: {} ({}), {} SMs", dev.name, dev.arch(), dev.sm_count);
@@ -133,6 +153,9 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         } else {
             println!("{:<24} {:<22} {:>9.3} {:>10.1} {:>7.0}%", r.name, r.shape, r.ms, bw / 1e9, 100.0 * bw / copy_bw);
         }
+    }
+    for l in att {
+        println!("{l}");
     }
     Ok(())
 }

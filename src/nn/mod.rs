@@ -67,6 +67,15 @@ impl Params {
         }
         Ok(out)
     }
+    /// Differentiable casts of every float parameter to `dtype` (mixed precision: compute with
+    /// the casts, gradients flow back to these f32 masters).
+    pub fn cast(&self, dtype: DType) -> Result<Params> {
+        let mut out = Params::default();
+        for (name, t) in self.iter() {
+            out.push(name, &if t.dtype().is_float() { t.to_dtype(dtype)? } else { t.clone() });
+        }
+        Ok(out)
+    }
     /// Writes every parameter to a safetensors file (atomically).
     pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let refs: Vec<(&str, &Tensor)> = self.iter().collect();

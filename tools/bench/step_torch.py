@@ -27,12 +27,15 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attn", default="sdpa", help="transformers attention implementation")
     ap.add_argument("--tessera", default=None, help="path of the tessera binary to compare with")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="f32", help="f32, or bf16 (autocast over f32 weights, as tessera does)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = Qwen2_5_VLConfig(**json.load(open(f"{a.model}/config.json")))
     cfg._attn_implementation = a.attn
-    model = Qwen2_5_VLForConditionalGeneration(cfg).float().train()
+    dev = torch.device(a.device)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).float().train().to(dev)
     h, w = (int(x) for x in a.image.split(","))
     v = cfg.vision_config
     grid = [1, h // v.patch_size, w // v.patch_size]
@@ -46,31 +49,46 @@ def main():
             if t not in special:
                 r.append(t)
         rows.append(r)
-    ids = torch.tensor(rows)
+    ids = torch.tensor(rows, device=dev)
     labels = ids.clone()
     for s in special:
         labels[ids == s] = -100
-    pixels = torch.randn(a.batch * grid[1] * grid[2], 3 * 2 * v.patch_size ** 2)
-    grids = torch.tensor([grid] * a.batch)
+    pixels = torch.randn(a.batch * grid[1] * grid[2], 3 * 2 * v.patch_size ** 2, device=dev)
+    grids = torch.tensor([grid] * a.batch, device=dev)
     mm = (ids == cfg.image_token_id).int()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
+    extra = {"mm_token_type_ids": mm}
+
+    def forward():
+        try:
+            return model(input_ids=ids, pixel_values=pixels, image_grid_thw=grids, labels=labels, **extra)
+        except TypeError:  # older transformers without mm_token_type_ids
+            extra.clear()
+            return model(input_ids=ids, pixel_values=pixels, image_grid_thw=grids, labels=labels)
+
     def step():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
-        out = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grids, labels=labels, mm_token_type_ids=mm)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+            out = forward()
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t
 
     step()
     torch_ms = statistics.median(step() for _ in range(a.steps)) * 1e3
-    print(f"PyTorch {torch.__version__} ({a.attn}): {torch_ms:.1f} ms/step, "
+    print(f"PyTorch {torch.__version__} ({a.attn}, {a.device}, {a.dtype}): {torch_ms:.1f} ms/step, "
           f"{a.batch * a.seq / torch_ms * 1e3:.0f} tokens/s, {a.threads} threads")
     if a.tessera:
         out = subprocess.run([a.tessera, "--threads", str(a.threads), "bench", "step", "--model", a.model,
                               "--batch", str(a.batch), "--seq", str(a.seq), "--image", a.image,
-                              "--steps", str(a.steps), "--json"], check=True, capture_output=True, text=True).stdout
+                              "--steps", str(a.steps), "--device", a.device, "--dtype", a.dtype,
+                              "--json"], check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         print(f"tessera: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s")
         print(f"tessera time / PyTorch time = {r['step_ms_median'] / torch_ms:.2f} (target <= 1.0)")

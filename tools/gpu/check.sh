@@ -5,11 +5,21 @@
 #     bash tools/gpu/check.sh .gpu
 #
 # Runs every CUDA test binary, the kernel benchmarks and the PyTorch baselines side by side;
-# writes logs and report.md under $OUT (default /tmp/tessera-gpu). Finishes in a few minutes.
+# writes logs and report.md under /tmp/tessera-gpu and, when $OUT is set, report.md, tests.log
+# and all.tar.gz (every log) into $OUT. Finishes in a few minutes.
 set -u
 BIN=${1:-.gpu}
-OUT=${OUT:-/tmp/tessera-gpu}
-mkdir -p "$OUT"
+FINAL=${OUT:-}
+OUT=/tmp/tessera-gpu
+rm -rf "$OUT" && mkdir -p "$OUT"
+pack() {
+    if [ -n "$FINAL" ]; then
+        mkdir -p "$FINAL"
+        tar czf "$FINAL/all.tar.gz" -C "$OUT" . 2>/dev/null
+        cp "$OUT/report.md" "$OUT/tests.log" "$FINAL/" 2>/dev/null
+    fi
+}
+trap pack EXIT
 START=$(date +%s)
 log() { echo "[check $(( $(date +%s) - START ))s] $*"; }
 
@@ -52,6 +62,14 @@ timeout 120 "$BIN/tessera" bench matmul --device cuda --dtype bf16 \
     > "$OUT/bench_matmul.jsonl" 2>> "$OUT/bench_cuda.err"
 log "torch baselines"
 timeout 150 python3 tools/gpu/torch_baselines.py > "$OUT/torch.jsonl" 2> "$OUT/torch.err"
+log "train step (bench-tiny) tessera vs PyTorch + transformers"
+for dt in f32 bf16; do
+    timeout 100 python3 tools/bench/step_torch.py --model models/bench-tiny --batch 8 --seq 256 \
+        --image 224,224 --steps 10 --threads 8 --device cuda --dtype $dt --tessera "$BIN/tessera" \
+        >> "$OUT/step.txt" 2>&1
+    echo "step $dt exit $?" >> "$OUT/step.txt"
+done
+tail -n 12 "$OUT/step.txt"
 python3 tools/gpu/report.py "$OUT" | tee "$OUT/report.md"
 cat "$OUT/bench_cuda.err" | tail -n 20
 log "done"

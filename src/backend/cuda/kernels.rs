@@ -23,6 +23,7 @@ sources!(
     "attention.cu",
     "optim.cu",
     "gemm.cu",
+    "flash.cu",
 );
 
 /// The source of `kernels/<file>`.

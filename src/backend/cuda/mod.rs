@@ -11,6 +11,7 @@
 
 mod alloc;
 pub mod compile;
+pub mod flash;
 pub mod gemm_tc;
 pub mod kernels;
 pub mod ops;
