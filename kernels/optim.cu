@@ -1,1 +1,102 @@
-// (filled by the CUDA op work)
+// Optimiser kernels: fused AdamW and SGD steps on f32 master weights, and the global gradient
+// norm of clip_grad_norm (two-pass, deterministic, accumulated in f64 like the CPU path).
+//
+// The update arithmetic matches src/optim/{adamw,sgd}.rs operation for operation in f32, with
+// explicitly rounded intrinsics (no FMA contraction), so CUDA and CPU steps agree bit for bit.
+// The scalars are computed on the host in f64 and rounded once to f32.
+
+// AdamW (torch semantics), contiguous f32 p, g, m, v of n elements:
+//   p *= decay (decoupled; decay = 1 - lr*wd, skipped when has_decay == 0)
+//   m  = m + (1 - b1) (g - m);   v = v b2 + (1 - b2) g g
+//   p  = p + neg_step * m / (sqrt(v) / sqrt(bc2) + eps)
+extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, i64 n, i64 has_decay,
+                                     float decay, float one_minus_beta1, float beta2,
+                                     float one_minus_beta2, float bc2_sqrt, float eps, float neg_step) {
+    GRID_LOOP(i, n) {
+        const float gi = g[i];
+        float pi = p[i];
+        if (has_decay) pi = __fmul_rn(pi, decay);
+        const float mi = __fadd_rn(m[i], __fmul_rn(one_minus_beta1, __fsub_rn(gi, m[i])));
+        const float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(one_minus_beta2, gi), gi));
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = __fadd_rn(pi, __fdiv_rn(__fmul_rn(neg_step, mi), denom));
+    }
+}
+
+// SGD (torch semantics), contiguous f32 p, g (and buf when momentum is used):
+//   d = g + wd p (when has_wd);  buf = first ? d : buf * mu + (1 - tau) d
+//   d = nesterov ? d + mu buf : buf;   p = p + neg_lr d
+// buf == nullptr: plain SGD (p = p + neg_lr d).
+extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, i64 n, i64 has_wd, float wd,
+                                   float momentum, float one_minus_dampening, float neg_lr, i64 nesterov,
+                                   i64 first) {
+    GRID_LOOP(i, n) {
+        float d = g[i];
+        if (has_wd) d = __fadd_rn(d, __fmul_rn(wd, p[i]));
+        if (buf != nullptr) {
+            const float b = first ? d : __fadd_rn(__fmul_rn(buf[i], momentum), __fmul_rn(one_minus_dampening, d));
+            buf[i] = b;
+            d = nesterov ? __fadd_rn(d, __fmul_rn(momentum, b)) : b;
+        }
+        p[i] = __fadd_rn(p[i], __fmul_rn(neg_lr, d));
+    }
+}
+
+// ---------------------------------------------------------------- gradient norm
+__device__ __forceinline__ double warp_sum_f64(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum of a block's values (blockDim.x a multiple of 32, <= 1024); valid in thread 0.
+__device__ __forceinline__ double block_sum_f64(double v) {
+    __shared__ double scratch[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum_f64(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    const int nw = (blockDim.x + 31) >> 5;
+    v = (warp == 0 && lane < nw) ? scratch[lane] : 0.0;
+    if (warp == 0) v = warp_sum_f64(v);
+    return v;
+}
+
+// Pass 1: partial[blockIdx.x] = sum over this block's grid-stride elements of x^2 (f64).
+template <typename T>
+__device__ __forceinline__ void sumsq_partial(const T* __restrict__ x, i64 n, double* __restrict__ partial) {
+    double s = 0.0;
+    GRID_LOOP(i, n) {
+        const double xi = (double)ld(x, i);
+        s += xi * xi;
+    }
+    s = block_sum_f64(s);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+extern "C" __global__ void sumsq_partial_f32(const float* x, i64 n, double* partial) {
+    sumsq_partial<float>(x, n, partial);
+}
+extern "C" __global__ void sumsq_partial_bf16(const bf16_t* x, i64 n, double* partial) {
+    sumsq_partial<bf16_t>(x, n, partial);
+}
+
+// Pass 2 (one block): out[0] = sum of partial[0..n).
+extern "C" __global__ void sumsq_final(const double* partial, i64 n, double* out) {
+    double s = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += partial[i];
+    s = block_sum_f64(s);
+    if (threadIdx.x == 0) out[0] = s;
+}
+
+// y = x * c (the clipped gradient; c already rounded to the dtype on the host), contiguous.
+template <typename T>
+__device__ __forceinline__ void scale_copy(const T* __restrict__ x, T* __restrict__ y, float c, i64 n) {
+    GRID_LOOP(i, n) { st(y, i, __fmul_rn(ld(x, i), c)); }
+}
+extern "C" __global__ void grad_scale_f32(const float* x, float* y, float c, i64 n) {
+    scale_copy<float>(x, y, c, n);
+}
+extern "C" __global__ void grad_scale_bf16(const bf16_t* x, bf16_t* y, float c, i64 n) {
+    scale_copy<bf16_t>(x, y, c, n);
+}

@@ -1,1 +1,267 @@
-// (filled by the CUDA op work)
+// Reductions and softmax (src/backend/cuda/ops/reduce.rs).
+//
+// Every kernel here sees its input as a contiguous [outer, n, inner] tensor and works on the
+// middle dim: "row" r (0 <= r < rows = outer * inner) is the n elements at
+// row_base(r) + j * inner, j < n, and a per-row result is stored at index r (the
+// [outer, inner] keep-dim layout). inner = 1 is the plain last-dim case.
+//
+// Row kernels (reduce_rows, max_backward, softmax, softmax_backward, logsumexp_backward) give
+// each row to a group of threads:
+//   warp mode:  blockDim = (32, R): warp threadIdx.y of block b handles row b * R + threadIdx.y;
+//   block mode: blockDim = (T, 1), T a multiple of 32 (> 32): block b handles row b.
+// reduce_cols (inner >= 32): blockDim = (32, Y); block b handles columns
+// [c0, c0 + 32) of one outer index, threadIdx.y strides over n, partial results are combined
+// through shared memory (coalesced reads for leading-dim reductions such as bias gradients).
+//
+// All sums are in a fixed order (deterministic), accumulated in float.
+
+#define R_SUM 0
+#define R_MAX 1
+#define R_LSE 2  // log sum exp (stable; -inf for an empty or all -inf row)
+
+__device__ __forceinline__ i64 row_base(i64 r, i64 n, i64 inner) {
+    return (r / inner) * n * inner + r % inner;
+}
+
+__device__ __forceinline__ i64 group_row() {
+    return (i64)blockIdx.x * blockDim.y + threadIdx.y;
+}
+
+// Sum / max over the thread group of a row (see the header). Every thread gets the result.
+// In block mode these synchronise the block: call them from all threads.
+__device__ __forceinline__ float group_sum(float v, float* scratch) {
+    return blockDim.x == 32 ? warp_sum(v) : block_sum(v, scratch);
+}
+__device__ __forceinline__ float group_max(float v, float* scratch) {
+    return blockDim.x == 32 ? warp_max(v) : block_max(v, scratch);
+}
+
+__device__ __forceinline__ i64 min_i64(i64 a, i64 b) { return a < b ? a : b; }
+__device__ __forceinline__ i64 warp_min_i64(i64 v) {
+    for (int o = 16; o > 0; o >>= 1) v = min_i64(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ i64 group_min_i64(i64 v, i64* scratch) {
+    v = warp_min_i64(v);
+    if (blockDim.x == 32) return v;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    v = lane < nw ? scratch[lane] : 0x7fffffffffffffffll;
+    return warp_min_i64(v);
+}
+
+// ------------------------------------------------------------------------------ reductions
+
+template <typename T>
+__device__ void reduce_rows_impl(const T* x, T* out, i64 rows, i64 n, i64 inner, i64 op) {
+    __shared__ float scratch[32];
+    const i64 r = group_row();
+    if (r >= rows) return;  // warp mode only (block mode launches exactly `rows` blocks)
+    const T* p = x + row_base(r, n, inner);
+    const int t = threadIdx.x, nt = blockDim.x;
+    float res;
+    if (op == R_SUM) {
+        float acc = 0.f;
+        for (i64 j = t; j < n; j += nt) acc += ld(p, j * inner);
+        res = group_sum(acc, scratch);
+    } else {
+        float m = NEG_INF;
+        for (i64 j = t; j < n; j += nt) m = fmaxf(m, ld(p, j * inner));
+        m = group_max(m, scratch);
+        if (op == R_MAX || m == NEG_INF) {
+            res = m;
+        } else {
+            float s = 0.f;
+            for (i64 j = t; j < n; j += nt) s += expf(ld(p, j * inner) - m);
+            res = m + logf(group_sum(s, scratch));
+        }
+    }
+    if (t == 0) st(out, r, res);
+}
+
+template <typename T>
+__device__ void reduce_cols_impl(const T* x, T* out, i64 outer, i64 n, i64 inner, i64 op) {
+    __shared__ float part[32][33];
+    __shared__ float colmax[32];
+    const int tx = threadIdx.x, ty = threadIdx.y, ny = blockDim.y;
+    const i64 cblocks = (inner + 31) / 32;
+    const i64 o = blockIdx.x / cblocks;
+    const i64 c = (blockIdx.x % cblocks) * 32 + tx;
+    const bool valid = o < outer && c < inner;
+    const T* p = x + o * n * inner + c;  // dereferenced only when valid
+    float res = 0.f;
+    if (op == R_SUM) {
+        float acc = 0.f;
+        if (valid)
+            for (i64 j = ty; j < n; j += ny) acc += ld(p, j * inner);
+        part[ty][tx] = acc;
+        __syncthreads();
+        if (ty == 0) {
+            float s = 0.f;
+            for (int k = 0; k < ny; ++k) s += part[k][tx];
+            res = s;
+        }
+    } else {
+        float m = NEG_INF;
+        if (valid)
+            for (i64 j = ty; j < n; j += ny) m = fmaxf(m, ld(p, j * inner));
+        part[ty][tx] = m;
+        __syncthreads();
+        if (ty == 0) {
+            float mm = NEG_INF;
+            for (int k = 0; k < ny; ++k) mm = fmaxf(mm, part[k][tx]);
+            colmax[tx] = mm;
+        }
+        __syncthreads();  // also: every read of `part` above is done before it is rewritten
+        m = colmax[tx];
+        if (op == R_MAX) {
+            res = m;
+        } else {
+            // Block-uniform branch (it synchronises); m = -inf (all -inf column, or a column
+            // past `inner`) skips the exp loop and gives -inf.
+            float s = 0.f;
+            if (valid && m != NEG_INF)
+                for (i64 j = ty; j < n; j += ny) s += expf(ld(p, j * inner) - m);
+            part[ty][tx] = s;
+            __syncthreads();
+            if (ty == 0) {
+                float ss = 0.f;
+                for (int k = 0; k < ny; ++k) ss += part[k][tx];
+                res = m == NEG_INF ? NEG_INF : m + logf(ss);
+            }
+        }
+    }
+    if (ty == 0 && valid) st(out, o * inner + c, res);
+}
+
+// dx = one-hot of the first maximal element of each row (NaN ignored, as on the CPU; the
+// first element when it is NaN or no element exceeds it), times g[row].
+template <typename T>
+__device__ void max_backward_impl(const T* x, const T* g, T* dx, i64 rows, i64 n, i64 inner) {
+    __shared__ float scratch[32];
+    __shared__ i64 iscratch[32];
+    const i64 r = group_row();
+    if (r >= rows) return;
+    const i64 base = row_base(r, n, inner);
+    const T* p = x + base;
+    const int t = threadIdx.x, nt = blockDim.x;
+    float m = NEG_INF;
+    for (i64 j = t; j < n; j += nt) m = fmaxf(m, ld(p, j * inner));
+    m = group_max(m, scratch);
+    i64 first = n;
+    for (i64 j = t; j < n; j += nt) {
+        if (ld(p, j * inner) == m) {
+            first = j;
+            break;
+        }
+    }
+    first = group_min_i64(first, iscratch);
+    const float x0 = n > 0 ? ld(p, 0) : 0.f;
+    if (first >= n || x0 != x0) first = 0;
+    const float gv = ld(g, r);
+    for (i64 j = t; j < n; j += nt) st(dx, base + j * inner, j == first ? gv : 0.f);
+}
+
+// ------------------------------------------------------------------------------ softmax
+
+// y = softmax(x) (log = 0) or log_softmax(x) (log = 1) along the middle dim.
+template <typename T>
+__device__ void softmax_impl(const T* x, T* y, i64 rows, i64 n, i64 inner, i64 log) {
+    __shared__ float scratch[32];
+    const i64 r = group_row();
+    if (r >= rows) return;
+    const i64 base = row_base(r, n, inner);
+    const T* p = x + base;
+    const int t = threadIdx.x, nt = blockDim.x;
+    float m = NEG_INF;
+    for (i64 j = t; j < n; j += nt) m = fmaxf(m, ld(p, j * inner));
+    m = group_max(m, scratch);
+    float s = 0.f;
+    for (i64 j = t; j < n; j += nt) s += expf(ld(p, j * inner) - m);
+    s = group_sum(s, scratch);
+    if (log) {
+        const float lse = m == NEG_INF ? NEG_INF : m + logf(s);
+        for (i64 j = t; j < n; j += nt) st(y, base + j * inner, ld(p, j * inner) - lse);
+    } else {
+        const float inv = 1.f / s;
+        for (i64 j = t; j < n; j += nt) st(y, base + j * inner, expf(ld(p, j * inner) - m) * inv);
+    }
+}
+
+// softmax:     dx = y * (g - Σ g*y)
+// log_softmax: dx = g - exp(y) * Σ g
+template <typename T>
+__device__ void softmax_backward_impl(const T* y, const T* g, T* dx, i64 rows, i64 n, i64 inner, i64 log) {
+    __shared__ float scratch[32];
+    const i64 r = group_row();
+    if (r >= rows) return;
+    const i64 base = row_base(r, n, inner);
+    const int t = threadIdx.x, nt = blockDim.x;
+    float s = 0.f;
+    if (log) {
+        for (i64 j = t; j < n; j += nt) s += ld(g, base + j * inner);
+    } else {
+        for (i64 j = t; j < n; j += nt) {
+            const i64 k = base + j * inner;
+            s += ld(g, k) * ld(y, k);
+        }
+    }
+    s = group_sum(s, scratch);
+    for (i64 j = t; j < n; j += nt) {
+        const i64 k = base + j * inner;
+        const float yv = ld(y, k), gv = ld(g, k);
+        st(dx, k, log ? gv - expf(yv) * s : yv * (gv - s));
+    }
+}
+
+// d logsumexp / dx = softmax(x): dx = g[row] * exp(x - max) / Σ exp(x - max), recomputed
+// from x in float (the saved logsumexp may be bf16).
+template <typename T>
+__device__ void logsumexp_backward_impl(const T* x, const T* g, T* dx, i64 rows, i64 n, i64 inner) {
+    __shared__ float scratch[32];
+    const i64 r = group_row();
+    if (r >= rows) return;
+    const i64 base = row_base(r, n, inner);
+    const T* p = x + base;
+    const int t = threadIdx.x, nt = blockDim.x;
+    float m = NEG_INF;
+    for (i64 j = t; j < n; j += nt) m = fmaxf(m, ld(p, j * inner));
+    m = group_max(m, scratch);
+    float s = 0.f;
+    for (i64 j = t; j < n; j += nt) s += expf(ld(p, j * inner) - m);
+    s = group_sum(s, scratch);
+    const float scale = ld(g, r) / s;
+    for (i64 j = t; j < n; j += nt) st(dx, base + j * inner, expf(ld(p, j * inner) - m) * scale);
+}
+
+#define REDUCE_KERNELS(SFX, T)                                                                     \
+    extern "C" __global__ void reduce_rows_##SFX(const T* x, T* out, i64 rows, i64 n, i64 inner,   \
+                                                 i64 op) {                                         \
+        reduce_rows_impl<T>(x, out, rows, n, inner, op);                                           \
+    }                                                                                              \
+    extern "C" __global__ void reduce_cols_##SFX(const T* x, T* out, i64 outer, i64 n, i64 inner,  \
+                                                 i64 op) {                                         \
+        reduce_cols_impl<T>(x, out, outer, n, inner, op);                                          \
+    }                                                                                              \
+    extern "C" __global__ void max_backward_##SFX(const T* x, const T* g, T* dx, i64 rows, i64 n,  \
+                                                  i64 inner) {                                     \
+        max_backward_impl<T>(x, g, dx, rows, n, inner);                                            \
+    }                                                                                              \
+    extern "C" __global__ void softmax_##SFX(const T* x, T* y, i64 rows, i64 n, i64 inner,         \
+                                             i64 log) {                                            \
+        softmax_impl<T>(x, y, rows, n, inner, log);                                                \
+    }                                                                                              \
+    extern "C" __global__ void softmax_backward_##SFX(const T* y, const T* g, T* dx, i64 rows,     \
+                                                      i64 n, i64 inner, i64 log) {                 \
+        softmax_backward_impl<T>(y, g, dx, rows, n, inner, log);                                   \
+    }                                                                                              \
+    extern "C" __global__ void logsumexp_backward_##SFX(const T* x, const T* g, T* dx, i64 rows,   \
+                                                        i64 n, i64 inner) {                        \
+        logsumexp_backward_impl<T>(x, g, dx, rows, n, inner);                                      \
+    }
+
+REDUCE_KERNELS(f32, float)
+REDUCE_KERNELS(bf16, bf16_t)

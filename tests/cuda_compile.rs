@@ -22,12 +22,20 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
             let src = compile::full_source(file).unwrap();
             let t = std::time::Instant::now();
             match compile::compile(file, &src, arch) {
-                Ok(cubin) => println!("{file} {arch}: {} bytes in {:.2?}", cubin.len(), t.elapsed()),
+                Ok(cubin) => println!(
+                    "{file} {arch}: {} bytes in {:.2?}",
+                    cubin.len(),
+                    t.elapsed()
+                ),
                 Err(e) => failures.push(format!("{e}")),
             }
         }
     }
-    assert!(failures.is_empty(), "kernel compile errors:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "kernel compile errors:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -36,8 +44,13 @@ fn compile_errors_name_the_file_and_line() {
         eprintln!("skipped compile_errors_name_the_file_and_line: NVRTC not found");
         return;
     }
-    let src = format!("{}\n#line 1 \"broken.cu\"\n\nextern \"C\" __global__ void k() {{ undefined_thing(); }}\n", kernels::COMMON);
-    let err = compile::compile("broken.cu", &src, "sm_80").unwrap_err().to_string();
+    let src = format!(
+        "{}\n#line 1 \"broken.cu\"\n\nextern \"C\" __global__ void k() {{ undefined_thing(); }}\n",
+        kernels::COMMON
+    );
+    let err = compile::compile("broken.cu", &src, "sm_80")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("broken.cu(2)"), "{err}");
 }
 

@@ -7,7 +7,10 @@ use tessera::testing::cuda::{randn, rel_error};
 use tessera::{DType, Tensor};
 
 fn round(t: Tensor) -> Tensor {
-    t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()
+    t.to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
 }
 
 fn case(b: usize, hq: usize, hkv: usize, tq: usize, tk: usize, d: usize, causal: bool) {
@@ -18,18 +21,33 @@ fn case(b: usize, hq: usize, hkv: usize, tq: usize, tk: usize, d: usize, causal:
     let k = round(randn(&[b, hkv, tk, d], 2));
     let v = round(randn(&[b, hkv, tk, d], 3));
     let scale = 1.0 / (d as f64).sqrt();
-    let opts = AttentionOptions { causal, ..Default::default() };
+    let opts = AttentionOptions {
+        causal,
+        ..Default::default()
+    };
     let want = Tensor::attention(&q, &k, &v, &opts).unwrap();
     let on = |t: &Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
     let (o, lse) = flash::flash_fwd(&on(&q), &on(&k), &on(&v), causal, scale).unwrap();
     let e = rel_error(&o, &want).unwrap();
     // logsumexp on the CPU, from the scores.
-    let s = q.matmul(&k.repeat_kv(hq / hkv)).unwrap().mul_scalar(scale).unwrap();
+    let s = q
+        .matmul(&k.repeat_kv(hq / hkv))
+        .unwrap()
+        .mul_scalar(scale)
+        .unwrap();
     let s = if causal {
         let off = tk as isize - tq as isize;
-        let mask: Vec<u32> = (0..tq * tk).map(|i| ((i % tk) as isize > (i / tk) as isize + off) as u32).collect();
-        s.masked_fill(&Tensor::from_vec(mask, &[tq, tk]).unwrap().expand(s.shape()).unwrap(), f64::NEG_INFINITY)
-            .unwrap()
+        let mask: Vec<u32> = (0..tq * tk)
+            .map(|i| ((i % tk) as isize > (i / tk) as isize + off) as u32)
+            .collect();
+        s.masked_fill(
+            &Tensor::from_vec(mask, &[tq, tk])
+                .unwrap()
+                .expand(s.shape())
+                .unwrap(),
+            f64::NEG_INFINITY,
+        )
+        .unwrap()
     } else {
         s
     };
@@ -37,7 +55,13 @@ fn case(b: usize, hq: usize, hkv: usize, tq: usize, tk: usize, d: usize, causal:
     let lse_cpu = lse.to_cpu().unwrap();
     let el = {
         let (a, w) = (lse_cpu.to_f64s().unwrap(), want_lse.to_f64s().unwrap());
-        a.iter().zip(&w).fold(0f64, |m, (x, y)| if x.is_infinite() && y.is_infinite() { m } else { m.max((x - y).abs()) })
+        a.iter().zip(&w).fold(0f64, |m, (x, y)| {
+            if x.is_infinite() && y.is_infinite() {
+                m
+            } else {
+                m.max((x - y).abs())
+            }
+        })
     };
     println!("flash b{b} hq{hq} hkv{hkv} tq{tq} tk{tk} d{d} causal={causal}: out rel {e:.2e}, lse abs {el:.2e}");
     assert!(e <= 2e-2, "flash output rel error {e}");
@@ -50,7 +74,12 @@ trait RepeatKv {
 impl RepeatKv for Tensor {
     /// [B, Hkv, T, D] -> [B, Hkv*n, D, T] (transposed for the score product).
     fn repeat_kv(&self, n: usize) -> Tensor {
-        let (b, h, t, d) = (self.dim(0).unwrap(), self.dim(1).unwrap(), self.dim(2).unwrap(), self.dim(3).unwrap());
+        let (b, h, t, d) = (
+            self.dim(0).unwrap(),
+            self.dim(1).unwrap(),
+            self.dim(2).unwrap(),
+            self.dim(3).unwrap(),
+        );
         self.unsqueeze(2)
             .unwrap()
             .expand(&[b, h, n, t, d])

@@ -9,13 +9,30 @@ fn case(m: usize, n: usize, k: usize, bias: bool) {
     if cuda::device_or_skip("gemm_tc").is_none() {
         return;
     }
-    let a = randn(&[m, k], 1).to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
-    let b = randn(&[n, k], 2).to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
-    let c = randn(&[n], 3).to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+    let a = randn(&[m, k], 1)
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let b = randn(&[n, k], 2)
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let c = randn(&[n], 3)
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     let want = a.matmul(&b.t().unwrap()).unwrap();
     let want = if bias { want.add(&c).unwrap() } else { want };
     let on = |t: &tessera::Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
-    let got = gemm_tc::matmul_bt(&on(&a), &on(&b), if bias { Some(on(&c)) } else { None }.as_ref()).unwrap();
+    let got = gemm_tc::matmul_bt(
+        &on(&a),
+        &on(&b),
+        if bias { Some(on(&c)) } else { None }.as_ref(),
+    )
+    .unwrap();
     let e = rel_error(&got, &want).unwrap();
     println!("gemm_tc {m}x{n}x{k} bias={bias}: rel {e:.2e}");
     assert!(e <= 1e-2, "gemm_tc {m}x{n}x{k}: rel error {e}");

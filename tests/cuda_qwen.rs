@@ -23,7 +23,9 @@ fn case(name: &str) {
     if cuda::device_or_skip(&format!("cuda_qwen {name}")).is_none() {
         return;
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen_parity").join(name);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen_parity")
+        .join(name);
     let cpu = QwenVl::load(&dir, DType::F32).unwrap();
     let batch = load_batch(&dir);
     let out = cpu.forward(&batch).unwrap();
@@ -39,7 +41,10 @@ fn case(name: &str) {
     cuda::device().unwrap().synchronize().unwrap();
     println!("{name}: cuda f32 forward+backward {:.1?}", t.elapsed());
 
-    let e = rel_l2(&gout.logits.to_f64s().unwrap(), &out.logits.to_f64s().unwrap());
+    let e = rel_l2(
+        &gout.logits.to_f64s().unwrap(),
+        &out.logits.to_f64s().unwrap(),
+    );
     println!("{name}: f32 logits rel {e:.2e}");
     assert!(e <= 1e-4, "{name}: f32 logits rel error {e}");
     let (a, b) = (gloss.to_scalar().unwrap(), loss.to_scalar().unwrap());
@@ -56,16 +61,29 @@ fn case(name: &str) {
                 }
             }
             (None, None) => {}
-            (a, b) => panic!("{name}: {pname}: gradient on cpu {} vs cuda {}", a.is_some(), b.is_some()),
+            (a, b) => panic!(
+                "{name}: {pname}: gradient on cpu {} vs cuda {}",
+                a.is_some(),
+                b.is_some()
+            ),
         }
     }
-    println!("{name}: worst f32 gradient rel {:.2e} ({})", worst.0, worst.1);
+    println!(
+        "{name}: worst f32 gradient rel {:.2e} ({})",
+        worst.0, worst.1
+    );
 
     let bf = gpu.to_device(Device::Cuda).unwrap();
-    let bf = QwenVl { config: bf.config.clone(), params: bf.params.to_dtype(DType::BF16).unwrap() };
+    let bf = QwenVl {
+        config: bf.config.clone(),
+        params: bf.params.to_dtype(DType::BF16).unwrap(),
+    };
     let bout = tessera::no_grad(|| bf.forward(&batch)).unwrap();
     assert_eq!(bout.logits.dtype(), DType::BF16);
-    let e = rel_l2(&bout.logits.to_f64s().unwrap(), &out.logits.to_f64s().unwrap());
+    let e = rel_l2(
+        &bout.logits.to_f64s().unwrap(),
+        &out.logits.to_f64s().unwrap(),
+    );
     println!("{name}: bf16 logits rel {e:.2e}");
     assert!(e <= 2e-2, "{name}: bf16 logits rel error {e}");
 }

@@ -100,7 +100,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                         "{{\"op\": \"matmul\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {:.4}, \"tflops\": {tflops:.2}}}",
                         ms[ms.len() / 2]
                     );
-                    if dtype == DType::BF16 && k % 8 == 0 {
+                    if dtype == DType::BF16 && k.is_multiple_of(8) {
                         // The tensor-core kernel directly, B given as [N, K] (nn.Linear layout).
                         let bt = y.t()?.contiguous()?;
                         let gemm = crate::backend::cuda::gemm_tc::matmul_bt;

@@ -33,7 +33,9 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
     let mut rng = Rng::new(0);
     let bf = DType::BF16;
     let rand = |shape: &[usize], rng: &mut Rng| -> Result<Tensor> {
-        Tensor::randn(shape, 1.0, DType::F32, rng)?.to_cuda()?.to_dtype(bf)
+        Tensor::randn(shape, 1.0, DType::F32, rng)?
+            .to_cuda()?
+            .to_dtype(bf)
     };
     let n = rows * cols;
     let eb = 2.0; // bytes per bf16 element
@@ -44,39 +46,74 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
     let src = rand(&[rows, cols], &mut rng)?;
     let dst = Tensor::empty_cuda(&[rows, cols], bf)?;
     let ms = time_ms(reps, || dev.dtod(src.cuda_ptr()?, dst.cuda_ptr()?, n * 2))?;
-    out.push(Row { name: "copy (cuMemcpyDtoD)".into(), shape: shape.clone(), bytes: 2.0 * eb * n as f64, ms });
+    out.push(Row {
+        name: "copy (cuMemcpyDtoD)".into(),
+        shape: shape.clone(),
+        bytes: 2.0 * eb * n as f64,
+        ms,
+    });
     drop(dst);
 
     let x = src;
     let w = rand(&[cols], &mut rng)?;
     let g = rand(&[rows, cols], &mut rng)?;
     let ms = time_ms(reps, || no_grad(|| x.rms_norm(&w, 1e-6)).map(|_| ()))?;
-    out.push(Row { name: "rms_norm fwd".into(), shape: shape.clone(), bytes: 2.0 * eb * n as f64, ms });
+    out.push(Row {
+        name: "rms_norm fwd".into(),
+        shape: shape.clone(),
+        bytes: 2.0 * eb * n as f64,
+        ms,
+    });
     let ms = time_ms(reps, || {
         let xr = x.detach().requires_grad_();
         let y = xr.rms_norm(&w, 1e-6)?;
         grad(&y, Some(&g), &[&xr]).map(|_| ())
     })?;
-    out.push(Row { name: "rms_norm fwd+bwd".into(), shape: shape.clone(), bytes: (2.0 + 3.0) * eb * n as f64, ms });
+    out.push(Row {
+        name: "rms_norm fwd+bwd".into(),
+        shape: shape.clone(),
+        bytes: (2.0 + 3.0) * eb * n as f64,
+        ms,
+    });
 
     let ms = time_ms(reps, || no_grad(|| x.softmax(-1)).map(|_| ()))?;
-    out.push(Row { name: "softmax fwd".into(), shape: shape.clone(), bytes: 2.0 * eb * n as f64, ms });
+    out.push(Row {
+        name: "softmax fwd".into(),
+        shape: shape.clone(),
+        bytes: 2.0 * eb * n as f64,
+        ms,
+    });
     let ms = time_ms(reps, || {
         let xr = x.detach().requires_grad_();
         let y = xr.softmax(-1)?;
         grad(&y, Some(&g), &[&xr]).map(|_| ())
     })?;
-    out.push(Row { name: "softmax fwd+bwd".into(), shape: shape.clone(), bytes: (2.0 + 3.0) * eb * n as f64, ms });
+    out.push(Row {
+        name: "softmax fwd+bwd".into(),
+        shape: shape.clone(),
+        bytes: (2.0 + 3.0) * eb * n as f64,
+        ms,
+    });
 
     let up = rand(&[rows, cols], &mut rng)?;
     let ms = time_ms(reps, || no_grad(|| x.swiglu(&up)).map(|_| ()))?;
-    out.push(Row { name: "swiglu fwd".into(), shape: shape.clone(), bytes: 3.0 * eb * n as f64, ms });
+    out.push(Row {
+        name: "swiglu fwd".into(),
+        shape: shape.clone(),
+        bytes: 3.0 * eb * n as f64,
+        ms,
+    });
     let ms = time_ms(reps, || {
         let (a, b) = (x.detach().requires_grad_(), up.detach().requires_grad_());
         let y = a.swiglu(&b)?;
         grad(&y, Some(&g), &[&a, &b]).map(|_| ())
     })?;
-    out.push(Row { name: "swiglu fwd+bwd".into(), shape: shape.clone(), bytes: (3.0 + 5.0) * eb * n as f64, ms });
+    out.push(Row {
+        name: "swiglu fwd+bwd".into(),
+        shape: shape.clone(),
+        bytes: (3.0 + 5.0) * eb * n as f64,
+        ms,
+    });
     drop(up);
 
     // rope on [B, H, T, D] = the same element count, D = 128, cos/sin [T, D] broadcast.
@@ -86,32 +123,58 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
     let cos = rand(&[t, d], &mut rng)?;
     let sin = rand(&[t, d], &mut rng)?;
     let ms = time_ms(reps, || no_grad(|| q.rope(&cos, &sin)).map(|_| ()))?;
-    out.push(Row { name: "rope fwd".into(), shape: format!("1x{h}x{t}x{d} bf16"), bytes: 2.0 * eb * n as f64, ms });
+    out.push(Row {
+        name: "rope fwd".into(),
+        shape: format!("1x{h}x{t}x{d} bf16"),
+        bytes: 2.0 * eb * n as f64,
+        ms,
+    });
 
     // cross-entropy over [rows, cols] logits (cols = vocabulary).
     let targets = Tensor::from_vec(
-        (0..rows).map(|i| ((i * 7919) % cols) as i64).collect::<Vec<_>>(),
+        (0..rows)
+            .map(|i| ((i * 7919) % cols) as i64)
+            .collect::<Vec<_>>(),
         &[rows],
     )?
     .to_cuda()?;
-    let ms = time_ms(reps, || no_grad(|| x.cross_entropy(&targets, -100)).map(|_| ()))?;
-    out.push(Row { name: "cross_entropy fwd".into(), shape: shape.clone(), bytes: eb * n as f64, ms });
+    let ms = time_ms(reps, || {
+        no_grad(|| x.cross_entropy(&targets, -100)).map(|_| ())
+    })?;
+    out.push(Row {
+        name: "cross_entropy fwd".into(),
+        shape: shape.clone(),
+        bytes: eb * n as f64,
+        ms,
+    });
     let ms = time_ms(reps, || {
         let xr = x.detach().requires_grad_();
         let l = xr.cross_entropy(&targets, -100)?;
         grad(&l, None, &[&xr]).map(|_| ())
     })?;
-    out.push(Row { name: "cross_entropy fwd+bwd".into(), shape: shape.clone(), bytes: (1.0 + 2.0) * eb * n as f64, ms });
+    out.push(Row {
+        name: "cross_entropy fwd+bwd".into(),
+        shape: shape.clone(),
+        bytes: (1.0 + 2.0) * eb * n as f64,
+        ms,
+    });
     drop((x, g, q));
 
     // AdamW over n f32 parameters: reads p, g, m, v and writes p, m, v.
-    let p = Tensor::randn(&[n], 0.02, DType::F32, &mut rng)?.to_cuda()?.requires_grad_();
+    let p = Tensor::randn(&[n], 0.02, DType::F32, &mut rng)?
+        .to_cuda()?
+        .requires_grad_();
     let c = Tensor::randn(&[n], 1.0, DType::F32, &mut rng)?.to_cuda()?;
     p.mul(&c)?.sum_all()?.backward()?;
     drop(c);
     let mut opt = AdamW::new(vec![p.clone()], AdamWConfig::default())?;
     let ms = time_ms(reps, || opt.step(1e-4))?;
-    out.push(Row { name: "adamw step".into(), shape: format!("{n} f32"), bytes: 7.0 * 4.0 * n as f64, ms });
+    out.push(Row {
+        name: "adamw step".into(),
+        shape: format!("{n} f32"),
+        bytes: 7.0 * 4.0 * n as f64,
+        ms,
+    });
     drop((opt, p));
 
     // Attention forward: the tensor-core flash kernel (and the op's default path) in TFLOP/s,
@@ -121,13 +184,20 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         let q = rand(&[b, h, t, d], &mut rng)?;
         let flops = 4.0 * (b * h * t * t * d) as f64 / 2.0;
         let scale = 1.0 / (d as f64).sqrt();
-        let ms = time_ms(5, || cuda::flash::flash_fwd(&q, &q, &q, true, scale).map(|_| ()))?;
+        let ms = time_ms(5, || {
+            cuda::flash::flash_fwd(&q, &q, &q, true, scale).map(|_| ())
+        })?;
         att.push(format!(
             "{{\"op\": \"attention\", \"kernel\": \"flash_fwd (tensor cores)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
             flops / (ms * 1e-3) / 1e12
         ));
-        let opts = crate::ops::attention::AttentionOptions { causal: true, ..Default::default() };
-        let ms = time_ms(3, || no_grad(|| Tensor::attention(&q, &q, &q, &opts)).map(|_| ()))?;
+        let opts = crate::ops::attention::AttentionOptions {
+            causal: true,
+            ..Default::default()
+        };
+        let ms = time_ms(3, || {
+            no_grad(|| Tensor::attention(&q, &q, &q, &opts)).map(|_| ())
+        })?;
         att.push(format!(
             "{{\"op\": \"attention\", \"kernel\": \"Tensor::attention\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
             flops / (ms * 1e-3) / 1e12
@@ -136,8 +206,16 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
 
     let copy_bw = out[0].bytes / (out[0].ms * 1e-3);
     if !json {
-        println!("device: {} ({}), {} SMs", dev.name, dev.arch(), dev.sm_count);
-        println!("{:<24} {:<22} {:>9} {:>10} {:>8}", "kernel", "shape", "ms", "GB/s", "of copy");
+        println!(
+            "device: {} ({}), {} SMs",
+            dev.name,
+            dev.arch(),
+            dev.sm_count
+        );
+        println!(
+            "{:<24} {:<22} {:>9} {:>10} {:>8}",
+            "kernel", "shape", "ms", "GB/s", "of copy"
+        );
     }
     for r in &out {
         let bw = r.bytes / (r.ms * 1e-3);
@@ -151,7 +229,14 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
                 bw / copy_bw
             );
         } else {
-            println!("{:<24} {:<22} {:>9.3} {:>10.1} {:>7.0}%", r.name, r.shape, r.ms, bw / 1e9, 100.0 * bw / copy_bw);
+            println!(
+                "{:<24} {:<22} {:>9.3} {:>10.1} {:>7.0}%",
+                r.name,
+                r.shape,
+                r.ms,
+                bw / 1e9,
+                100.0 * bw / copy_bw
+            );
         }
     }
     for l in att {

@@ -85,19 +85,27 @@ pub fn read_batch(path: &std::path::Path) -> Result<Batch> {
 }
 
 pub fn run(a: ForwardArgs) -> Result<()> {
-    if a.device != "cpu" {
+    let device: crate::Device = a.device.parse()?;
+    let dtype: DType = a.dtype.parse()?;
+    if device == crate::Device::Cpu && dtype != DType::F32 {
         return Err(Error::msg(format!(
-            "--device {}: only the CPU backend exists so far (CUDA is on the roadmap)",
-            a.device
+            "--dtype {dtype}: the CPU backend computes in f32 (bf16 needs --device cuda)"
         )));
     }
-    if a.dtype != "f32" {
-        return Err(Error::msg(format!(
-            "--dtype {}: the CPU backend computes in f32",
-            a.dtype
-        )));
+    if dtype != DType::F32 && dtype != DType::BF16 {
+        return Err(Error::msg(format!("--dtype {dtype}: want f32 or bf16")));
     }
-    let model = QwenVl::load(&a.model, DType::F32)?;
+    // f32 master weights on the device; bf16 computes with in-graph casts, so gradients are
+    // reported for the f32 parameters either way.
+    let model = QwenVl::load(&a.model, DType::F32)?.to_device(device)?;
+    let compute = QwenVl {
+        config: model.config.clone(),
+        params: if dtype == DType::F32 {
+            model.params.clone()
+        } else {
+            model.params.cast(dtype)?
+        },
+    };
     let batch = read_batch(&a.inputs)?;
     if a.grad && batch.labels.is_none() {
         return Err(Error::file(
@@ -106,19 +114,20 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         ));
     }
     let out = if a.grad {
-        model.forward(&batch)?
+        compute.forward(&batch)?
     } else {
-        crate::no_grad(|| model.forward(&batch))?
+        crate::no_grad(|| compute.forward(&batch))?
     };
-    let mut tensors: Vec<(String, Tensor)> = vec![("logits".into(), out.logits.detach())];
+    let f32_cpu = |t: &Tensor| crate::no_grad(|| t.detach().to_cpu()?.to_dtype(DType::F32));
+    let mut tensors: Vec<(String, Tensor)> = vec![("logits".into(), f32_cpu(&out.logits)?)];
     if let Some(loss) = &out.loss {
-        tensors.push(("loss".into(), loss.detach()));
+        tensors.push(("loss".into(), f32_cpu(loss)?));
         if a.grad {
             loss.backward()?;
             for (name, p) in model.params.iter() {
                 let g = match p.grad() {
-                    Some(g) => g,
-                    None => Tensor::zeros(p.shape(), p.dtype())?,
+                    Some(g) => f32_cpu(&g)?,
+                    None => Tensor::zeros(p.shape(), DType::F32)?,
                 };
                 tensors.push((format!("grad.{name}"), g));
             }

@@ -54,7 +54,14 @@ impl Params {
         let mut out = Params::default();
         for (name, t) in self.iter() {
             let moved = crate::no_grad(|| t.detach().to_device(device))?;
-            out.push(name, &if t.requires_grad() { moved.requires_grad_() } else { moved });
+            out.push(
+                name,
+                &if t.requires_grad() {
+                    moved.requires_grad_()
+                } else {
+                    moved
+                },
+            );
         }
         Ok(out)
     }
@@ -63,7 +70,14 @@ impl Params {
         let mut out = Params::default();
         for (name, t) in self.iter() {
             let cast = crate::no_grad(|| t.detach().to_dtype(dtype))?;
-            out.push(name, &if t.requires_grad() { cast.requires_grad_() } else { cast });
+            out.push(
+                name,
+                &if t.requires_grad() {
+                    cast.requires_grad_()
+                } else {
+                    cast
+                },
+            );
         }
         Ok(out)
     }
@@ -72,7 +86,14 @@ impl Params {
     pub fn cast(&self, dtype: DType) -> Result<Params> {
         let mut out = Params::default();
         for (name, t) in self.iter() {
-            out.push(name, &if t.dtype().is_float() { t.to_dtype(dtype)? } else { t.clone() });
+            out.push(
+                name,
+                &if t.dtype().is_float() {
+                    t.to_dtype(dtype)?
+                } else {
+                    t.clone()
+                },
+            );
         }
         Ok(out)
     }

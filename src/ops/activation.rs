@@ -19,6 +19,9 @@ impl Tensor {
                 format!("gate {:?} and up {:?} differ", self.shape(), up.shape()),
             ));
         }
+        if self.is_cuda() || up.is_cuda() {
+            return crate::backend::cuda::ops::activation::swiglu(self, up);
+        }
         let (gate, upd) = (self.detach(), up.detach());
         let out = map2!(gate.clone(), upd.clone(), "swiglu", |a, b: T| a
             / (T::one() + (-a).exp_fast())

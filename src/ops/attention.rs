@@ -221,6 +221,15 @@ impl Tensor {
         opts: &AttentionOptions,
     ) -> Result<Tensor> {
         let (dims, vis) = check(q, k, v, opts)?;
+        if q.is_cuda() || k.is_cuda() || v.is_cuda() {
+            let params = crate::backend::cuda::ops::attention::AttnParams {
+                causal: vis.causal,
+                scale: dims.scale,
+                key_padding: vis.padding.as_deref(),
+                cu_seqlens: opts.cu_seqlens.as_deref(),
+            };
+            return crate::backend::cuda::ops::attention::attention(q, k, v, &params);
+        }
         let (qc, kc, vc) = (
             q.detach().contiguous()?,
             k.detach().contiguous()?,

@@ -1,9 +1,12 @@
 //! Elementwise ops. Unary: neg, exp, log, sqrt, rsqrt, pow, abs, clamp, sigmoid, tanh, silu,
 //! gelu (exact erf), affine. Binary with numpy broadcasting: add, sub, mul, div. Shapes: the
 //! output has the input's shape (unary) or the broadcast shape (binary).
+//! CUDA tensors go to src/backend/cuda/ops/elementwise.rs (unary ops with their backward;
+//! binary ops only for the forward, the backward below is device-independent).
 
 use crate::autograd::{needs_grad, record};
 use crate::backend::cpu;
+use crate::backend::cuda::ops::elementwise as cuda_el;
 use crate::tensor::{broadcast_shapes, Float, Tensor};
 use crate::{float_dispatch, Result};
 use num_traits::{One, Zero};
@@ -55,6 +58,9 @@ impl Tensor {
 
     /// `x * mul + add`.
     pub fn affine(&self, mul: f64, add: f64) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_el::affine(self, mul, add);
+        }
         let out = map1!(self, "affine", |v: T| v * T::c(mul) + T::c(add));
         Ok(record("affine", out, &[self], move |g| {
             Ok(vec![Some(g.affine(mul, 0.0)?)])
@@ -70,6 +76,9 @@ impl Tensor {
     }
 
     pub fn exp(&self) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_el::exp(self);
+        }
         let out = map1!(self, "exp", |v: T| v.exp_fast());
         let y = out.clone();
         let keep = needs_grad(&[self]);
@@ -80,6 +89,9 @@ impl Tensor {
     }
 
     pub fn log(&self) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_el::log(self);
+        }
         let out = map1!(self, "log", |v: T| v.ln());
         let x = self.clone();
         Ok(record("log", out, &[self], move |g| {
@@ -88,6 +100,9 @@ impl Tensor {
     }
 
     pub fn sqrt(&self) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_el::sqrt(self);
+        }
         let out = map1!(self, "sqrt", |v: T| v.sqrt());
         let y = out.clone();
         Ok(record("sqrt", out, &[self], move |g| {
@@ -98,6 +113,9 @@ impl Tensor {
     }
 
     pub fn rsqrt(&self) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_el::rsqrt(self);
+        }
         let out = map1!(self, "rsqrt", |v: T| T::one() / v.sqrt());
         let y = out.clone();
         Ok(record("rsqrt", out, &[self], move |g| {
@@ -112,6 +130,9 @@ impl Tensor {
 
     /// `x ^ p` for a scalar exponent.
     pub fn powf(&self, p: f64) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_el::powf(self, p);
+        }
         let out = map1!(self, "powf", |v: T| v.powf(T::c(p)));
         let x = self.clone();
         Ok(record("powf", out, &[self], move |g| {
@@ -122,6 +143,9 @@ impl Tensor {
     }
 
     pub fn abs(&self) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_el::abs(self);
+        }
         let out = map1!(self, "abs", |v: T| v.abs());
         let x = self.clone();
         Ok(record("abs", out, &[self], move |g| {
@@ -142,6 +166,9 @@ impl Tensor {
 
     /// Clamps into `[min, max]`; the gradient passes where the input was inside.
     pub fn clamp(&self, min: f64, max: f64) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_el::clamp(self, min, max);
+        }
         let out = map1!(self, "clamp", |v: T| v.max(T::c(min)).min(T::c(max)));
         let x = self.clone();
         Ok(record("clamp", out, &[self], move |g| {
@@ -156,6 +183,9 @@ impl Tensor {
     }
 
     pub fn sigmoid(&self) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_el::sigmoid(self);
+        }
         let out = map1!(self, "sigmoid", |v: T| sigmoid(v));
         let y = out.clone();
         Ok(record("sigmoid", out, &[self], move |g| {
@@ -166,6 +196,9 @@ impl Tensor {
     }
 
     pub fn tanh(&self) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_el::tanh(self);
+        }
         let out = map1!(self, "tanh", |v: T| v.tanh());
         let y = out.clone();
         Ok(record("tanh", out, &[self], move |g| {
@@ -177,6 +210,9 @@ impl Tensor {
 
     /// x · sigmoid(x).
     pub fn silu(&self) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_el::silu(self);
+        }
         let out = map1!(self, "silu", |v: T| v * sigmoid(v));
         let x = self.clone();
         Ok(record("silu", out, &[self], move |g| {
@@ -189,6 +225,9 @@ impl Tensor {
 
     /// Exact GELU: x · Φ(x) = x/2 · (1 + erf(x/√2)).
     pub fn gelu(&self) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_el::gelu(self);
+        }
         let out = map1!(self, "gelu", |v: T| T::c(0.5)
             * v
             * (T::one() + (v * T::c(std::f64::consts::FRAC_1_SQRT_2)).error_fn()));
@@ -295,6 +334,15 @@ fn binary(a: &Tensor, b: &Tensor, name: &'static str, op: BinOp) -> Result<Tenso
         )));
     }
     let shape = broadcast_shapes(name, a.shape(), b.shape())?;
+    if a.is_cuda() || b.is_cuda() {
+        let code = match op {
+            BinOp::Add => cuda_el::B_ADD,
+            BinOp::Sub => cuda_el::B_SUB,
+            BinOp::Mul => cuda_el::B_MUL,
+            BinOp::Div => cuda_el::B_DIV,
+        };
+        return cuda_el::binary(a, b, &shape, name, code);
+    }
     float_dispatch!(a.dtype(), name, T => {
         if a.shape() == b.shape() && a.is_contiguous() && b.is_contiguous() {
             let out = a.read::<T, _>(|x| b.read::<T, _>(|y| cpu::zip_map(x, y, |u, v| op.apply(u, v))))??;

@@ -42,17 +42,22 @@ impl Tensor {
             shape[d] += t.shape()[d];
         }
         let (outer, _, inner) = split_at(&shape, d);
-        let out = any_dispatch!(first.dtype(), T => {
-            let parts: Vec<Vec<T>> = tensors.iter().map(|t| t.to_vec::<T>()).collect::<Result<_>>()?;
-            let mut out: Vec<T> = Vec::with_capacity(shape.iter().product());
-            for o in 0..outer {
-                for (t, p) in tensors.iter().zip(&parts) {
-                    let row = t.shape()[d] * inner;
-                    out.extend_from_slice(&p[o * row..(o + 1) * row]);
+        let out = if tensors.iter().any(|t| t.is_cuda()) {
+            // Errors when some inputs are on the cpu.
+            crate::backend::cuda::ops::index::cat(tensors, d, &shape)?
+        } else {
+            any_dispatch!(first.dtype(), T => {
+                let parts: Vec<Vec<T>> = tensors.iter().map(|t| t.to_vec::<T>()).collect::<Result<_>>()?;
+                let mut out: Vec<T> = Vec::with_capacity(shape.iter().product());
+                for o in 0..outer {
+                    for (t, p) in tensors.iter().zip(&parts) {
+                        let row = t.shape()[d] * inner;
+                        out.extend_from_slice(&p[o * row..(o + 1) * row]);
+                    }
                 }
-            }
-            Tensor::from_vec(out, &shape)?
-        });
+                Tensor::from_vec(out, &shape)?
+            })
+        };
         let sizes: Vec<usize> = tensors.iter().map(|t| t.shape()[d]).collect();
         Ok(record("cat", out, tensors, move |g| {
             Ok(g.split(&sizes, d as isize)?.into_iter().map(Some).collect())
@@ -84,6 +89,10 @@ impl Tensor {
                 "index_select",
                 format!("index {bad} out of range for dim {d} of {:?}", self.shape()),
             ));
+        }
+        if self.is_cuda() {
+            // `indices` may be on either device (read on the host above).
+            return crate::backend::cuda::ops::index::index_select(self, idx, d);
         }
         let mut shape = self.shape().to_vec();
         shape[d] = idx.len();
@@ -162,6 +171,9 @@ impl Tensor {
                 pos[a] = 0;
             }
         }
+        if self.is_cuda() {
+            return crate::backend::cuda::ops::index::gather(self, src, &ishape);
+        }
         let out = any_dispatch!(self.dtype(), T => {
             let x = self.to_vec::<T>()?;
             Tensor::from_vec(src.iter().map(|&o| x[o]).collect::<Vec<T>>(), &ishape)?
@@ -185,6 +197,10 @@ impl Tensor {
     pub fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let shape = crate::tensor::broadcast_shapes("where", a.shape(), b.shape())?;
         let shape = crate::tensor::broadcast_shapes("where", &shape, cond.shape())?;
+        if a.is_cuda() || b.is_cuda() {
+            // `cond` may be on either device; a and b must both be on cuda.
+            return crate::backend::cuda::ops::index::where_cond(cond, a, b, &shape);
+        }
         let mask = cond.broadcast_as(&shape)?.to_mask()?;
         let out = float_dispatch!(a.dtype(), "where", T => {
             let av = a.detach().broadcast_as(&shape)?.to_vec::<T>()?;
@@ -205,6 +221,10 @@ impl Tensor {
 
     /// `value` where `mask` (broadcast to this shape) is nonzero.
     pub fn masked_fill(&self, mask: &Tensor, value: f64) -> Result<Tensor> {
+        if self.is_cuda() {
+            // `mask` may be on either device.
+            return crate::backend::cuda::ops::index::masked_fill(self, mask, value);
+        }
         let v = Tensor::scalar(value, self.dtype())?;
         let m = mask.broadcast_as(self.shape())?;
         Tensor::where_cond(&m, &v, self)
@@ -215,6 +235,10 @@ impl Tensor {
     /// put image features into the token embeddings). `source` must have at least as many
     /// elements as the mask has set positions.
     pub fn masked_scatter(&self, mask: &Tensor, source: &Tensor) -> Result<Tensor> {
+        if self.is_cuda() || source.is_cuda() {
+            // `mask` may be on either device; self and source must both be on cuda.
+            return crate::backend::cuda::ops::index::masked_scatter(self, mask, source);
+        }
         let mask = mask.broadcast_as(self.shape())?.to_mask()?;
         let count = mask.iter().filter(|&&m| m).count();
         if source.numel() < count {

@@ -73,6 +73,9 @@ impl Tensor {
     /// Mean cross-entropy of `targets` under `self` (logits); see the module doc.
     pub fn cross_entropy(&self, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
         let (x, v, t) = rows_and_targets("cross_entropy", self, targets, Some(ignore_index))?;
+        if x.is_cuda() {
+            return crate::backend::cuda::ops::loss::cross_entropy(self, x, v, &t);
+        }
         let n = t.iter().filter(|t| t.is_some()).count();
         let (loss, lse) = float_dispatch!(x.dtype(), "cross_entropy", T => {
             let lse: Vec<T> = x.read::<T, _>(|xs| {
@@ -110,6 +113,9 @@ impl Tensor {
     pub fn log_prob_of(&self, ids: &Tensor) -> Result<Tensor> {
         let (x, v, t) = rows_and_targets("log_prob_of", self, ids, None)?;
         let t: Vec<usize> = t.into_iter().map(|c| c.expect("no ignore index")).collect();
+        if x.is_cuda() {
+            return crate::backend::cuda::ops::loss::log_prob_of(self, x, v, &t, ids.shape());
+        }
         let (out, lse) = float_dispatch!(x.dtype(), "log_prob_of", T => {
             let (lp, lse): (Vec<T>, Vec<T>) = x.read::<T, _>(|xs| {
                 xs.chunks(v).zip(&t).map(|(row, &c)| { let l = row_lse(row); (row[c] - l, l) }).unzip()

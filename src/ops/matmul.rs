@@ -103,6 +103,9 @@ impl Tensor {
     /// Batched matrix product: self [..., M, K] @ rhs [..., K, N] -> [..., M, N]; batch dims
     /// broadcast; either operand may be a transposed view (no copy).
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        if self.is_cuda() || rhs.is_cuda() {
+            return crate::backend::cuda::ops::matmul::matmul(self, rhs);
+        }
         let out = matmul_raw(self, rhs)?;
         let (a, b) = (self.detach(), rhs.detach());
         let grads = [self.requires_grad(), rhs.requires_grad()];
@@ -149,6 +152,9 @@ impl Tensor {
                     format!("bias {:?} != [{dout}]", b.shape()),
                 ));
             }
+        }
+        if self.is_cuda() || weight.is_cuda() || bias.is_some_and(|b| b.is_cuda()) {
+            return crate::backend::cuda::ops::matmul::linear(self, weight, bias);
         }
         let x2 = self.detach().reshape(&[usize::MAX, din])?;
         let w = weight.detach();

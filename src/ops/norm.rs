@@ -25,6 +25,9 @@ impl Tensor {
                 ),
             ));
         }
+        if self.is_cuda() || weight.is_cuda() {
+            return crate::backend::cuda::ops::norm::rms_norm(self, weight, eps);
+        }
         let x = self.detach().contiguous()?;
         let w = weight.detach().contiguous()?;
         let (out, rstd) = float_dispatch!(x.dtype(), "rms_norm", T => {

@@ -1,9 +1,11 @@
 //! Reductions over dims: sum, mean, max, logsumexp; and softmax / log_softmax along a dim.
 //! Output shape: the input's with reduced dims removed (or kept as 1 with `keepdim`).
+//! CUDA tensors go to src/backend/cuda/ops/reduce.rs (mean composes sum and affine).
 
 use super::elementwise::map1;
 use crate::autograd::record;
 use crate::backend::cpu;
+use crate::backend::cuda::ops::reduce as cuda_reduce;
 use crate::tensor::{Float, Tensor};
 use crate::{float_dispatch, Error, Result};
 use num_traits::{One, Zero};
@@ -81,6 +83,9 @@ fn row_logsumexp<T: Float>(row: &[T]) -> T {
 impl Tensor {
     /// Sum over `dims`.
     pub fn sum_dims(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        if self.is_cuda() {
+            return cuda_reduce::sum_dims(self, dims, keepdim);
+        }
         let (xp, keep_shape, n) = rows_last(self, dims, "sum")?;
         let shape = out_shape(&keep_shape, dims, keepdim);
         let out = reduce_rows!(xp, n, &shape, "sum", |row: T| row
@@ -131,6 +136,9 @@ impl Tensor {
     /// Maximum over one dim. The gradient goes to the first maximal element.
     pub fn max(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
         let d = self.normalize_dim(dim, "max")?;
+        if self.is_cuda() {
+            return cuda_reduce::max(self, d, keepdim);
+        }
         let (xp, keep_shape, n) = rows_last(self, &[d], "max")?;
         if n == 0 {
             return Err(Error::shape(
@@ -164,6 +172,9 @@ impl Tensor {
     /// log Σ exp over one dim, stable.
     pub fn logsumexp(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
         let d = self.normalize_dim(dim, "logsumexp")?;
+        if self.is_cuda() {
+            return cuda_reduce::logsumexp(self, d, keepdim);
+        }
         let (xp, keep_shape, n) = rows_last(self, &[d], "logsumexp")?;
         let shape = out_shape(&keep_shape, &[d], keepdim);
         let out = reduce_rows!(xp, n, &shape, "logsumexp", |row: T| row_logsumexp(row));
@@ -179,6 +190,9 @@ impl Tensor {
     /// Softmax along `dim`.
     pub fn softmax(&self, dim: isize) -> Result<Tensor> {
         let d = self.normalize_dim(dim, "softmax")?;
+        if self.is_cuda() {
+            return cuda_reduce::softmax(self, d);
+        }
         let out = along_last(self, d, |x| {
             let x = x.contiguous()?;
             let n = *x.shape().last().unwrap_or(&1);
@@ -218,6 +232,9 @@ impl Tensor {
     /// log-softmax along `dim`.
     pub fn log_softmax(&self, dim: isize) -> Result<Tensor> {
         let d = self.normalize_dim(dim, "log_softmax")?;
+        if self.is_cuda() {
+            return cuda_reduce::log_softmax(self, d);
+        }
         let out = along_last(self, d, |x| {
             let x = x.contiguous()?;
             let n = *x.shape().last().unwrap_or(&1);

@@ -61,6 +61,10 @@ impl Tensor {
                 format!("cos {:?} and sin {:?} differ", cos.shape(), sin.shape()),
             ));
         }
+        if self.is_cuda() {
+            // cos/sin may be cpu tables: they are copied to the device (no gradient flows to them).
+            return crate::backend::cuda::ops::rope::rope(self, cos, sin);
+        }
         let (cos, sin) = (cos.detach().contiguous()?, sin.detach().contiguous()?);
         let out = rotate(&self.detach(), &cos, &sin, false)?;
         Ok(record("rope", out, &[self], move |g| {

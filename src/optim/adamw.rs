@@ -20,8 +20,8 @@
 //! `(p, m, v, g)`.
 
 use super::{
-    check_state_tensor, deep_copy, grad_for_update, validate_groups, ParamGroup, PAR_CHUNK,
-    PAR_THRESHOLD,
+    check_state_tensor, deep_copy, grad_for_update, state_copy_for, validate_groups, ParamGroup,
+    PAR_CHUNK, PAR_THRESHOLD,
 };
 use crate::{float_dispatch, no_grad, Error, Float, Result, Tensor};
 use rayon::prelude::*;
@@ -233,8 +233,8 @@ impl AdamW {
                     check_state_tensor("AdamW::load_state", "exp_avg_sq", i, p, &s.exp_avg_sq)?;
                     Some(AdamWParamState {
                         step: s.step,
-                        exp_avg: deep_copy(&s.exp_avg)?,
-                        exp_avg_sq: deep_copy(&s.exp_avg_sq)?,
+                        exp_avg: state_copy_for(p, &s.exp_avg)?,
+                        exp_avg_sq: state_copy_for(p, &s.exp_avg_sq)?,
                     })
                 }
             });
@@ -259,8 +259,8 @@ fn update_param(
     if slot.is_none() {
         *slot = Some(AdamWParamState {
             step: 0,
-            exp_avg: p.zeros_like()?,
-            exp_avg_sq: p.zeros_like()?,
+            exp_avg: Tensor::zeros_on(p.shape(), p.dtype(), p.device())?,
+            exp_avg_sq: Tensor::zeros_on(p.shape(), p.dtype(), p.device())?,
         });
     }
     let st = slot.as_mut().expect("state initialised above");
@@ -268,6 +268,21 @@ fn update_param(
     let (b1, b2) = config.betas;
     let bc1 = 1.0 - b1.powf(t as f64);
     let bc2 = 1.0 - b2.powf(t as f64);
+    if p.is_cuda() {
+        // f32 master weights: the same scalars rounded to f32, one fused kernel.
+        let k = crate::backend::cuda::ops::optim::AdamWCoefs {
+            decay: (weight_decay != 0.0).then_some((1.0 - lr * weight_decay) as f32),
+            one_minus_beta1: (1.0 - b1) as f32,
+            beta2: b2 as f32,
+            one_minus_beta2: (1.0 - b2) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: config.eps as f32,
+            neg_step_size: (-(lr / bc1)) as f32,
+        };
+        crate::backend::cuda::ops::optim::adamw_step(p, &g, &st.exp_avg, &st.exp_avg_sq, &k)?;
+        st.step = t;
+        return Ok(());
+    }
     float_dispatch!(p.dtype(), "AdamW::step", T => {
         let k = Coefs::<T> {
             decay: (weight_decay != 0.0).then(|| T::c(1.0 - lr * weight_decay)),

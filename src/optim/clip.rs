@@ -16,6 +16,9 @@ use crate::{float_dispatch, Float, Result, Tensor, WithDType};
 /// overflow or a NaN in some gradient) is returned without touching any gradient: the
 /// caller decides (typically: skip the step or fail).
 ///
+/// CUDA gradients (f32 or bf16) are reduced on the device (a deterministic two-pass f64 sum
+/// of squares) and scaled there; CPU and CUDA gradients may be mixed.
+///
 /// Each clipped gradient is replaced by a new contiguous tensor holding the scaled values
 /// (`p.grad()` afterwards returns it), so a gradient tensor obtained before the call keeps
 /// its old values and the buffer of a broadcast gradient is never written through.
@@ -33,8 +36,17 @@ pub fn clip_grad_norm<'a>(
         .filter_map(|p| p.grad().map(|g| (p, g)))
         .collect();
     let mut sum_sq = 0.0f64;
+    let mut cuda_grads = Vec::new();
     for (_, g) in &with_grad {
-        sum_sq += float_dispatch!(g.dtype(), "clip_grad_norm", T => sum_squares::<T>(g)?);
+        if g.is_cuda() {
+            cuda_grads.push(g.clone());
+        } else {
+            sum_sq += float_dispatch!(g.dtype(), "clip_grad_norm", T => sum_squares::<T>(g)?);
+        }
+    }
+    if !cuda_grads.is_empty() {
+        // One two-pass f64 reduction over all device gradients, one copy to the host.
+        sum_sq += crate::no_grad(|| crate::backend::cuda::ops::optim::sum_squares(&cuda_grads))?;
     }
     let norm = sum_sq.sqrt();
     if !norm.is_finite() {
@@ -43,6 +55,16 @@ pub fn clip_grad_norm<'a>(
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         for (p, g) in &with_grad {
+            if g.is_cuda() {
+                // The factor rounded to the gradient's dtype, as the CPU path multiplies in T.
+                let c = match g.dtype() {
+                    crate::DType::BF16 => half::bf16::from_f64(coef).to_f32(),
+                    _ => coef as f32,
+                };
+                let scaled = crate::no_grad(|| crate::backend::cuda::ops::optim::scale(g, c))?;
+                p.set_grad(Some(scaled));
+                continue;
+            }
             let scaled = float_dispatch!(g.dtype(), "clip_grad_norm", T => {
                 let c = T::c(coef);
                 let v: Vec<T> = g.to_vec::<T>()?.into_iter().map(|x| x * c).collect();

@@ -17,8 +17,12 @@
 //! ```
 //!
 //! Parameters are f32 or f64 contiguous leaf tensors (`requires_grad_()`); a parameter's
-//! optimiser state (moments, momentum buffer) has the parameter's dtype. Parameters whose
-//! `grad()` is `None` at a step are skipped, as torch does.
+//! optimiser state (moments, momentum buffer) has the parameter's dtype and device. Parameters
+//! whose `grad()` is `None` at a step are skipped, as torch does.
+//!
+//! CUDA parameters (f32 only: master weights) are updated by fused kernels
+//! (`backend::cuda::ops::optim`) with the same arithmetic; their state lives on the device,
+//! `state()` snapshots it to the CPU and `load_state()` moves it back.
 
 pub mod adamw;
 pub mod clip;
@@ -90,9 +94,20 @@ pub(crate) fn validate_groups(op: &'static str, groups: &[ParamGroup]) -> Result
     Ok(())
 }
 
-/// A contiguous copy with its own buffer (checkpoint snapshots must not alias live state).
+/// A contiguous CPU copy with its own buffer (checkpoint snapshots must not alias live state;
+/// state kept on CUDA is moved to the CPU).
 pub(crate) fn deep_copy(t: &Tensor) -> Result<Tensor> {
     crate::any_dispatch!(t.dtype(), T => Tensor::from_vec(t.to_vec::<T>()?, t.shape()))
+}
+
+/// A copy of a loaded state tensor on `param`'s device (its own buffer).
+pub(crate) fn state_copy_for(param: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let c = deep_copy(t)?;
+    if param.is_cuda() {
+        crate::no_grad(|| c.to_cuda())
+    } else {
+        Ok(c)
+    }
 }
 
 /// Checks that a state tensor loaded for parameter `index` matches it in shape and dtype.
@@ -135,8 +150,21 @@ pub(crate) fn grad_for_update(
             p.dtype()
         )));
     }
+    if g.device() != p.device() {
+        return Err(Error::msg(format!(
+            "{op}: gradient of parameter {index} is on {:?} but the parameter is on {:?}",
+            g.device(),
+            p.device()
+        )));
+    }
     let g = g.contiguous()?;
-    Ok(Some(if g.same_storage(p) { deep_copy(&g)? } else { g }))
+    Ok(Some(if !g.same_storage(p) {
+        g
+    } else if g.is_cuda() {
+        crate::backend::cuda::ops::optim::copy(&g)?
+    } else {
+        deep_copy(&g)?
+    }))
 }
 
 /// Element count above which a per-tensor update is split across threads.

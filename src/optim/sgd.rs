@@ -16,8 +16,8 @@
 //! the parameter dtype in torch's order. The momentum buffer has the parameter's dtype.
 
 use super::{
-    check_state_tensor, deep_copy, grad_for_update, validate_groups, ParamGroup, PAR_CHUNK,
-    PAR_THRESHOLD,
+    check_state_tensor, deep_copy, grad_for_update, state_copy_for, validate_groups, ParamGroup,
+    PAR_CHUNK, PAR_THRESHOLD,
 };
 use crate::{float_dispatch, no_grad, Error, Float, Result, Tensor};
 use rayon::prelude::*;
@@ -233,7 +233,7 @@ impl Sgd {
                 None => None,
                 Some(b) => {
                     check_state_tensor("Sgd::load_state", "momentum buffer", i, p, b)?;
-                    Some(deep_copy(b)?)
+                    Some(state_copy_for(p, b)?)
                 }
             });
         }
@@ -254,6 +254,25 @@ fn update_param(
     let Some(g) = grad_for_update("Sgd::step", index, p)? else {
         return Ok(());
     };
+    if p.is_cuda() {
+        // f32 master weights: the same scalars rounded to f32, one fused kernel.
+        let k = crate::backend::cuda::ops::optim::SgdCoefs {
+            weight_decay: (weight_decay != 0.0).then_some(weight_decay as f32),
+            momentum: config.momentum as f32,
+            one_minus_dampening: (1.0 - config.dampening) as f32,
+            neg_lr: (-lr) as f32,
+            nesterov: config.nesterov,
+        };
+        if config.momentum == 0.0 {
+            return crate::backend::cuda::ops::optim::sgd_step(p, &g, None, false, &k);
+        }
+        let first = slot.is_none();
+        if first {
+            *slot = Some(Tensor::zeros_on(p.shape(), p.dtype(), p.device())?);
+        }
+        let buf = slot.as_ref().expect("buffer initialised above");
+        return crate::backend::cuda::ops::optim::sgd_step(p, &g, Some(buf), first, &k);
+    }
     float_dispatch!(p.dtype(), "Sgd::step", T => {
         let k = Coefs::<T> {
             weight_decay: (weight_decay != 0.0).then(|| T::c(weight_decay)),

@@ -136,11 +136,10 @@ fn block(
         .linear(w("attn.qkv.weight")?, Some(w("attn.qkv.bias")?))?
         .reshape(&[s, 3, nh, hd])?;
     let part = |k: usize| qkv.narrow(1, k, 1)?.squeeze(1); // [S, H, hd]
-    let to = |t: &Tensor| t.to_device(x.device())?.to_dtype(x.dtype());
-    let (cos, sin) = (to(&plan.cos)?, to(&plan.sin)?);
+    let (cos, sin) = (&plan.cos, &plan.sin);
     let heads = |t: Tensor| t.transpose(0, 1)?.unsqueeze(0); // [1, H, S, hd]
-    let q = heads(part(0)?.rope(&cos, &sin)?)?;
-    let k = heads(part(1)?.rope(&cos, &sin)?)?;
+    let q = heads(part(0)?.rope(cos, sin)?)?;
+    let k = heads(part(1)?.rope(cos, sin)?)?;
     let v = heads(part(2)?)?;
     let opts = AttentionOptions {
         cu_seqlens: Some(cu.to_vec()),
@@ -182,8 +181,12 @@ pub fn vision_forward(
             ),
         ));
     }
-    let plan = VisionPlan::new(grids, c)?;
+    let mut plan = VisionPlan::new(grids, c)?;
     let dtype = p.require("visual.patch_embed.proj.weight")?.dtype();
+    let device = p.require("visual.patch_embed.proj.weight")?.device();
+    // The rotary tables once on the parameters' device and dtype (not per block).
+    plan.cos = plan.cos.to_device(device)?.to_dtype(dtype)?;
+    plan.sin = plan.sin.to_device(device)?.to_dtype(dtype)?;
     let pe = p
         .require("visual.patch_embed.proj.weight")?
         .reshape(&[c.hidden_size, c.patch_dim()])?;

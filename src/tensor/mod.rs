@@ -82,7 +82,9 @@ impl std::str::FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" | "cuda:0" | "gpu" => Ok(Device::Cuda),
-            _ => Err(Error::msg(format!("unknown device {s:?} (expected cpu or cuda)"))),
+            _ => Err(Error::msg(format!(
+                "unknown device {s:?} (expected cpu or cuda)"
+            ))),
         }
     }
 }
@@ -379,9 +381,16 @@ impl Tensor {
     }
 
     /// A tensor of `len`-element device buffer `buf` with a contiguous `shape`.
-    pub fn from_cuda(buf: crate::backend::cuda::CudaBuffer, dtype: DType, shape: &[usize]) -> Tensor {
+    pub fn from_cuda(
+        buf: crate::backend::cuda::CudaBuffer,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Tensor {
         let len = shape.iter().product();
-        Self::from_storage(Storage::new(StorageData::Cuda(CudaStorage { buf, dtype, len })), shape)
+        Self::from_storage(
+            Storage::new(StorageData::Cuda(CudaStorage { buf, dtype, len })),
+            shape,
+        )
     }
 
     /// An uninitialised contiguous device tensor (every element is written by the caller).
@@ -417,9 +426,12 @@ impl Tensor {
     /// Device address of this view's first element (valid while `self` lives).
     pub fn cuda_ptr(&self) -> Result<u64> {
         let guard = self.0.storage.read().expect("storage lock");
-        let c = guard
-            .cuda()
-            .ok_or_else(|| Error::msg(format!("internal: cuda_ptr of a cpu tensor {:?}", self.shape())))?;
+        let c = guard.cuda().ok_or_else(|| {
+            Error::msg(format!(
+                "internal: cuda_ptr of a cpu tensor {:?}",
+                self.shape()
+            ))
+        })?;
         Ok(c.buf.ptr() + (self.0.layout.offset * self.dtype().size_in_bytes()) as u64)
     }
 
@@ -449,9 +461,12 @@ impl Tensor {
                 })
             }
         };
-        Ok(crate::autograd::record("to_device", out, &[self], move |g| {
-            Ok(vec![Some(g.to_device(from)?)])
-        }))
+        Ok(crate::autograd::record(
+            "to_device",
+            out,
+            &[self],
+            move |g| Ok(vec![Some(g.to_device(from)?)]),
+        ))
     }
 
     pub fn to_cuda(&self) -> Result<Tensor> {
@@ -552,7 +567,11 @@ impl Tensor {
                 return Err(self.cpu_only("assign into a non-contiguous cuda view"));
             }
             let dev = crate::backend::cuda::device()?;
-            return dev.dtod(src.cuda_ptr()?, self.cuda_ptr()?, self.numel() * self.dtype().size_in_bytes());
+            return dev.dtod(
+                src.cuda_ptr()?,
+                self.cuda_ptr()?,
+                self.numel() * self.dtype().size_in_bytes(),
+            );
         }
         let src = src.to_cpu()?.contiguous()?;
         any_dispatch!(self.dtype(), T => {

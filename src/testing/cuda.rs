@@ -16,7 +16,10 @@ pub struct Comparison {
 
 impl Comparison {
     pub fn worst(&self) -> f64 {
-        self.grads.iter().flatten().fold(self.output, |a, &b| a.max(b))
+        self.grads
+            .iter()
+            .flatten()
+            .fold(self.output, |a, &b| a.max(b))
     }
 }
 
@@ -69,13 +72,20 @@ pub fn compare_with_cpu(
         .zip(grad_of)
         .map(|(t, &g)| {
             let t = t.detach().to_device(Device::Cuda)?;
-            let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+            let t = if t.dtype().is_float() {
+                t.to_dtype(dtype)?
+            } else {
+                t
+            };
             Ok(if g { t.requires_grad_() } else { t })
         })
         .collect::<Result<_>>()?;
     let want = f(&cpu_in)?;
     let got = f(&cuda_in)?;
-    assert!(got.is_cuda(), "the op returned a cpu tensor for cuda inputs");
+    assert!(
+        got.is_cuda(),
+        "the op returned a cpu tensor for cuda inputs"
+    );
     let output = rel_error(&got, &want)?;
     let mut grads = vec![None; inputs.len()];
     if grad_of.iter().any(|&g| g) && want.requires_grad() {
@@ -109,12 +119,23 @@ pub fn assert_close_to_cpu(
     if cuda::device_or_skip(name).is_none() {
         return false;
     }
-    let c = compare_with_cpu(inputs, grad_of, dtype, 7, f).unwrap_or_else(|e| panic!("{name} ({dtype}): {e}"));
-    println!("{name} {dtype}: output {:.2e} grads {:?}", c.output, c.grads);
-    assert!(c.output <= tol, "{name} {dtype}: output rel error {:.3e} > {tol:e}", c.output);
+    let c = compare_with_cpu(inputs, grad_of, dtype, 7, f)
+        .unwrap_or_else(|e| panic!("{name} ({dtype}): {e}"));
+    println!(
+        "{name} {dtype}: output {:.2e} grads {:?}",
+        c.output, c.grads
+    );
+    assert!(
+        c.output <= tol,
+        "{name} {dtype}: output rel error {:.3e} > {tol:e}",
+        c.output
+    );
     for (i, g) in c.grads.iter().enumerate() {
         if let Some(g) = g {
-            assert!(*g <= tol, "{name} {dtype}: grad of input {i} rel error {g:.3e} > {tol:e}");
+            assert!(
+                *g <= tol,
+                "{name} {dtype}: grad of input {i} rel error {g:.3e} > {tol:e}"
+            );
         }
     }
     true

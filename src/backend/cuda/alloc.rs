@@ -72,7 +72,11 @@ impl Drop for CudaBuffer {
 }
 
 impl Allocator {
-    pub(super) fn alloc(&mut self, bytes: usize, device: &'static CudaDevice) -> Result<CudaBuffer> {
+    pub(super) fn alloc(
+        &mut self,
+        bytes: usize,
+        device: &'static CudaDevice,
+    ) -> Result<CudaBuffer> {
         let class = size_class(bytes);
         let ptr = match self.free.get_mut(&class).and_then(|v| v.pop()) {
             Some(p) => {

@@ -13,7 +13,11 @@ use std::ffi::CString;
 use std::path::PathBuf;
 
 /// Compile flags common to every kernel file.
-const OPTIONS: &[&str] = &["--std=c++17", "-default-device", "--extra-device-vectorization"];
+const OPTIONS: &[&str] = &[
+    "--std=c++17",
+    "-default-device",
+    "--extra-device-vectorization",
+];
 
 /// Whether the NVRTC library can be loaded (never panics).
 pub fn nvrtc_available() -> bool {
@@ -68,7 +72,9 @@ fn cache_dir() -> Option<PathBuf> {
     } else if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         PathBuf::from(d).join("tessera")
     } else {
-        PathBuf::from(std::env::var_os("HOME")?).join(".cache").join("tessera")
+        PathBuf::from(std::env::var_os("HOME")?)
+            .join(".cache")
+            .join("tessera")
     };
     Some(base.join("kernels"))
 }
@@ -83,7 +89,12 @@ pub fn cubin_cached(file: &str, arch: &str) -> Result<Vec<u8>> {
         format!("{major}.{minor}").as_bytes(),
         OPTIONS.join(" ").as_bytes(),
     ]);
-    let path = cache_dir().map(|d| d.join(format!("{}-{arch}-{key:016x}.cubin", file.trim_end_matches(".cu"))));
+    let path = cache_dir().map(|d| {
+        d.join(format!(
+            "{}-{arch}-{key:016x}.cubin",
+            file.trim_end_matches(".cu")
+        ))
+    });
     if let Some(p) = &path {
         if let Ok(bytes) = std::fs::read(p) {
             if bytes.starts_with(b"\x7fELF") {
@@ -110,7 +121,8 @@ pub fn compile(file: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
     if !nvrtc_available() {
         return Err(no_nvrtc());
     }
-    let csrc = CString::new(src).map_err(|_| Error::Msg(format!("nvrtc: {file} contains a NUL byte")))?;
+    let csrc =
+        CString::new(src).map_err(|_| Error::Msg(format!("nvrtc: {file} contains a NUL byte")))?;
     let name = CString::new(file).expect("file name");
     let prog = result::create_program(&csrc, Some(&name))
         .map_err(|e| Error::Msg(format!("nvrtc: create program for kernels/{file}: {e:?}")))?;

@@ -6,7 +6,13 @@ use crate::{DType, Error, Result, Tensor};
 /// Softmax(q kᵀ · scale) v for bf16 CUDA tensors q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D]
 /// (Hq a multiple of Hkv; D in 64, 80, 128). Returns (o [B, Hq, Tq, D] bf16, lse [B, Hq, Tq]
 /// f32). No autograd.
-pub fn flash_fwd(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<(Tensor, Tensor)> {
+pub fn flash_fwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
     for t in [q, k, v] {
         if t.dtype() != DType::BF16 || !t.is_cuda() || t.rank() != 4 {
             return Err(Error::msg(format!(
@@ -20,15 +26,27 @@ pub fn flash_fwd(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -
     let (b, hq, tq, d) = (q.dim(0)?, q.dim(1)?, q.dim(2)?, q.dim(3)?);
     let (hkv, tk) = (k.dim(1)?, k.dim(2)?);
     if k.shape() != v.shape() || k.dim(0)? != b || k.dim(3)? != d || hkv == 0 || hq % hkv != 0 {
-        return Err(Error::shape("flash_fwd", format!("q {:?} k {:?} v {:?}", q.shape(), k.shape(), v.shape())));
+        return Err(Error::shape(
+            "flash_fwd",
+            format!("q {:?} k {:?} v {:?}", q.shape(), k.shape(), v.shape()),
+        ));
     }
     if ![64, 80, 128].contains(&d) {
-        return Err(Error::shape("flash_fwd", format!("head dim {d} (supported: 64, 80, 128)")));
+        return Err(Error::shape(
+            "flash_fwd",
+            format!("head dim {d} (supported: 64, 80, 128)"),
+        ));
     }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let o = Tensor::empty_cuda(&[b, hq, tq, d], DType::BF16)?;
     let lse = Tensor::empty_cuda(&[b, hq, tq], DType::F32)?;
-    let (qp, kp, vp, op, lp) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, o.cuda_ptr()?, lse.cuda_ptr()?);
+    let (qp, kp, vp, op, lp) = (
+        q.cuda_ptr()?,
+        k.cuda_ptr()?,
+        v.cuda_ptr()?,
+        o.cuda_ptr()?,
+        lse.cuda_ptr()?,
+    );
     let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
     let (scale, causal) = (scale as f32, causal as i64);
     let shared = (3 * 64 * (d + 8) * 2) as u32;
@@ -38,7 +56,19 @@ pub fn flash_fwd(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -
         (tq.div_ceil(64) as u32, hq as u32, b as u32),
         (128, 1, 1),
         shared,
-        &[arg(&qp), arg(&kp), arg(&vp), arg(&op), arg(&lp), arg(&hq_), arg(&hkv_), arg(&tq_), arg(&tk_), arg(&scale), arg(&causal)],
+        &[
+            arg(&qp),
+            arg(&kp),
+            arg(&vp),
+            arg(&op),
+            arg(&lp),
+            arg(&hq_),
+            arg(&hkv_),
+            arg(&tq_),
+            arg(&tk_),
+            arg(&scale),
+            arg(&causal),
+        ],
     )?;
     Ok((o, lse))
 }

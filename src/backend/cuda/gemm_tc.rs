@@ -12,7 +12,12 @@ const SHARED_BYTES: u32 = (2 * STAGES * BM * LDS * 2) as u32;
 
 /// Whether a [.., M, K] x [N, K] product with these row strides can use the tensor-core path.
 pub fn eligible(k: usize, lda: usize, ldb: usize, a_ptr: u64, b_ptr: u64) -> bool {
-    k % 8 == 0 && lda % 8 == 0 && ldb % 8 == 0 && a_ptr % 16 == 0 && b_ptr % 16 == 0 && k > 0
+    k.is_multiple_of(8)
+        && lda.is_multiple_of(8)
+        && ldb.is_multiple_of(8)
+        && a_ptr.is_multiple_of(16)
+        && b_ptr.is_multiple_of(16)
+        && k > 0
 }
 
 /// Raw launch: `batch` products, element strides between products `batch_*` (0 = shared).
@@ -40,8 +45,20 @@ pub fn launch(
         (256, 1, 1),
         SHARED_BYTES,
         &[
-            arg(&a), arg(&b), arg(&c), arg(&bias), arg(&m_), arg(&n_), arg(&k_), arg(&lda_), arg(&ldb_),
-            arg(&ldc_), arg(&ba), arg(&bb), arg(&bc), arg(&flags),
+            arg(&a),
+            arg(&b),
+            arg(&c),
+            arg(&bias),
+            arg(&m_),
+            arg(&n_),
+            arg(&k_),
+            arg(&lda_),
+            arg(&ldb_),
+            arg(&ldc_),
+            arg(&ba),
+            arg(&bb),
+            arg(&bc),
+            arg(&flags),
         ],
     )
 }
@@ -55,12 +72,17 @@ pub fn matmul_bt(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     let k = *a.shape().last().unwrap_or(&0);
     if b.rank() != 2 || b.dim(1)? != k {
-        return Err(Error::shape("gemm_tc", format!("{:?} x {:?}ᵀ", a.shape(), b.shape())));
+        return Err(Error::shape(
+            "gemm_tc",
+            format!("{:?} x {:?}ᵀ", a.shape(), b.shape()),
+        ));
     }
     let n = b.dim(0)?;
     let m = a.numel() / k.max(1);
     if !eligible(k, k, k, a.cuda_ptr()?, b.cuda_ptr()?) {
-        return Err(Error::msg(format!("gemm_tc: K = {k} is not a multiple of 8")));
+        return Err(Error::msg(format!(
+            "gemm_tc: K = {k} is not a multiple of 8"
+        )));
     }
     let mut shape = a.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = n;
@@ -73,6 +95,16 @@ pub fn matmul_bt(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor
         Some(t) => Some(t.cuda_ptr()?),
         None => None,
     };
-    launch(a.cuda_ptr()?, b.cuda_ptr()?, out.cuda_ptr()?, bias_ptr, (m, n, k), (k, k, n), 1, (0, 0, 0), false)?;
+    launch(
+        a.cuda_ptr()?,
+        b.cuda_ptr()?,
+        out.cuda_ptr()?,
+        bias_ptr,
+        (m, n, k),
+        (k, k, n),
+        1,
+        (0, 0, 0),
+        false,
+    )?;
     Ok(out)
 }

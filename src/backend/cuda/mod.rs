@@ -60,7 +60,10 @@ pub fn is_available() -> bool {
 
 /// The device, initialised on first use. Errors (no driver, no device) are remembered.
 pub fn device() -> Result<&'static CudaDevice> {
-    let d = DEVICE.get_or_init(init).as_ref().map_err(|e| Error::Msg(e.clone()))?;
+    let d = DEVICE
+        .get_or_init(init)
+        .as_ref()
+        .map_err(|e| Error::Msg(e.clone()))?;
     d.bind()?;
     Ok(d)
 }
@@ -129,7 +132,8 @@ impl CudaDevice {
     fn bind(&self) -> Result<()> {
         if !BOUND.with(|b| b.get()) {
             // SAFETY: ctx is the retained primary context.
-            unsafe { result::ctx::set_current(self.ctx) }.map_err(|e| driver_err("set context", e))?;
+            unsafe { result::ctx::set_current(self.ctx) }
+                .map_err(|e| driver_err("set context", e))?;
             BOUND.with(|b| b.set(true));
         }
         Ok(())
@@ -142,7 +146,10 @@ impl CudaDevice {
 
     /// Allocates `bytes` (rounded up to the allocator's size class). Contents are undefined.
     pub fn alloc(&'static self, bytes: usize) -> Result<CudaBuffer> {
-        self.alloc.lock().expect("allocator lock").alloc(bytes, self)
+        self.alloc
+            .lock()
+            .expect("allocator lock")
+            .alloc(bytes, self)
     }
 
     pub(crate) fn release(&self, ptr: u64, class: usize) {
@@ -169,7 +176,8 @@ impl CudaDevice {
 
     pub fn synchronize(&self) -> Result<()> {
         // SAFETY: the stream belongs to this context.
-        unsafe { result::stream::synchronize(self.stream) }.map_err(|e| driver_err("synchronize", e))
+        unsafe { result::stream::synchronize(self.stream) }
+            .map_err(|e| driver_err("synchronize", e))
     }
 
     /// Host -> device copy of `src` into `dst` (which must hold at least `src`'s bytes).
@@ -181,7 +189,8 @@ impl CudaDevice {
         // contract); the copy completes before we return (synchronous from pageable memory
         // is not guaranteed, so we synchronise).
         unsafe {
-            result::memcpy_htod_async(dst, src, self.stream).map_err(|e| driver_err("copy to device", e))?;
+            result::memcpy_htod_async(dst, src, self.stream)
+                .map_err(|e| driver_err("copy to device", e))?;
         }
         self.synchronize()
     }
@@ -193,7 +202,8 @@ impl CudaDevice {
         }
         // SAFETY: src holds at least size_of_val(dst) bytes; we synchronise before returning.
         unsafe {
-            result::memcpy_dtoh_async(dst, src, self.stream).map_err(|e| driver_err("copy to host", e))?;
+            result::memcpy_dtoh_async(dst, src, self.stream)
+                .map_err(|e| driver_err("copy to host", e))?;
         }
         self.synchronize()
     }
@@ -214,7 +224,8 @@ impl CudaDevice {
             return Ok(());
         }
         // SAFETY: dst is a live allocation of at least `bytes`.
-        unsafe { result::memset_d8_async(dst, 0, bytes, self.stream) }.map_err(|e| driver_err("memset", e))
+        unsafe { result::memset_d8_async(dst, 0, bytes, self.stream) }
+            .map_err(|e| driver_err("memset", e))
     }
 
     /// The function `kernel` of `kernels/<file>`, compiled (or loaded from the disk cache) on
@@ -227,9 +238,15 @@ impl CudaDevice {
         let module = self.module(file)?;
         let name = CString::new(kernel).expect("kernel name");
         // SAFETY: module is a loaded module of this context.
-        let f = unsafe { result::module::get_function(module, name) }
-            .map_err(|e| Error::Msg(format!("cuda: kernel {kernel} not found in kernels/{file}: {e:?}")))?;
-        self.functions.lock().expect("functions lock").insert(key, f as usize);
+        let f = unsafe { result::module::get_function(module, name) }.map_err(|e| {
+            Error::Msg(format!(
+                "cuda: kernel {kernel} not found in kernels/{file}: {e:?}"
+            ))
+        })?;
+        self.functions
+            .lock()
+            .expect("functions lock")
+            .insert(key, f as usize);
         Ok(f)
     }
 
@@ -242,8 +259,13 @@ impl CudaDevice {
         }
         let cubin = compile::cubin_cached(file, &self.arch())?;
         // SAFETY: cubin is a complete ELF image for this device's architecture.
-        let m = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }
-            .map_err(|e| Error::Msg(format!("cuda: loading kernels/{file} for {}: {e:?}", self.arch())))?;
+        let m =
+            unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(|e| {
+                Error::Msg(format!(
+                    "cuda: loading kernels/{file} for {}: {e:?}",
+                    self.arch()
+                ))
+            })?;
         guard.insert(file, m as usize);
         Ok(m)
     }

@@ -35,9 +35,15 @@ impl Strides {
             dims.push((n, s));
         }
         if dims.len() > 8 {
-            return Err(Error::shape(op, format!("cuda supports views of rank <= 8, got {shape:?} / {strides:?}")));
+            return Err(Error::shape(
+                op,
+                format!("cuda supports views of rank <= 8, got {shape:?} / {strides:?}"),
+            ));
         }
-        let mut out = Strides { rank: dims.len() as i64, ..Default::default() };
+        let mut out = Strides {
+            rank: dims.len() as i64,
+            ..Default::default()
+        };
         for (i, (n, s)) in dims.into_iter().enumerate() {
             out.shape[i] = n as i64;
             out.stride[i] = s as i64;
@@ -56,7 +62,10 @@ pub const THREADS: usize = 256;
 /// Grid size for a grid-stride loop over `n` items: enough blocks to fill the device a few
 /// times over, no more.
 pub fn grid_for(n: usize) -> u32 {
-    let cap = device().map(|d| d.sm_count as u32 * 16).unwrap_or(2048).max(1);
+    let cap = device()
+        .map(|d| d.sm_count as u32 * 16)
+        .unwrap_or(2048)
+        .max(1);
     blocks_for(n, THREADS).clamp(1, cap)
 }
 
@@ -69,7 +78,14 @@ pub fn fill(shape: &[usize], v: f64, dtype: DType) -> Result<Tensor> {
     }
     let sfx = super::kernels::suffix(dtype, "fill")?;
     let (p, val, n64) = (t.cuda_ptr()?, v as f32, n as i64);
-    device()?.launch("copy.cu", &format!("fill_{sfx}"), (grid_for(n), 1, 1), (THREADS as u32, 1, 1), 0, &[arg(&p), arg(&val), arg(&n64)])?;
+    device()?.launch(
+        "copy.cu",
+        &format!("fill_{sfx}"),
+        (grid_for(n), 1, 1),
+        (THREADS as u32, 1, 1),
+        0,
+        &[arg(&p), arg(&val), arg(&n64)],
+    )?;
     Ok(t)
 }
 
@@ -88,24 +104,44 @@ pub fn contiguous(x: &Tensor) -> Result<Tensor> {
         _ => return Err(Error::dtype("contiguous", x.dtype())),
     };
     let (src, dst, n64) = (x.cuda_ptr()?, out.cuda_ptr()?, n as i64);
-    device()?.launch("copy.cu", kernel, (grid_for(n), 1, 1), (THREADS as u32, 1, 1), 0, &[arg(&src), arg(&dst), arg(&s), arg(&n64)])?;
+    device()?.launch(
+        "copy.cu",
+        kernel,
+        (grid_for(n), 1, 1),
+        (THREADS as u32, 1, 1),
+        0,
+        &[arg(&src), arg(&dst), arg(&s), arg(&n64)],
+    )?;
     Ok(out)
 }
 
 /// f32 <-> bf16 cast of a device tensor (contiguous result). No autograd (the caller records).
 pub fn cast(x: &Tensor, to: DType) -> Result<Tensor> {
-    let x = if x.is_contiguous() { x.clone() } else { contiguous(x)? };
+    let x = if x.is_contiguous() {
+        x.clone()
+    } else {
+        contiguous(x)?
+    };
     let kernel = match (x.dtype(), to) {
         (DType::F32, DType::BF16) => "cast_f32_bf16",
         (DType::BF16, DType::F32) => "cast_bf16_f32",
         (a, b) => {
-            return Err(Error::msg(format!("to_dtype: cuda casts f32 <-> bf16 only, not {a} -> {b}")));
+            return Err(Error::msg(format!(
+                "to_dtype: cuda casts f32 <-> bf16 only, not {a} -> {b}"
+            )));
         }
     };
     let out = Tensor::empty_cuda(x.shape(), to)?;
     let n = x.numel();
     let (src, dst, n64) = (x.cuda_ptr()?, out.cuda_ptr()?, n as i64);
-    device()?.launch("copy.cu", kernel, (grid_for(n), 1, 1), (THREADS as u32, 1, 1), 0, &[arg(&src), arg(&dst), arg(&n64)])?;
+    device()?.launch(
+        "copy.cu",
+        kernel,
+        (grid_for(n), 1, 1),
+        (THREADS as u32, 1, 1),
+        0,
+        &[arg(&src), arg(&dst), arg(&n64)],
+    )?;
     Ok(out)
 }
 
@@ -126,3 +162,13 @@ mod tests {
         assert_eq!((s.rank, s.shape[0], s.stride[0], s.shape[1]), (2, 5, 0, 4));
     }
 }
+pub mod activation;
+pub mod attention;
+pub mod elementwise;
+pub mod index;
+pub mod loss;
+pub mod matmul;
+pub mod norm;
+pub mod optim;
+pub mod reduce;
+pub mod rope;

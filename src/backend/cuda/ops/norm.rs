@@ -1,0 +1,140 @@
+//! RMSNorm on CUDA (kernels/norm.cu): fused forward saving the f32 rstd of every row, fused
+//! backward for dx, and a deterministic two-pass column sum for dweight. The weight must have
+//! x's dtype and device.
+
+use super::index::{on_cuda, upstream};
+use super::{grid_for, THREADS};
+use crate::autograd::record;
+use crate::backend::cuda::kernels::suffix;
+use crate::backend::cuda::{arg, device};
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// Threads per block of the row kernels.
+const ROW_THREADS: u32 = 256;
+/// Threads per block (columns) of the dweight partial sums.
+const COL_THREADS: usize = 256;
+
+fn row_grid(rows: usize) -> Result<(u32, u32, u32)> {
+    if rows > i32::MAX as usize {
+        return Err(Error::msg(format!(
+            "rms_norm: {rows} rows exceed the cuda grid"
+        )));
+    }
+    Ok((rows as u32, 1, 1))
+}
+
+/// `x.rms_norm(weight, eps)` for cuda tensors (shapes validated by the caller).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    on_cuda("rms_norm", &[x, weight])?;
+    let dtype = x.dtype();
+    if weight.dtype() != dtype {
+        return Err(Error::msg(format!(
+            "rms_norm: on cuda the weight must have the input's dtype ({dtype}), got {}",
+            weight.dtype()
+        )));
+    }
+    let sfx = suffix(dtype, "rms_norm")?;
+    let d = *x.shape().last().unwrap_or(&0);
+    let xc = x.detach().contiguous()?;
+    let w = weight.detach().contiguous()?;
+    let rows = xc.numel().checked_div(d).unwrap_or(0);
+    let y = Tensor::empty_cuda(x.shape(), dtype)?;
+    let rstd = Tensor::empty_cuda(&[rows], DType::F32)?;
+    if rows > 0 {
+        let (xp, wp, yp, rp) = (
+            xc.cuda_ptr()?,
+            w.cuda_ptr()?,
+            y.cuda_ptr()?,
+            rstd.cuda_ptr()?,
+        );
+        let (d64, eps32) = (d as i64, eps as f32);
+        device()?.launch(
+            "norm.cu",
+            &format!("rms_norm_fwd_{sfx}"),
+            row_grid(rows)?,
+            (ROW_THREADS, 1, 1),
+            0,
+            &[
+                arg(&xp),
+                arg(&wp),
+                arg(&yp),
+                arg(&rp),
+                arg(&d64),
+                arg(&eps32),
+            ],
+        )?;
+    }
+    let grads = [x.requires_grad(), weight.requires_grad()];
+    Ok(record("rms_norm", y, &[x, weight], move |g| {
+        let g = upstream(g, dtype)?;
+        let dev = device()?;
+        let (xp, wp, gp, rp, d64) = (
+            xc.cuda_ptr()?,
+            w.cuda_ptr()?,
+            g.cuda_ptr()?,
+            rstd.cuda_ptr()?,
+            d as i64,
+        );
+        let dx = if grads[0] {
+            let dx = Tensor::empty_cuda(xc.shape(), dtype)?;
+            if rows > 0 {
+                let dp = dx.cuda_ptr()?;
+                dev.launch(
+                    "norm.cu",
+                    &format!("rms_norm_bwd_dx_{sfx}"),
+                    row_grid(rows)?,
+                    (ROW_THREADS, 1, 1),
+                    0,
+                    &[arg(&xp), arg(&wp), arg(&gp), arg(&rp), arg(&dp), arg(&d64)],
+                )?;
+            }
+            Some(dx)
+        } else {
+            None
+        };
+        let dw = if grads[1] {
+            if rows == 0 || d == 0 {
+                Some(Tensor::zeros_on(&[d], dtype, Device::Cuda)?)
+            } else {
+                // Chunks of about 64 rows (at most 256 chunks): partial[c, j] in f32, then a sum
+                // over the chunks in order.
+                let chunks0 = rows.div_ceil(64).clamp(1, 256);
+                let rows_per_chunk = rows.div_ceil(chunks0);
+                let chunks = rows.div_ceil(rows_per_chunk);
+                let partial = Tensor::empty_cuda(&[chunks, d], DType::F32)?;
+                let pp = partial.cuda_ptr()?;
+                let (rows64, rpc64, chunks64) = (rows as i64, rows_per_chunk as i64, chunks as i64);
+                dev.launch(
+                    "norm.cu",
+                    &format!("rms_norm_dw_partial_{sfx}"),
+                    (d.div_ceil(COL_THREADS) as u32, chunks as u32, 1),
+                    (COL_THREADS as u32, 1, 1),
+                    0,
+                    &[
+                        arg(&xp),
+                        arg(&gp),
+                        arg(&rp),
+                        arg(&pp),
+                        arg(&rows64),
+                        arg(&d64),
+                        arg(&rpc64),
+                    ],
+                )?;
+                let dw = Tensor::empty_cuda(&[d], dtype)?;
+                let dwp = dw.cuda_ptr()?;
+                dev.launch(
+                    "norm.cu",
+                    &format!("rms_norm_dw_reduce_{sfx}"),
+                    (grid_for(d), 1, 1),
+                    (THREADS as u32, 1, 1),
+                    0,
+                    &[arg(&pp), arg(&dwp), arg(&chunks64), arg(&d64)],
+                )?;
+                Some(dw)
+            }
+        } else {
+            None
+        };
+        Ok(vec![dx, dw])
+    }))
+}

@@ -1,0 +1,220 @@
+//! CUDA optimiser kernels (kernels/optim.cu): fused AdamW and SGD steps on f32 parameters
+//! (in place, same arithmetic as the CPU path), and the global gradient norm / scaling of
+//! `clip_grad_norm` (two-pass f64 sum of squares, deterministic).
+
+use super::{arg, device, grid_for, THREADS};
+use crate::backend::cuda::kernels::suffix;
+use crate::{DType, Error, Result, Tensor};
+
+/// Scalars of one AdamW update, already rounded to f32 by the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWCoefs {
+    pub decay: Option<f32>,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    pub neg_step_size: f32,
+}
+
+fn check_state(op: &'static str, p: &Tensor, others: &[(&str, &Tensor)]) -> Result<()> {
+    if !p.is_cuda() || p.dtype() != DType::F32 || !p.is_contiguous() {
+        return Err(Error::msg(format!(
+            "{op}: cuda parameters must be contiguous f32 tensors, got {:?} {} on {:?}",
+            p.shape(),
+            p.dtype(),
+            p.device()
+        )));
+    }
+    for (what, t) in others {
+        if !t.is_cuda() || t.dtype() != DType::F32 || !t.is_contiguous() || t.numel() != p.numel() {
+            return Err(Error::msg(format!(
+                "{op}: {what} must be a contiguous f32 cuda tensor of {} elements like its parameter, \
+                 got {:?} {} on {:?}",
+                p.numel(),
+                t.shape(),
+                t.dtype(),
+                t.device()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One fused AdamW update of `p` in place (m and v updated too). All contiguous f32 on CUDA.
+pub fn adamw_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: &AdamWCoefs) -> Result<()> {
+    check_state(
+        "AdamW::step",
+        p,
+        &[("gradient", g), ("exp_avg", m), ("exp_avg_sq", v)],
+    )?;
+    let n = p.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let (pp, gp, mp, vp) = (p.cuda_ptr()?, g.cuda_ptr()?, m.cuda_ptr()?, v.cuda_ptr()?);
+    let n64 = n as i64;
+    let has_decay = k.decay.is_some() as i64;
+    let decay = k.decay.unwrap_or(1.0);
+    device()?.launch(
+        "optim.cu",
+        "adamw_f32",
+        (grid_for(n), 1, 1),
+        (THREADS as u32, 1, 1),
+        0,
+        &[
+            arg(&pp),
+            arg(&gp),
+            arg(&mp),
+            arg(&vp),
+            arg(&n64),
+            arg(&has_decay),
+            arg(&decay),
+            arg(&k.one_minus_beta1),
+            arg(&k.beta2),
+            arg(&k.one_minus_beta2),
+            arg(&k.bc2_sqrt),
+            arg(&k.eps),
+            arg(&k.neg_step_size),
+        ],
+    )
+}
+
+/// Scalars of one SGD update, already rounded to f32 by the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct SgdCoefs {
+    pub weight_decay: Option<f32>,
+    pub momentum: f32,
+    pub one_minus_dampening: f32,
+    pub neg_lr: f32,
+    pub nesterov: bool,
+}
+
+/// One SGD update of `p` in place; `buf` is the momentum buffer (None: plain SGD), `first`
+/// when it is being initialised by this update.
+pub fn sgd_step(
+    p: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+    first: bool,
+    k: &SgdCoefs,
+) -> Result<()> {
+    let mut others = vec![("gradient", g)];
+    if let Some(b) = buf {
+        others.push(("momentum buffer", b));
+    }
+    check_state("Sgd::step", p, &others)?;
+    let n = p.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let (pp, gp) = (p.cuda_ptr()?, g.cuda_ptr()?);
+    let bp = match buf {
+        Some(b) => b.cuda_ptr()?,
+        None => 0u64,
+    };
+    let n64 = n as i64;
+    let has_wd = k.weight_decay.is_some() as i64;
+    let wd = k.weight_decay.unwrap_or(0.0);
+    let (nesterov, first) = (k.nesterov as i64, first as i64);
+    device()?.launch(
+        "optim.cu",
+        "sgd_f32",
+        (grid_for(n), 1, 1),
+        (THREADS as u32, 1, 1),
+        0,
+        &[
+            arg(&pp),
+            arg(&gp),
+            arg(&bp),
+            arg(&n64),
+            arg(&has_wd),
+            arg(&wd),
+            arg(&k.momentum),
+            arg(&k.one_minus_dampening),
+            arg(&k.neg_lr),
+            arg(&nesterov),
+            arg(&first),
+        ],
+    )
+}
+
+/// Σ x² over every element of the device tensors `grads` (f32 or bf16), accumulated in f64:
+/// per-block partial sums of each tensor into one buffer, then one final sum and one copy
+/// to the host.
+pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
+    let grads: Vec<Tensor> = grads
+        .iter()
+        .filter(|g| g.numel() > 0)
+        .map(|g| g.contiguous())
+        .collect::<Result<_>>()?;
+    if grads.is_empty() {
+        return Ok(0.0);
+    }
+    let blocks: Vec<usize> = grads.iter().map(|g| grid_for(g.numel()) as usize).collect();
+    let total: usize = blocks.iter().sum();
+    // f64 scratch: partials, then the final sum.
+    let part = Tensor::empty_cuda(&[total + 1], DType::F64)?;
+    let base = part.cuda_ptr()?;
+    let dev = device()?;
+    let mut at = 0usize;
+    for (g, &nb) in grads.iter().zip(&blocks) {
+        let sfx = suffix(g.dtype(), "clip_grad_norm")?;
+        let (gp, n64, pp) = (g.cuda_ptr()?, g.numel() as i64, base + (at * 8) as u64);
+        dev.launch(
+            "optim.cu",
+            &format!("sumsq_partial_{sfx}"),
+            (nb as u32, 1, 1),
+            (THREADS as u32, 1, 1),
+            0,
+            &[arg(&gp), arg(&n64), arg(&pp)],
+        )?;
+        at += nb;
+    }
+    let (total64, outp) = (total as i64, base + (total * 8) as u64);
+    dev.launch(
+        "optim.cu",
+        "sumsq_final",
+        (1, 1, 1),
+        (1024, 1, 1),
+        0,
+        &[arg(&base), arg(&total64), arg(&outp)],
+    )?;
+    let mut res = [0f64; 1];
+    dev.dtoh(outp, &mut res)?;
+    Ok(res[0])
+}
+
+/// A new contiguous device tensor `g * c` (`c` already rounded to `g`'s dtype).
+pub fn scale(g: &Tensor, c: f32) -> Result<Tensor> {
+    let sfx = suffix(g.dtype(), "clip_grad_norm")?;
+    let g = g.contiguous()?;
+    let out = Tensor::empty_cuda(g.shape(), g.dtype())?;
+    let n = g.numel();
+    if n == 0 {
+        return Ok(out);
+    }
+    let (gp, op, n64) = (g.cuda_ptr()?, out.cuda_ptr()?, n as i64);
+    device()?.launch(
+        "optim.cu",
+        &format!("grad_scale_{sfx}"),
+        (grid_for(n), 1, 1),
+        (THREADS as u32, 1, 1),
+        0,
+        &[arg(&gp), arg(&op), arg(&c), arg(&n64)],
+    )?;
+    Ok(out)
+}
+
+/// A device copy of `t` with its own buffer (contiguous).
+pub fn copy(t: &Tensor) -> Result<Tensor> {
+    let src = t.contiguous()?;
+    let out = Tensor::empty_cuda(t.shape(), t.dtype())?;
+    device()?.dtod(
+        src.cuda_ptr()?,
+        out.cuda_ptr()?,
+        t.numel() * t.dtype().size_in_bytes(),
+    )?;
+    Ok(out)
+}

@@ -1,0 +1,549 @@
+//! CUDA against CPU for the model ops: rms_norm, rope, swiglu, embedding, cross_entropy,
+//! log_prob_of, and the index ops (cat, stack, index_select, gather, where_cond, masked_fill,
+//! masked_scatter). Each check runs f32 and bf16, forward and every input gradient, on odd
+//! sizes, non-contiguous views and the shapes Qwen2.5-VL uses. Without a GPU every check
+//! prints that it skipped and passes.
+
+use tessera::testing::cuda::{assert_close_to_cpu, randn, tol};
+use tessera::{DType, Result, Rng, Tensor};
+
+const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
+
+/// Runs one comparison for both dtypes. Without a GPU it still runs the CPU forward, so the
+/// check's shapes are known to be valid.
+fn check(name: &str, inputs: &[Tensor], grad_of: &[bool], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    for dtype in DTYPES {
+        if !assert_close_to_cpu(name, inputs, grad_of, dtype, tol(dtype), &f) {
+            f(inputs).unwrap_or_else(|e| panic!("{name} on the cpu: {e}"));
+            return;
+        }
+    }
+}
+
+fn has_gpu(name: &str) -> bool {
+    tessera::backend::cuda::device_or_skip(name).is_some()
+}
+
+/// i64 ids in 0..n of `shape` (with repeats).
+fn ids(shape: &[usize], n: u64, seed: u64) -> Tensor {
+    let mut r = Rng::new(seed);
+    let count: usize = shape.iter().product();
+    let v: Vec<i64> = (0..count).map(|_| r.below(n) as i64).collect();
+    Tensor::from_vec(v, shape).unwrap()
+}
+
+/// A 0/1 tensor of `shape` and `dtype`, each element set with probability `p`.
+fn mask(shape: &[usize], p: f64, seed: u64, dtype: DType) -> Tensor {
+    let mut r = Rng::new(seed);
+    let count: usize = shape.iter().product();
+    let v: Vec<f64> = (0..count)
+        .map(|_| (r.uniform() < p) as u32 as f64)
+        .collect();
+    Tensor::from_f64s(&v, shape, dtype).unwrap()
+}
+
+// ---------------------------------------------------------------- rms_norm
+
+#[test]
+fn rms_norm_matches_cpu() {
+    for (i, &(rows, d)) in [
+        (1, 64),
+        (3, 80),
+        (37, 1000),
+        (5, 3584),
+        (37, 2048),
+        (300, 64),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = 10 * i as u64;
+        check(
+            &format!("rms_norm {rows}x{d}"),
+            &[randn(&[rows, d], s), randn(&[d], s + 1)],
+            &[true, true],
+            |x| x[0].rms_norm(&x[1], 1e-6),
+        );
+    }
+    // Leading dims [B, T, D] (the decoder) and only one of the two gradients.
+    check(
+        "rms_norm [2,37,80]",
+        &[randn(&[2, 37, 80], 1), randn(&[80], 2)],
+        &[true, false],
+        |x| x[0].rms_norm(&x[1], 1e-5),
+    );
+    check(
+        "rms_norm weight grad only",
+        &[randn(&[3, 37, 64], 3), randn(&[64], 4)],
+        &[false, true],
+        |x| x[0].rms_norm(&x[1], 1e-6),
+    );
+    // Non-contiguous input: the transpose of [D, rows].
+    check(
+        "rms_norm transposed",
+        &[randn(&[80, 37], 5), randn(&[80], 6)],
+        &[true, true],
+        |x| x[0].t()?.rms_norm(&x[1], 1e-6),
+    );
+}
+
+// ---------------------------------------------------------------- rope
+
+#[test]
+fn rope_matches_cpu() {
+    // Text model: q/k [B, T, H, hd] -> [B, H, T, hd] (a transposed view), cos/sin [B, 1, T, hd].
+    for (i, &(b, t, h, hd)) in [
+        (1, 1, 2, 64),
+        (2, 37, 4, 128),
+        (1, 3, 28, 128),
+        (3, 5, 2, 80),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = 10 * i as u64;
+        check(
+            &format!("rope text [{b},{h},{t},{hd}]"),
+            &[
+                randn(&[b, t, h, hd], s),
+                randn(&[b, 1, t, hd], s + 1),
+                randn(&[b, 1, t, hd], s + 2),
+            ],
+            &[true, false, false],
+            |x| x[0].transpose(1, 2)?.rope(&x[1], &x[2]),
+        );
+    }
+    // Vision: q of a fused qkv [S, 3, H, 80] -> narrow(1, 0, 1).squeeze(1) = [S, H, 80] (strided),
+    // cos/sin [S, 1, 80].
+    check(
+        "rope vision [37,16,80]",
+        &[
+            randn(&[37, 3, 16, 80], 1),
+            randn(&[37, 1, 80], 2),
+            randn(&[37, 1, 80], 3),
+        ],
+        &[true, false, false],
+        |x| x[0].narrow(1, 1, 1)?.squeeze(1)?.rope(&x[1], &x[2]),
+    );
+    // tiny_lm: tables [T, hd] against [B, H, T, hd], contiguous x.
+    check(
+        "rope [T,hd] tables",
+        &[
+            randn(&[2, 3, 37, 64], 4),
+            randn(&[37, 64], 5),
+            randn(&[37, 64], 6),
+        ],
+        &[true, false, false],
+        |x| x[0].rope(&x[1], &x[2]),
+    );
+    // The text model builds its tables on the host: cpu cos/sin with a cuda x (copied).
+    let (c, s) = (randn(&[1, 1, 37, 128], 7), randn(&[1, 1, 37, 128], 8));
+    check(
+        "rope cpu tables",
+        &[randn(&[1, 37, 4, 128], 9)],
+        &[true],
+        |x| x[0].transpose(1, 2)?.rope(&c, &s),
+    );
+    // Real tables: the rotation keeps norms (both devices agree on actual cos/sin too).
+    let (c, s) = tessera::nn::rope_tables(37, 64, 10000.0, DType::F32).unwrap();
+    check(
+        "rope real tables",
+        &[randn(&[1, 2, 37, 64], 10)],
+        &[true],
+        |x| x[0].rope(&c, &s),
+    );
+}
+
+// ---------------------------------------------------------------- swiglu / embedding
+
+#[test]
+fn swiglu_matches_cpu() {
+    for (i, shape) in [
+        vec![1, 64],
+        vec![3, 37, 80],
+        vec![5, 3584],
+        vec![1, 37, 11008],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = 10 * i as u64;
+        check(
+            &format!("swiglu {shape:?}"),
+            &[randn(shape, s), randn(shape, s + 1)],
+            &[true, true],
+            |x| x[0].swiglu(&x[1]),
+        );
+    }
+    check(
+        "swiglu transposed",
+        &[randn(&[80, 37], 1), randn(&[80, 37], 2)],
+        &[true, true],
+        |x| x[0].t()?.swiglu(&x[1].t()?),
+    );
+    check(
+        "swiglu up grad only",
+        &[randn(&[3, 1000], 3), randn(&[3, 1000], 4)],
+        &[false, true],
+        |x| x[0].swiglu(&x[1]),
+    );
+}
+
+#[test]
+fn embedding_matches_cpu() {
+    // ids moved to cuda with the inputs (the table's gradient is a deterministic scatter-add of
+    // repeated ids).
+    check(
+        "embedding [3,37] of [1000,64]",
+        &[ids(&[3, 37], 50, 1), randn(&[1000, 64], 2)],
+        &[false, true],
+        |x| Tensor::embedding(&x[0], &x[1]),
+    );
+    check(
+        "embedding u32 ids",
+        &[
+            ids(&[37], 7, 3).to_dtype(DType::U32).unwrap(),
+            randn(&[7, 80], 4),
+        ],
+        &[false, true],
+        |x| Tensor::embedding(&x[0], &x[1]),
+    );
+    // The model keeps input_ids on the cpu: cpu ids with a cuda table; Qwen vocabulary.
+    let cpu_ids = ids(&[1, 37], 151936, 5);
+    check(
+        "embedding cpu ids, vocab 151936",
+        &[randn(&[151936, 128], 6)],
+        &[true],
+        |x| Tensor::embedding(&cpu_ids, &x[0]),
+    );
+}
+
+// ---------------------------------------------------------------- losses
+
+#[test]
+fn cross_entropy_matches_cpu() {
+    // Qwen vocabulary, batch 3, some targets ignored (-100).
+    let mut t = ids(&[3, 5], 151936, 1).to_vec::<i64>().unwrap();
+    t[1] = -100;
+    t[7] = -100;
+    t[14] = -100;
+    let t = Tensor::from_vec(t, &[3, 5]).unwrap();
+    check(
+        "cross_entropy [3,5,151936]",
+        &[randn(&[3, 5, 151936], 2), t.clone()],
+        &[true, false],
+        |x| x[0].cross_entropy(&x[1], -100),
+    );
+    // cpu targets (the model's labels), 2-d logits.
+    let t2 = Tensor::from_vec(vec![5i64, -100, 151935], &[3]).unwrap();
+    check(
+        "cross_entropy [3,151936] cpu targets",
+        &[randn(&[3, 151936], 3)],
+        &[true],
+        |x| x[0].cross_entropy(&t2, -100),
+    );
+    // Odd sizes; the model's shifted logits are a narrow view of [B, T, V].
+    for (i, &(rows, v)) in [(1, 64), (37, 1000), (3, 80)].iter().enumerate() {
+        let s = 10 * i as u64;
+        check(
+            &format!("cross_entropy {rows}x{v}"),
+            &[randn(&[rows, v], s), ids(&[rows], v as u64, s + 1)],
+            &[true, false],
+            |x| x[0].cross_entropy(&x[1], -100),
+        );
+    }
+    let labels = ids(&[2, 36], 1000, 4);
+    check(
+        "cross_entropy narrowed logits",
+        &[randn(&[2, 37, 1000], 5)],
+        &[true],
+        |x| x[0].narrow(1, 0, 36)?.cross_entropy(&labels, -100),
+    );
+    // Every target ignored: loss 0, gradient 0.
+    let none = Tensor::from_vec(vec![-100i64; 4], &[4]).unwrap();
+    check(
+        "cross_entropy all ignored",
+        &[randn(&[4, 80], 6)],
+        &[true],
+        |x| x[0].cross_entropy(&none, -100),
+    );
+}
+
+#[test]
+fn log_prob_of_matches_cpu() {
+    check(
+        "log_prob_of [3,37,1000]",
+        &[randn(&[3, 37, 1000], 1), ids(&[3, 37], 1000, 2)],
+        &[true, false],
+        |x| x[0].log_prob_of(&x[1]),
+    );
+    let cpu_ids = ids(&[2], 151936, 3);
+    check(
+        "log_prob_of [2,151936] cpu ids",
+        &[randn(&[2, 151936], 4)],
+        &[true],
+        |x| x[0].log_prob_of(&cpu_ids),
+    );
+    check(
+        "log_prob_of transposed [1,80]",
+        &[randn(&[80, 1], 5), ids(&[1], 80, 6)],
+        &[true, false],
+        |x| x[0].t()?.log_prob_of(&x[1]),
+    );
+}
+
+// ---------------------------------------------------------------- cat / stack
+
+#[test]
+fn cat_and_stack_match_cpu() {
+    let parts = [
+        randn(&[3, 5, 64], 1),
+        randn(&[3, 1, 64], 2),
+        randn(&[3, 37, 64], 3),
+    ];
+    check("cat dim 1", &parts, &[true, true, true], |x| {
+        Tensor::cat(&[&x[0], &x[1], &x[2]], 1)
+    });
+    let parts = [randn(&[1, 80], 4), randn(&[37, 80], 5)];
+    check("cat dim 0", &parts, &[true, true], |x| {
+        Tensor::cat(&[&x[0], &x[1]], 0)
+    });
+    let parts = [randn(&[3, 7], 6), randn(&[3, 1000], 7), randn(&[3, 3], 8)];
+    check("cat dim -1", &parts, &[true, false, true], |x| {
+        Tensor::cat(&[&x[0], &x[1], &x[2]], -1)
+    });
+    // Non-contiguous inputs (a transpose and a narrow).
+    let parts = [randn(&[37, 3], 9), randn(&[3, 50], 10)];
+    check("cat strided", &parts, &[true, true], |x| {
+        Tensor::cat(&[&x[0].t()?, &x[1].narrow(1, 5, 40)?], 1)
+    });
+    // Integer tensors (forward only).
+    let parts = [ids(&[2, 3], 100, 11), ids(&[2, 5], 100, 12)];
+    check("cat i64", &parts, &[false, false], |x| {
+        Tensor::cat(&[&x[0], &x[1]], 1)
+    });
+    let parts = [
+        randn(&[3, 37], 13),
+        randn(&[3, 37], 14),
+        randn(&[3, 37], 15),
+    ];
+    check("stack dim 0", &parts, &[true, true, true], |x| {
+        Tensor::stack(&[&x[0], &x[1], &x[2]], 0)
+    });
+    check("stack dim -1", &parts, &[true, true, true], |x| {
+        Tensor::stack(&[&x[0], &x[1], &x[2]], -1)
+    });
+    // narrow's backward pads with zeros through cat.
+    check(
+        "narrow backward",
+        &[randn(&[3, 37, 80], 16)],
+        &[true],
+        |x| x[0].narrow(1, 3, 20),
+    );
+}
+
+// ---------------------------------------------------------------- index_select / gather
+
+#[test]
+fn index_select_matches_cpu() {
+    check(
+        "index_select dim 0",
+        &[randn(&[37, 80], 1), ids(&[50], 37, 2)],
+        &[true, false],
+        |x| x[0].index_select(&x[1], 0),
+    );
+    check(
+        "index_select dim 1",
+        &[randn(&[3, 37, 5], 3), ids(&[11], 37, 4)],
+        &[true, false],
+        |x| x[0].index_select(&x[1], 1),
+    );
+    check(
+        "index_select last dim",
+        &[randn(&[3, 1000], 5), ids(&[7], 1000, 6)],
+        &[true, false],
+        |x| x[0].index_select(&x[1], -1),
+    );
+    check(
+        "index_select transposed",
+        &[randn(&[80, 37], 7), ids(&[37], 37, 8)],
+        &[true, false],
+        |x| x[0].t()?.index_select(&x[1], 0),
+    );
+    // Vision tower: window reordering of [S, 1280] by a permutation, then the inverse of the
+    // merged units [S/4, 5120]; the indices are cpu tensors.
+    let s = 64;
+    let mut perm: Vec<i64> = (0..s as i64).collect();
+    let mut r = Rng::new(9);
+    for i in (1..s).rev() {
+        perm.swap(i, r.below(i as u64 + 1) as usize);
+    }
+    let perm = Tensor::from_vec(perm, &[s]).unwrap();
+    check(
+        "index_select vision rows",
+        &[randn(&[s, 1280], 10)],
+        &[true],
+        |x| x[0].index_select(&perm, 0),
+    );
+    let inv = Tensor::from_vec((0..16i64).rev().collect::<Vec<_>>(), &[16]).unwrap();
+    check(
+        "index_select vision units",
+        &[randn(&[16, 5120], 11)],
+        &[true],
+        |x| x[0].index_select(&inv, 0),
+    );
+}
+
+#[test]
+fn gather_matches_cpu() {
+    check(
+        "gather dim 1",
+        &[randn(&[5, 37], 1), ids(&[5, 3], 37, 2)],
+        &[true, false],
+        |x| x[0].gather(&x[1], 1),
+    );
+    check(
+        "gather dim 0",
+        &[randn(&[37, 4], 3), ids(&[50, 3], 37, 4)],
+        &[true, false],
+        |x| x[0].gather(&x[1], 0),
+    );
+    check(
+        "gather logits",
+        &[randn(&[3, 1000], 5), ids(&[3, 1], 1000, 6)],
+        &[true, false],
+        |x| x[0].gather(&x[1], -1),
+    );
+    let cpu_idx = ids(&[37, 2], 80, 7);
+    check(
+        "gather transposed, cpu index",
+        &[randn(&[80, 37], 8)],
+        &[true],
+        |x| x[0].t()?.gather(&cpu_idx, 1),
+    );
+}
+
+// ---------------------------------------------------------------- where / masked ops
+
+#[test]
+fn where_cond_matches_cpu() {
+    check(
+        "where same shape",
+        &[
+            mask(&[3, 37], 0.5, 1, DType::F32),
+            randn(&[3, 37], 2),
+            randn(&[3, 37], 3),
+        ],
+        &[false, true, true],
+        |x| Tensor::where_cond(&x[0], &x[1], &x[2]),
+    );
+    // Broadcasting cond, a and b (the gradients are summed back to each input's shape).
+    check(
+        "where broadcast",
+        &[
+            mask(&[3, 1, 37], 0.3, 4, DType::F32),
+            randn(&[3, 5, 37], 5),
+            randn(&[5, 37], 6),
+        ],
+        &[false, true, true],
+        |x| Tensor::where_cond(&x[0], &x[1], &x[2]),
+    );
+    // cpu u32 condition, strided a.
+    let cond = mask(&[37, 80], 0.5, 7, DType::U32);
+    check(
+        "where cpu cond",
+        &[randn(&[80, 37], 8), randn(&[37, 80], 9)],
+        &[true, true],
+        |x| Tensor::where_cond(&cond, &x[0].t()?, &x[1]),
+    );
+}
+
+#[test]
+fn masked_fill_matches_cpu() {
+    let m = mask(&[3, 1, 80], 0.4, 1, DType::U32);
+    check(
+        "masked_fill cpu mask",
+        &[randn(&[3, 37, 80], 2)],
+        &[true],
+        |x| x[0].masked_fill(&m, -3.5),
+    );
+    check(
+        "masked_fill cuda mask",
+        &[randn(&[37, 1000], 3), mask(&[37, 1000], 0.5, 4, DType::F32)],
+        &[true, false],
+        |x| x[0].masked_fill(&x[1], 0.0),
+    );
+    check(
+        "masked_fill transposed",
+        &[randn(&[64, 3], 5), mask(&[64], 0.5, 6, DType::F32)],
+        &[true, false],
+        |x| x[0].t()?.masked_fill(&x[1], 2.0),
+    );
+}
+
+#[test]
+fn masked_scatter_matches_cpu() {
+    // The model: image features into the token embeddings, mask [B, T, 1] u32 on the cpu.
+    for (i, &(b, t, d)) in [(1, 37, 64), (2, 37, 80), (1, 3, 3584)].iter().enumerate() {
+        let s = 10 * i as u64;
+        let m = mask(&[b, t, 1], 0.4, s, DType::U32);
+        let n = m.to_f64s().unwrap().iter().filter(|&&v| v != 0.0).count();
+        check(
+            &format!("masked_scatter [{b},{t},{d}] ({n} image tokens)"),
+            &[randn(&[b, t, d], s + 1), randn(&[n, d], s + 2)],
+            &[true, true],
+            |x| x[0].masked_scatter(&m, &x[1]),
+        );
+    }
+    // An elementwise mask on the device and a source with more elements than needed (its
+    // unused tail gets a zero gradient).
+    let m = mask(&[3, 37], 0.5, 30, DType::F32);
+    let n = m.to_f64s().unwrap().iter().filter(|&&v| v != 0.0).count();
+    check(
+        "masked_scatter elementwise",
+        &[randn(&[3, 37], 31), m, randn(&[n + 9], 32)],
+        &[true, false, true],
+        |x| x[0].masked_scatter(&x[1], &x[2]),
+    );
+    // No position set.
+    let none = mask(&[2, 5, 1], 0.0, 33, DType::U32);
+    check(
+        "masked_scatter none set",
+        &[randn(&[2, 5, 64], 34), randn(&[4, 64], 35)],
+        &[true, true],
+        |x| x[0].masked_scatter(&none, &x[1]),
+    );
+}
+
+// ---------------------------------------------------------------- errors
+
+#[test]
+fn mixed_devices_and_dtypes_are_errors() {
+    if !has_gpu("mixed_devices_and_dtypes_are_errors") {
+        return;
+    }
+    let x = randn(&[3, 64], 1).to_cuda().unwrap();
+    let w = randn(&[64], 2);
+    let e = x.rms_norm(&w, 1e-6).unwrap_err().to_string();
+    assert!(e.contains("rms_norm"), "{e}");
+    let wb = w.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
+    let e = x.rms_norm(&wb, 1e-6).unwrap_err().to_string();
+    assert!(e.contains("rms_norm") && e.contains("dtype"), "{e}");
+    let e = x.swiglu(&randn(&[3, 64], 3)).unwrap_err().to_string();
+    assert!(e.contains("swiglu"), "{e}");
+    let e = Tensor::cat(&[&x, &randn(&[1, 64], 4)], 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cat"), "{e}");
+    let e = x
+        .masked_scatter(&mask(&[3, 1], 1.0, 5, DType::U32), &randn(&[3, 64], 6))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("masked_scatter"), "{e}");
+    // f64 is not a cuda dtype.
+    let e = Tensor::zeros_on(&[2, 4], DType::F64, tessera::Device::Cuda)
+        .and_then(|t| t.swiglu(&t))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("swiglu"), "{e}");
+}
