@@ -51,26 +51,46 @@ fn run(dtype: &str) {
     assert!(out.status.success(), "{err}");
     let ours = TensorFile::open(&out_path).unwrap();
     let theirs = TensorFile::open(dir.join("expected.safetensors")).unwrap();
-    let tol = if dtype == "bf16" { 3e-2 } else { 1e-3 };
+    let inputs = TensorFile::open(dir.join("inputs.safetensors")).unwrap();
+    let tol = if dtype == "bf16" { 3e-2 } else { 1e-4 };
+    // Logits at real tokens only (transformers' values at padding positions are not defined
+    // the same way; the parity test masks them too).
+    let mask = inputs.get("attention_mask").unwrap().to_f64s().unwrap();
+    let (a, b) = (
+        ours.get("logits").unwrap().to_f64s().unwrap(),
+        theirs.get("logits").unwrap().to_f64s().unwrap(),
+    );
+    let v = a.len() / mask.len();
+    let keep: Vec<usize> = (0..a.len()).filter(|&i| mask[i / v] != 0.0).collect();
     let e = rel(
-        &ours.get("logits").unwrap().to_f64s().unwrap(),
-        &theirs.get("logits").unwrap().to_f64s().unwrap(),
+        &keep.iter().map(|&i| a[i]).collect::<Vec<_>>(),
+        &keep.iter().map(|&i| b[i]).collect::<Vec<_>>(),
     );
     println!("forward --device cuda --dtype {dtype}: logits rel {e:.2e}");
     assert!(e < tol, "logits rel error {e}");
-    if dtype == "f32" {
-        for name in theirs
-            .names()
-            .into_iter()
-            .filter(|n| n.starts_with("grad."))
-        {
-            let e = rel(
-                &ours.get(name).unwrap().to_f64s().unwrap(),
-                &theirs.get(name).unwrap().to_f64s().unwrap(),
-            );
-            assert!(e < 1e-3, "{name}: rel error {e}");
-        }
+    let (l, lt) = (
+        ours.get("loss").unwrap().to_scalar().unwrap(),
+        theirs.get("loss").unwrap().to_scalar().unwrap(),
+    );
+    assert!(((l - lt) / lt).abs() < tol, "loss {l} vs {lt}");
+    // Gradients of the f32 master weights (bf16 compute gives them to ~1e-2).
+    let gtol = if dtype == "bf16" { 1e-1 } else { 1e-3 };
+    let mut worst = 0f64;
+    for name in theirs
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with("grad."))
+    {
+        let e = rel(
+            &ours.get(name).unwrap().to_f64s().unwrap(),
+            &theirs.get(name).unwrap().to_f64s().unwrap(),
+        );
+        assert!(e < gtol, "{name}: rel error {e}");
+        worst = worst.max(e);
     }
+    println!(
+        "forward --device cuda --dtype {dtype}: worst gradient rel {worst:.2e}, loss {l} vs {lt}"
+    );
 }
 
 #[test]
