@@ -101,3 +101,31 @@ fn flash_fwd_matches_cpu() {
     case(1, 3, 3, 1, 77, 128, true);
     case(1, 2, 2, 70, 50, 64, true); // early rows see no key
 }
+
+/// `Tensor::attention` in bf16 without padding/segments takes the flash forward; its
+/// gradients (SIMT backward from the flash kernel's lse and output) match the CPU.
+#[test]
+fn attention_op_uses_flash_forward_and_grads_match() {
+    use tessera::testing::cuda::{assert_close_to_cpu, tol};
+    for &(b, hq, hkv, tq, tk, d, causal) in &[
+        (2usize, 4usize, 2usize, 37usize, 37usize, 64usize, true),
+        (1, 2, 1, 20, 45, 128, true),
+        (1, 2, 2, 33, 33, 80, false),
+    ] {
+        let q = randn(&[b, hq, tq, d], 11);
+        let k = randn(&[b, hkv, tk, d], 12);
+        let v = randn(&[b, hkv, tk, d], 13);
+        let opts = AttentionOptions {
+            causal,
+            ..Default::default()
+        };
+        assert_close_to_cpu(
+            &format!("attention(flash fwd) b{b} hq{hq} hkv{hkv} tq{tq} tk{tk} d{d}"),
+            &[q, k, v],
+            &[true, true, true],
+            DType::BF16,
+            tol(DType::BF16) * 2.0,
+            |x| Tensor::attention(&x[0], &x[1], &x[2], &opts),
+        );
+    }
+}

@@ -168,7 +168,8 @@ fn check(
     }
     let padding = match &opts.key_padding {
         None => None,
-        Some(m) if m.shape() == [b, tk] => Some(m.to_mask()?),
+        // An all-ones mask is no mask (lets the fused kernels take the unmasked path).
+        Some(m) if m.shape() == [b, tk] => Some(m.to_mask()?).filter(|v| v.iter().any(|&x| !x)),
         Some(m) => return Err(bad(format!("key_padding {:?} != [{b}, {tk}]", m.shape()))),
     };
     let segment = match &opts.cu_seqlens {

@@ -100,6 +100,18 @@ fn shape_of(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> AttnShape {
     }
 }
 
+/// Whether the tensor-core flash forward takes this call: bf16, no key padding, no
+/// segments, equal head dims of 64, 80 or 128. `TESSERA_ATTENTION=simple` forces the SIMT
+/// kernel (benchmarks, A/B checks).
+fn flash_applies(dtype: DType, d: usize, dv: usize, p: &AttnParams) -> bool {
+    dtype == DType::BF16
+        && p.key_padding.is_none()
+        && p.cu_seqlens.is_none()
+        && d == dv
+        && matches!(d, 64 | 80 | 128)
+        && std::env::var("TESSERA_ATTENTION").map_or(true, |v| v != "simple")
+}
+
 fn floats_bytes(n: usize) -> u32 {
     (n * std::mem::size_of::<f32>()) as u32
 }
@@ -180,37 +192,44 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<T
     })?;
     let (kpad_p, lo_p, hi_p) = masks.ptrs()?;
 
-    let out = Tensor::empty_cuda(&[b, hq, tq, dv], dtype)?;
-    let lse = Tensor::empty_cuda(&[b, hq, tq], DType::F32)?;
     let scale = p.scale as f32;
     let (ldk, ldv) = (d | 1, dv | 1);
-    let dev = device()?;
-    let (qp, kp, vp, op, lp) = (
-        qc.cuda_ptr()?,
-        kc.cuda_ptr()?,
-        vc.cuda_ptr()?,
-        out.cuda_ptr()?,
-        lse.cuda_ptr()?,
-    );
-    dev.launch(
-        "attention.cu",
-        &format!("attn_fwd_{sfx}"),
-        (tq.div_ceil(BQ) as u32, hq as u32, b as u32),
-        (THREADS, 1, 1),
-        floats_bytes(BQ * ldk + BK * ldk + BK * ldv),
-        &[
-            arg(&qp),
-            arg(&kp),
-            arg(&vp),
-            arg(&op),
-            arg(&lp),
-            arg(&kpad_p),
-            arg(&lo_p),
-            arg(&hi_p),
-            arg(&s),
-            arg(&scale),
-        ],
-    )?;
+    let (out, lse) = if flash_applies(dtype, d, dv, p) {
+        // Tensor-core forward (kernels/flash.cu); same lse convention (natural log of the
+        // row's Σ exp(scaled score), -inf for a row that sees no key) as attn_fwd.
+        crate::backend::cuda::flash::flash_fwd(&qc, &kc, &vc, p.causal, p.scale)?
+    } else {
+        let out = Tensor::empty_cuda(&[b, hq, tq, dv], dtype)?;
+        let lse = Tensor::empty_cuda(&[b, hq, tq], DType::F32)?;
+        let dev = device()?;
+        let (qp, kp, vp, op, lp) = (
+            qc.cuda_ptr()?,
+            kc.cuda_ptr()?,
+            vc.cuda_ptr()?,
+            out.cuda_ptr()?,
+            lse.cuda_ptr()?,
+        );
+        dev.launch(
+            "attention.cu",
+            &format!("attn_fwd_{sfx}"),
+            (tq.div_ceil(BQ) as u32, hq as u32, b as u32),
+            (THREADS, 1, 1),
+            floats_bytes(BQ * ldk + BK * ldk + BK * ldv),
+            &[
+                arg(&qp),
+                arg(&kp),
+                arg(&vp),
+                arg(&op),
+                arg(&lp),
+                arg(&kpad_p),
+                arg(&lo_p),
+                arg(&hi_p),
+                arg(&s),
+                arg(&scale),
+            ],
+        )?;
+        (out, lse)
+    };
 
     if !crate::autograd::needs_grad(&[q, k, v]) {
         return Ok(out);
