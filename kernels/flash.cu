@@ -188,3 +188,311 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
 FLASH_FWD(64)
 FLASH_FWD(80)
 FLASH_FWD(128)
+
+// ---------------------------------------------------------------------------------------------
+// Backward (FlashAttention-2 scheme, deterministic: no atomics). With P = exp(S·scale − lse),
+// delta_i = Σ_d dO_id O_id, dS = P ∘ (dP − delta), dP = dO Vᵀ:
+//   dV = Pᵀ dO,  dK = scale · dSᵀ Q   (kernel flash_bwd_dkdv: one block per 64-key tile and kv
+//                                      head, looping over the GQA group's heads and the query
+//                                      tiles; warps own 16 keys and compute Sᵀ = K Qᵀ directly)
+//   dQ = scale · dS K                 (kernel flash_bwd_dq: one block per 64-query tile and head,
+//                                      looping over key tiles, recomputing S and dP)
+// delta comes from flash_bwd_delta. All operands contiguous [B, H, T, D] bf16; lse, delta f32.
+
+// delta[row] = Σ_d dO[row, d] · O[row, d]; one warp per row.
+extern "C" __global__ void flash_bwd_delta(const bf16_t* o, const bf16_t* g, float* delta, i64 rows, i64 d) {
+    i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    int lane = threadIdx.x & 31;
+    float s = 0.f;
+    for (i64 j = lane; j < d; j += 32) s += bf2f(o[row * d + j]) * bf2f(g[row * d + j]);
+    s = warp_sum(s);
+    if (lane == 0) delta[row] = s;
+}
+
+// B fragment of an m16n8k16 product whose B operand is stored [k][n] in shared memory (n
+// contiguous): two 16-bit loads per register.
+__device__ __forceinline__ void frag_b_kn(unsigned int* bb, const bf16_t* p, int ld) {
+    bb[0] = (unsigned int)p[0] | ((unsigned int)p[ld] << 16);
+    bb[1] = (unsigned int)p[8 * ld] | ((unsigned int)p[9 * ld] << 16);
+}
+
+template <int D>
+__device__ void flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                               const bf16_t* __restrict__ v, const bf16_t* __restrict__ dout,
+                               const float* __restrict__ lse, const float* __restrict__ delta,
+                               bf16_t* __restrict__ dk, bf16_t* __restrict__ dv, i64 hq, i64 hkv, i64 tq,
+                               i64 tk, float scale, i64 causal) {
+    constexpr int LD = D + 8;
+    extern __shared__ __align__(16) unsigned char fb_smem[];
+    bf16_t* sK = reinterpret_cast<bf16_t*>(fb_smem);
+    bf16_t* sV = sK + 64 * LD;
+    bf16_t* sQ = sV + 64 * LD;
+    bf16_t* sG = sQ + 64 * LD;
+    float* sL = reinterpret_cast<float*>(sG + 64 * LD);  // lse · log2 e, per query of the tile
+    float* sD = sL + 64;                                  // delta
+
+    i64 b = blockIdx.z, hk = blockIdx.y, k0 = (i64)blockIdx.x * 64;
+    i64 group = hq / hkv;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bf16_t* kb = k + (b * hkv + hk) * tk * D;
+    const bf16_t* vb = v + (b * hkv + hk) * tk * D;
+    fa_load_rows<D>(sK, kb, k0, tk, 64);
+    fa_load_rows<D>(sV, vb, k0, tk, 64);
+    cp_async_commit();
+
+    const float sl2 = scale * 1.4426950408889634f;
+    i64 off = tk - tq;
+    i64 qstart = 0;
+    if (causal) {
+        i64 first = k0 - off;  // the first query that sees key k0
+        qstart = first > 0 ? (first / 64) * 64 : 0;
+    }
+    float adk[D / 8][4], adv[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) adk[j][r] = adv[j][r] = 0.f;
+    i64 key_r[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+
+    for (i64 gi = 0; gi < group; ++gi) {
+        i64 h = hk * group + gi;
+        const bf16_t* qb = q + (b * hq + h) * tq * D;
+        const bf16_t* gb = dout + (b * hq + h) * tq * D;
+        for (i64 q0 = qstart; q0 < tq; q0 += 64) {
+            __syncthreads();  // previous tile consumed
+            fa_load_rows<D>(sQ, qb, q0, tq, 64);
+            fa_load_rows<D>(sG, gb, q0, tq, 64);
+            cp_async_commit();
+            if (threadIdx.x < 64) {
+                i64 qi = q0 + threadIdx.x;
+                float l = qi < tq ? lse[(b * hq + h) * tq + qi] : NEG_INF;
+                sL[threadIdx.x] = l == NEG_INF ? POS_INF : l * 1.4426950408889634f;
+                sD[threadIdx.x] = qi < tq ? delta[(b * hq + h) * tq + qi] : 0.f;
+            }
+            cp_async_wait<0>();
+            __syncthreads();
+
+            // Sᵀ (16 keys x 64 queries) = K Qᵀ, and dPᵀ = V dOᵀ.
+            float st[8][4], dpt[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) st[j][r] = dpt[j][r] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D; kk += 16) {
+                unsigned int ak[4], avv[4];
+                const bf16_t* pk = sK + (warp * 16 + g) * LD + kk + 2 * t;
+                ak[0] = ld_pair(pk);
+                ak[1] = ld_pair(pk + 8 * LD);
+                ak[2] = ld_pair(pk + 8);
+                ak[3] = ld_pair(pk + 8 * LD + 8);
+                const bf16_t* pv = sV + (warp * 16 + g) * LD + kk + 2 * t;
+                avv[0] = ld_pair(pv);
+                avv[1] = ld_pair(pv + 8 * LD);
+                avv[2] = ld_pair(pv + 8);
+                avv[3] = ld_pair(pv + 8 * LD + 8);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    unsigned int bq[2], bg[2];
+                    const bf16_t* p = sQ + (j * 8 + g) * LD + kk + 2 * t;
+                    bq[0] = ld_pair(p);
+                    bq[1] = ld_pair(p + 8);
+                    const bf16_t* p2 = sG + (j * 8 + g) * LD + kk + 2 * t;
+                    bg[0] = ld_pair(p2);
+                    bg[1] = ld_pair(p2 + 8);
+                    mma_bf16_16816(st[j], ak, bq);
+                    mma_bf16_16816(dpt[j], avv, bg);
+                }
+            }
+            // Pᵀ and dSᵀ in place: st <- P, dpt <- dS.
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    int qc = j * 8 + 2 * t + (r & 1);
+                    i64 qi = q0 + qc, key = key_r[r >> 1];
+                    bool ok = key < tk && qi < tq && (!causal || key <= qi + off);
+                    float p = ok ? exp2f(st[j][r] * sl2 - sL[qc]) : 0.f;
+                    st[j][r] = p;
+                    dpt[j][r] = p * (dpt[j][r] - sD[qc]);
+                }
+            // dV += Pᵀ dO, dK += dSᵀ Q (reduction over the 64 queries, 4 steps of 16).
+#pragma unroll
+            for (int kq = 0; kq < 4; ++kq) {
+                unsigned int ap[4], ads[4];
+                ap[0] = pack_bf16(st[2 * kq][0], st[2 * kq][1]);
+                ap[1] = pack_bf16(st[2 * kq][2], st[2 * kq][3]);
+                ap[2] = pack_bf16(st[2 * kq + 1][0], st[2 * kq + 1][1]);
+                ap[3] = pack_bf16(st[2 * kq + 1][2], st[2 * kq + 1][3]);
+                ads[0] = pack_bf16(dpt[2 * kq][0], dpt[2 * kq][1]);
+                ads[1] = pack_bf16(dpt[2 * kq][2], dpt[2 * kq][3]);
+                ads[2] = pack_bf16(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]);
+                ads[3] = pack_bf16(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3]);
+#pragma unroll
+                for (int dj = 0; dj < D / 8; ++dj) {
+                    unsigned int bgv[2], bqv[2];
+                    frag_b_kn(bgv, sG + (kq * 16 + 2 * t) * LD + dj * 8 + g, LD);
+                    frag_b_kn(bqv, sQ + (kq * 16 + 2 * t) * LD + dj * 8 + g, LD);
+                    mma_bf16_16816(adv[dj], ap, bgv);
+                    mma_bf16_16816(adk[dj], ads, bqv);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        i64 key = key_r[i];
+        if (key >= tk) continue;
+        bf16_t* dkr = dk + ((b * hkv + hk) * tk + key) * D;
+        bf16_t* dvr = dv + ((b * hkv + hk) * tk + key) * D;
+#pragma unroll
+        for (int dj = 0; dj < D / 8; ++dj) {
+            int col = dj * 8 + 2 * t;
+            dkr[col] = f2bf(adk[dj][2 * i] * scale);
+            dkr[col + 1] = f2bf(adk[dj][2 * i + 1] * scale);
+            dvr[col] = f2bf(adv[dj][2 * i]);
+            dvr[col + 1] = f2bf(adv[dj][2 * i + 1]);
+        }
+    }
+}
+
+template <int D>
+__device__ void flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
+                             const bf16_t* __restrict__ dout, const float* __restrict__ lse,
+                             const float* __restrict__ delta, bf16_t* __restrict__ dq, i64 hq, i64 hkv, i64 tq, i64 tk,
+                             float scale, i64 causal) {
+    constexpr int LD = D + 8;
+    extern __shared__ __align__(16) unsigned char fq_smem[];
+    bf16_t* sQ = reinterpret_cast<bf16_t*>(fq_smem);
+    bf16_t* sG = sQ + 64 * LD;
+    bf16_t* sK = sG + 64 * LD;
+    bf16_t* sV = sK + 64 * LD;
+
+    i64 b = blockIdx.z, h = blockIdx.y, q0 = (i64)blockIdx.x * 64;
+    i64 hk = h / (hq / hkv);
+    const bf16_t* qb = q + (b * hq + h) * tq * D;
+    const bf16_t* gb = dout + (b * hq + h) * tq * D;
+    const bf16_t* kb = k + (b * hkv + hk) * tk * D;
+    const bf16_t* vb = v + (b * hkv + hk) * tk * D;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    fa_load_rows<D>(sQ, qb, q0, tq, 64);
+    fa_load_rows<D>(sG, gb, q0, tq, 64);
+    cp_async_commit();
+
+    const float sl2 = scale * 1.4426950408889634f;
+    i64 off = tk - tq;
+    i64 row_r[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+    float l2[2], dl[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        i64 r = row_r[i];
+        float l = r < tq ? lse[(b * hq + h) * tq + r] : NEG_INF;
+        l2[i] = l == NEG_INF ? POS_INF : l * 1.4426950408889634f;
+        dl[i] = r < tq ? delta[(b * hq + h) * tq + r] : 0.f;
+    }
+    i64 kend = tk;
+    if (causal) {
+        i64 last = q0 + 63 + off + 1;
+        kend = last < tk ? last : tk;
+        if (kend < 0) kend = 0;
+    }
+    float adq[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) adq[j][r] = 0.f;
+
+    for (i64 k0 = 0; k0 < kend; k0 += 64) {
+        __syncthreads();
+        fa_load_rows<D>(sK, kb, k0, tk, 64);
+        fa_load_rows<D>(sV, vb, k0, tk, 64);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        float s[8][4], dp[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) s[j][r] = dp[j][r] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D; kk += 16) {
+            unsigned int aq[4], ag[4];
+            const bf16_t* p = sQ + (warp * 16 + g) * LD + kk + 2 * t;
+            aq[0] = ld_pair(p);
+            aq[1] = ld_pair(p + 8 * LD);
+            aq[2] = ld_pair(p + 8);
+            aq[3] = ld_pair(p + 8 * LD + 8);
+            const bf16_t* p2 = sG + (warp * 16 + g) * LD + kk + 2 * t;
+            ag[0] = ld_pair(p2);
+            ag[1] = ld_pair(p2 + 8 * LD);
+            ag[2] = ld_pair(p2 + 8);
+            ag[3] = ld_pair(p2 + 8 * LD + 8);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                unsigned int bk[2], bv[2];
+                const bf16_t* pk = sK + (j * 8 + g) * LD + kk + 2 * t;
+                bk[0] = ld_pair(pk);
+                bk[1] = ld_pair(pk + 8);
+                const bf16_t* pv = sV + (j * 8 + g) * LD + kk + 2 * t;
+                bv[0] = ld_pair(pv);
+                bv[1] = ld_pair(pv + 8);
+                mma_bf16_16816(s[j], aq, bk);
+                mma_bf16_16816(dp[j], ag, bv);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                i64 key = k0 + j * 8 + 2 * t + (r & 1), row = row_r[r >> 1];
+                bool ok = key < tk && row < tq && (!causal || key <= row + off);
+                float p = ok ? exp2f(s[j][r] * sl2 - l2[r >> 1]) : 0.f;
+                s[j][r] = p * (dp[j][r] - dl[r >> 1]);  // dS
+            }
+        // dQ += dS K (reduction over the 64 keys).
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            unsigned int a[4];
+            a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dj = 0; dj < D / 8; ++dj) {
+                unsigned int bb[2];
+                frag_b_kn(bb, sK + (kk * 16 + 2 * t) * LD + dj * 8 + g, LD);
+                mma_bf16_16816(adq[dj], a, bb);
+            }
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        i64 row = row_r[i];
+        if (row >= tq) continue;
+        bf16_t* r = dq + ((b * hq + h) * tq + row) * D;
+#pragma unroll
+        for (int dj = 0; dj < D / 8; ++dj) {
+            int col = dj * 8 + 2 * t;
+            r[col] = f2bf(adq[dj][2 * i] * scale);
+            r[col + 1] = f2bf(adq[dj][2 * i + 1] * scale);
+        }
+    }
+}
+
+#define FLASH_BWD(D)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkdv_d##D(                                 \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse,           \
+        const float* delta, bf16_t* dk, bf16_t* dv, i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal) { \
+        flash_bwd_dkdv<D>(q, k, v, dout, lse, delta, dk, dv, hq, hkv, tq, tk, scale, causal);             \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq_d##D(                                   \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse,           \
+        const float* delta, bf16_t* dq, i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {        \
+        flash_bwd_dq<D>(q, k, v, dout, lse, delta, dq, hq, hkv, tq, tk, scale, causal);                   \
+    }
+FLASH_BWD(64)
+FLASH_BWD(80)
+FLASH_BWD(128)

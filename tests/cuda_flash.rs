@@ -102,15 +102,18 @@ fn flash_fwd_matches_cpu() {
     case(1, 2, 2, 70, 50, 64, true); // early rows see no key
 }
 
-/// `Tensor::attention` in bf16 without padding/segments takes the flash forward; its
-/// gradients (SIMT backward from the flash kernel's lse and output) match the CPU.
+/// `Tensor::attention` in bf16 without padding/segments takes the flash forward and the
+/// flash backward (dK/dV and dQ kernels); output and all three gradients match the CPU.
 #[test]
-fn attention_op_uses_flash_forward_and_grads_match() {
+fn attention_op_uses_flash_and_grads_match() {
     use tessera::testing::cuda::{assert_close_to_cpu, tol};
     for &(b, hq, hkv, tq, tk, d, causal) in &[
         (2usize, 4usize, 2usize, 37usize, 37usize, 64usize, true),
         (1, 2, 1, 20, 45, 128, true),
         (1, 2, 2, 33, 33, 80, false),
+        (1, 4, 1, 130, 200, 64, true),
+        (2, 2, 2, 100, 100, 128, false),
+        (1, 2, 2, 70, 50, 64, true),
     ] {
         let q = randn(&[b, hq, tq, d], 11);
         let k = randn(&[b, hkv, tk, d], 12);

@@ -195,11 +195,30 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
             causal: true,
             ..Default::default()
         };
-        let ms = time_ms(3, || {
-            no_grad(|| Tensor::attention(&q, &q, &q, &opts)).map(|_| ())
+        let g = rand(&[b, h, t, d], &mut rng)?;
+        // Forward + backward through the op (bf16: flash forward and flash backward).
+        let ms = time_ms(5, || {
+            let (qq, kk, vv) = (
+                q.detach().requires_grad_(),
+                q.detach().requires_grad_(),
+                q.detach().requires_grad_(),
+            );
+            let o = Tensor::attention(&qq, &kk, &vv, &opts)?;
+            grad(&o, Some(&g), &[&qq, &kk, &vv]).map(|_| ())
         })?;
         att.push(format!(
-            "{{\"op\": \"attention\", \"kernel\": \"Tensor::attention\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+            "{{\"op\": \"attention_fwd_bwd\", \"kernel\": \"Tensor::attention (flash fwd+bwd)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+            3.5 * flops / (ms * 1e-3) / 1e12
+        ));
+        // The SIMT kernel (what f32, key padding and segments use), for comparison.
+        std::env::set_var("TESSERA_ATTENTION", "simple");
+        let simple = time_ms(3, || {
+            no_grad(|| Tensor::attention(&q, &q, &q, &opts)).map(|_| ())
+        });
+        std::env::remove_var("TESSERA_ATTENTION");
+        let ms = simple?;
+        att.push(format!(
+            "{{\"op\": \"attention\", \"kernel\": \"SIMT attn_fwd\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
             flops / (ms * 1e-3) / 1e12
         ));
     }

@@ -98,6 +98,16 @@ def main():
         ms = time_ms(lambda: F.scaled_dot_product_attention(qq, qq, qq, is_causal=True))
         emit(op="attention", device="torch", b=b, h=hh, t=tt, d=dd, ms=ms,
              tflops=4 * b * hh * tt * tt * dd / 2 / ms / 1e9)
+        go = torch.randn_like(qq)
+
+        def fb():
+            q_, k_, v_ = (qq.detach().requires_grad_() for _ in range(3))
+            o_ = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
+            torch.autograd.grad(o_, [q_, k_, v_], go)
+
+        ms = time_ms(fb)
+        emit(op="attention_fwd_bwd", device="torch", b=b, h=hh, t=tt, d=dd, ms=ms,
+             tflops=3.5 * 4 * b * hh * tt * tt * dd / 2 / ms / 1e9)
 
 
 if __name__ == "__main__":

@@ -194,7 +194,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<T
 
     let scale = p.scale as f32;
     let (ldk, ldv) = (d | 1, dv | 1);
-    let (out, lse) = if flash_applies(dtype, d, dv, p) {
+    let use_flash = flash_applies(dtype, d, dv, p);
+    let (causal, scale64) = (p.causal, p.scale);
+    let (out, lse) = if use_flash {
         // Tensor-core forward (kernels/flash.cu); same lse convention (natural log of the
         // row's Σ exp(scaled score), -inf for a row that sees no key) as attn_fwd.
         crate::backend::cuda::flash::flash_fwd(&qc, &kc, &vc, p.causal, p.scale)?
@@ -237,6 +239,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<T
     let saved_out = out.clone();
     Ok(record("attention", out, &[q, k, v], move |g| {
         let g = g.contiguous()?;
+        if use_flash {
+            let (dq, dk, dv) = crate::backend::cuda::flash::flash_bwd(
+                &qc, &kc, &vc, &saved_out, &lse, &g, causal, scale64,
+            )?;
+            return Ok(vec![Some(dq), Some(dk), Some(dv)]);
+        }
         let hkv = kc.shape()[1];
         let dq = Tensor::empty_cuda(qc.shape(), dtype)?;
         let dk = Tensor::empty_cuda(kc.shape(), dtype)?;
