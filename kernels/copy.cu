@@ -25,3 +25,16 @@ extern "C" __global__ void fill_bf16(bf16_t* dst, float v, i64 n) {
     bf16_t b = f2bf(v);
     GRID_LOOP(i, n) { dst[i] = b; }
 }
+
+// Vectorised strided copy for views whose last dim is contiguous: each thread moves 16 bytes.
+// `outer` describes the view without its last dim (element strides); a row has `row_vecs`
+// 16-byte chunks; `esize` is the element size in bytes. The launcher checks that every row
+// start is 16-byte aligned.
+extern "C" __global__ void strided_copy_rows16(const unsigned char* src, uint4* dst, Strides outer, i64 row_vecs,
+                                               i64 esize, i64 n_vecs) {
+    GRID_LOOP(c, n_vecs) {
+        i64 row = c / row_vecs, col = c - row * row_vecs;
+        const uint4* s = reinterpret_cast<const uint4*>(src + strided_offset(row, outer) * esize) + col;
+        dst[c] = *s;
+    }
+}

@@ -1,0 +1,71 @@
+//! Layout copies on CUDA (`contiguous` of views: the 16-byte row path and the general strided
+//! path), casts and fills against the CPU. Skips without a GPU.
+
+use tessera::backend::cuda;
+use tessera::testing::cuda::{randn, rel_error};
+use tessera::{DType, Device, Tensor};
+
+fn check(name: &str, x: &Tensor, view: impl Fn(&Tensor) -> Tensor) {
+    for dtype in [DType::F32, DType::BF16] {
+        let cpu = x.to_dtype(dtype).unwrap();
+        let want = view(&cpu).contiguous().unwrap();
+        let got = view(&cpu.to_cuda().unwrap()).contiguous().unwrap();
+        assert!(got.is_cuda() && got.is_contiguous());
+        let e = rel_error(&got, &want).unwrap();
+        println!("{name} {dtype}: {e:e}");
+        assert_eq!(e, 0.0, "{name} {dtype}: copies must be exact");
+    }
+}
+
+#[test]
+fn contiguous_of_views_matches_cpu() {
+    if cuda::device_or_skip("contiguous_of_views_matches_cpu").is_none() {
+        return;
+    }
+    // The attention heads transpose [B, T, H, D] -> [B, H, T, D]: last dim contiguous.
+    let x = randn(&[2, 37, 4, 64], 1);
+    check("heads transpose d64", &x, |t| t.transpose(1, 2).unwrap());
+    let x = randn(&[3, 5, 2, 80], 2);
+    check("heads transpose d80", &x, |t| t.transpose(1, 2).unwrap());
+    // Odd last dim (no 16-byte rows), true transposes, narrow with an odd offset.
+    let x = randn(&[7, 13, 3], 3);
+    check("odd last dim", &x, |t| t.transpose(0, 1).unwrap());
+    let x = randn(&[33, 65], 4);
+    check("2d transpose", &x, |t| t.t().unwrap());
+    let x = randn(&[9, 40], 5);
+    check("narrow odd offset", &x, |t| t.narrow(1, 3, 32).unwrap());
+    check("narrow aligned", &x, |t| t.narrow(1, 8, 16).unwrap());
+    let x = randn(&[4, 3, 2, 5, 16], 6);
+    check("rank 5 permute", &x, |t| {
+        t.permute(&[2, 0, 3, 1, 4]).unwrap()
+    });
+    check("broadcast", &randn(&[1, 24], 7), |t| {
+        t.expand(&[5, 24]).unwrap()
+    });
+}
+
+#[test]
+fn casts_and_fills_match_cpu() {
+    if cuda::device_or_skip("casts_and_fills_match_cpu").is_none() {
+        return;
+    }
+    let x = randn(&[1001], 8);
+    let want = x.to_dtype(DType::BF16).unwrap();
+    let got = x.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
+    assert_eq!(
+        rel_error(&got, &want).unwrap(),
+        0.0,
+        "f32 -> bf16 must round like the CPU"
+    );
+    let back = got.to_dtype(DType::F32).unwrap();
+    assert_eq!(
+        rel_error(&back, &want.to_dtype(DType::F32).unwrap()).unwrap(),
+        0.0
+    );
+    for dtype in [DType::F32, DType::BF16] {
+        let f = Tensor::full_on(&[3, 333], 1.5, dtype, Device::Cuda).unwrap();
+        assert!(f.to_f64s().unwrap().iter().all(|&v| v == 1.5));
+        let z = Tensor::zeros_on(&[77], dtype, Device::Cuda).unwrap();
+        assert!(z.to_f64s().unwrap().iter().all(|&v| v == 0.0));
+    }
+}
