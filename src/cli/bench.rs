@@ -103,20 +103,29 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     if dtype == DType::BF16 && k.is_multiple_of(8) {
                         // The tensor-core kernel directly, B given as [N, K] (nn.Linear layout).
                         let bt = y.t()?.contiguous()?;
-                        let gemm = crate::backend::cuda::gemm_tc::matmul_bt;
-                        let mut ms = Vec::new();
-                        for i in 0..12 {
-                            let t = dev.time_ms(|| gemm(&x, &bt, None).map(|_| ()))?;
-                            if i >= 2 {
-                                ms.push(t as f64);
-                            }
+                        use crate::backend::cuda::gemm_tc::{matmul_bt_with, TcKernel};
+                        let mut kernels = vec![("matmul_tc", TcKernel::MmaSync)];
+                        if dev.cc == (9, 0) {
+                            kernels.push(("matmul_wgmma", TcKernel::Wgmma));
                         }
-                        ms.sort_by(f64::total_cmp);
-                        let tflops = 2.0 * (m * k * n) as f64 / (ms[ms.len() / 2] * 1e-3) / 1e12;
-                        println!(
-                            "{{\"op\": \"matmul_tc\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {:.4}, \"tflops\": {tflops:.2}}}",
-                            ms[ms.len() / 2]
-                        );
+                        for (label, kernel) in kernels {
+                            let mut ms = Vec::new();
+                            for i in 0..12 {
+                                let t = dev.time_ms(|| {
+                                    matmul_bt_with(kernel, &x, &bt, None).map(|_| ())
+                                })?;
+                                if i >= 2 {
+                                    ms.push(t as f64);
+                                }
+                            }
+                            ms.sort_by(f64::total_cmp);
+                            let tflops =
+                                2.0 * (m * k * n) as f64 / (ms[ms.len() / 2] * 1e-3) / 1e12;
+                            println!(
+                                "{{\"op\": \"{label}\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {:.4}, \"tflops\": {tflops:.2}}}",
+                                ms[ms.len() / 2]
+                            );
+                        }
                     }
                     continue;
                 }

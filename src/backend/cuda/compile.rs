@@ -127,6 +127,12 @@ pub fn compile(file: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
     let prog = result::create_program(&csrc, Some(&name))
         .map_err(|e| Error::Msg(format!("nvrtc: create program for kernels/{file}: {e:?}")))?;
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
+    // Files using Hopper-only instructions (wgmma) say so and get the arch-specific target.
+    let arch = if src.contains("TESSERA_ARCH_SUFFIX_A") && arch == "sm_90" {
+        "sm_90a"
+    } else {
+        arch
+    };
     opts.push(format!("--gpu-architecture={arch}"));
     // SAFETY: prog is a live program until destroy_program below.
     let out = unsafe {

@@ -20,9 +20,58 @@ pub fn eligible(k: usize, lda: usize, ldb: usize, a_ptr: u64, b_ptr: u64) -> boo
         && k > 0
 }
 
+/// Which tensor-core kernel runs a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcKernel {
+    /// kernels/gemm.cu: mma.sync m16n8k16 (sm_80+), 128x128x32 tiles.
+    MmaSync,
+    /// kernels/gemm_sm90.cu: wgmma m64n256k16 (sm_90a only), 128x256x64 tiles.
+    Wgmma,
+}
+
+impl TcKernel {
+    /// The default: mma.sync, or wgmma with `TESSERA_GEMM=wgmma` on an sm_90 device.
+    pub fn default_for_device() -> TcKernel {
+        let hopper = device().map(|d| d.cc == (9, 0)).unwrap_or(false);
+        if hopper && std::env::var("TESSERA_GEMM").is_ok_and(|v| v == "wgmma") {
+            TcKernel::Wgmma
+        } else {
+            TcKernel::MmaSync
+        }
+    }
+}
+
 /// Raw launch: `batch` products, element strides between products `batch_*` (0 = shared).
 #[allow(clippy::too_many_arguments)]
 pub fn launch(
+    a: u64,
+    b: u64,
+    c: u64,
+    bias: Option<u64>,
+    mnk: (usize, usize, usize),
+    ld: (usize, usize, usize),
+    batch: usize,
+    batch_strides: (usize, usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    launch_with(
+        TcKernel::default_for_device(),
+        a,
+        b,
+        c,
+        bias,
+        mnk,
+        ld,
+        batch,
+        batch_strides,
+        accumulate,
+    )
+}
+
+/// `launch` with an explicit kernel choice.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_with(
+    kernel: TcKernel,
     a: u64,
     b: u64,
     c: u64,
@@ -37,13 +86,33 @@ pub fn launch(
     let bias = bias.unwrap_or(0);
     let [m_, n_, k_, lda_, ldb_, ldc_, ba, bb, bc] =
         [m, n, k, lda, ldb, ldc, batch_a, batch_b, batch_c].map(|v| v as i64);
-    let grid = (n.div_ceil(BN) as u32, m.div_ceil(BM) as u32, batch as u32);
+    let (file, name, grid, shared) = match kernel {
+        TcKernel::MmaSync => (
+            "gemm.cu",
+            "gemm_tc_bf16",
+            (n.div_ceil(BN) as u32, m.div_ceil(BM) as u32, batch as u32),
+            SHARED_BYTES,
+        ),
+        TcKernel::Wgmma => {
+            if device()?.cc != (9, 0) {
+                return Err(Error::msg(
+                    "gemm: the wgmma kernel needs an sm_90 (Hopper) device",
+                ));
+            }
+            (
+                "gemm_sm90.cu",
+                "gemm_wgmma_bf16",
+                (n.div_ceil(256) as u32, m.div_ceil(128) as u32, batch as u32),
+                (3 * (128 + 256) * 64 * 2 + 1024) as u32,
+            )
+        }
+    };
     device()?.launch(
-        "gemm.cu",
-        "gemm_tc_bf16",
+        file,
+        name,
         grid,
         (256, 1, 1),
-        SHARED_BYTES,
+        shared,
         &[
             arg(&a),
             arg(&b),
@@ -66,6 +135,16 @@ pub fn launch(
 /// `a [.., M, K] · b[N, K]ᵀ (+ bias[N])` for bf16 CUDA tensors, no autograd. `a` and `b` are
 /// made contiguous; K must be a multiple of 8.
 pub fn matmul_bt(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    matmul_bt_with(TcKernel::default_for_device(), a, b, bias)
+}
+
+/// `matmul_bt` with an explicit kernel choice.
+pub fn matmul_bt_with(
+    kernel: TcKernel,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     if a.dtype() != DType::BF16 || b.dtype() != DType::BF16 || !a.is_cuda() || !b.is_cuda() {
         return Err(Error::msg("gemm_tc: bf16 cuda tensors only"));
     }
@@ -95,7 +174,8 @@ pub fn matmul_bt(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor
         Some(t) => Some(t.cuda_ptr()?),
         None => None,
     };
-    launch(
+    launch_with(
+        kernel,
         a.cuda_ptr()?,
         b.cuda_ptr()?,
         out.cuda_ptr()?,

@@ -24,6 +24,7 @@ sources!(
     "optim.cu",
     "gemm.cu",
     "flash.cu",
+    "gemm_sm90.cu",
 );
 
 /// The source of `kernels/<file>`.
