@@ -82,15 +82,22 @@ def main():
 
     step()
     torch_ms = statistics.median(step() for _ in range(a.steps)) * 1e3
+    n_params = sum(p.numel() for p in model.parameters())
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    # Approximate model FLOPs per step: 6 x parameters x tokens (dense bf16 peak 989 TFLOP/s).
+    flops = 6 * n_params * a.batch * a.seq
     print(f"PyTorch {torch.__version__} ({a.attn}, {a.device}, {a.dtype}): {torch_ms:.1f} ms/step, "
-          f"{a.batch * a.seq / torch_ms * 1e3:.0f} tokens/s, {a.threads} threads")
+          f"{a.batch * a.seq / torch_ms * 1e3:.0f} tokens/s, {a.threads} threads, {n_params / 1e6:.0f}M params, "
+          f"peak {peak:.1f} GiB, approx MFU {flops / (torch_ms * 1e-3) / 989e12:.1%}")
     if a.tessera:
         out = subprocess.run([a.tessera, "--threads", str(a.threads), "bench", "step", "--model", a.model,
                               "--batch", str(a.batch), "--seq", str(a.seq), "--image", a.image,
                               "--steps", str(a.steps), "--device", a.device, "--dtype", a.dtype,
                               "--json"], check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"tessera: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s")
+        print(f"tessera: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
+              f"peak {r.get('peak_gib', float('nan')):.1f} GiB, "
+              f"approx MFU {flops / (r['step_ms_median'] * 1e-3) / 989e12:.1%}, loss {r.get('loss')}")
         print(f"tessera time / PyTorch time = {r['step_ms_median'] / torch_ms:.2f} (target <= 1.0)")
 
 
