@@ -65,21 +65,235 @@ __device__ __forceinline__ void rms_norm_dw_reduce(const float* partial, T* dw, 
     }
 }
 
-#define NORM_KERNELS(SFX, T)                                                                                     \
-    extern "C" __global__ void rms_norm_fwd_##SFX(const T* x, const T* w, T* y, float* rstd, i64 d, float eps) {  \
-        rms_norm_fwd<T>(x, w, y, rstd, d, eps);                                                                  \
-    }                                                                                                            \
-    extern "C" __global__ void rms_norm_bwd_dx_##SFX(const T* x, const T* w, const T* g, const float* rstd, T* dx, \
-                                                     i64 d) {                                                    \
-        rms_norm_bwd_dx<T>(x, w, g, rstd, dx, d);                                                                \
-    }                                                                                                            \
+#define NORM_KERNELS(SFX, T)                                                                                        \
+    extern "C" __global__ void rms_norm_fwd_##SFX(const T* x, const T* w, T* y, float* rstd, i64 d, float eps) {    \
+        rms_norm_fwd<T>(x, w, y, rstd, d, eps);                                                                     \
+    }                                                                                                               \
+    extern "C" __global__ void rms_norm_bwd_dx_##SFX(const T* x, const T* w, const T* g, const float* rstd, T* dx,  \
+                                                     i64 d) {                                                       \
+        rms_norm_bwd_dx<T>(x, w, g, rstd, dx, d);                                                                   \
+    }                                                                                                               \
     extern "C" __global__ void rms_norm_dw_partial_##SFX(const T* x, const T* g, const float* rstd, float* partial, \
-                                                         i64 rows, i64 d, i64 rows_per_chunk) {                  \
-        rms_norm_dw_partial<T>(x, g, rstd, partial, rows, d, rows_per_chunk);                                    \
-    }                                                                                                            \
-    extern "C" __global__ void rms_norm_dw_reduce_##SFX(const float* partial, T* dw, i64 chunks, i64 d) {         \
-        rms_norm_dw_reduce<T>(partial, dw, chunks, d);                                                           \
+                                                         i64 rows, i64 d, i64 rows_per_chunk) {                     \
+        rms_norm_dw_partial<T>(x, g, rstd, partial, rows, d, rows_per_chunk);                                       \
+    }                                                                                                               \
+    extern "C" __global__ void rms_norm_dw_reduce_##SFX(const float* partial, T* dw, i64 chunks, i64 d) {           \
+        rms_norm_dw_reduce<T>(partial, dw, chunks, d);                                                              \
     }
 
 NORM_KERNELS(f32, float)
 NORM_KERNELS(bf16, bf16_t)
+
+// ---------------------------------------------------------------- vectorised fast paths
+//
+// Used when d is a multiple of N = 16 / sizeof(T) (8 bf16, 4 f32) and every row pointer is
+// 16-byte aligned (checked on the host, src/backend/cuda/ops/norm.rs); the kernels above are
+// the fallback. The row stays in registers between the reduction and the output (one read of
+// x per kernel). Launch: blockDim (TPR, RPB).
+//   TPR = 32:  one warp per row, RPB rows per block, grid = ceil(rows / RPB);
+//   TPR > 32:  one block per row, RPB = 1, grid = rows.
+// Thread t of a row holds the 16-byte vectors t + k·TPR, k < VPT (VPT a template constant).
+
+template <typename T>
+struct rn_vec;
+template <>
+struct rn_vec<float> {
+    static constexpr int N = 4;
+};
+template <>
+struct rn_vec<bf16_t> {
+    static constexpr int N = 8;
+};
+
+template <typename T>
+__device__ __forceinline__ void rn_unpack(const uint4& u, float* f);
+template <>
+__device__ __forceinline__ void rn_unpack<float>(const uint4& u, float* f) {
+    f[0] = __uint_as_float(u.x);
+    f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z);
+    f[3] = __uint_as_float(u.w);
+}
+template <>
+__device__ __forceinline__ void rn_unpack<bf16_t>(const uint4& u, float* f) {
+    f[0] = __uint_as_float(u.x << 16);
+    f[1] = __uint_as_float(u.x & 0xffff0000u);
+    f[2] = __uint_as_float(u.y << 16);
+    f[3] = __uint_as_float(u.y & 0xffff0000u);
+    f[4] = __uint_as_float(u.z << 16);
+    f[5] = __uint_as_float(u.z & 0xffff0000u);
+    f[6] = __uint_as_float(u.w << 16);
+    f[7] = __uint_as_float(u.w & 0xffff0000u);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 rn_pack(const float* f);
+template <>
+__device__ __forceinline__ uint4 rn_pack<float>(const float* f) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+}
+template <>
+__device__ __forceinline__ uint4 rn_pack<bf16_t>(const float* f) {
+    return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]), pack_bf16(f[6], f[7]));
+}
+
+// Sum over the threads of a row (see the launch note): every thread gets it. In block mode this
+// synchronises the block (all threads call it).
+__device__ __forceinline__ float rn_row_sum(float v, float* scratch) {
+    return blockDim.x == 32 ? warp_sum(v) : block_sum(v, scratch);
+}
+
+template <typename T, int VPT>
+__device__ __forceinline__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, float* rstd, i64 rows, i64 d,
+                                                 float eps) {
+    constexpr int N = rn_vec<T>::N;
+    __shared__ float scratch[32];
+    const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= rows) return;  // warp mode only: whole warps leave, no block barrier there
+    const int nv = (int)(d / N);
+    const uint4* xr = reinterpret_cast<const uint4*>(x + row * d);
+    const uint4* wv = reinterpret_cast<const uint4*>(w);
+    uint4* yr = reinterpret_cast<uint4*>(y + row * d);
+    uint4 xv[VPT];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        const int j = (int)threadIdx.x + k * (int)blockDim.x;
+        xv[k] = j < nv ? xr[j] : make_uint4(0u, 0u, 0u, 0u);  // zero bits = 0.f in both types
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        float f[N];
+        rn_unpack<T>(xv[k], f);
+#pragma unroll
+        for (int e = 0; e < N; ++e) ss += f[e] * f[e];
+    }
+    ss = rn_row_sum(ss, scratch);
+    const float r = 1.f / sqrtf(ss / (float)d + eps);
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        const int j = (int)threadIdx.x + k * (int)blockDim.x;
+        if (j < nv) {
+            float f[N], g[N];
+            rn_unpack<T>(xv[k], f);
+            rn_unpack<T>(wv[j], g);
+#pragma unroll
+            for (int e = 0; e < N; ++e) f[e] = f[e] * r * g[e];
+            yr[j] = rn_pack<T>(f);
+        }
+    }
+    if (threadIdx.x == 0) rstd[row] = r;
+}
+
+// dx_j = r · (g_j w_j − x_j · r · mean),  mean = r · Σ_k g_k w_k x_k / d (as rms_norm_bwd_dx).
+template <typename T, int VPT>
+__device__ __forceinline__ void rms_norm_bwd_dx_vec(const T* x, const T* w, const T* g, const float* rstd, T* dx,
+                                                    i64 rows, i64 d) {
+    constexpr int N = rn_vec<T>::N;
+    __shared__ float scratch[32];
+    const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= rows) return;  // warp mode only
+    const int nv = (int)(d / N);
+    const uint4* xr = reinterpret_cast<const uint4*>(x + row * d);
+    const uint4* gr = reinterpret_cast<const uint4*>(g + row * d);
+    const uint4* wv = reinterpret_cast<const uint4*>(w);
+    uint4* dr = reinterpret_cast<uint4*>(dx + row * d);
+    uint4 xv[VPT], gv[VPT];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        const int j = (int)threadIdx.x + k * (int)blockDim.x;
+        xv[k] = j < nv ? xr[j] : make_uint4(0u, 0u, 0u, 0u);
+        gv[k] = j < nv ? gr[j] : make_uint4(0u, 0u, 0u, 0u);
+    }
+    const float r = rstd[row];
+    float dot = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        const int j = (int)threadIdx.x + k * (int)blockDim.x;
+        if (j < nv) {
+            float xf[N], gf[N], wf[N];
+            rn_unpack<T>(xv[k], xf);
+            rn_unpack<T>(gv[k], gf);
+            rn_unpack<T>(wv[j], wf);
+#pragma unroll
+            for (int e = 0; e < N; ++e) dot += gf[e] * wf[e] * xf[e];
+        }
+    }
+    dot = rn_row_sum(dot, scratch);
+    const float mean = dot * r / (float)d;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        const int j = (int)threadIdx.x + k * (int)blockDim.x;
+        if (j < nv) {
+            float xf[N], gf[N], wf[N];
+            rn_unpack<T>(xv[k], xf);
+            rn_unpack<T>(gv[k], gf);
+            rn_unpack<T>(wv[j], wf);
+#pragma unroll
+            for (int e = 0; e < N; ++e) xf[e] = r * (gf[e] * wf[e] - xf[e] * r * mean);
+            dr[j] = rn_pack<T>(xf);
+        }
+    }
+}
+
+// rms_norm_dw_partial with one 16-byte vector (N columns) per thread: the same sums in the
+// same (row) order. grid (ceil((d / N) / blockDim.x), chunks).
+template <typename T>
+__device__ __forceinline__ void rms_norm_dw_partial_vec(const T* x, const T* g, const float* rstd, float* partial,
+                                                        i64 rows, i64 d, i64 rows_per_chunk) {
+    constexpr int N = rn_vec<T>::N;
+    const i64 nv = d / N;
+    const i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= nv) return;
+    const i64 c = blockIdx.y;
+    const i64 r0 = c * rows_per_chunk;
+    const i64 r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    const uint4* gv = reinterpret_cast<const uint4*>(g);
+    float acc[N];
+#pragma unroll
+    for (int e = 0; e < N; ++e) acc[e] = 0.f;
+#pragma unroll 4
+    for (i64 r = r0; r < r1; ++r) {
+        float xf[N], gf[N];
+        rn_unpack<T>(xv[r * nv + j], xf);
+        rn_unpack<T>(gv[r * nv + j], gf);
+        const float rs = rstd[r];
+#pragma unroll
+        for (int e = 0; e < N; ++e) acc[e] += gf[e] * xf[e] * rs;
+    }
+    float* out = partial + c * d + j * N;
+#pragma unroll
+    for (int e = 0; e < N; ++e) out[e] = acc[e];
+}
+
+// Launch bounds: at most 256 threads per block for VPT <= 4 and 512 for VPT = 8 (the host's
+// plan, row_vec_plan in src/backend/cuda/ops/reduce.rs); VPT <= 2 also fits 8 blocks per SM
+// (32 registers, no spills).
+#define NORM_VEC_KERNELS(SFX, T, VPT, MAXT, MINB)                                                            \
+    extern "C" __global__ void __launch_bounds__(MAXT, MINB)                                                 \
+        rms_norm_fwd_v##VPT##_##SFX(const T* x, const T* w, T* y, float* rstd, i64 rows, i64 d, float eps) { \
+        rms_norm_fwd_vec<T, VPT>(x, w, y, rstd, rows, d, eps);                                               \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(MAXT, MINB) rms_norm_bwd_dx_v##VPT##_##SFX(                 \
+        const T* x, const T* w, const T* g, const float* rstd, T* dx, i64 rows, i64 d) {                     \
+        rms_norm_bwd_dx_vec<T, VPT>(x, w, g, rstd, dx, rows, d);                                             \
+    }
+
+NORM_VEC_KERNELS(f32, float, 1, 256, 8)
+NORM_VEC_KERNELS(f32, float, 2, 256, 8)
+NORM_VEC_KERNELS(f32, float, 4, 256, 1)
+NORM_VEC_KERNELS(f32, float, 8, 512, 1)
+NORM_VEC_KERNELS(bf16, bf16_t, 1, 256, 8)
+NORM_VEC_KERNELS(bf16, bf16_t, 2, 256, 8)
+NORM_VEC_KERNELS(bf16, bf16_t, 4, 256, 1)
+NORM_VEC_KERNELS(bf16, bf16_t, 8, 512, 1)
+
+extern "C" __global__ void rms_norm_dw_partial_vec_f32(const float* x, const float* g, const float* rstd,
+                                                       float* partial, i64 rows, i64 d, i64 rows_per_chunk) {
+    rms_norm_dw_partial_vec<float>(x, g, rstd, partial, rows, d, rows_per_chunk);
+}
+extern "C" __global__ void rms_norm_dw_partial_vec_bf16(const bf16_t* x, const bf16_t* g, const float* rstd,
+                                                        float* partial, i64 rows, i64 d, i64 rows_per_chunk) {
+    rms_norm_dw_partial_vec<bf16_t>(x, g, rstd, partial, rows, d, rows_per_chunk);
+}

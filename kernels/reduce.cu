@@ -237,30 +237,214 @@ __device__ void logsumexp_backward_impl(const T* x, const T* g, T* dx, i64 rows,
     for (i64 j = t; j < n; j += nt) st(dx, base + j * inner, expf(ld(p, j * inner) - m) * scale);
 }
 
-#define REDUCE_KERNELS(SFX, T)                                                                     \
-    extern "C" __global__ void reduce_rows_##SFX(const T* x, T* out, i64 rows, i64 n, i64 inner,   \
-                                                 i64 op) {                                         \
-        reduce_rows_impl<T>(x, out, rows, n, inner, op);                                           \
+// ------------------------------------------------------------------------------ softmax, vectorised
+
+// Fast paths of softmax / softmax_backward for the last dim (inner = 1) when n is a multiple of
+// N = 16 / sizeof(T) (8 bf16, 4 f32) and every pointer is 16-byte aligned (checked on the
+// host, RowVec in src/backend/cuda/ops/reduce.rs). The row stays in registers: one read of x
+// (forward) or of y and g (backward). Launch as the row kernels above (warp mode blockDim
+// (32, R), block mode (T, 1)); thread t of a row holds the 16-byte vectors t + k·blockDim.x,
+// k < VPT. Same formulas as softmax_impl / softmax_backward_impl.
+
+template <typename T>
+struct rd_vec;
+template <>
+struct rd_vec<float> {
+    static constexpr int N = 4;
+};
+template <>
+struct rd_vec<bf16_t> {
+    static constexpr int N = 8;
+};
+
+template <typename T>
+__device__ __forceinline__ void rd_unpack(const uint4& u, float* f);
+template <>
+__device__ __forceinline__ void rd_unpack<float>(const uint4& u, float* f) {
+    f[0] = __uint_as_float(u.x);
+    f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z);
+    f[3] = __uint_as_float(u.w);
+}
+template <>
+__device__ __forceinline__ void rd_unpack<bf16_t>(const uint4& u, float* f) {
+    f[0] = __uint_as_float(u.x << 16);
+    f[1] = __uint_as_float(u.x & 0xffff0000u);
+    f[2] = __uint_as_float(u.y << 16);
+    f[3] = __uint_as_float(u.y & 0xffff0000u);
+    f[4] = __uint_as_float(u.z << 16);
+    f[5] = __uint_as_float(u.z & 0xffff0000u);
+    f[6] = __uint_as_float(u.w << 16);
+    f[7] = __uint_as_float(u.w & 0xffff0000u);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 rd_pack(const float* f);
+template <>
+__device__ __forceinline__ uint4 rd_pack<float>(const float* f) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+}
+template <>
+__device__ __forceinline__ uint4 rd_pack<bf16_t>(const float* f) {
+    return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]), pack_bf16(f[6], f[7]));
+}
+
+template <typename T, int VPT>
+__device__ __forceinline__ void softmax_vec_impl(const T* x, T* y, i64 rows, i64 n, i64 log) {
+    constexpr int N = rd_vec<T>::N;
+    __shared__ float scratch[32];
+    const i64 r = group_row();
+    if (r >= rows) return;  // warp mode only (whole warps; no block barrier in warp mode)
+    const int nv = (int)(n / N);
+    const uint4* xr = reinterpret_cast<const uint4*>(x + r * n);
+    uint4* yr = reinterpret_cast<uint4*>(y + r * n);
+    const int t = threadIdx.x, nt = blockDim.x;
+    float v[VPT][N];
+    float m = NEG_INF;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        const int j = t + k * nt;
+        if (j < nv) {
+            rd_unpack<T>(xr[j], v[k]);
+#pragma unroll
+            for (int e = 0; e < N; ++e) m = fmaxf(m, v[k][e]);
+        }
+    }
+    m = group_max(m, scratch);
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        if (t + k * nt < nv) {
+#pragma unroll
+            for (int e = 0; e < N; ++e) {
+                const float ex = expf(v[k][e] - m);
+                s += ex;
+                if (!log) v[k][e] = ex;  // softmax keeps e^{x - m}, log_softmax keeps x
+            }
+        }
+    }
+    s = group_sum(s, scratch);
+    // softmax: y = e^{x - m} / s;  log_softmax: y = x - lse.
+    const float lse = m == NEG_INF ? NEG_INF : m + logf(s);
+    const float inv = 1.f / s;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        const int j = t + k * nt;
+        if (j < nv) {
+            float o[N];
+            if (log) {
+#pragma unroll
+                for (int e = 0; e < N; ++e) o[e] = v[k][e] - lse;
+            } else {
+#pragma unroll
+                for (int e = 0; e < N; ++e) o[e] = v[k][e] * inv;
+            }
+            yr[j] = rd_pack<T>(o);
+        }
+    }
+}
+
+// softmax:     dx = y * (g - Σ g*y)
+// log_softmax: dx = g - exp(y) * Σ g
+template <typename T, int VPT>
+__device__ __forceinline__ void softmax_backward_vec_impl(const T* y, const T* g, T* dx, i64 rows, i64 n, i64 log) {
+    constexpr int N = rd_vec<T>::N;
+    __shared__ float scratch[32];
+    const i64 r = group_row();
+    if (r >= rows) return;  // warp mode only
+    const int nv = (int)(n / N);
+    const uint4* yr = reinterpret_cast<const uint4*>(y + r * n);
+    const uint4* gr = reinterpret_cast<const uint4*>(g + r * n);
+    uint4* dr = reinterpret_cast<uint4*>(dx + r * n);
+    const int t = threadIdx.x, nt = blockDim.x;
+    uint4 yv[VPT], gv[VPT];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        const int j = t + k * nt;
+        yv[k] = j < nv ? yr[j] : make_uint4(0u, 0u, 0u, 0u);  // zero bits = 0.f: adds nothing
+        gv[k] = j < nv ? gr[j] : make_uint4(0u, 0u, 0u, 0u);
+    }
+    // `log` is uniform: separate loops, so softmax does not evaluate the exp of log_softmax.
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        float yf[N], gf[N];
+        rd_unpack<T>(yv[k], yf);
+        rd_unpack<T>(gv[k], gf);
+        if (log) {
+#pragma unroll
+            for (int e = 0; e < N; ++e) s += gf[e];
+        } else {
+#pragma unroll
+            for (int e = 0; e < N; ++e) s += gf[e] * yf[e];
+        }
+    }
+    s = group_sum(s, scratch);
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        const int j = t + k * nt;
+        if (j < nv) {
+            float yf[N], gf[N];
+            rd_unpack<T>(yv[k], yf);
+            rd_unpack<T>(gv[k], gf);
+            if (log) {
+#pragma unroll
+                for (int e = 0; e < N; ++e) yf[e] = gf[e] - expf(yf[e]) * s;
+            } else {
+#pragma unroll
+                for (int e = 0; e < N; ++e) yf[e] = yf[e] * (gf[e] - s);
+            }
+            dr[j] = rd_pack<T>(yf);
+        }
+    }
+}
+
+// Launch bounds: the host plan uses at most 256 threads per block for VPT <= 4, 512 for VPT = 8;
+// the forward with VPT <= 2 also fits 8 blocks per SM (32 registers, no spills; the backward
+// would spill).
+#define SOFTMAX_VEC_KERNELS(SFX, T, VPT, MAXT, MINB)                                               \
+    extern "C" __global__ void __launch_bounds__(MAXT, MINB)                                       \
+        softmax_v##VPT##_##SFX(const T* x, T* y, i64 rows, i64 n, i64 log) {                       \
+        softmax_vec_impl<T, VPT>(x, y, rows, n, log);                                              \
     }                                                                                              \
-    extern "C" __global__ void reduce_cols_##SFX(const T* x, T* out, i64 outer, i64 n, i64 inner,  \
-                                                 i64 op) {                                         \
-        reduce_cols_impl<T>(x, out, outer, n, inner, op);                                          \
-    }                                                                                              \
-    extern "C" __global__ void max_backward_##SFX(const T* x, const T* g, T* dx, i64 rows, i64 n,  \
-                                                  i64 inner) {                                     \
-        max_backward_impl<T>(x, g, dx, rows, n, inner);                                            \
-    }                                                                                              \
-    extern "C" __global__ void softmax_##SFX(const T* x, T* y, i64 rows, i64 n, i64 inner,         \
-                                             i64 log) {                                            \
-        softmax_impl<T>(x, y, rows, n, inner, log);                                                \
-    }                                                                                              \
-    extern "C" __global__ void softmax_backward_##SFX(const T* y, const T* g, T* dx, i64 rows,     \
-                                                      i64 n, i64 inner, i64 log) {                 \
-        softmax_backward_impl<T>(y, g, dx, rows, n, inner, log);                                   \
-    }                                                                                              \
-    extern "C" __global__ void logsumexp_backward_##SFX(const T* x, const T* g, T* dx, i64 rows,   \
-                                                        i64 n, i64 inner) {                        \
-        logsumexp_backward_impl<T>(x, g, dx, rows, n, inner);                                      \
+    extern "C" __global__ void __launch_bounds__(MAXT)                                             \
+        softmax_backward_v##VPT##_##SFX(const T* y, const T* g, T* dx, i64 rows, i64 n, i64 log) { \
+        softmax_backward_vec_impl<T, VPT>(y, g, dx, rows, n, log);                                 \
+    }
+
+SOFTMAX_VEC_KERNELS(f32, float, 1, 256, 8)
+SOFTMAX_VEC_KERNELS(f32, float, 2, 256, 8)
+SOFTMAX_VEC_KERNELS(f32, float, 4, 256, 1)
+SOFTMAX_VEC_KERNELS(f32, float, 8, 512, 1)
+SOFTMAX_VEC_KERNELS(bf16, bf16_t, 1, 256, 8)
+SOFTMAX_VEC_KERNELS(bf16, bf16_t, 2, 256, 8)
+SOFTMAX_VEC_KERNELS(bf16, bf16_t, 4, 256, 1)
+SOFTMAX_VEC_KERNELS(bf16, bf16_t, 8, 512, 1)
+
+#define REDUCE_KERNELS(SFX, T)                                                                    \
+    extern "C" __global__ void reduce_rows_##SFX(const T* x, T* out, i64 rows, i64 n, i64 inner,  \
+                                                 i64 op) {                                        \
+        reduce_rows_impl<T>(x, out, rows, n, inner, op);                                          \
+    }                                                                                             \
+    extern "C" __global__ void reduce_cols_##SFX(const T* x, T* out, i64 outer, i64 n, i64 inner, \
+                                                 i64 op) {                                        \
+        reduce_cols_impl<T>(x, out, outer, n, inner, op);                                         \
+    }                                                                                             \
+    extern "C" __global__ void max_backward_##SFX(const T* x, const T* g, T* dx, i64 rows, i64 n, \
+                                                  i64 inner) {                                    \
+        max_backward_impl<T>(x, g, dx, rows, n, inner);                                           \
+    }                                                                                             \
+    extern "C" __global__ void softmax_##SFX(const T* x, T* y, i64 rows, i64 n, i64 inner,        \
+                                             i64 log) {                                           \
+        softmax_impl<T>(x, y, rows, n, inner, log);                                               \
+    }                                                                                             \
+    extern "C" __global__ void softmax_backward_##SFX(const T* y, const T* g, T* dx, i64 rows,    \
+                                                      i64 n, i64 inner, i64 log) {                \
+        softmax_backward_impl<T>(y, g, dx, rows, n, inner, log);                                  \
+    }                                                                                             \
+    extern "C" __global__ void logsumexp_backward_##SFX(const T* x, const T* g, T* dx, i64 rows,  \
+                                                        i64 n, i64 inner) {                       \
+        logsumexp_backward_impl<T>(x, g, dx, rows, n, inner);                                     \
     }
 
 REDUCE_KERNELS(f32, float)

@@ -16,18 +16,38 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     }
     let (major, minor) = compile::nvrtc_version().unwrap();
     println!("NVRTC {major}.{minor}");
+    // One thread per (file, arch), as many at once as there are cores.
+    let jobs: Vec<(&str, &str)> = kernels::SOURCES
+        .iter()
+        .flat_map(|(f, _)| ["sm_80", "sm_90"].map(|a| (*f, a)))
+        .collect();
+    let width = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut failures = Vec::new();
-    for (file, _) in kernels::SOURCES {
-        for arch in ["sm_80", "sm_90"] {
-            let src = compile::full_source(file).unwrap();
-            let t = std::time::Instant::now();
-            match compile::compile(file, &src, arch) {
-                Ok(cubin) => println!(
-                    "{file} {arch}: {} bytes in {:.2?}",
-                    cubin.len(),
-                    t.elapsed()
-                ),
-                Err(e) => failures.push(format!("{e}")),
+    for chunk in jobs.chunks(width) {
+        let results: Vec<Result<String, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&(file, arch)| {
+                    s.spawn(move || {
+                        let src = compile::full_source(file).map_err(|e| e.to_string())?;
+                        let t = std::time::Instant::now();
+                        compile::compile(file, &src, arch)
+                            .map(|c| {
+                                format!("{file} {arch}: {} bytes in {:.2?}", c.len(), t.elapsed())
+                            })
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("compile thread"))
+                .collect()
+        });
+        for r in results {
+            match r {
+                Ok(line) => println!("{line}"),
+                Err(e) => failures.push(e),
             }
         }
     }

@@ -402,3 +402,52 @@ fn softmax_and_log_softmax() {
         );
     }
 }
+
+/// softmax / log_softmax over the last dim on every launch shape of the 16-byte fast path
+/// (RowVec: one warp per row with 1, 2 or 4 vectors per thread, one block per row with 1, 2, 4
+/// or 8, up to 512 threads) and the fallbacks (rows too long for registers, n not a multiple
+/// of the vector, a misaligned contiguous view, a leading batch dim).
+#[test]
+fn softmax_fast_paths() {
+    type Op = fn(&Tensor, isize) -> Result<Tensor>;
+    let ops: [(&str, Op); 2] = [
+        ("softmax", |t, d| t.softmax(d)),
+        ("log_softmax", |t, d| t.log_softmax(d)),
+    ];
+    for (i, (name, f)) in ops.into_iter().enumerate() {
+        let seed = 1000 + 100 * i as u64;
+        for (j, &(rows, n)) in [
+            (64, 4096), // one block per row: bf16 2 vectors per thread, f32 4 (the bench shape)
+            (33, 4096),
+            (7, 1000), // bf16 one warp per row (4 vectors), f32 one block (1 vector)
+            (33, 256), // one warp per row, a partial last block of rows
+            (9, 512),
+            (5, 8200),  // 8 vectors per thread (bf16 160 threads, f32 288)
+            (3, 16384), // 8 vectors per thread (bf16 256 threads, f32 512)
+            (2, 40000), // too long for registers: the looping kernel
+            (7, 1001),  // n not a multiple of the vector
+            (5, 1004),  // f32 vectorised, bf16 fallback
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = seed + 10 * j as u64;
+            check(
+                &format!("{name} fast path [{rows},{n}]"),
+                &[randn(&[rows, n], s)],
+                |xs| f(&xs[0], -1),
+            );
+        }
+        check(
+            &format!("{name} fast path [2,64,128]"),
+            &[randn(&[2, 64, 128], seed + 90)],
+            |xs| f(&xs[0], -1),
+        );
+        // A contiguous view one element into its buffer: misaligned, the looping kernels.
+        check(
+            &format!("{name} misaligned view"),
+            &[randn(&[33 * 4096 + 1], seed + 91)],
+            |xs| f(&xs[0].narrow(0, 1, 33 * 4096)?.reshape(&[33, 4096])?, -1),
+        );
+    }
+}

@@ -189,6 +189,150 @@ fn swiglu_matches_cpu() {
     );
 }
 
+/// The 16-byte vector kernel of rope (h a multiple of 8 bf16 / 4 f32, aligned pointers and row
+/// strides) and the general fallback (odd head dims, misaligned or oddly strided views).
+#[test]
+fn rope_vector_path_and_fallback_match_cpu() {
+    // Vector path: the benchmark's layout [1, H, T, 128] with [T, 128] tables, contiguous x.
+    check(
+        "rope vec [1,32,64,128]",
+        &[
+            randn(&[1, 32, 64, 128], 20),
+            randn(&[64, 128], 21),
+            randn(&[64, 128], 22),
+        ],
+        &[true, false, false],
+        |x| x[0].rope(&x[1], &x[2]),
+    );
+    // Vector path through strides: transposed q/k [B, T, H, D] -> [B, H, T, D], odd T.
+    check(
+        "rope vec transposed [2,4,33,128]",
+        &[
+            randn(&[2, 33, 4, 128], 23),
+            randn(&[2, 1, 33, 128], 24),
+            randn(&[2, 1, 33, 128], 25),
+        ],
+        &[true, false, false],
+        |x| x[0].transpose(1, 2)?.rope(&x[1], &x[2]),
+    );
+    // D = 48: vector path for both dtypes; D = 40: vector for f32 (h = 20), fallback for bf16.
+    for (i, &d) in [48usize, 40].iter().enumerate() {
+        let s = 30 + 10 * i as u64;
+        check(
+            &format!("rope [3,5,7,{d}]"),
+            &[
+                randn(&[3, 5, 7, d], s),
+                randn(&[7, d], s + 1),
+                randn(&[7, d], s + 2),
+            ],
+            &[true, false, false],
+            |x| x[0].rope(&x[1], &x[2]),
+        );
+    }
+    // Fallback: head dims whose half is not a multiple of 4 (D = 36, D = 2).
+    for (i, &d) in [36usize, 2].iter().enumerate() {
+        let s = 50 + 10 * i as u64;
+        check(
+            &format!("rope odd [2,3,7,{d}]"),
+            &[
+                randn(&[2, 3, 7, d], s),
+                randn(&[7, d], s + 1),
+                randn(&[7, d], s + 2),
+            ],
+            &[true, false, false],
+            |x| x[0].rope(&x[1], &x[2]),
+        );
+    }
+    // Fallback: x starting 2 elements into its rows (misaligned pointer, aligned row stride 136).
+    check(
+        "rope misaligned x [2,4,37,136].narrow(2..130)",
+        &[
+            randn(&[2, 4, 37, 136], 70),
+            randn(&[37, 128], 71),
+            randn(&[37, 128], 72),
+        ],
+        &[true, false, false],
+        |x| x[0].narrow(3, 2, 128)?.rope(&x[1], &x[2]),
+    );
+    // Fallback: aligned start but a row stride of 130 elements.
+    check(
+        "rope row stride 130 [2,37,130].narrow(0..128)",
+        &[
+            randn(&[2, 37, 130], 73),
+            randn(&[37, 128], 74),
+            randn(&[37, 128], 75),
+        ],
+        &[true, false, false],
+        |x| x[0].narrow(2, 0, 128)?.rope(&x[1], &x[2]),
+    );
+    // Fallback: contiguous cos/sin views starting one element into their buffer (misaligned).
+    check(
+        "rope misaligned tables [1,2,37,128]",
+        &[
+            randn(&[1, 2, 37, 128], 76),
+            randn(&[37 * 128 + 1], 77),
+            randn(&[37 * 128 + 1], 78),
+        ],
+        &[true, false, false],
+        |x| {
+            let c = x[1].narrow(0, 1, 37 * 128)?.reshape(&[37, 128])?;
+            let s = x[2].narrow(0, 1, 37 * 128)?.reshape(&[37, 128])?;
+            x[0].rope(&c, &s)
+        },
+    );
+}
+
+/// The 16-byte vector kernels of swiglu (aligned pointers; any n, the n % VEC tail inside the
+/// kernel) and the scalar fallback (a contiguous view at an odd element offset).
+#[test]
+fn swiglu_vector_path_and_fallback_match_cpu() {
+    // Vector path, n a multiple of the vector width; then tails of 1..7 elements and n < VEC.
+    for (i, shape) in [
+        vec![64, 4096],
+        vec![33, 4096],
+        vec![7, 1000],
+        vec![7, 999],
+        vec![5, 13],
+        vec![3],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = 100 + 10 * i as u64;
+        check(
+            &format!("swiglu vec {shape:?}"),
+            &[randn(shape, s), randn(shape, s + 1)],
+            &[true, true],
+            |x| x[0].swiglu(&x[1]),
+        );
+    }
+    // Fallback: gate is a contiguous view one element into its buffer (misaligned pointer).
+    check(
+        "swiglu misaligned gate [7,1000]",
+        &[randn(&[7001], 170), randn(&[7, 1000], 171)],
+        &[true, true],
+        |x| x[0].narrow(0, 1, 7000)?.reshape(&[7, 1000])?.swiglu(&x[1]),
+    );
+    // Fallback: up misaligned by 3 elements, odd length.
+    check(
+        "swiglu misaligned up [7,999]",
+        &[randn(&[7, 999], 172), randn(&[6996], 173)],
+        &[true, true],
+        |x| x[0].swiglu(&x[1].narrow(0, 3, 6993)?.reshape(&[7, 999])?),
+    );
+    // Vector path on views at an offset of 8 elements (16-byte aligned for both dtypes).
+    check(
+        "swiglu offset-8 views [33,64]",
+        &[randn(&[33 * 64 + 8], 174), randn(&[33 * 64 + 8], 175)],
+        &[true, true],
+        |x| {
+            let a = x[0].narrow(0, 8, 33 * 64)?.reshape(&[33, 64])?;
+            let b = x[1].narrow(0, 8, 33 * 64)?.reshape(&[33, 64])?;
+            a.swiglu(&b)
+        },
+    );
+}
+
 #[test]
 fn embedding_matches_cpu() {
     // ids moved to cuda with the inputs (the table's gradient is a deterministic scatter-add of
@@ -546,4 +690,218 @@ fn mixed_devices_and_dtypes_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("swiglu"), "{e}");
+}
+
+// ---------------------------------------------------------------- vectorised fast paths
+
+/// rms_norm on every launch shape of the 16-byte fast path (RowVec: one warp per row with 1, 2
+/// or 4 vectors per thread, one block per row with 1, 2, 4 or 8, up to 512 threads) and the
+/// fallbacks (d not a multiple of the vector, a misaligned contiguous view). Both gradients, so
+/// the vectorised and scalar dweight partial sums run too.
+#[test]
+fn rms_norm_fast_paths_match_cpu() {
+    for (i, &(rows, d)) in [
+        (64, 4096), // one block per row: bf16 2 vectors per thread, f32 4 (the bench shape)
+        (33, 4096),
+        (7, 1000),  // bf16 one warp per row (4 vectors), f32 one block (1 vector)
+        (33, 256),  // one warp per row (bf16 1 vector, f32 2), a partial last block of rows
+        (9, 512),   // one warp per row (bf16 2, f32 4)
+        (3, 8200),  // 8 vectors per thread (bf16 160 threads, f32 288)
+        (2, 16384), // 8 vectors per thread (bf16 256 threads, f32 512)
+        (7, 1001),  // fallback: d not a multiple of the vector
+        (5, 1004),  // f32 vectorised, bf16 fallback
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = 500 + 10 * i as u64;
+        check(
+            &format!("rms_norm fast path {rows}x{d}"),
+            &[randn(&[rows, d], s), randn(&[d], s + 1)],
+            &[true, true],
+            |x| x[0].rms_norm(&x[1], 1e-6),
+        );
+    }
+    // A contiguous view one element into its buffer: misaligned, the fallback kernels.
+    check(
+        "rms_norm misaligned view",
+        &[randn(&[33 * 4096 + 1], 600), randn(&[4096], 601)],
+        &[true, true],
+        |x| {
+            x[0].narrow(0, 1, 33 * 4096)?
+                .reshape(&[33, 4096])?
+                .rms_norm(&x[1], 1e-6)
+        },
+    );
+}
+
+/// Labels of `rows` ids below `v` with the middle one ignored (-100).
+fn labels_with_ignored(rows: usize, v: usize, seed: u64) -> Tensor {
+    let mut t = ids(&[rows], v as u64, seed).to_vec::<i64>().unwrap();
+    t[rows / 2] = -100;
+    Tensor::from_vec(t, &[rows]).unwrap()
+}
+
+/// cross_entropy / log_prob_of through the Tensor API on every lse_pick variant: row in
+/// registers (4096, 1000, 256, 8200), the 16-byte loop (40000), the scalar fallback (1001,
+/// bf16 1004, a misaligned view), and the vectorised / scalar backward.
+#[test]
+fn cross_entropy_fast_paths_match_cpu() {
+    for (i, &(rows, v)) in [
+        (64, 4096),
+        (33, 4096),
+        (7, 1000),
+        (33, 256),
+        (3, 8200),
+        (2, 40000),
+        (7, 1001),
+        (5, 1004),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = 700 + 10 * i as u64;
+        check(
+            &format!("cross_entropy fast path {rows}x{v}"),
+            &[randn(&[rows, v], s), labels_with_ignored(rows, v, s + 1)],
+            &[true, false],
+            |x| x[0].cross_entropy(&x[1], -100),
+        );
+        check(
+            &format!("log_prob_of fast path {rows}x{v}"),
+            &[randn(&[rows, v], s + 2), ids(&[rows], v as u64, s + 3)],
+            &[true, false],
+            |x| x[0].log_prob_of(&x[1]),
+        );
+    }
+    let labels = labels_with_ignored(33, 4096, 800);
+    check(
+        "cross_entropy misaligned logits",
+        &[randn(&[33 * 4096 + 1], 801)],
+        &[true],
+        |x| {
+            x[0].narrow(0, 1, 33 * 4096)?
+                .reshape(&[33, 4096])?
+                .cross_entropy(&labels, -100)
+        },
+    );
+}
+
+/// The device-targets entries (targets read by the kernels, no host round trip) on cuda, the
+/// Tensor API on the cpu.
+fn ce_dev(x: &Tensor, t: &Tensor, ignore_index: i64) -> Result<Tensor> {
+    if x.is_cuda() {
+        tessera::backend::cuda::ops::loss::cross_entropy_targets(x, t, ignore_index)
+    } else {
+        x.cross_entropy(t, ignore_index)
+    }
+}
+
+fn log_prob_dev(x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    if x.is_cuda() {
+        tessera::backend::cuda::ops::loss::log_prob_of_targets(x, t)
+    } else {
+        x.log_prob_of(t)
+    }
+}
+
+/// Cuda targets passed straight to the kernels: i64 and u32, ignored rows, a non-contiguous
+/// (narrowed) target view with leading dims, every lse_pick variant, all rows ignored.
+#[test]
+fn cross_entropy_device_targets_match_cpu() {
+    for (i, &(rows, v)) in [(64, 4096), (7, 1000), (7, 1001), (2, 40000), (3, 151936)]
+        .iter()
+        .enumerate()
+    {
+        let s = 900 + 10 * i as u64;
+        // (the harness moves integer inputs to cuda unchanged)
+        check(
+            &format!("cross_entropy device i64 targets {rows}x{v}"),
+            &[randn(&[rows, v], s), labels_with_ignored(rows, v, s + 1)],
+            &[true, false],
+            |x| ce_dev(&x[0], &x[1], -100),
+        );
+        let t32: Vec<u32> = ids(&[rows], v as u64, s + 2)
+            .to_vec::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|c| c as u32)
+            .collect();
+        let ignore = t32[0] as i64; // u32 targets with a (valid) ignored id
+        let t32 = Tensor::from_vec(t32, &[rows]).unwrap();
+        check(
+            &format!("cross_entropy device u32 targets {rows}x{v}"),
+            &[randn(&[rows, v], s + 3), t32.clone()],
+            &[true, false],
+            |x| ce_dev(&x[0], &x[1], ignore),
+        );
+        check(
+            &format!("log_prob_of device i64 ids {rows}x{v}"),
+            &[randn(&[rows, v], s + 4), ids(&[rows], v as u64, s + 5)],
+            &[true, false],
+            |x| log_prob_dev(&x[0], &x[1]),
+        );
+        check(
+            &format!("log_prob_of device u32 ids {rows}x{v}"),
+            &[randn(&[rows, v], s + 6), t32],
+            &[true, false],
+            |x| log_prob_dev(&x[0], &x[1]),
+        );
+    }
+    // The model's shifted labels: a narrow view of [B, T] ids, logits [B, T - 1, V].
+    check(
+        "cross_entropy device narrowed targets [2,36,1000]",
+        &[randn(&[2, 36, 1000], 950), ids(&[2, 37], 1000, 951)],
+        &[true, false],
+        |x| ce_dev(&x[0], &x[1].narrow(1, 1, 36)?, -100),
+    );
+    check(
+        "log_prob_of device ids [3,5,4096]",
+        &[randn(&[3, 5, 4096], 952), ids(&[3, 5], 4096, 953)],
+        &[true, false],
+        |x| log_prob_dev(&x[0], &x[1]),
+    );
+    let none = Tensor::from_vec(vec![-100i64; 4], &[4]).unwrap();
+    check(
+        "cross_entropy device targets all ignored",
+        &[randn(&[4, 4096], 954), none],
+        &[true, false],
+        |x| ce_dev(&x[0], &x[1], -100),
+    );
+}
+
+/// Device targets: shape and dtype errors name the op; an id outside the vocabulary (which
+/// the device cannot report without a host synchronisation) gives NaN.
+#[test]
+fn cross_entropy_device_targets_errors_and_invalid_ids() {
+    use tessera::backend::cuda::ops::loss::{cross_entropy_targets, log_prob_of_targets};
+    if !has_gpu("cross_entropy_device_targets_errors_and_invalid_ids") {
+        return;
+    }
+    let x = randn(&[3, 64], 1).to_cuda().unwrap();
+    let bad_shape = Tensor::from_vec(vec![1i64, 2], &[2])
+        .unwrap()
+        .to_cuda()
+        .unwrap();
+    let e = cross_entropy_targets(&x, &bad_shape, -100)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cross_entropy"), "{e}");
+    let f = randn(&[3], 2).to_cuda().unwrap();
+    let e = log_prob_of_targets(&x, &f).unwrap_err().to_string();
+    assert!(e.contains("log_prob_of"), "{e}");
+    let t = Tensor::from_vec(vec![0i64, 64, 5], &[3])
+        .unwrap()
+        .to_cuda()
+        .unwrap();
+    let l = cross_entropy_targets(&x, &t, -100)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(l.is_nan(), "out-of-range target: loss {l}");
+    let lp = log_prob_of_targets(&x, &t).unwrap().to_f64s().unwrap();
+    assert!(
+        lp[0].is_finite() && lp[1].is_nan() && lp[2].is_finite(),
+        "{lp:?}"
+    );
 }

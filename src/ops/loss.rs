@@ -72,6 +72,15 @@ fn rows_and_targets(
 impl Tensor {
     /// Mean cross-entropy of `targets` under `self` (logits); see the module doc.
     pub fn cross_entropy(&self, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
+        // CUDA logits with CUDA targets: validated on the device without a host round trip
+        // (an id outside the vocabulary gives NaN there instead of an error).
+        if self.is_cuda() && targets.is_cuda() {
+            return crate::backend::cuda::ops::loss::cross_entropy_targets(
+                self,
+                targets,
+                ignore_index,
+            );
+        }
         let (x, v, t) = rows_and_targets("cross_entropy", self, targets, Some(ignore_index))?;
         if x.is_cuda() {
             return crate::backend::cuda::ops::loss::cross_entropy(self, x, v, &t);
@@ -111,6 +120,9 @@ impl Tensor {
 
     /// log softmax(self)[ids] along the last dim; see the module doc.
     pub fn log_prob_of(&self, ids: &Tensor) -> Result<Tensor> {
+        if self.is_cuda() && ids.is_cuda() {
+            return crate::backend::cuda::ops::loss::log_prob_of_targets(self, ids);
+        }
         let (x, v, t) = rows_and_targets("log_prob_of", self, ids, None)?;
         let t: Vec<usize> = t.into_iter().map(|c| c.expect("no ignore index")).collect();
         if x.is_cuda() {

@@ -1,5 +1,5 @@
 //! SwiGLU on CUDA (kernels/activation.cu): fused forward silu(gate)·up and fused backward (both
-//! gradients in one pass). The embedding lookup needs no kernel of its own: `Tensor::embedding`
+//! gradients in one pass), with 16-byte vector loads/stores when the pointers are aligned. The embedding lookup needs no kernel of its own: `Tensor::embedding`
 //! is `index_select` on the table, whose cuda path (ops/index.rs) accepts ids on either device
 //! and scatter-adds the gradient rows deterministically.
 
@@ -8,7 +8,19 @@ use super::{grid_for, THREADS};
 use crate::autograd::record;
 use crate::backend::cuda::kernels::suffix;
 use crate::backend::cuda::{arg, device};
-use crate::{Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
+
+/// Kernel name and grid-stride item count for `n` elements: the 16-byte vector kernel (one
+/// item = 16 / sizeof(dtype) elements, the n % VEC tail done inside it) when every pointer is
+/// 16-byte aligned, else the scalar one (e.g. a contiguous view at an odd element offset).
+fn plan(dir: &str, sfx: &str, ptrs: &[u64], n: usize, dtype: DType) -> (String, usize) {
+    if ptrs.iter().all(|p| p.is_multiple_of(16)) {
+        let vec = 16 / dtype.size_in_bytes();
+        (format!("swiglu_{dir}_vec_{sfx}"), n.div_ceil(vec))
+    } else {
+        (format!("swiglu_{dir}_{sfx}"), n)
+    }
+}
 
 /// `gate.swiglu(up)` for cuda tensors of one shape (validated by the caller).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -26,10 +38,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let n = out.numel();
     if n > 0 {
         let (ap, bp, op, n64) = (a.cuda_ptr()?, b.cuda_ptr()?, out.cuda_ptr()?, n as i64);
+        let (kernel, items) = plan("fwd", sfx, &[ap, bp, op], n, dtype);
         device()?.launch(
             "activation.cu",
-            &format!("swiglu_fwd_{sfx}"),
-            (grid_for(n), 1, 1),
+            &kernel,
+            (grid_for(items), 1, 1),
             (THREADS as u32, 1, 1),
             0,
             &[arg(&ap), arg(&bp), arg(&op), arg(&n64)],
@@ -42,10 +55,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         if n > 0 {
             let (ap, bp, gp) = (a.cuda_ptr()?, b.cuda_ptr()?, g.cuda_ptr()?);
             let (dap, dbp, n64) = (da.cuda_ptr()?, db.cuda_ptr()?, n as i64);
+            let (kernel, items) = plan("bwd", sfx, &[ap, bp, gp, dap, dbp], n, dtype);
             device()?.launch(
                 "activation.cu",
-                &format!("swiglu_bwd_{sfx}"),
-                (grid_for(n), 1, 1),
+                &kernel,
+                (grid_for(items), 1, 1),
                 (THREADS as u32, 1, 1),
                 0,
                 &[

@@ -56,6 +56,36 @@ pub(crate) fn upload_i64(v: &[i64], shape: &[usize]) -> Result<Tensor> {
     Ok(t)
 }
 
+/// An i64 or u32 index tensor (token ids, targets) as a contiguous cuda tensor that kernels read
+/// directly, with its kernel-name tag ("i64" / "u32"; the kernel argument is `const i64*` /
+/// `const unsigned int*`, from `cuda_ptr()` of the returned tensor, which must outlive the
+/// launch). No host round trip when it is already on cuda (a strided view is copied on the
+/// device); a cpu tensor is uploaded. Other dtypes: an error naming `op`.
+pub(crate) fn device_ids(ids: &Tensor, op: &'static str) -> Result<(Tensor, &'static str)> {
+    let tag = match ids.dtype() {
+        DType::I64 => "i64",
+        DType::U32 => "u32",
+        d => {
+            return Err(Error::DType {
+                op,
+                dtype: d,
+                hint: " (targets must be i64 or u32)".into(),
+            })
+        }
+    };
+    let t = if ids.is_cuda() {
+        ids.detach()
+    } else {
+        ids.detach().to_cuda()?
+    };
+    let t = if t.is_contiguous() {
+        t
+    } else {
+        super::contiguous(&t)?
+    };
+    Ok((t, tag))
+}
+
 /// A u32 device tensor of the mask's shape: 1 where `mask` (any dtype, any device) is nonzero.
 pub(crate) fn upload_mask(mask: &Tensor) -> Result<Tensor> {
     let m: Vec<u32> = mask.to_mask()?.into_iter().map(u32::from).collect();

@@ -1,18 +1,35 @@
-//! Fused losses on CUDA (kernels/loss.cu), never materialising the softmax: one block per row
-//! computes the row's log-sum-exp in one pass (online max/sum) and the picked log-probability;
-//! the backward recomputes e^{x − lse} per element.
+//! Fused losses on CUDA (kernels/loss.cu), never materialising the softmax: per row, the row's
+//! log-sum-exp and the picked log-probability; the backward recomputes e^{x − lse} per element.
 //!
-//! `src/ops/loss.rs` validates the targets on the host (they may live on either device; they
-//! are [rows] ids, small) and passes them here; they are uploaded as i64 with −1 for ignored rows.
+//! Two entries per loss:
+//! - `cross_entropy` / `log_prob_of`: targets validated on the host by `src/ops/loss.rs`
+//!   (`Option<usize>` per row), uploaded as i64 (−1 = ignored).
+//! - `cross_entropy_targets` / `log_prob_of_targets`: the targets tensor itself (i64 or u32,
+//!   any device). Cuda targets go to the kernels as they are, without a host round trip (which
+//!   would stall the GPU); the kernels apply `ignore_index`. Ids outside 0..V cannot be reported
+//!   without a synchronisation: they give a NaN loss (cross_entropy: the mean; log_prob_of:
+//!   that row) and NaN gradient rows.
+//!
+//! The mean of cross_entropy is taken on the device: `ce_mean` counts the rows that are not
+//! ignored and keeps 1 / max(count, 1) on the device for the backward.
+//!
+//! Kernel choice: rows that fit in registers (`RowVec`: v a multiple of a 16-byte vector,
+//! 16-byte aligned logits, up to 32768 bf16 / 16384 f32) use `lse_pick_v{vpt}`; longer
+//! vectorisable rows (the 151936 vocabulary) `lse_pick_loop` (16-byte loads, one block per
+//! row); anything else the scalar `lse_pick`. The backward uses `lse_pick_bwd_vec` (16-byte
+//! loads and stores) when v and the pointers allow, else `lse_pick_bwd`.
 
-use super::index::{upload_i64, upstream};
+use super::index::{device_ids, on_cuda, upload_i64, upstream};
+use super::reduce::RowVec;
 use crate::autograd::record;
 use crate::backend::cuda::kernels::suffix;
 use crate::backend::cuda::{arg, device};
 use crate::{DType, Error, Result, Tensor};
 
-/// Threads per block of the row kernels (vocabularies are long rows).
+/// Threads per block of the looping row kernels (vocabularies are long rows) and of ce_mean.
 const ROW_THREADS: u32 = 512;
+/// Threads per block of lse_pick_bwd_vec (4 vectors each).
+const BWD_THREADS: usize = 256;
 
 fn row_grid(rows: usize, op: &str) -> Result<(u32, u32, u32)> {
     if rows > i32::MAX as usize {
@@ -23,40 +40,120 @@ fn row_grid(rows: usize, op: &str) -> Result<(u32, u32, u32)> {
     Ok((rows as u32, 1, 1))
 }
 
-/// Per row of the contiguous cuda logits `x` [rows, v]: (lse, x[t] − lse) in f32 (0 where the
-/// target is None), and the targets on the device.
-fn lse_pick(x: &Tensor, v: usize, targets: &[Option<usize>]) -> Result<(Tensor, Tensor, Tensor)> {
-    let rows = targets.len();
-    let sfx = suffix(x.dtype(), "cross_entropy")?;
-    let t: Vec<i64> = targets.iter().map(|t| t.map_or(-1, |c| c as i64)).collect();
-    let t = upload_i64(&t, &[rows])?;
+/// Targets on the device, as the kernels read them.
+struct Targets {
+    /// Contiguous cuda i64 or u32 tensor, one id per row.
+    t: Tensor,
+    /// Kernel-name tag of the id type: "i64" or "u32".
+    tag: &'static str,
+    /// The ignored id, when `has_ignore` is 1.
+    ignore: i64,
+    has_ignore: i64,
+}
+
+impl Targets {
+    /// Host-validated targets (None = ignored), uploaded as i64 with −1 for ignored rows.
+    fn from_host(targets: &[Option<usize>]) -> Result<Targets> {
+        let t: Vec<i64> = targets.iter().map(|t| t.map_or(-1, |c| c as i64)).collect();
+        Ok(Targets {
+            t: upload_i64(&t, &[targets.len()])?,
+            tag: "i64",
+            ignore: -1,
+            has_ignore: 1,
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.t.numel()
+    }
+}
+
+/// Checks `logits` [..., V] against `targets` [...] like `src/ops/loss.rs` and returns the
+/// contiguous detached logits and V.
+fn logits_for(op: &'static str, logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize)> {
+    on_cuda(op, &[logits])?;
+    let v = *logits.shape().last().unwrap_or(&0);
+    if logits.rank() == 0 || logits.shape()[..logits.rank() - 1] != *targets.shape() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "logits {:?} do not fit targets {:?} (want [..., V] and [...])",
+                logits.shape(),
+                targets.shape()
+            ),
+        ));
+    }
+    suffix(logits.dtype(), op)?;
+    Ok((logits.detach().contiguous()?, v))
+}
+
+/// Per row of the contiguous cuda logits `x` [rows, v]: (lse, x[t] − lse) in f32 (0 on ignored
+/// rows, NaN on invalid ones).
+fn lse_pick(x: &Tensor, v: usize, tg: &Targets) -> Result<(Tensor, Tensor)> {
+    let rows = tg.rows();
+    let dtype = x.dtype();
+    let sfx = suffix(dtype, "cross_entropy")?;
     let lse = Tensor::empty_cuda(&[rows], DType::F32)?;
     let picked = Tensor::empty_cuda(&[rows], DType::F32)?;
-    if rows > 0 {
-        let (xp, tp, lp, pp, v64) = (
-            x.cuda_ptr()?,
-            t.cuda_ptr()?,
-            lse.cuda_ptr()?,
-            picked.cuda_ptr()?,
-            v as i64,
-        );
+    if rows == 0 {
+        return Ok((lse, picked));
+    }
+    let (xp, tp, lp, pp) = (
+        x.cuda_ptr()?,
+        tg.t.cuda_ptr()?,
+        lse.cuda_ptr()?,
+        picked.cuda_ptr()?,
+    );
+    let (rows64, v64) = (rows as i64, v as i64);
+    let args = [
+        arg(&xp),
+        arg(&tp),
+        arg(&lp),
+        arg(&pp),
+        arg(&rows64),
+        arg(&v64),
+        arg(&tg.ignore),
+        arg(&tg.has_ignore),
+    ];
+    let elem = dtype.size_in_bytes();
+    let tag = tg.tag;
+    if let Some(pl) = RowVec::plan(v, elem, 8, &[xp]) {
+        let (grid, block) = pl.dims(rows, "cross_entropy")?;
         device()?.launch(
             "loss.cu",
-            &format!("lse_pick_{sfx}"),
+            &format!("lse_pick_v{}_{tag}_{sfx}", pl.vpt),
+            grid,
+            block,
+            0,
+            &args,
+        )?;
+    } else {
+        let vec = v > 0 && v.is_multiple_of(16 / elem) && xp.is_multiple_of(16);
+        let kernel = if vec {
+            format!("lse_pick_loop_{tag}_{sfx}")
+        } else {
+            format!("lse_pick_{tag}_{sfx}")
+        };
+        device()?.launch(
+            "loss.cu",
+            &kernel,
             row_grid(rows, "cross_entropy")?,
             (ROW_THREADS, 1, 1),
             0,
-            &[arg(&xp), arg(&tp), arg(&lp), arg(&pp), arg(&v64)],
+            &args,
         )?;
     }
-    Ok((t, lse, picked))
+    Ok((lse, picked))
 }
 
-/// dx = (softmax(x) − onehot(t)) · g_r · scale per row (0 on ignored rows).
+/// dx = (softmax(x) − onehot(t)) · g_r · scale · inv per row (0 on ignored rows, NaN on
+/// invalid ones); inv = `inv_count[0]` (a device f32) or 1.
+#[allow(clippy::too_many_arguments)]
 fn lse_pick_backward(
     x: &Tensor,
-    t: &Tensor,
+    tg: &Targets,
     lse: &Tensor,
+    inv_count: Option<&Tensor>,
     g: &Tensor,
     v: usize,
     scale: f32,
@@ -66,80 +163,123 @@ fn lse_pick_backward(
     let sfx = suffix(dtype, "cross_entropy_backward")?;
     let g = upstream(g, dtype)?;
     let dx = Tensor::empty_cuda(x.shape(), dtype)?;
-    let rows = t.numel();
-    if rows > 0 && v > 0 {
-        let (xp, tp, lp, gp, dp) = (
-            x.cuda_ptr()?,
-            t.cuda_ptr()?,
-            lse.cuda_ptr()?,
-            g.cuda_ptr()?,
-            dx.cuda_ptr()?,
-        );
-        let (v64, gpr) = (v as i64, g_per_row as i64);
+    let rows = tg.rows();
+    if rows == 0 || v == 0 {
+        return Ok(dx);
+    }
+    let (xp, tp, lp, gp, dp) = (
+        x.cuda_ptr()?,
+        tg.t.cuda_ptr()?,
+        lse.cuda_ptr()?,
+        g.cuda_ptr()?,
+        dx.cuda_ptr()?,
+    );
+    let ip: u64 = match inv_count {
+        Some(t) => t.cuda_ptr()?,
+        None => 0,
+    };
+    let (v64, gpr) = (v as i64, g_per_row as i64);
+    let args = [
+        arg(&xp),
+        arg(&tp),
+        arg(&lp),
+        arg(&gp),
+        arg(&ip),
+        arg(&dp),
+        arg(&v64),
+        arg(&tg.ignore),
+        arg(&tg.has_ignore),
+        arg(&scale),
+        arg(&gpr),
+    ];
+    let tag = tg.tag;
+    let per = 16 / dtype.size_in_bytes();
+    let col_blocks = (v / per).div_ceil(4 * BWD_THREADS);
+    if v.is_multiple_of(per)
+        && xp.is_multiple_of(16)
+        && dp.is_multiple_of(16)
+        && col_blocks <= 65535
+    {
+        let (gx, _, _) = row_grid(rows, "cross_entropy_backward")?;
         device()?.launch(
             "loss.cu",
-            &format!("lse_pick_bwd_{sfx}"),
+            &format!("lse_pick_bwd_vec_{tag}_{sfx}"),
+            (gx, col_blocks as u32, 1),
+            (BWD_THREADS as u32, 1, 1),
+            0,
+            &args,
+        )?;
+    } else {
+        device()?.launch(
+            "loss.cu",
+            &format!("lse_pick_bwd_{tag}_{sfx}"),
             row_grid(rows, "cross_entropy_backward")?,
             (ROW_THREADS, 1, 1),
             0,
-            &[
-                arg(&xp),
-                arg(&tp),
-                arg(&lp),
-                arg(&gp),
-                arg(&dp),
-                arg(&v64),
-                arg(&scale),
-                arg(&gpr),
-            ],
+            &args,
         )?;
     }
     Ok(dx)
 }
 
-/// Mean cross-entropy for the contiguous detached cuda logits `x` [..., v] of `input` (the
-/// tensor to record the gradient for) and validated targets (None = ignore_index).
-pub fn cross_entropy(
-    input: &Tensor,
-    x: Tensor,
-    v: usize,
-    targets: &[Option<usize>],
-) -> Result<Tensor> {
+/// Mean cross-entropy of the contiguous detached cuda logits `x` [rows, v] against `tg`,
+/// recorded for `input`.
+fn cross_entropy_dev(input: &Tensor, x: Tensor, v: usize, tg: Targets) -> Result<Tensor> {
     let dtype = x.dtype();
     let sfx = suffix(dtype, "cross_entropy")?;
-    let counted = targets.iter().filter(|t| t.is_some()).count();
-    let scale = 1.0 / counted.max(1) as f32;
-    let (t, lse, picked) = lse_pick(&x, v, targets)?;
+    let (lse, picked) = lse_pick(&x, v, &tg)?;
     let out = Tensor::empty_cuda(&[], dtype)?;
-    let (pp, op, rows64) = (picked.cuda_ptr()?, out.cuda_ptr()?, targets.len() as i64);
+    let inv_count = Tensor::empty_cuda(&[1], DType::F32)?;
+    let (pp, tp, op, ip, rows64) = (
+        picked.cuda_ptr()?,
+        tg.t.cuda_ptr()?,
+        out.cuda_ptr()?,
+        inv_count.cuda_ptr()?,
+        tg.rows() as i64,
+    );
+    // Launched for zero rows too: it writes the loss 0 and inv 1.
     device()?.launch(
         "loss.cu",
-        &format!("ce_mean_{sfx}"),
+        &format!("ce_mean_{}_{sfx}", tg.tag),
         (1, 1, 1),
         (ROW_THREADS, 1, 1),
         0,
-        &[arg(&pp), arg(&op), arg(&rows64), arg(&scale)],
+        &[
+            arg(&pp),
+            arg(&tp),
+            arg(&op),
+            arg(&ip),
+            arg(&rows64),
+            arg(&tg.ignore),
+            arg(&tg.has_ignore),
+        ],
     )?;
     drop(picked);
     Ok(record("cross_entropy", out, &[input], move |g| {
         Ok(vec![Some(lse_pick_backward(
-            &x, &t, &lse, g, v, scale, false,
+            &x,
+            &tg,
+            &lse,
+            Some(&inv_count),
+            g,
+            v,
+            1.0,
+            false,
         )?)])
     }))
 }
 
-/// log softmax(x)[id] per row, shaped like `ids_shape` (= the logits' leading dims).
-pub fn log_prob_of(
+/// log softmax(x)[id] per row of the contiguous detached cuda logits `x`, shaped `ids_shape`.
+fn log_prob_of_dev(
     input: &Tensor,
     x: Tensor,
     v: usize,
-    ids: &[usize],
+    tg: Targets,
     ids_shape: &[usize],
 ) -> Result<Tensor> {
     let dtype = x.dtype();
     suffix(dtype, "log_prob_of")?;
-    let targets: Vec<Option<usize>> = ids.iter().map(|&c| Some(c)).collect();
-    let (t, lse, picked) = lse_pick(&x, v, &targets)?;
+    let (lse, picked) = lse_pick(&x, v, &tg)?;
     let picked = if dtype == DType::F32 {
         picked
     } else {
@@ -148,7 +288,68 @@ pub fn log_prob_of(
     let out = picked.reshape(ids_shape)?;
     Ok(record("log_prob_of", out, &[input], move |g| {
         Ok(vec![Some(lse_pick_backward(
-            &x, &t, &lse, g, v, -1.0, true,
+            &x, &tg, &lse, None, g, v, -1.0, true,
         )?)])
     }))
+}
+
+/// Mean cross-entropy for the contiguous detached cuda logits `x` [..., v] of `input` (the
+/// tensor to record the gradient for) and targets validated on the host (None = ignore_index).
+pub fn cross_entropy(
+    input: &Tensor,
+    x: Tensor,
+    v: usize,
+    targets: &[Option<usize>],
+) -> Result<Tensor> {
+    suffix(x.dtype(), "cross_entropy")?;
+    cross_entropy_dev(input, x, v, Targets::from_host(targets)?)
+}
+
+/// log softmax(x)[id] per row, shaped like `ids_shape` (= the logits' leading dims), for ids
+/// validated on the host.
+pub fn log_prob_of(
+    input: &Tensor,
+    x: Tensor,
+    v: usize,
+    ids: &[usize],
+    ids_shape: &[usize],
+) -> Result<Tensor> {
+    suffix(x.dtype(), "log_prob_of")?;
+    let targets: Vec<Option<usize>> = ids.iter().map(|&c| Some(c)).collect();
+    log_prob_of_dev(input, x, v, Targets::from_host(&targets)?, ids_shape)
+}
+
+/// `logits.cross_entropy(targets, ignore_index)` for cuda logits [..., V] and i64 / u32
+/// targets [...] on any device, read by the kernels without a host round trip when they are
+/// on cuda. Ids outside 0..V (other than `ignore_index`) make the loss NaN instead of an error.
+pub fn cross_entropy_targets(
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+) -> Result<Tensor> {
+    let (x, v) = logits_for("cross_entropy", logits, targets)?;
+    let (t, tag) = device_ids(targets, "cross_entropy")?;
+    let tg = Targets {
+        t,
+        tag,
+        ignore: ignore_index,
+        has_ignore: 1,
+    };
+    cross_entropy_dev(logits, x, v, tg)
+}
+
+/// `logits.log_prob_of(ids)` for cuda logits [..., V] and i64 / u32 ids [...] on any device,
+/// read by the kernels without a host round trip when they are on cuda. Ids outside 0..V give
+/// NaN for their rows instead of an error.
+pub fn log_prob_of_targets(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (x, v) = logits_for("log_prob_of", logits, ids)?;
+    let (t, tag) = device_ids(ids, "log_prob_of")?;
+    let tg = Targets {
+        t,
+        tag,
+        ignore: 0,
+        has_ignore: 0,
+    };
+    let shape = ids.shape().to_vec();
+    log_prob_of_dev(logits, x, v, tg, &shape)
 }

@@ -1,8 +1,15 @@
 //! RMSNorm on CUDA (kernels/norm.cu): fused forward saving the f32 rstd of every row, fused
 //! backward for dx, and a deterministic two-pass column sum for dweight. The weight must have
 //! x's dtype and device.
+//!
+//! Fast paths: when d is a multiple of a 16-byte vector (8 bf16 / 4 f32) and every pointer is
+//! 16-byte aligned, the row kernels hold their row in registers (16-byte loads/stores, one read
+//! of each input; `RowVec` picks one warp per row for short rows, one block per row otherwise)
+//! and the dweight partial sums read 16-byte vectors (same sums, same order). Anything else
+//! (odd d, misaligned views, rows longer than 32768 bf16 / 16384 f32) uses the looping kernels.
 
 use super::index::{on_cuda, upstream};
+use super::reduce::RowVec;
 use super::{grid_for, THREADS};
 use crate::autograd::record;
 use crate::backend::cuda::kernels::suffix;
@@ -47,22 +54,42 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             y.cuda_ptr()?,
             rstd.cuda_ptr()?,
         );
-        let (d64, eps32) = (d as i64, eps as f32);
-        device()?.launch(
-            "norm.cu",
-            &format!("rms_norm_fwd_{sfx}"),
-            row_grid(rows)?,
-            (ROW_THREADS, 1, 1),
-            0,
-            &[
-                arg(&xp),
-                arg(&wp),
-                arg(&yp),
-                arg(&rp),
-                arg(&d64),
-                arg(&eps32),
-            ],
-        )?;
+        let (d64, eps32, rows64) = (d as i64, eps as f32, rows as i64);
+        if let Some(pl) = RowVec::plan(d, dtype.size_in_bytes(), 8, &[xp, wp, yp]) {
+            let (grid, block) = pl.dims(rows, "rms_norm")?;
+            device()?.launch(
+                "norm.cu",
+                &format!("rms_norm_fwd_v{}_{sfx}", pl.vpt),
+                grid,
+                block,
+                0,
+                &[
+                    arg(&xp),
+                    arg(&wp),
+                    arg(&yp),
+                    arg(&rp),
+                    arg(&rows64),
+                    arg(&d64),
+                    arg(&eps32),
+                ],
+            )?;
+        } else {
+            device()?.launch(
+                "norm.cu",
+                &format!("rms_norm_fwd_{sfx}"),
+                row_grid(rows)?,
+                (ROW_THREADS, 1, 1),
+                0,
+                &[
+                    arg(&xp),
+                    arg(&wp),
+                    arg(&yp),
+                    arg(&rp),
+                    arg(&d64),
+                    arg(&eps32),
+                ],
+            )?;
+        }
     }
     let grads = [x.requires_grad(), weight.requires_grad()];
     Ok(record("rms_norm", y, &[x, weight], move |g| {
@@ -79,14 +106,35 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             let dx = Tensor::empty_cuda(xc.shape(), dtype)?;
             if rows > 0 {
                 let dp = dx.cuda_ptr()?;
-                dev.launch(
-                    "norm.cu",
-                    &format!("rms_norm_bwd_dx_{sfx}"),
-                    row_grid(rows)?,
-                    (ROW_THREADS, 1, 1),
-                    0,
-                    &[arg(&xp), arg(&wp), arg(&gp), arg(&rp), arg(&dp), arg(&d64)],
-                )?;
+                if let Some(pl) = RowVec::plan(d, dtype.size_in_bytes(), 8, &[xp, wp, gp, dp]) {
+                    let (grid, block) = pl.dims(rows, "rms_norm_backward")?;
+                    let rows64 = rows as i64;
+                    dev.launch(
+                        "norm.cu",
+                        &format!("rms_norm_bwd_dx_v{}_{sfx}", pl.vpt),
+                        grid,
+                        block,
+                        0,
+                        &[
+                            arg(&xp),
+                            arg(&wp),
+                            arg(&gp),
+                            arg(&rp),
+                            arg(&dp),
+                            arg(&rows64),
+                            arg(&d64),
+                        ],
+                    )?;
+                } else {
+                    dev.launch(
+                        "norm.cu",
+                        &format!("rms_norm_bwd_dx_{sfx}"),
+                        row_grid(rows)?,
+                        (ROW_THREADS, 1, 1),
+                        0,
+                        &[arg(&xp), arg(&wp), arg(&gp), arg(&rp), arg(&dp), arg(&d64)],
+                    )?;
+                }
             }
             Some(dx)
         } else {
@@ -104,10 +152,18 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
                 let partial = Tensor::empty_cuda(&[chunks, d], DType::F32)?;
                 let pp = partial.cuda_ptr()?;
                 let (rows64, rpc64, chunks64) = (rows as i64, rows_per_chunk as i64, chunks as i64);
+                // 16-byte vectors (one per thread) when d and both pointers allow it.
+                let per = 16 / dtype.size_in_bytes();
+                let vec = d.is_multiple_of(per) && xp.is_multiple_of(16) && gp.is_multiple_of(16);
+                let (kernel, cols) = if vec {
+                    (format!("rms_norm_dw_partial_vec_{sfx}"), d / per)
+                } else {
+                    (format!("rms_norm_dw_partial_{sfx}"), d)
+                };
                 dev.launch(
                     "norm.cu",
-                    &format!("rms_norm_dw_partial_{sfx}"),
-                    (d.div_ceil(COL_THREADS) as u32, chunks as u32, 1),
+                    &kernel,
+                    (cols.div_ceil(COL_THREADS) as u32, chunks as u32, 1),
                     (COL_THREADS as u32, 1, 1),
                     0,
                     &[

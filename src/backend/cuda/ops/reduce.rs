@@ -12,6 +12,12 @@
 //! first maximal element of each row; logsumexp multiplies it by softmax(x), recomputed in f32
 //! from x (not from the saved, possibly bf16, logsumexp); softmax dx = y (g - Σ g y),
 //! log_softmax dx = g - exp(y) Σ g.
+//!
+//! softmax / log_softmax over the last dim (inner = 1) take a vectorised fast path when the row
+//! length is a multiple of a 16-byte vector (8 bf16 / 4 f32), the pointers are 16-byte aligned
+//! and the row fits in registers (`RowVec`: up to 32768 bf16 / 16384 f32 elements): one read
+//! of x (forward) or of y and g (backward) with 16-byte loads and stores, one warp per row for
+//! short rows and one block per row otherwise. Other cases use the looping row kernels.
 
 use crate::autograd::{needs_grad, record};
 use crate::backend::cuda::{arg, blocks_for, device, kernels::suffix, Arg};
@@ -111,6 +117,80 @@ fn grid_x(blocks: usize, op: &'static str) -> Result<u32> {
         ));
     }
     Ok(blocks as u32)
+}
+
+/// A cuda launch dimension (x, y, z).
+pub(crate) type Dim3 = (u32, u32, u32);
+
+/// Launch shape of the vectorised row kernels (`*_v{vpt}_*` in kernels/norm.cu, reduce.cu and
+/// loss.cu): each thread of a row holds `vpt` 16-byte vectors of it in registers (vectors
+/// `t + k * threads`, k < vpt). `threads` = 32: one warp per row, `rows_per_block` rows per
+/// block; more: one block per row (`rows_per_block` = 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RowVec {
+    pub vpt: usize,
+    pub threads: u32,
+    pub rows_per_block: u32,
+}
+
+impl RowVec {
+    /// The plan for contiguous rows of `n` elements of `elem_bytes` bytes, the rows of every
+    /// tensor starting at the device addresses `ptrs` (+ a multiple of the row length), at most
+    /// `max_vpt` (1, 2, 4 or 8) vectors per thread. None (the caller falls back to its looping
+    /// kernel) when `n` is not a multiple of a 16-byte vector, a pointer is not 16-byte aligned,
+    /// or the row needs more than 512 threads of 8 vectors.
+    /// The kernels' launch bounds rely on: at most 256 threads per block for vpt <= 4, 512 for
+    /// vpt = 8.
+    pub(crate) fn plan(
+        n: usize,
+        elem_bytes: usize,
+        max_vpt: usize,
+        ptrs: &[u64],
+    ) -> Option<RowVec> {
+        let per = 16 / elem_bytes.clamp(1, 16);
+        if n == 0 || !n.is_multiple_of(per) || ptrs.iter().any(|&p| !p.is_multiple_of(16)) {
+            return None;
+        }
+        let nv = n / per;
+        let round32 = |t: usize| (t.div_ceil(32) * 32) as u32;
+        // Short rows: one warp per row, 8 rows per block.
+        for vpt in [1, 2, 4] {
+            if vpt <= max_vpt && nv <= 32 * vpt {
+                return Some(RowVec {
+                    vpt,
+                    threads: 32,
+                    rows_per_block: 8,
+                });
+            }
+        }
+        // One block of at most 256 threads per row, then of at most 512 with 8 vectors each.
+        for vpt in [1, 2, 4] {
+            if vpt <= max_vpt && nv <= 256 * vpt {
+                return Some(RowVec {
+                    vpt,
+                    threads: round32(nv.div_ceil(vpt)),
+                    rows_per_block: 1,
+                });
+            }
+        }
+        if max_vpt >= 8 && nv <= 512 * 8 {
+            return Some(RowVec {
+                vpt: 8,
+                threads: round32(nv.div_ceil(8)),
+                rows_per_block: 1,
+            });
+        }
+        None
+    }
+
+    /// (grid, block) covering `rows` rows.
+    pub(crate) fn dims(&self, rows: usize, op: &'static str) -> Result<(Dim3, Dim3)> {
+        let blocks = rows.div_ceil(self.rows_per_block as usize);
+        Ok((
+            (grid_x(blocks, op)?, 1, 1),
+            (self.threads, self.rows_per_block, 1),
+        ))
+    }
 }
 
 /// Launches a row kernel of kernels/reduce.cu over `rows` rows of `n` elements: one warp per
@@ -302,22 +382,36 @@ fn softmax_impl(x: &Tensor, d: usize, log: bool) -> Result<Tensor> {
     let y = Tensor::empty_cuda(x.shape(), dtype)?;
     let (rows, n, inner) = p.dims64();
     let log64 = log as i64;
-    if p.n > 0 {
+    let elem = dtype.size_in_bytes();
+    if p.n > 0 && p.rows() > 0 {
         let (px, py) = (p.x.cuda_ptr()?, y.cuda_ptr()?);
-        launch_rows(
-            &format!("softmax_{sfx}"),
-            p.rows(),
-            p.n,
-            name,
-            &[
-                arg(&px),
-                arg(&py),
-                arg(&rows),
-                arg(&n),
-                arg(&inner),
-                arg(&log64),
-            ],
-        )?;
+        match RowVec::plan(p.n, elem, 8, &[px, py]).filter(|_| p.inner == 1) {
+            Some(pl) => {
+                let (grid, block) = pl.dims(p.rows(), name)?;
+                device()?.launch(
+                    "reduce.cu",
+                    &format!("softmax_v{}_{sfx}", pl.vpt),
+                    grid,
+                    block,
+                    0,
+                    &[arg(&px), arg(&py), arg(&rows), arg(&n), arg(&log64)],
+                )?;
+            }
+            None => launch_rows(
+                &format!("softmax_{sfx}"),
+                p.rows(),
+                p.n,
+                name,
+                &[
+                    arg(&px),
+                    arg(&py),
+                    arg(&rows),
+                    arg(&n),
+                    arg(&inner),
+                    arg(&log64),
+                ],
+            )?,
+        }
     }
     if !needs_grad(&[x]) {
         return Ok(y);
@@ -331,24 +425,94 @@ fn softmax_impl(x: &Tensor, d: usize, log: bool) -> Result<Tensor> {
     Ok(record(name, y, &[x], move |g| {
         let g = upstream(g, dtype, bw)?;
         let dx = Tensor::empty_cuda(saved.shape(), dtype)?;
-        if len > 0 {
+        if len > 0 && nrows > 0 {
             let (py, pg, pd) = (saved.cuda_ptr()?, g.cuda_ptr()?, dx.cuda_ptr()?);
-            launch_rows(
-                &format!("softmax_backward_{sfx}"),
-                nrows,
-                len,
-                bw,
-                &[
-                    arg(&py),
-                    arg(&pg),
-                    arg(&pd),
-                    arg(&rows),
-                    arg(&n),
-                    arg(&inner),
-                    arg(&log64),
-                ],
-            )?;
+            match RowVec::plan(len, elem, 8, &[py, pg, pd]).filter(|_| inner == 1) {
+                Some(pl) => {
+                    let (grid, block) = pl.dims(nrows, bw)?;
+                    device()?.launch(
+                        "reduce.cu",
+                        &format!("softmax_backward_v{}_{sfx}", pl.vpt),
+                        grid,
+                        block,
+                        0,
+                        &[
+                            arg(&py),
+                            arg(&pg),
+                            arg(&pd),
+                            arg(&rows),
+                            arg(&n),
+                            arg(&log64),
+                        ],
+                    )?;
+                }
+                None => launch_rows(
+                    &format!("softmax_backward_{sfx}"),
+                    nrows,
+                    len,
+                    bw,
+                    &[
+                        arg(&py),
+                        arg(&pg),
+                        arg(&pd),
+                        arg(&rows),
+                        arg(&n),
+                        arg(&inner),
+                        arg(&log64),
+                    ],
+                )?,
+            }
         }
         Ok(vec![Some(dx)])
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RowVec;
+
+    /// The invariants the vectorised row kernels rely on, for every row length up to 40000 of
+    /// both element sizes: the threads of a row cover all its vectors, warp mode is 32 threads,
+    /// block mode a multiple of 32 within the kernels' launch bounds.
+    #[test]
+    fn row_vec_plan_covers_rows_within_launch_bounds() {
+        for elem in [2usize, 4] {
+            let per = 16 / elem;
+            for n in 1..40000usize {
+                let Some(p) = RowVec::plan(n, elem, 8, &[256, 4096]) else {
+                    assert!(
+                        n % per != 0 || n / per > 512 * 8,
+                        "no plan for {n} x {elem}"
+                    );
+                    continue;
+                };
+                assert_eq!(n % per, 0);
+                let nv = n / per;
+                assert!(p.threads as usize * p.vpt >= nv, "{n} x {elem}: {p:?}");
+                assert!([1, 2, 4, 8].contains(&p.vpt));
+                assert_eq!(p.threads % 32, 0);
+                if p.threads == 32 {
+                    assert_eq!(p.rows_per_block, 8);
+                    assert!(p.vpt <= 4);
+                } else {
+                    assert_eq!(p.rows_per_block, 1);
+                }
+                let max_threads = if p.vpt == 8 { 512 } else { 256 };
+                assert!(p.threads <= max_threads, "{n} x {elem}: {p:?}");
+            }
+        }
+        // The bench shape: bf16 rows of 4096 on 256 threads of 2 vectors.
+        assert_eq!(
+            RowVec::plan(4096, 2, 8, &[0]),
+            Some(RowVec {
+                vpt: 2,
+                threads: 256,
+                rows_per_block: 1
+            })
+        );
+        // Misaligned pointers and odd lengths fall back.
+        assert_eq!(RowVec::plan(4096, 2, 8, &[0, 2]), None);
+        assert_eq!(RowVec::plan(1001, 4, 8, &[0]), None);
+        assert_eq!(RowVec::plan(151936, 2, 8, &[0]), None);
+    }
 }

@@ -7,6 +7,11 @@
 //! `[S, 1, D]` against `[S, H, D]`). cos/sin carry no gradient: when they are cpu tensors (the
 //! text model builds its tables on the host) they are copied to the device, and when their
 //! dtype differs from x's they are cast, once per call.
+//!
+//! When h = d / 2 is a multiple of 16 / sizeof(dtype) (D % 16 == 0 for bf16, D % 8 == 0 for
+//! f32), the x/cos/sin/y pointers are 16-byte aligned and every row stride is a multiple of the
+//! vector width, the `rope_vec_*` kernel moves 16-byte chunks (8 bf16 / 4 f32); otherwise the
+//! general one-thread-per-pair `rope_*` kernel runs (e.g. an odd head dim or a misaligned view).
 
 use super::index::on_cuda;
 use super::{grid_for, Strides, THREADS};
@@ -80,10 +85,26 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tenso
     );
     let (xp, cp, sp, yp) = (x.cuda_ptr()?, cb.cuda_ptr()?, sb.cuda_ptr()?, y.cuda_ptr()?);
     let (rows64, h64, inv) = (rows as i64, h as i64, inverse as i64);
+    // 16-byte vector path: VEC elements per chunk; h, every row stride and every pointer
+    // aligned to it (then each chunk at j and j + h of every row is 16-byte aligned).
+    let vec = 16 / dtype.size_in_bytes();
+    let strides_ok = |s: &Strides| {
+        s.stride[..s.rank as usize]
+            .iter()
+            .all(|&st| st % vec as i64 == 0)
+    };
+    let fast = h.is_multiple_of(vec)
+        && [xp, cp, sp, yp].iter().all(|p| p.is_multiple_of(16))
+        && [&xs, &cs, &ss].into_iter().all(strides_ok);
+    let (kernel, items) = if fast {
+        (format!("rope_vec_{sfx}"), n / vec)
+    } else {
+        (format!("rope_{sfx}"), n)
+    };
     device()?.launch(
         "rope.cu",
-        &format!("rope_{sfx}"),
-        (grid_for(n), 1, 1),
+        &kernel,
+        (grid_for(items), 1, 1),
         (THREADS as u32, 1, 1),
         0,
         &[
