@@ -38,3 +38,23 @@ extern "C" __global__ void strided_copy_rows16(const unsigned char* src, uint4* 
         dst[c] = *s;
     }
 }
+
+// Transpose through shared memory: dst [rows, cols] (row-major) = the view whose element
+// (r, c) is src[c·ld + r] (a transposed matrix). 32 x 32 tiles, 32 x 8 threads: reads are
+// coalesced along r, writes along c.
+#define TRANSPOSE(NAME, T)                                                                      \
+    extern "C" __global__ void NAME(const T* src, T* dst, i64 rows, i64 cols, i64 ld) {         \
+        __shared__ T tile[32][33];                                                              \
+        i64 r0 = (i64)blockIdx.y * 32, c0 = (i64)blockIdx.x * 32;                               \
+        for (int k = threadIdx.y; k < 32; k += 8) {                                             \
+            i64 c = c0 + k, r = r0 + threadIdx.x;                                               \
+            if (c < cols && r < rows) tile[k][threadIdx.x] = src[c * ld + r];                   \
+        }                                                                                       \
+        __syncthreads();                                                                        \
+        for (int k = threadIdx.y; k < 32; k += 8) {                                             \
+            i64 r = r0 + k, c = c0 + threadIdx.x;                                               \
+            if (r < rows && c < cols) dst[r * cols + c] = tile[threadIdx.x][k];                 \
+        }                                                                                       \
+    }
+TRANSPOSE(transpose_2, unsigned short)
+TRANSPOSE(transpose_4, unsigned int)

@@ -207,6 +207,12 @@ fn k_contiguous(
         return Ok((None, ptr, rs));
     }
     let t = Tensor::empty_cuda(&[rows, k], DType::BF16)?;
+    if rs == 1 && rows > 1 && k > 1 {
+        // A transposed operand: tiled transpose through shared memory.
+        super::transpose_into(ptr, t.cuda_ptr()?, rows, k, cs, 2)?;
+        let dst = t.cuda_ptr()?;
+        return Ok((Some(t), dst, k));
+    }
     let st = super::Strides::new(&[rows, k], &[rs, cs], "matmul")?;
     let (dst, n) = (t.cuda_ptr()?, (rows * k) as i64);
     device()?.launch(

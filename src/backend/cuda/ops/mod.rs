@@ -137,6 +137,18 @@ pub fn contiguous(x: &Tensor) -> Result<Tensor> {
             return Ok(out);
         }
     }
+    // A transposed matrix (element (r, c) at r + c·ld): tiled transpose through shared memory.
+    if r == 2 && s.stride[0] == 1 && (esize == 2 || esize == 4) {
+        transpose_into(
+            x.cuda_ptr()?,
+            out.cuda_ptr()?,
+            s.shape[0] as usize,
+            s.shape[1] as usize,
+            s.stride[1] as usize,
+            esize,
+        )?;
+        return Ok(out);
+    }
     let kernel = match x.dtype().size_in_bytes() {
         2 => "strided_copy_2",
         4 => "strided_copy_4",
@@ -153,6 +165,36 @@ pub fn contiguous(x: &Tensor) -> Result<Tensor> {
         &[arg(&src), arg(&dst), arg(&s), arg(&n64)],
     )?;
     Ok(out)
+}
+
+/// dst [rows, cols] (contiguous) = the matrix whose element (r, c) is at `src + (r + c·ld)`
+/// elements of `esize` bytes (2 or 4).
+pub fn transpose_into(
+    src: u64,
+    dst: u64,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    esize: usize,
+) -> Result<()> {
+    let kernel = match esize {
+        2 => "transpose_2",
+        4 => "transpose_4",
+        _ => {
+            return Err(Error::msg(format!(
+                "internal: transpose of {esize}-byte elements"
+            )))
+        }
+    };
+    let [r, c, l] = [rows, cols, ld].map(|v| v as i64);
+    device()?.launch(
+        "copy.cu",
+        kernel,
+        (cols.div_ceil(32) as u32, rows.div_ceil(32) as u32, 1),
+        (32, 8, 1),
+        0,
+        &[arg(&src), arg(&dst), arg(&r), arg(&c), arg(&l)],
+    )
 }
 
 /// f32 <-> bf16 cast of a device tensor (contiguous result). No autograd (the caller records).
