@@ -10,6 +10,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod qwen2_5_vl;
+pub mod rl;
 pub mod tensor;
 pub mod testing;
 

@@ -5,6 +5,7 @@ mod bench_cuda;
 mod demo;
 pub mod forward;
 mod init;
+mod policy_loss;
 mod preprocess;
 mod tokenize;
 
@@ -38,6 +39,8 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Write a model directory with random weights for a config.json.
     Init(init::InitArgs),
+    /// GRPO-family policy loss and d loss / d logps on tensors from a safetensors file.
+    PolicyLoss(policy_loss::PolicyLossArgs),
     /// Benchmarks of the CPU kernels (GFLOP/s, ms); tools/bench/cpu_vs_torch.py puts them
     /// beside PyTorch on the same machine.
     Bench(bench::BenchArgs),
@@ -58,5 +61,6 @@ pub fn run() -> Result<()> {
         Command::Init(a) => init::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Preprocess(a) => preprocess::run(a),
+        Command::PolicyLoss(a) => policy_loss::run(a),
     }
 }
