@@ -370,7 +370,30 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
         Ok(t.elapsed().as_secs_f64())
     };
     step()?; // warm-up
+    if device == crate::Device::Cuda {
+        crate::backend::cuda::profile_report()?; // drop the warm-up's kernels
+    }
     let mut times: Vec<f64> = (0..a.steps.max(1)).map(|_| step()).collect::<Result<_>>()?;
+    if device == crate::Device::Cuda && crate::backend::cuda::profiling() {
+        // Kernel time per step, by kernel (TESSERA_PROFILE=1), against the measured step.
+        let report = crate::backend::cuda::profile_report()?;
+        let steps = times.len() as f64;
+        let total: f64 = report.iter().map(|r| r.2).sum::<f64>() / steps;
+        let wall = times.iter().sum::<f64>() * 1e3 / steps;
+        eprintln!("kernel time {total:.1} ms of {wall:.1} ms per step (the rest: host work and synchronisation)");
+        eprintln!(
+            "{:<36} {:>9} {:>10} {:>6}",
+            "kernel", "launches", "ms/step", "share"
+        );
+        for (name, n, ms) in report.iter().take(25) {
+            eprintln!(
+                "{name:<36} {:>9} {:>10.2} {:>5.1}%",
+                (*n as f64 / steps).round(),
+                ms / steps,
+                100.0 * ms / steps / wall
+            );
+        }
+    }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let tokens = (a.batch * a.seq) as f64 / median;

@@ -45,6 +45,53 @@ unsafe impl Sync for CudaDevice {}
 
 static DEVICE: OnceLock<std::result::Result<CudaDevice, String>> = OnceLock::new();
 
+/// Kernel profiling (`TESSERA_PROFILE=1`): every launch is bracketed by two events; the
+/// report sums the GPU time per kernel name.
+struct Profile {
+    on: bool,
+    events: Mutex<Vec<(String, usize, usize)>>,
+}
+
+fn profile() -> &'static Profile {
+    static P: OnceLock<Profile> = OnceLock::new();
+    P.get_or_init(|| Profile {
+        on: std::env::var("TESSERA_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0"),
+        events: Mutex::new(Vec::new()),
+    })
+}
+
+/// Whether `TESSERA_PROFILE` is set.
+pub fn profiling() -> bool {
+    profile().on
+}
+
+/// GPU time per kernel since the last report (or start): (kernel, launches, total ms), the
+/// most expensive first. Synchronises the device. Empty unless `TESSERA_PROFILE` is set.
+pub fn profile_report() -> Result<Vec<(String, usize, f64)>> {
+    let p = profile();
+    if !p.on {
+        return Ok(Vec::new());
+    }
+    device()?.synchronize()?;
+    let events = std::mem::take(&mut *p.events.lock().expect("profile lock"));
+    let mut by: HashMap<String, (usize, f64)> = HashMap::new();
+    for (name, a, b) in events {
+        let (a, b) = (a as sys::CUevent, b as sys::CUevent);
+        // SAFETY: both events were recorded on the stream, which is now idle.
+        let ms = unsafe { result::event::elapsed(a, b) }.unwrap_or(0.0) as f64;
+        unsafe {
+            let _ = result::event::destroy(a);
+            let _ = result::event::destroy(b);
+        }
+        let e = by.entry(name).or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += ms;
+    }
+    let mut v: Vec<(String, usize, f64)> = by.into_iter().map(|(k, (n, ms))| (k, n, ms)).collect();
+    v.sort_by(|a, b| b.2.total_cmp(&a.2));
+    Ok(v)
+}
+
 thread_local! {
     static BOUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -296,10 +343,30 @@ impl CudaDevice {
             .map_err(|e| driver_err(kernel, e))?;
         }
         let mut params: Vec<*mut c_void> = args.iter().map(|a| a.0).collect();
+        let timed = if profiling() {
+            let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+            let a = result::event::create(flags).map_err(|e| driver_err("event", e))?;
+            let b = result::event::create(flags).map_err(|e| driver_err("event", e))?;
+            // SAFETY: a fresh event recorded on this context's stream.
+            unsafe { result::event::record(a, self.stream) }.map_err(|e| driver_err("event", e))?;
+            Some((a, b))
+        } else {
+            None
+        };
         // SAFETY: the argument list matches the kernel's signature (callers' contract, checked
         // by the op tests); all pointers are live device allocations.
         unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut params) }
-            .map_err(|e| Error::Msg(format!("cuda: launching {kernel} (kernels/{file}): {e:?}")))
+            .map_err(|e| Error::Msg(format!("cuda: launching {kernel} (kernels/{file}): {e:?}")))?;
+        if let Some((a, b)) = timed {
+            // SAFETY: as above.
+            unsafe { result::event::record(b, self.stream) }.map_err(|e| driver_err("event", e))?;
+            profile().events.lock().expect("profile lock").push((
+                kernel.to_string(),
+                a as usize,
+                b as usize,
+            ));
+        }
+        Ok(())
     }
 
     /// Times `f` with events on the stream, in milliseconds.
