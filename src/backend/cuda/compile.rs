@@ -135,7 +135,7 @@ pub fn compile(file: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
     };
     opts.push(format!("--gpu-architecture={arch}"));
     // SAFETY: prog is a live program until destroy_program below.
-    let out = unsafe {
+    unsafe {
         let compiled = result::compile_program(prog, &opts);
         let log = result::get_program_log(prog)
             .map(|l| {
@@ -149,19 +149,20 @@ pub fn compile(file: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
                 log.trim_end()
             ))),
             Ok(()) => {
+                // Sized then copied; any failure still reaches destroy_program below.
                 let mut size = 0usize;
                 sys::nvrtcGetCUBINSize(prog, &mut size)
                     .result()
-                    .map_err(|e| Error::Msg(format!("nvrtc: cubin size of {file}: {e:?}")))?;
-                let mut buf = vec![0u8; size];
-                sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut std::ffi::c_char)
-                    .result()
-                    .map_err(|e| Error::Msg(format!("nvrtc: cubin of {file}: {e:?}")))?;
-                Ok(buf)
+                    .and_then(|()| {
+                        let mut buf = vec![0u8; size];
+                        sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut std::ffi::c_char)
+                            .result()
+                            .map(|()| buf)
+                    })
+                    .map_err(|e| Error::Msg(format!("nvrtc: cubin of kernels/{file}: {e:?}")))
             }
         };
         let _ = result::destroy_program(prog);
         out
-    };
-    out
+    }
 }
