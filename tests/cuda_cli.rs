@@ -42,10 +42,10 @@ fn run(dtype: &str) {
             err.contains("no CUDA"),
             "unclear error without a GPU: {err}"
         );
-        eprintln!(
+        tessera::backend::cuda::skip_note(&format!(
             "skipped forward on cuda ({dtype}): no GPU; the error was clear: {}",
             err.trim()
-        );
+        ));
         return;
     }
     assert!(out.status.success(), "{err}");

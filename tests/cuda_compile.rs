@@ -11,7 +11,9 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         if std::env::var("TESSERA_REQUIRE_NVRTC").as_deref() == Ok("1") {
             panic!("{msg}, and TESSERA_REQUIRE_NVRTC=1");
         }
-        eprintln!("skipped every_kernel_compiles_for_sm80_and_sm90: {msg}");
+        tessera::backend::cuda::skip_note(&format!(
+            "skipped every_kernel_compiles_for_sm80_and_sm90: {msg}"
+        ));
         return;
     }
     let (major, minor) = compile::nvrtc_version().unwrap();
@@ -61,7 +63,9 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
 #[test]
 fn compile_errors_name_the_file_and_line() {
     if !compile::nvrtc_available() {
-        eprintln!("skipped compile_errors_name_the_file_and_line: NVRTC not found");
+        tessera::backend::cuda::skip_note(
+            "skipped compile_errors_name_the_file_and_line: NVRTC not found",
+        );
         return;
     }
     let src = format!(
