@@ -8,46 +8,7 @@
 // uint4 store per output), the last n % VEC elements done one by one by the first threads of the
 // grid; and the scalar `swiglu_*` fallback for misaligned views. Same formulas, f32 math.
 
-// ---- 16-byte vector loads/stores: VEC = 16 / sizeof(T) elements as floats ----
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-    static constexpr int N = 4;
-};
-template <>
-struct Vec<bf16_t> {
-    static constexpr int N = 8;
-};
-
-// p must be 16-byte aligned. f gets Vec<T>::N values.
-__device__ __forceinline__ void ld16(const float* p, float* f) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    f[0] = __uint_as_float(v.x);
-    f[1] = __uint_as_float(v.y);
-    f[2] = __uint_as_float(v.z);
-    f[3] = __uint_as_float(v.w);
-}
-__device__ __forceinline__ void ld16(const bf16_t* p, float* f) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        f[2 * k] = __uint_as_float(w[k] << 16);             // element 2k: low half
-        f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);  // element 2k + 1: high half
-    }
-}
-// The stores are written in PTX: through a plain uint4 store NVVM sometimes splits one into four
-// 4-byte stores. p is a generic pointer to global memory (the same address in both spaces).
-__device__ __forceinline__ void st_v4(void* p, unsigned int a, unsigned int b, unsigned int c, unsigned int d) {
-    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
-}
-__device__ __forceinline__ void st16(float* p, const float* f) {
-    st_v4(p, __float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
-}
-__device__ __forceinline__ void st16(bf16_t* p, const float* f) {
-    st_v4(p, pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]), pack_bf16(f[6], f[7]));
-}
+// 16-byte vectors: Vec<T>, ld16, st16 (kernels/common.cuh).
 
 // ---- the per-element formulas (shared by both kernels) ----
 __device__ __forceinline__ float swiglu_f(float x, float y) { return x / (1.f + expf(-x)) * y; }

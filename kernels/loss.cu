@@ -37,49 +37,6 @@ __device__ __forceinline__ i64 ce_class(const I* t, i64 r, i64 v, i64 ignore, i6
     return c >= 0 && c < v ? c : CE_INVALID;
 }
 
-template <typename T>
-struct ce_vec;
-template <>
-struct ce_vec<float> {
-    static constexpr int N = 4;
-};
-template <>
-struct ce_vec<bf16_t> {
-    static constexpr int N = 8;
-};
-
-template <typename T>
-__device__ __forceinline__ void ce_unpack(const uint4& u, float* f);
-template <>
-__device__ __forceinline__ void ce_unpack<float>(const uint4& u, float* f) {
-    f[0] = __uint_as_float(u.x);
-    f[1] = __uint_as_float(u.y);
-    f[2] = __uint_as_float(u.z);
-    f[3] = __uint_as_float(u.w);
-}
-template <>
-__device__ __forceinline__ void ce_unpack<bf16_t>(const uint4& u, float* f) {
-    f[0] = __uint_as_float(u.x << 16);
-    f[1] = __uint_as_float(u.x & 0xffff0000u);
-    f[2] = __uint_as_float(u.y << 16);
-    f[3] = __uint_as_float(u.y & 0xffff0000u);
-    f[4] = __uint_as_float(u.z << 16);
-    f[5] = __uint_as_float(u.z & 0xffff0000u);
-    f[6] = __uint_as_float(u.w << 16);
-    f[7] = __uint_as_float(u.w & 0xffff0000u);
-}
-
-template <typename T>
-__device__ __forceinline__ uint4 ce_pack(const float* f);
-template <>
-__device__ __forceinline__ uint4 ce_pack<float>(const float* f) {
-    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
-}
-template <>
-__device__ __forceinline__ uint4 ce_pack<bf16_t>(const float* f) {
-    return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]), pack_bf16(f[6], f[7]));
-}
-
 // lse and picked of one row (called by one thread of the row).
 template <typename T, typename I>
 __device__ __forceinline__ void ce_write_row(const T* xr, const I* t, float* lse, float* picked, i64 row, i64 v,
@@ -118,7 +75,7 @@ __device__ __forceinline__ void lse_pick(const T* x, const I* t, float* lse, flo
 template <typename T, typename I>
 __device__ __forceinline__ void lse_pick_loop(const T* x, const I* t, float* lse, float* picked, i64 v, i64 ignore,
                                               i64 has_ignore) {
-    constexpr int N = ce_vec<T>::N;
+    constexpr int N = Vec<T>::N;
     __shared__ float scratch[32];
     const i64 row = blockIdx.x;
     const T* xr = x + row * v;
@@ -128,7 +85,7 @@ __device__ __forceinline__ void lse_pick_loop(const T* x, const I* t, float* lse
 #pragma unroll 2
     for (i64 j = threadIdx.x; j < nv; j += blockDim.x) {
         float f[N];
-        ce_unpack<T>(xv[j], f);
+        unpack16<T>(xv[j], f);
         float vm = f[0];
 #pragma unroll
         for (int e = 1; e < N; ++e) vm = fmaxf(vm, f[e]);
@@ -160,7 +117,7 @@ __device__ __forceinline__ float ce_row_max(float v, float* scratch) {
 template <typename T, typename I, int VPT>
 __device__ __forceinline__ void lse_pick_vec(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                              i64 ignore, i64 has_ignore) {
-    constexpr int N = ce_vec<T>::N;
+    constexpr int N = Vec<T>::N;
     __shared__ float scratch[32];
     const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
     if (row >= rows) return;  // warp mode only (whole warps; no block barrier in warp mode)
@@ -174,7 +131,7 @@ __device__ __forceinline__ void lse_pick_vec(const T* x, const I* t, float* lse,
     for (int k = 0; k < VPT; ++k) {
         const int j = tid + k * nt;
         if (j < nv) {
-            ce_unpack<T>(xv[j], f[k]);
+            unpack16<T>(xv[j], f[k]);
 #pragma unroll
             for (int e = 0; e < N; ++e) m = fmaxf(m, f[k][e]);
         }
@@ -252,7 +209,7 @@ template <typename T, typename I>
 __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const float* lse, const T* g,
                                                  const float* inv_count, T* dx, i64 v, i64 ignore, i64 has_ignore,
                                                  float scale, i64 g_per_row) {
-    constexpr int N = ce_vec<T>::N;
+    constexpr int N = Vec<T>::N;
     constexpr int K = 4;
     const i64 row = blockIdx.x;
     const i64 nv = v / N;
@@ -264,7 +221,7 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
         float fill[N];
 #pragma unroll
         for (int e = 0; e < N; ++e) fill[e] = c == CE_IGNORED ? 0.f : CE_NAN;
-        const uint4 u = ce_pack<T>(fill);
+        const uint4 u = pack16<T>(fill);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
             const i64 j = j0 + (i64)k * blockDim.x;
@@ -285,14 +242,14 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
         const i64 j = j0 + (i64)k * blockDim.x;
         if (j < nv) {
             float f[N];
-            ce_unpack<T>(u[k], f);
+            unpack16<T>(u[k], f);
             const i64 off = c - j * N;  // element e of this vector is the target when e == off
 #pragma unroll
             for (int e = 0; e < N; ++e) {
                 const float p = expf(f[e] - l) * gs;
                 f[e] = e == off ? p - gs : p;
             }
-            dv[j] = ce_pack<T>(f);
+            dv[j] = pack16<T>(f);
         }
     }
 }

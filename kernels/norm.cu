@@ -94,49 +94,6 @@ NORM_KERNELS(bf16, bf16_t)
 //   TPR > 32:  one block per row, RPB = 1, grid = rows.
 // Thread t of a row holds the 16-byte vectors t + k·TPR, k < VPT (VPT a template constant).
 
-template <typename T>
-struct rn_vec;
-template <>
-struct rn_vec<float> {
-    static constexpr int N = 4;
-};
-template <>
-struct rn_vec<bf16_t> {
-    static constexpr int N = 8;
-};
-
-template <typename T>
-__device__ __forceinline__ void rn_unpack(const uint4& u, float* f);
-template <>
-__device__ __forceinline__ void rn_unpack<float>(const uint4& u, float* f) {
-    f[0] = __uint_as_float(u.x);
-    f[1] = __uint_as_float(u.y);
-    f[2] = __uint_as_float(u.z);
-    f[3] = __uint_as_float(u.w);
-}
-template <>
-__device__ __forceinline__ void rn_unpack<bf16_t>(const uint4& u, float* f) {
-    f[0] = __uint_as_float(u.x << 16);
-    f[1] = __uint_as_float(u.x & 0xffff0000u);
-    f[2] = __uint_as_float(u.y << 16);
-    f[3] = __uint_as_float(u.y & 0xffff0000u);
-    f[4] = __uint_as_float(u.z << 16);
-    f[5] = __uint_as_float(u.z & 0xffff0000u);
-    f[6] = __uint_as_float(u.w << 16);
-    f[7] = __uint_as_float(u.w & 0xffff0000u);
-}
-
-template <typename T>
-__device__ __forceinline__ uint4 rn_pack(const float* f);
-template <>
-__device__ __forceinline__ uint4 rn_pack<float>(const float* f) {
-    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
-}
-template <>
-__device__ __forceinline__ uint4 rn_pack<bf16_t>(const float* f) {
-    return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]), pack_bf16(f[6], f[7]));
-}
-
 // Sum over the threads of a row (see the launch note): every thread gets it. In block mode this
 // synchronises the block (all threads call it).
 __device__ __forceinline__ float rn_row_sum(float v, float* scratch) {
@@ -146,7 +103,7 @@ __device__ __forceinline__ float rn_row_sum(float v, float* scratch) {
 template <typename T, int VPT>
 __device__ __forceinline__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, float* rstd, i64 rows, i64 d,
                                                  float eps) {
-    constexpr int N = rn_vec<T>::N;
+    constexpr int N = Vec<T>::N;
     __shared__ float scratch[32];
     const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
     if (row >= rows) return;  // warp mode only: whole warps leave, no block barrier there
@@ -164,7 +121,7 @@ __device__ __forceinline__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, f
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
         float f[N];
-        rn_unpack<T>(xv[k], f);
+        unpack16<T>(xv[k], f);
 #pragma unroll
         for (int e = 0; e < N; ++e) ss += f[e] * f[e];
     }
@@ -175,11 +132,11 @@ __device__ __forceinline__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, f
         const int j = (int)threadIdx.x + k * (int)blockDim.x;
         if (j < nv) {
             float f[N], g[N];
-            rn_unpack<T>(xv[k], f);
-            rn_unpack<T>(wv[j], g);
+            unpack16<T>(xv[k], f);
+            unpack16<T>(wv[j], g);
 #pragma unroll
             for (int e = 0; e < N; ++e) f[e] = f[e] * r * g[e];
-            yr[j] = rn_pack<T>(f);
+            yr[j] = pack16<T>(f);
         }
     }
     if (threadIdx.x == 0) rstd[row] = r;
@@ -189,7 +146,7 @@ __device__ __forceinline__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, f
 template <typename T, int VPT>
 __device__ __forceinline__ void rms_norm_bwd_dx_vec(const T* x, const T* w, const T* g, const float* rstd, T* dx,
                                                     i64 rows, i64 d) {
-    constexpr int N = rn_vec<T>::N;
+    constexpr int N = Vec<T>::N;
     __shared__ float scratch[32];
     const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
     if (row >= rows) return;  // warp mode only
@@ -212,9 +169,9 @@ __device__ __forceinline__ void rms_norm_bwd_dx_vec(const T* x, const T* w, cons
         const int j = (int)threadIdx.x + k * (int)blockDim.x;
         if (j < nv) {
             float xf[N], gf[N], wf[N];
-            rn_unpack<T>(xv[k], xf);
-            rn_unpack<T>(gv[k], gf);
-            rn_unpack<T>(wv[j], wf);
+            unpack16<T>(xv[k], xf);
+            unpack16<T>(gv[k], gf);
+            unpack16<T>(wv[j], wf);
 #pragma unroll
             for (int e = 0; e < N; ++e) dot += gf[e] * wf[e] * xf[e];
         }
@@ -226,12 +183,12 @@ __device__ __forceinline__ void rms_norm_bwd_dx_vec(const T* x, const T* w, cons
         const int j = (int)threadIdx.x + k * (int)blockDim.x;
         if (j < nv) {
             float xf[N], gf[N], wf[N];
-            rn_unpack<T>(xv[k], xf);
-            rn_unpack<T>(gv[k], gf);
-            rn_unpack<T>(wv[j], wf);
+            unpack16<T>(xv[k], xf);
+            unpack16<T>(gv[k], gf);
+            unpack16<T>(wv[j], wf);
 #pragma unroll
             for (int e = 0; e < N; ++e) xf[e] = r * (gf[e] * wf[e] - xf[e] * r * mean);
-            dr[j] = rn_pack<T>(xf);
+            dr[j] = pack16<T>(xf);
         }
     }
 }
@@ -241,7 +198,7 @@ __device__ __forceinline__ void rms_norm_bwd_dx_vec(const T* x, const T* w, cons
 template <typename T>
 __device__ __forceinline__ void rms_norm_dw_partial_vec(const T* x, const T* g, const float* rstd, float* partial,
                                                         i64 rows, i64 d, i64 rows_per_chunk) {
-    constexpr int N = rn_vec<T>::N;
+    constexpr int N = Vec<T>::N;
     const i64 nv = d / N;
     const i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= nv) return;
@@ -256,8 +213,8 @@ __device__ __forceinline__ void rms_norm_dw_partial_vec(const T* x, const T* g, 
 #pragma unroll 4
     for (i64 r = r0; r < r1; ++r) {
         float xf[N], gf[N];
-        rn_unpack<T>(xv[r * nv + j], xf);
-        rn_unpack<T>(gv[r * nv + j], gf);
+        unpack16<T>(xv[r * nv + j], xf);
+        unpack16<T>(gv[r * nv + j], gf);
         const float rs = rstd[r];
 #pragma unroll
         for (int e = 0; e < N; ++e) acc[e] += gf[e] * xf[e] * rs;

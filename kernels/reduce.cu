@@ -246,52 +246,9 @@ __device__ void logsumexp_backward_impl(const T* x, const T* g, T* dx, i64 rows,
 // (32, R), block mode (T, 1)); thread t of a row holds the 16-byte vectors t + k·blockDim.x,
 // k < VPT. Same formulas as softmax_impl / softmax_backward_impl.
 
-template <typename T>
-struct rd_vec;
-template <>
-struct rd_vec<float> {
-    static constexpr int N = 4;
-};
-template <>
-struct rd_vec<bf16_t> {
-    static constexpr int N = 8;
-};
-
-template <typename T>
-__device__ __forceinline__ void rd_unpack(const uint4& u, float* f);
-template <>
-__device__ __forceinline__ void rd_unpack<float>(const uint4& u, float* f) {
-    f[0] = __uint_as_float(u.x);
-    f[1] = __uint_as_float(u.y);
-    f[2] = __uint_as_float(u.z);
-    f[3] = __uint_as_float(u.w);
-}
-template <>
-__device__ __forceinline__ void rd_unpack<bf16_t>(const uint4& u, float* f) {
-    f[0] = __uint_as_float(u.x << 16);
-    f[1] = __uint_as_float(u.x & 0xffff0000u);
-    f[2] = __uint_as_float(u.y << 16);
-    f[3] = __uint_as_float(u.y & 0xffff0000u);
-    f[4] = __uint_as_float(u.z << 16);
-    f[5] = __uint_as_float(u.z & 0xffff0000u);
-    f[6] = __uint_as_float(u.w << 16);
-    f[7] = __uint_as_float(u.w & 0xffff0000u);
-}
-
-template <typename T>
-__device__ __forceinline__ uint4 rd_pack(const float* f);
-template <>
-__device__ __forceinline__ uint4 rd_pack<float>(const float* f) {
-    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
-}
-template <>
-__device__ __forceinline__ uint4 rd_pack<bf16_t>(const float* f) {
-    return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]), pack_bf16(f[6], f[7]));
-}
-
 template <typename T, int VPT>
 __device__ __forceinline__ void softmax_vec_impl(const T* x, T* y, i64 rows, i64 n, i64 log) {
-    constexpr int N = rd_vec<T>::N;
+    constexpr int N = Vec<T>::N;
     __shared__ float scratch[32];
     const i64 r = group_row();
     if (r >= rows) return;  // warp mode only (whole warps; no block barrier in warp mode)
@@ -305,7 +262,7 @@ __device__ __forceinline__ void softmax_vec_impl(const T* x, T* y, i64 rows, i64
     for (int k = 0; k < VPT; ++k) {
         const int j = t + k * nt;
         if (j < nv) {
-            rd_unpack<T>(xr[j], v[k]);
+            unpack16<T>(xr[j], v[k]);
 #pragma unroll
             for (int e = 0; e < N; ++e) m = fmaxf(m, v[k][e]);
         }
@@ -339,7 +296,7 @@ __device__ __forceinline__ void softmax_vec_impl(const T* x, T* y, i64 rows, i64
 #pragma unroll
                 for (int e = 0; e < N; ++e) o[e] = v[k][e] * inv;
             }
-            yr[j] = rd_pack<T>(o);
+            yr[j] = pack16<T>(o);
         }
     }
 }
@@ -348,7 +305,7 @@ __device__ __forceinline__ void softmax_vec_impl(const T* x, T* y, i64 rows, i64
 // log_softmax: dx = g - exp(y) * Σ g
 template <typename T, int VPT>
 __device__ __forceinline__ void softmax_backward_vec_impl(const T* y, const T* g, T* dx, i64 rows, i64 n, i64 log) {
-    constexpr int N = rd_vec<T>::N;
+    constexpr int N = Vec<T>::N;
     __shared__ float scratch[32];
     const i64 r = group_row();
     if (r >= rows) return;  // warp mode only
@@ -369,8 +326,8 @@ __device__ __forceinline__ void softmax_backward_vec_impl(const T* y, const T* g
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
         float yf[N], gf[N];
-        rd_unpack<T>(yv[k], yf);
-        rd_unpack<T>(gv[k], gf);
+        unpack16<T>(yv[k], yf);
+        unpack16<T>(gv[k], gf);
         if (log) {
 #pragma unroll
             for (int e = 0; e < N; ++e) s += gf[e];
@@ -385,8 +342,8 @@ __device__ __forceinline__ void softmax_backward_vec_impl(const T* y, const T* g
         const int j = t + k * nt;
         if (j < nv) {
             float yf[N], gf[N];
-            rd_unpack<T>(yv[k], yf);
-            rd_unpack<T>(gv[k], gf);
+            unpack16<T>(yv[k], yf);
+            unpack16<T>(gv[k], gf);
             if (log) {
 #pragma unroll
                 for (int e = 0; e < N; ++e) yf[e] = gf[e] - expf(yf[e]) * s;
@@ -394,7 +351,7 @@ __device__ __forceinline__ void softmax_backward_vec_impl(const T* y, const T* g
 #pragma unroll
                 for (int e = 0; e < N; ++e) yf[e] = yf[e] * (gf[e] - s);
             }
-            dr[j] = rd_pack<T>(yf);
+            dr[j] = pack16<T>(yf);
         }
     }
 }
