@@ -197,18 +197,7 @@ FLASH_FWD(128)
 //                                      tiles; warps own 16 keys and compute Sᵀ = K Qᵀ directly)
 //   dQ = scale · dS K                 (kernel flash_bwd_dq: one block per 64-query tile and head,
 //                                      looping over key tiles, recomputing S and dP)
-// delta comes from flash_bwd_delta. All operands contiguous [B, H, T, D] bf16; lse, delta f32.
-
-// delta[row] = Σ_d dO[row, d] · O[row, d]; one warp per row.
-extern "C" __global__ void flash_bwd_delta(const bf16_t* o, const bf16_t* g, float* delta, i64 rows, i64 d) {
-    i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    int lane = threadIdx.x & 31;
-    float s = 0.f;
-    for (i64 j = lane; j < d; j += 32) s += bf2f(o[row * d + j]) * bf2f(g[row * d + j]);
-    s = warp_sum(s);
-    if (lane == 0) delta[row] = s;
-}
+// delta comes from attn_bwd_delta (kernels/attention.cu). All operands contiguous [B, H, T, D] bf16; lse, delta f32.
 
 // B fragment of an m16n8k16 product whose B operand is stored [k][n] in shared memory (n
 // contiguous): two 16-bit loads per register.

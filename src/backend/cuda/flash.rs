@@ -105,15 +105,7 @@ pub fn flash_bwd(
     let rows = b * hq * tq;
     let delta = Tensor::empty_cuda(&[rows], DType::F32)?;
     let (op, gp, dp) = (o.cuda_ptr()?, g.cuda_ptr()?, delta.cuda_ptr()?);
-    let (rows64, d64) = (rows as i64, d as i64);
-    dev.launch(
-        "flash.cu",
-        "flash_bwd_delta",
-        (rows.div_ceil(8) as u32, 1, 1),
-        (256, 1, 1),
-        0,
-        &[arg(&op), arg(&gp), arg(&dp), arg(&rows64), arg(&d64)],
-    )?;
+    crate::backend::cuda::ops::attention::launch_delta(DType::BF16, gp, op, dp, rows, d)?;
     let dq = Tensor::empty_cuda(q.shape(), DType::BF16)?;
     let dk = Tensor::empty_cuda(k.shape(), DType::BF16)?;
     let dv = Tensor::empty_cuda(v.shape(), DType::BF16)?;

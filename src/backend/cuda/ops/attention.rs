@@ -112,6 +112,28 @@ fn flash_applies(dtype: DType, d: usize, dv: usize, p: &AttnParams) -> bool {
         && std::env::var("TESSERA_ATTENTION").map_or(true, |v| v != "simple")
 }
 
+/// delta[row] = Σ_e dO[row, e] · O[row, e] over `rows` contiguous rows of `dv` values (f32
+/// out): the row term of every attention backward (this SIMT one and the flash one).
+pub(crate) fn launch_delta(
+    dtype: DType,
+    dout: u64,
+    out: u64,
+    delta: u64,
+    rows: usize,
+    dv: usize,
+) -> Result<()> {
+    let sfx = suffix(dtype, "attention backward")?;
+    let (rows64, dv64) = (rows as i64, dv as i64);
+    device()?.launch(
+        "attention.cu",
+        &format!("attn_bwd_delta_{sfx}"),
+        (rows.div_ceil(WARPS) as u32, 1, 1),
+        (THREADS, 1, 1),
+        0,
+        &[arg(&dout), arg(&out), arg(&delta), arg(&rows64), arg(&dv64)],
+    )
+}
+
 fn floats_bytes(n: usize) -> u32 {
     (n * std::mem::size_of::<f32>()) as u32
 }
@@ -261,15 +283,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<T
         );
         let (dqp, dkp, dvp) = (dq.cuda_ptr()?, dk.cuda_ptr()?, dvt.cuda_ptr()?);
         let (kpad_p, lo_p, hi_p) = masks.ptrs()?;
-        let (rows64, dv64) = (rows as i64, dv as i64);
-        dev.launch(
-            "attention.cu",
-            &format!("attn_bwd_delta_{sfx}"),
-            (rows.div_ceil(WARPS) as u32, 1, 1),
-            (THREADS, 1, 1),
-            0,
-            &[arg(&gp), arg(&op), arg(&dp), arg(&rows64), arg(&dv64)],
-        )?;
+        launch_delta(dtype, gp, op, dp, rows, dv)?;
         dev.launch(
             "attention.cu",
             &format!("attn_bwd_dkdv_{sfx}"),
