@@ -48,54 +48,44 @@ impl Params {
     pub fn numel(&self) -> usize {
         self.entries.iter().map(|(_, t)| t.numel()).sum()
     }
-    /// The same parameters as new leaves on `device` (gradients wanted where the source
-    /// wanted them).
-    pub fn to_device(&self, device: crate::Device) -> Result<Params> {
+    /// `f` applied to every parameter, names and order kept.
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Params> {
         let mut out = Params::default();
         for (name, t) in self.iter() {
-            let moved = crate::no_grad(|| t.detach().to_device(device))?;
-            out.push(
-                name,
-                &if t.requires_grad() {
-                    moved.requires_grad_()
-                } else {
-                    moved
-                },
-            );
+            out.push(name, &f(t)?);
         }
         Ok(out)
     }
-    /// The same parameters cast to `dtype` (float parameters only), as new leaves.
+    /// New leaves made by `f` from detached parameters, wanting gradients where the source did.
+    fn new_leaves(&self, f: impl Fn(Tensor) -> Result<Tensor>) -> Result<Params> {
+        self.map(|t| {
+            let leaf = crate::no_grad(|| f(t.detach()))?;
+            Ok(if t.requires_grad() {
+                leaf.requires_grad_()
+            } else {
+                leaf
+            })
+        })
+    }
+    /// The same parameters as new leaves on `device` (gradients wanted where the source
+    /// wanted them).
+    pub fn to_device(&self, device: crate::Device) -> Result<Params> {
+        self.new_leaves(|t| t.to_device(device))
+    }
+    /// The same parameters cast to `dtype`, as new leaves.
     pub fn to_dtype(&self, dtype: DType) -> Result<Params> {
-        let mut out = Params::default();
-        for (name, t) in self.iter() {
-            let cast = crate::no_grad(|| t.detach().to_dtype(dtype))?;
-            out.push(
-                name,
-                &if t.requires_grad() {
-                    cast.requires_grad_()
-                } else {
-                    cast
-                },
-            );
-        }
-        Ok(out)
+        self.new_leaves(|t| t.to_dtype(dtype))
     }
     /// Differentiable casts of every float parameter to `dtype` (mixed precision: compute with
     /// the casts, gradients flow back to these f32 masters).
     pub fn cast(&self, dtype: DType) -> Result<Params> {
-        let mut out = Params::default();
-        for (name, t) in self.iter() {
-            out.push(
-                name,
-                &if t.dtype().is_float() {
-                    t.to_dtype(dtype)?
-                } else {
-                    t.clone()
-                },
-            );
-        }
-        Ok(out)
+        self.map(|t| {
+            if t.dtype().is_float() {
+                t.to_dtype(dtype)
+            } else {
+                Ok(t.clone())
+            }
+        })
     }
     /// Writes every parameter to a safetensors file (atomically).
     pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
