@@ -1,7 +1,7 @@
 //! The tensor-core GEMM (kernels/gemm.cu) against the CPU on fresh random bf16 inputs, odd
 //! sizes included: relative error <= 1e-2. Skips without a GPU.
 
-use tessera::backend::cuda::{self, gemm_tc};
+use tessera::backend::cuda::{self, gemm_tc, gemm_tc::TcKernel};
 use tessera::testing::cuda::{randn, rel_error};
 use tessera::DType;
 
@@ -9,6 +9,11 @@ fn case(m: usize, n: usize, k: usize, bias: bool) {
     if cuda::device_or_skip("gemm_tc").is_none() {
         return;
     }
+    case_with(TcKernel::MmaSync, m, n, k, bias);
+}
+
+/// `kernel`'s product of fresh bf16-rounded inputs against the CPU.
+fn case_with(kernel: TcKernel, m: usize, n: usize, k: usize, bias: bool) {
     let a = randn(&[m, k], 1)
         .to_dtype(DType::BF16)
         .unwrap()
@@ -27,15 +32,16 @@ fn case(m: usize, n: usize, k: usize, bias: bool) {
     let want = a.matmul(&b.t().unwrap()).unwrap();
     let want = if bias { want.add(&c).unwrap() } else { want };
     let on = |t: &tessera::Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
-    let got = gemm_tc::matmul_bt(
+    let got = gemm_tc::matmul_bt_with(
+        kernel,
         &on(&a),
         &on(&b),
         if bias { Some(on(&c)) } else { None }.as_ref(),
     )
     .unwrap();
     let e = rel_error(&got, &want).unwrap();
-    println!("gemm_tc {m}x{n}x{k} bias={bias}: rel {e:.2e}");
-    assert!(e <= 1e-2, "gemm_tc {m}x{n}x{k}: rel error {e}");
+    println!("{kernel:?} {m}x{n}x{k} bias={bias}: rel {e:.2e}");
+    assert!(e <= 1e-2, "{kernel:?} {m}x{n}x{k}: rel error {e}");
 }
 
 #[test]
@@ -75,33 +81,6 @@ fn gemm_wgmma_matches_cpu() {
         (300, 256, 2048, true),
         (1000, 1000, 1000, false),
     ] {
-        let a = randn(&[m, k], 1)
-            .to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let b = randn(&[n, k], 2)
-            .to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let c = randn(&[n], 3)
-            .to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let want = a.matmul(&b.t().unwrap()).unwrap();
-        let want = if bias { want.add(&c).unwrap() } else { want };
-        let on = |t: &tessera::Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
-        let got = gemm_tc::matmul_bt_with(
-            gemm_tc::TcKernel::Wgmma,
-            &on(&a),
-            &on(&b),
-            if bias { Some(on(&c)) } else { None }.as_ref(),
-        )
-        .unwrap();
-        let e = rel_error(&got, &want).unwrap();
-        println!("gemm_wgmma {m}x{n}x{k} bias={bias}: rel {e:.2e}");
-        assert!(e <= 1e-2, "gemm_wgmma {m}x{n}x{k}: rel error {e}");
+        case_with(TcKernel::Wgmma, m, n, k, bias);
     }
 }
