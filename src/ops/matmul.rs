@@ -16,8 +16,9 @@ impl<T> SendPtr<T> {
     }
 }
 
-/// a [..., M, K] @ b [..., K, N] -> [batch..., M, N], batch dims broadcast. No graph.
-pub(crate) fn matmul_raw(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// The dims of `a [..., M, K] @ b [..., K, N]`: (M, K, N, broadcast batch), or the error
+/// naming what does not fit (shared by the CPU and CUDA paths).
+pub(crate) fn matmul_dims(a: &Tensor, b: &Tensor) -> Result<(usize, usize, usize, Vec<usize>)> {
     if a.rank() < 2 || b.rank() < 2 {
         return Err(Error::shape(
             "matmul",
@@ -45,6 +46,12 @@ pub(crate) fn matmul_raw(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         ));
     }
     let batch = broadcast_shapes("matmul", &a.shape()[..ra - 2], &b.shape()[..rb - 2])?;
+    Ok((m, k, n, batch))
+}
+
+/// a [..., M, K] @ b [..., K, N] -> [batch..., M, N], batch dims broadcast. No graph.
+pub(crate) fn matmul_raw(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (m, k, n, batch) = matmul_dims(a, b)?;
     let nb: usize = batch.iter().product();
     let mut out_shape = batch.clone();
     out_shape.extend([m, n]);

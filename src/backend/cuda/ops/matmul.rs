@@ -274,33 +274,7 @@ fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<()> {
 
 /// `a @ b` of two device tensors (shapes validated like the CPU op), no graph.
 fn matmul_raw(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.rank() < 2 || b.rank() < 2 {
-        return Err(Error::shape(
-            "matmul",
-            format!(
-                "operands need at least 2 dims, got {:?} and {:?}",
-                a.shape(),
-                b.shape()
-            ),
-        ));
-    }
-    if a.dtype() != b.dtype() {
-        return Err(Error::msg(format!(
-            "matmul: dtype mismatch {} vs {}",
-            a.dtype(),
-            b.dtype()
-        )));
-    }
-    let (ra, rb) = (a.rank(), b.rank());
-    let (m, k) = (a.shape()[ra - 2], a.shape()[ra - 1]);
-    let (k2, n) = (b.shape()[rb - 2], b.shape()[rb - 1]);
-    if k != k2 {
-        return Err(Error::shape(
-            "matmul",
-            format!("inner dims differ: {:?} @ {:?}", a.shape(), b.shape()),
-        ));
-    }
-    let batch = broadcast_shapes("matmul", &a.shape()[..ra - 2], &b.shape()[..rb - 2])?;
+    let (m, k, n, batch) = crate::ops::matmul::matmul_dims(a, b)?;
     let (oa, ob) = (operand(a, &batch, false)?, operand(b, &batch, false)?);
     gemm(
         a.dtype(),
