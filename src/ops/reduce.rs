@@ -38,7 +38,9 @@ fn rows_last(x: &Tensor, dims: &[usize], op: &'static str) -> Result<(Tensor, Ve
     Ok((xp.detach(), keep_shape, n))
 }
 
-fn out_shape(keep_shape: &[usize], dims: &[usize], keepdim: bool) -> Vec<usize> {
+/// The reduced shape: `keep_shape` (reduced dims as 1) itself with `keepdim`, else without the
+/// reduced dims. Shared by the CPU and CUDA reductions.
+pub(crate) fn out_shape(keep_shape: &[usize], dims: &[usize], keepdim: bool) -> Vec<usize> {
     if keepdim {
         return keep_shape.to_vec();
     }

@@ -97,17 +97,7 @@ impl Plan {
     }
 }
 
-fn out_shape(keep_shape: &[usize], dims: &[usize], keepdim: bool) -> Vec<usize> {
-    if keepdim {
-        return keep_shape.to_vec();
-    }
-    keep_shape
-        .iter()
-        .enumerate()
-        .filter(|(d, _)| !dims.contains(d))
-        .map(|(_, &s)| s)
-        .collect()
-}
+use crate::ops::reduce::out_shape;
 
 fn grid_x(blocks: usize, op: &'static str) -> Result<u32> {
     if blocks > i32::MAX as usize {
