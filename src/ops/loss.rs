@@ -18,13 +18,9 @@ fn row_lse<T: Float>(row: &[T]) -> T {
     cpu::rows::logsumexp(row)
 }
 
-/// Rows of the logits, and each row's target id (None = ignored).
-fn rows_and_targets(
-    op: &'static str,
-    logits: &Tensor,
-    targets: &Tensor,
-    ignore_index: Option<i64>,
-) -> Result<(Tensor, usize, Vec<Option<usize>>)> {
+/// V of `logits` [..., V] that fit `targets` [...], or an error naming both shapes (shared by
+/// the CPU and CUDA paths).
+pub(crate) fn vocab_of(op: &'static str, logits: &Tensor, targets: &Tensor) -> Result<usize> {
     let v = *logits.shape().last().unwrap_or(&0);
     if logits.rank() == 0 || logits.shape()[..logits.rank() - 1] != *targets.shape() {
         return Err(Error::shape(
@@ -36,6 +32,17 @@ fn rows_and_targets(
             ),
         ));
     }
+    Ok(v)
+}
+
+/// Rows of the logits, and each row's target id (None = ignored).
+fn rows_and_targets(
+    op: &'static str,
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: Option<i64>,
+) -> Result<(Tensor, usize, Vec<Option<usize>>)> {
+    let v = vocab_of(op, logits, targets)?;
     let ids: Vec<i64> = match targets.dtype() {
         crate::DType::I64 => targets.to_vec::<i64>()?,
         crate::DType::U32 => targets

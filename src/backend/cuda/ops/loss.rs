@@ -72,17 +72,7 @@ impl Targets {
 /// contiguous detached logits and V.
 fn logits_for(op: &'static str, logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize)> {
     on_cuda(op, &[logits])?;
-    let v = *logits.shape().last().unwrap_or(&0);
-    if logits.rank() == 0 || logits.shape()[..logits.rank() - 1] != *targets.shape() {
-        return Err(Error::shape(
-            op,
-            format!(
-                "logits {:?} do not fit targets {:?} (want [..., V] and [...])",
-                logits.shape(),
-                targets.shape()
-            ),
-        ));
-    }
+    let v = crate::ops::loss::vocab_of(op, logits, targets)?;
     suffix(logits.dtype(), op)?;
     Ok((logits.detach().contiguous()?, v))
 }
