@@ -4,6 +4,7 @@
 pub mod autograd;
 pub mod backend;
 pub mod cli;
+pub mod dynamics;
 mod error;
 pub mod io;
 pub mod nn;
@@ -11,6 +12,7 @@ pub mod ops;
 pub mod optim;
 pub mod qwen2_5_vl;
 pub mod rl;
+pub mod tasks;
 pub mod tensor;
 pub mod testing;
 

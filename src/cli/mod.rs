@@ -3,11 +3,14 @@
 pub mod bench;
 mod bench_cuda;
 mod demo;
+mod dynamics;
 pub mod forward;
+mod generate;
 mod init;
 mod policy_loss;
 mod preprocess;
 mod tokenize;
+mod train;
 
 use crate::Result;
 use clap::{Parser, Subcommand};
@@ -41,6 +44,12 @@ enum Command {
     Init(init::InitArgs),
     /// GRPO-family policy loss and d loss / d logps on tensors from a safetensors file.
     PolicyLoss(policy_loss::PolicyLossArgs),
+    /// Generate text from a Qwen2.5-VL model directory (KV cache; greedy or sampled).
+    Generate(generate::GenerateArgs),
+    /// Train with SFT or GRPO from a TOML config (checkpoints, resume, metrics.jsonl).
+    Train(train::TrainArgs),
+    /// Learning dynamics: per-sample gradient influence of training samples on probes.
+    Dynamics(dynamics::DynamicsArgs),
     /// Benchmarks of the CPU kernels (GFLOP/s, ms); tools/bench/cpu_vs_torch.py puts them
     /// beside PyTorch on the same machine.
     Bench(bench::BenchArgs),
@@ -62,5 +71,8 @@ pub fn run() -> Result<()> {
         Command::Tokenize(a) => tokenize::run(a),
         Command::Preprocess(a) => preprocess::run(a),
         Command::PolicyLoss(a) => policy_loss::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Dynamics(a) => dynamics::run(a),
     }
 }

@@ -1,0 +1,1 @@
+//! Learning-dynamics probes: per-sample gradients, influence, LBK, perplexity.

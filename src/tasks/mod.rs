@@ -1,0 +1,1 @@
+//! Tasks: the jigsaw generator and scorer, synthetic prior-knowledge suites, JSONL datasets.
