@@ -1,0 +1,317 @@
+//! The trainers: exact resume, checkpoints that survive SIGKILL, NaN stop, rollout export.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use tessera::qwen2_5_vl::model::QwenVl;
+use tessera::rl::checkpoint;
+use tessera::rl::config::TrainConfig;
+use tessera::rl::data::Example;
+use tessera::rl::sources;
+use tessera::rl::task::{Scored, Split, Task};
+use tessera::rl::trainer::{Kind, Trainer};
+use tessera::DType;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tessera-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A small run of the tiny preset from random weights.
+fn config(out: &Path, train: &str, steps: u64) -> TrainConfig {
+    let model = root().join("models/tiny");
+    TrainConfig::load(
+        None,
+        &[
+            format!("out=\"{}\"", out.display()),
+            format!("model.dir=\"{}\"", model.display()),
+            "model.init_seed=3".into(),
+            format!("data.train=\"{train}\""),
+            format!("train.steps={steps}"),
+            "train.batch_size=4".into(),
+            "train.progress=false".into(),
+            "train.log_every=0".into(),
+            "grpo.prompts_per_step=2".into(),
+            "grpo.group_size=3".into(),
+            "grpo.max_new_tokens=5".into(),
+            "optim.lr=3e-3".into(),
+        ],
+    )
+    .unwrap()
+}
+
+fn metrics(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn field(m: &[Value], key: &str) -> Vec<f64> {
+    m.iter().map(|v| v[key].as_f64().unwrap()).collect()
+}
+
+fn open(cfg: &TrainConfig) -> Box<dyn Task> {
+    sources::open(&cfg.data.train, cfg).unwrap()
+}
+
+/// Runs `steps` in one go, and `split` steps then a resumed run to `steps`; the metrics of the
+/// steps after the split must be identical.
+fn check_resume(kind: Kind, train: &str, steps: u64, split: u64, keys: &[&str]) {
+    let open = |cfg: &TrainConfig| -> Box<dyn Task> { Box::new(ByLength(open(cfg))) };
+    let a = tmp(&format!("{}-a", kind.name()));
+    let cfg = config(&a, train, steps);
+    Trainer::new(kind, cfg.clone(), open(&cfg), vec![], false)
+        .unwrap()
+        .train()
+        .unwrap();
+
+    let b = tmp(&format!("{}-b", kind.name()));
+    let mut first = config(&b, train, split);
+    first.train.steps = split;
+    Trainer::new(kind, first.clone(), open(&first), vec![], false)
+        .unwrap()
+        .train()
+        .unwrap();
+    let cfg_b = config(&b, train, steps);
+    let mut resumed = Trainer::new(kind, cfg_b.clone(), open(&cfg_b), vec![], true).unwrap();
+    assert_eq!(resumed.state.step, split);
+    resumed.train().unwrap();
+
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    assert_eq!(ma.len(), steps as usize);
+    assert_eq!(
+        mb.len(),
+        steps as usize,
+        "resumed metrics.jsonl has one line per step"
+    );
+    for key in keys {
+        let (x, y) = (field(&ma, key), field(&mb, key));
+        assert_eq!(
+            x, y,
+            "{key}: uninterrupted {x:?} vs stopped at {split} and resumed {y:?}"
+        );
+    }
+    // The loss moved: the comparison is not between constants.
+    let loss = field(&ma, "loss");
+    assert!(loss.iter().any(|&l| l != loss[0]), "{loss:?}");
+    let _ = std::fs::remove_dir_all(&a);
+    let _ = std::fs::remove_dir_all(&b);
+}
+
+#[test]
+fn sft_resume_continues_exactly() {
+    check_resume(Kind::Sft, "mix:colour,facts", 4, 2, &["loss", "grad_norm"]);
+}
+
+#[test]
+fn grpo_resume_continues_exactly() {
+    check_resume(
+        Kind::Grpo,
+        "mix:count,facts",
+        3,
+        1,
+        &[
+            "loss",
+            "reward_mean",
+            "entropy",
+            "completion_len",
+            "grad_norm",
+        ],
+    );
+}
+
+fn assert_loadable(run: &Path) -> u64 {
+    let dir = checkpoint::latest(run)
+        .unwrap()
+        .expect("a checkpoint must exist");
+    let model = QwenVl::load(&dir, DType::F32).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let state = checkpoint::load_state(&dir).unwrap();
+    let tensors = tessera::io::load(dir.join("optimizer.safetensors")).unwrap();
+    assert!(!tensors.is_empty());
+    assert!(model.params.len() > 10);
+    state.step
+}
+
+#[test]
+fn sigkill_at_any_moment_leaves_a_loadable_checkpoint() {
+    let run = tmp("sigkill");
+    let model = root().join("models/tiny");
+    let mut last = 0;
+    // Every step saves (model + optimiser, ~12 MB), so much of the time is spent saving;
+    // kills land at different moments of the cycle.
+    for (i, delay_ms) in [900u64, 1300, 1700, 2300, 2900].iter().enumerate() {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args([
+                "--threads",
+                "1",
+                "train",
+                "sft",
+                "--steps",
+                "10000",
+                "--out",
+            ])
+            .arg(&run)
+            .args(["--set", &format!("model.dir=\"{}\"", model.display())])
+            .args([
+                "--set",
+                "model.init_seed=1",
+                "--set",
+                "data.train=suite:colour",
+                "--set",
+                "train.batch_size=2",
+                "--set",
+                "train.save_every=1",
+                "--set",
+                "train.progress=false",
+            ])
+            .args(if i > 0 { vec!["--resume"] } else { vec![] })
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(*delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if checkpoint::latest(&run).unwrap().is_some() {
+            let step = assert_loadable(&run);
+            assert!(step >= last, "checkpoint went back from {last} to {step}");
+            last = step;
+        }
+    }
+    assert!(last > 0, "no checkpoint was written in five runs");
+    let _ = std::fs::remove_dir_all(&run);
+}
+
+#[test]
+fn a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint() {
+    let run = tmp("nan");
+    let mut cfg = config(&run, "suite:colour", 30);
+    cfg.optim.lr = 1e30;
+    cfg.optim.max_grad_norm = 0.0;
+    cfg.train.save_every = 1;
+    cfg.train.keep_checkpoints = 0;
+    let mut t = Trainer::new(Kind::Sft, cfg.clone(), open(&cfg), vec![], false).unwrap();
+    let err = t.train().expect_err("lr 1e30 must blow up").to_string();
+    assert!(
+        err.contains("step ") && err.contains("training stopped") && err.contains("checkpoint"),
+        "{err}"
+    );
+    let failed: u64 = err
+        .split("step ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no step number in: {err}"));
+    let kept = assert_loadable(&run);
+    assert_eq!(kept + 1, failed, "{err}");
+    // The kept checkpoint's weights are finite.
+    let dir = checkpoint::latest(&run).unwrap().unwrap();
+    for (name, t) in QwenVl::load(&dir, DType::F32).unwrap().params.iter() {
+        assert!(
+            t.to_f64s().unwrap().iter().all(|v| v.is_finite()),
+            "{name} is not finite in the kept checkpoint"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&run);
+}
+
+/// Rewards the length of the completion (so a random model gets a GRPO signal).
+struct ByLength(Box<dyn Task>);
+
+impl Task for ByLength {
+    fn name(&self) -> String {
+        "by-length".into()
+    }
+    fn len(&self, s: Split) -> Option<usize> {
+        self.0.len(s)
+    }
+    fn example(&self, s: Split, i: u64) -> tessera::Result<Example> {
+        self.0.example(s, i)
+    }
+    fn score(&self, _: Split, _: u64, completion: &str) -> tessera::Result<Scored> {
+        Ok(Scored {
+            reward: completion.len() as f64,
+            correct: false,
+        })
+    }
+}
+
+/// Every completion is "correct": the export receives every rollout.
+struct AlwaysRight(Box<dyn Task>);
+
+impl Task for AlwaysRight {
+    fn name(&self) -> String {
+        "always".into()
+    }
+    fn len(&self, s: Split) -> Option<usize> {
+        self.0.len(s)
+    }
+    fn example(&self, s: Split, i: u64) -> tessera::Result<Example> {
+        self.0.example(s, i)
+    }
+    fn score(&self, _: Split, _: u64, completion: &str) -> tessera::Result<Scored> {
+        Ok(Scored {
+            reward: completion.len() as f64,
+            correct: true,
+        })
+    }
+}
+
+#[test]
+fn correct_rollouts_export_as_an_sft_dataset() {
+    let run = tmp("export");
+    let mut cfg = config(&run, "suite:colour", 1);
+    let jsonl = run.join("rollouts.jsonl");
+    cfg.grpo.export_correct = Some(jsonl.display().to_string());
+    std::fs::create_dir_all(&run).unwrap();
+    let task = Box::new(AlwaysRight(open(&cfg)));
+    Trainer::new(Kind::Grpo, cfg.clone(), task, vec![], false)
+        .unwrap()
+        .train()
+        .unwrap();
+    let records = tessera::tasks::dataset::load_jsonl(&jsonl).unwrap();
+    assert_eq!(records.len(), 6, "2 prompts x 3 completions");
+    assert!(records[0].load_image().unwrap().is_some());
+    // `train sft` reads it.
+    let sft_run = run.join("sft");
+    let mut sft = config(&sft_run, &jsonl.display().to_string(), 2);
+    sft.data.train = jsonl.display().to_string();
+    Trainer::new(Kind::Sft, sft.clone(), open(&sft), vec![], false)
+        .unwrap()
+        .train()
+        .unwrap();
+    assert_eq!(metrics(&sft_run).len(), 2);
+    let _ = std::fs::remove_dir_all(&run);
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let err = TrainConfig::load(
+        None,
+        &["data.train=suite:colour".into(), "optim.lrr=1".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("lrr"), "{err}");
+    let err = TrainConfig::load(None, &[]).unwrap_err().to_string();
+    assert!(err.contains("data.train"), "{err}");
+    let cfg = TrainConfig::load(None, &["data.train=suite:nope".into()]).unwrap();
+    let err = sources::open(&cfg.data.train, &cfg)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("nope") && err.contains("colour"), "{err}");
+    let cfg = TrainConfig::load(
+        None,
+        &["data.train=jigsaw:2x2".into(), "grpo.loss_type=ppo".into()],
+    );
+    assert!(cfg.unwrap_err().to_string().contains("ppo"));
+}
