@@ -12,6 +12,7 @@ pub mod ops;
 pub mod optim;
 pub mod qwen2_5_vl;
 pub mod rl;
+pub mod study;
 pub mod tasks;
 pub mod tensor;
 pub mod testing;

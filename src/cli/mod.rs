@@ -9,6 +9,7 @@ mod generate;
 mod init;
 mod policy_loss;
 mod preprocess;
+mod study;
 mod tokenize;
 mod train;
 
@@ -44,6 +45,9 @@ enum Command {
     Init(init::InitArgs),
     /// GRPO-family policy loss and d loss / d logps on tensors from a safetensors file.
     PolicyLoss(policy_loss::PolicyLossArgs),
+    /// The paper's experiment end to end: base, SFT / GRPO / SFT-on-rollouts arms on the
+    /// jigsaw, prior-knowledge forgetting, learning dynamics; writes runs/NAME/report.md.
+    Study(study::StudyArgs),
     /// Generate text from a Qwen2.5-VL model directory (KV cache; greedy or sampled).
     Generate(generate::GenerateArgs),
     /// Train with SFT or GRPO from a TOML config (checkpoints, resume, metrics.jsonl).
@@ -71,6 +75,7 @@ pub fn run() -> Result<()> {
         Command::Tokenize(a) => tokenize::run(a),
         Command::Preprocess(a) => preprocess::run(a),
         Command::PolicyLoss(a) => policy_loss::run(a),
+        Command::Study(a) => study::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(a),
         Command::Dynamics(a) => dynamics::run(a),

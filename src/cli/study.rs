@@ -1,0 +1,63 @@
+//! `tessera study [--preset smoke|tiny] [--name NAME] [--model DIR --prior FILE.jsonl --images DIR]`
+
+use crate::study::{Inputs, Preset, Study};
+use crate::Result;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct StudyArgs {
+    /// smoke (minutes; checks the pipeline) or tiny (the embedded study, under an hour on 2 cores).
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Run name: the study writes runs/NAME/ (default: the preset's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Parent folder of the run.
+    #[arg(long, default_value = "runs")]
+    runs: PathBuf,
+    /// Start from this checkpoint instead of pretraining the tiny preset (needs --prior).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prior-knowledge suites as JSONL files (image, question, answer, scorer); repeatable.
+    #[arg(long)]
+    prior: Vec<PathBuf>,
+    /// Jigsaw puzzles from this folder of images instead of synthetic ones.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Jigsaw grid RxC (default 2x2 for the tiny preset, 3x3 with --model).
+    #[arg(long)]
+    grid: Option<String>,
+    /// Seed of the base initialisation and the data order.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The tiny preset's model directory (config.json + tokenizer.json).
+    #[arg(long, default_value = "models/tiny")]
+    tiny_dir: PathBuf,
+}
+
+pub fn run(args: StudyArgs) -> Result<()> {
+    let mut preset = Preset::by_name(&args.preset)?;
+    if let Some(s) = args.seed {
+        preset.seed = s;
+    }
+    let grid = args
+        .grid
+        .clone()
+        .or_else(|| args.model.as_ref().map(|_| "3x3".to_string()));
+    if let Some(g) = grid {
+        let bad = || crate::Error::msg(format!("--grid {g}: want RxC, e.g. 3x3"));
+        let (r, c) = g.split_once('x').ok_or_else(bad)?;
+        preset.grid = (r.parse().map_err(|_| bad())?, c.parse().map_err(|_| bad())?);
+    }
+    let name = args.name.clone().unwrap_or_else(|| preset.name.clone());
+    let inputs = Inputs {
+        model: args.model,
+        prior: args.prior,
+        images: args.images,
+        tiny_dir: args.tiny_dir,
+    };
+    let study = Study::new(preset, inputs, args.runs.join(&name))?;
+    study.run()?;
+    println!("{}", study.dir.join("report.md").display());
+    Ok(())
+}

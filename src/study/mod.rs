@@ -1,0 +1,362 @@
+//! `tessera study`: the paper's experiment end to end (../shared/reference/study.md).
+//!
+//! 1. A base model: the tiny preset pretrained (SFT) on the prior-knowledge suites, or a real
+//!    checkpoint (`--model`) with the user's prior suites (`--prior FILE.jsonl`).
+//! 2. Arms trained from the base on the jigsaw: SFT on answers; GRPO (whose correct rollouts
+//!    are exported); SFT on those correct rollouts.
+//! 3. Every arm evaluated on the jigsaw and on every prior suite, at intervals and at the end;
+//!    `runs/<name>/report.md` with the forgetting table laid out like the paper's, curves as
+//!    PNG, the learning-dynamics measurements, and `metrics.jsonl` of every arm.
+//!
+//! Every stage is a resumable trainer run under `runs/<name>/<stage>/`: running the same
+//! command again continues where a stopped study left off and redoes nothing finished.
+
+pub mod plot;
+pub mod report;
+
+use crate::rl::checkpoint;
+use crate::rl::config::TrainConfig;
+use crate::rl::sources;
+use crate::rl::task::Task;
+use crate::rl::trainer::{evaluate_task, Kind, Metrics, Trainer};
+use crate::{Error, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The sizes of one study. `tiny` is the default; `smoke` checks the pipeline in the tests.
+#[derive(Debug, Clone, Serialize)]
+pub struct Preset {
+    pub name: String,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub pretrain_steps: u64,
+    pub pretrain_lr: f64,
+    /// Jigsaw grid (rows, cols).
+    pub grid: (usize, usize),
+    pub sft_steps: u64,
+    pub sft_lr: f64,
+    pub grpo_steps: u64,
+    pub grpo_lr: f64,
+    pub group_size: usize,
+    pub prompts_per_step: usize,
+    pub rollout_sft_steps: u64,
+    pub eval_every: u64,
+    pub eval_samples: usize,
+    /// Samples per side for the learning-dynamics measurements (0 = skip).
+    pub dynamics_samples: usize,
+}
+
+impl Preset {
+    pub fn smoke() -> Preset {
+        Preset {
+            name: "smoke".into(),
+            seed: 0,
+            batch_size: 4,
+            pretrain_steps: 6,
+            pretrain_lr: 3e-3,
+            grid: (2, 2),
+            sft_steps: 3,
+            sft_lr: 1e-3,
+            grpo_steps: 2,
+            grpo_lr: 1e-3,
+            group_size: 3,
+            prompts_per_step: 2,
+            rollout_sft_steps: 2,
+            eval_every: 2,
+            eval_samples: 3,
+            dynamics_samples: 2,
+        }
+    }
+
+    pub fn tiny() -> Preset {
+        Preset {
+            name: "tiny".into(),
+            seed: 0,
+            batch_size: 32,
+            pretrain_steps: 3000,
+            pretrain_lr: 3e-3,
+            grid: (2, 2),
+            sft_steps: 300,
+            sft_lr: 3e-4,
+            grpo_steps: 300,
+            grpo_lr: 3e-4,
+            group_size: 8,
+            prompts_per_step: 8,
+            rollout_sft_steps: 300,
+            eval_every: 50,
+            eval_samples: 64,
+            dynamics_samples: 16,
+        }
+    }
+
+    pub fn by_name(name: &str) -> Result<Preset> {
+        match name {
+            "smoke" => Ok(Preset::smoke()),
+            "tiny" => Ok(Preset::tiny()),
+            _ => Err(Error::msg(format!(
+                "unknown study preset '{name}': want smoke or tiny"
+            ))),
+        }
+    }
+}
+
+/// Where the base model and the data come from.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// A real checkpoint to start from (no pretraining).
+    pub model: Option<PathBuf>,
+    /// Prior-knowledge suites as JSONL files (with `model`); default: the synthetic suites.
+    pub prior: Vec<PathBuf>,
+    /// A folder of images for the jigsaw (default: synthetic images).
+    pub images: Option<PathBuf>,
+    /// Model directory of the tiny preset (config.json + tokenizer.json).
+    pub tiny_dir: PathBuf,
+}
+
+/// One trained model of the study and its final evaluation.
+#[derive(Debug, Clone)]
+pub struct Arm {
+    pub name: String,
+    pub label: String,
+    pub run: PathBuf,
+    pub checkpoint: Option<PathBuf>,
+    /// `eval/<task>` accuracies of the final model.
+    pub scores: Metrics,
+    pub steps: u64,
+    pub seconds: f64,
+    /// Why the arm did not run, if it did not.
+    pub skipped: Option<String>,
+}
+
+pub struct Study {
+    pub preset: Preset,
+    pub inputs: Inputs,
+    pub dir: PathBuf,
+    jigsaw_spec: String,
+    prior_specs: Vec<String>,
+}
+
+impl Study {
+    pub fn new(preset: Preset, inputs: Inputs, dir: PathBuf) -> Result<Study> {
+        if inputs.model.is_some() && inputs.prior.is_empty() {
+            return Err(Error::msg(
+                "study --model needs the prior-knowledge suites to measure: --prior FILE.jsonl",
+            ));
+        }
+        let (r, c) = preset.grid;
+        let jigsaw_spec = match &inputs.images {
+            Some(d) => format!("jigsaw:{r}x{c}:{}", d.display()),
+            None => format!("jigsaw:{r}x{c}"),
+        };
+        let prior_specs = if inputs.prior.is_empty() {
+            crate::tasks::suites::Suite::ALL
+                .iter()
+                .map(|s| format!("suite:{}", s.name()))
+                .collect()
+        } else {
+            inputs.prior.iter().map(|p| p.display().to_string()).collect()
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, format!("cannot create: {e}")))?;
+        Ok(Study {
+            preset,
+            inputs,
+            dir,
+            jigsaw_spec,
+            prior_specs,
+        })
+    }
+
+    fn eval_specs(&self) -> Vec<String> {
+        let mut v = vec![self.jigsaw_spec.clone()];
+        v.extend(self.prior_specs.iter().cloned());
+        v
+    }
+
+    /// The trainer configuration of one stage.
+    fn config(&self, stage: &str, model_dir: &Path, train: &str, steps: u64, lr: f64) -> Result<TrainConfig> {
+        let p = &self.preset;
+        let mut cfg = TrainConfig::default();
+        cfg.out = self.dir.join(stage).display().to_string();
+        cfg.model.dir = model_dir.display().to_string();
+        cfg.data.train = train.to_string();
+        cfg.data.eval = self.eval_specs();
+        cfg.data.eval_samples = p.eval_samples;
+        cfg.data.seed = p.seed;
+        cfg.optim.lr = lr;
+        cfg.train.steps = steps;
+        cfg.train.batch_size = p.batch_size;
+        cfg.train.seed = p.seed;
+        cfg.train.eval_every = p.eval_every;
+        cfg.train.save_every = (steps / 4).max(1);
+        cfg.train.log_every = p.eval_every;
+        cfg.grpo.group_size = p.group_size;
+        cfg.grpo.prompts_per_step = p.prompts_per_step;
+        cfg.grpo.max_new_tokens = 16;
+        cfg.grpo.export_correct = None;
+        if stage == "base" {
+            cfg.model.init_seed = Some(p.seed);
+            cfg.model.tokenizer = Some(self.inputs.tiny_dir.join("tokenizer.json").display().to_string());
+            cfg.optim.schedule = "cosine".into();
+            cfg.optim.warmup_steps = (steps / 30).max(1);
+            cfg.optim.min_lr = lr / 10.0;
+            cfg.train.eval_every = (steps / 6).max(1);
+            cfg.train.log_every = (steps / 30).max(1);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn open_evals(&self, cfg: &TrainConfig) -> Result<Vec<Box<dyn Task>>> {
+        self.eval_specs().iter().map(|s| sources::open(s, cfg)).collect()
+    }
+
+    /// Runs (or resumes, or skips when finished) one training stage; returns its final
+    /// checkpoint.
+    fn stage(&self, kind: Kind, cfg: TrainConfig) -> Result<(PathBuf, f64)> {
+        let run = PathBuf::from(&cfg.out);
+        if let Some(dir) = checkpoint::latest(&run)? {
+            if checkpoint::load_state(&dir)?.step >= cfg.train.steps {
+                eprintln!("study: {} is finished ({}); skipping", run.display(), dir.display());
+                return Ok((dir, 0.0));
+            }
+        }
+        let t0 = Instant::now();
+        let task = sources::open(&cfg.data.train, &cfg)?;
+        let evals = self.open_evals(&cfg)?;
+        let mut trainer = Trainer::new(kind, cfg, task, evals, true)?;
+        trainer.train()?;
+        let dir = checkpoint::latest(&run)?
+            .ok_or_else(|| Error::file(&run, "the stage finished without a checkpoint"))?;
+        Ok((dir, t0.elapsed().as_secs_f64()))
+    }
+
+    /// Final accuracies of a model directory on the jigsaw and every prior suite.
+    pub fn evaluate(&self, model_dir: &Path) -> Result<Metrics> {
+        let cfg = self.config("eval", model_dir, &self.jigsaw_spec, 1, 1e-3)?;
+        let model = crate::qwen2_5_vl::model::QwenVl::load(model_dir, crate::DType::F32)?;
+        let tok_path = model_dir.join("tokenizer.json");
+        let tokenizer = crate::qwen2_5_vl::tokenizer::QwenTokenizer::from_file(&tok_path)?;
+        let encoder = crate::rl::data::Encoder::new(tokenizer, &model.config);
+        let mut m = Metrics::new();
+        for task in self.open_evals(&cfg)? {
+            let (acc, _) = evaluate_task(&model, &encoder, task.as_ref(), self.preset.eval_samples, 32, cfg.grpo.max_new_tokens)?;
+            m.insert(format!("eval/{}", task.name()), serde_json::json!(acc));
+        }
+        Ok(m)
+    }
+
+    /// The whole study; returns the arms (base first) after writing the report.
+    pub fn run(&self) -> Result<Vec<Arm>> {
+        let p = self.preset.clone();
+        std::fs::write(
+            self.dir.join("preset.json"),
+            serde_json::to_string_pretty(&p).map_err(|e| Error::msg(e.to_string()))?,
+        )
+        .map_err(|e| Error::file(self.dir.join("preset.json"), format!("cannot write: {e}")))?;
+        let mut arms = Vec::new();
+
+        // 1. The base model.
+        let (base_dir, base_s, base_steps) = match &self.inputs.model {
+            Some(m) => (m.clone(), 0.0, 0),
+            None => {
+                eprintln!("study: pretraining the base on the prior suites ({} steps)", p.pretrain_steps);
+                let cfg = self.config("base", &self.inputs.tiny_dir, "mix:all", p.pretrain_steps, p.pretrain_lr)?;
+                let (d, s) = self.stage(Kind::Sft, cfg)?;
+                (d, s, p.pretrain_steps)
+            }
+        };
+        eprintln!("study: evaluating the base");
+        arms.push(Arm {
+            name: "base".into(),
+            label: "base".into(),
+            run: self.dir.join("base"),
+            scores: self.evaluate(&base_dir)?,
+            checkpoint: Some(base_dir.clone()),
+            steps: base_steps,
+            seconds: base_s,
+            skipped: None,
+        });
+
+        // 2. The arms.
+        let jig = self.jigsaw_spec.clone();
+        eprintln!("study: arm sft ({} steps)", p.sft_steps);
+        arms.push(self.arm("sft", "SFT (answers)", Kind::Sft, &base_dir, &jig, p.sft_steps, p.sft_lr, None)?);
+        eprintln!("study: arm grpo ({} steps)", p.grpo_steps);
+        let rollouts = self.dir.join("grpo").join("correct.jsonl");
+        let grpo_fresh = checkpoint::latest(&self.dir.join("grpo"))?.is_none();
+        if grpo_fresh && rollouts.exists() {
+            std::fs::remove_file(&rollouts).map_err(|e| Error::file(&rollouts, e.to_string()))?;
+        }
+        std::fs::create_dir_all(self.dir.join("grpo")).map_err(|e| Error::file(self.dir.join("grpo"), e.to_string()))?;
+        arms.push(self.arm("grpo", "GRPO", Kind::Grpo, &base_dir, &jig, p.grpo_steps, p.grpo_lr, Some(&rollouts))?);
+        eprintln!("study: arm sft-rollouts ({} steps)", p.rollout_sft_steps);
+        let n_rollouts = std::fs::read_to_string(&rollouts).map(|t| t.lines().count()).unwrap_or(0);
+        if n_rollouts == 0 {
+            arms.push(Arm {
+                name: "sft-rollouts".into(),
+                label: "SFT (GRPO rollouts)".into(),
+                run: self.dir.join("sft-rollouts"),
+                checkpoint: None,
+                scores: Metrics::new(),
+                steps: 0,
+                seconds: 0.0,
+                skipped: Some("GRPO produced no correct rollout to train on".into()),
+            });
+        } else {
+            let spec = rollouts.display().to_string();
+            arms.push(self.arm("sft-rollouts", "SFT (GRPO rollouts)", Kind::Sft, &base_dir, &spec, p.rollout_sft_steps, p.sft_lr, None)?);
+        }
+
+        // 3. The report.
+        let dynamics = if p.dynamics_samples > 0 {
+            eprintln!("study: learning dynamics");
+            Some(report::dynamics_section(self, &base_dir, &rollouts)?)
+        } else {
+            None
+        };
+        report::write(self, &arms, dynamics.as_deref())?;
+        eprintln!("study: report at {}", self.dir.join("report.md").display());
+        Ok(arms)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn arm(
+        &self,
+        name: &str,
+        label: &str,
+        kind: Kind,
+        base: &Path,
+        train: &str,
+        steps: u64,
+        lr: f64,
+        export: Option<&Path>,
+    ) -> Result<Arm> {
+        let mut cfg = self.config(name, base, train, steps, lr)?;
+        cfg.grpo.export_correct = export.map(|p| p.display().to_string());
+        let (dir, seconds) = self.stage(kind, cfg)?;
+        Ok(Arm {
+            name: name.into(),
+            label: label.into(),
+            run: self.dir.join(name),
+            scores: self.evaluate(&dir)?,
+            checkpoint: Some(dir),
+            steps,
+            seconds,
+            skipped: None,
+        })
+    }
+
+    pub fn jigsaw_name(&self) -> String {
+        let (r, c) = self.preset.grid;
+        format!("jigsaw-{r}x{c}")
+    }
+
+    pub fn jigsaw_spec(&self) -> &str {
+        &self.jigsaw_spec
+    }
+
+    pub fn prior_specs(&self) -> &[String] {
+        &self.prior_specs
+    }
+}
