@@ -2,6 +2,7 @@
 //! preprocess → vision → merge → rope → decoder → logits.
 
 pub mod config;
+pub mod generate;
 pub mod model;
 pub mod preprocess;
 pub mod rope;

@@ -2,7 +2,7 @@
 //! tokens), M-RoPE decoder with GQA, final norm, lm_head, HF loss.
 
 use super::config::Config;
-use super::rope::{mrope_tables, rope_index};
+use super::rope::{mrope_tables, rope_index, Positions};
 use super::vision::vision_forward;
 use super::weights;
 use crate::nn::Params;
@@ -25,6 +25,26 @@ pub struct Batch {
     pub pixel_values: Option<Tensor>,
     pub image_grid_thw: Vec<[usize; 3]>,
     pub labels: Option<Tensor>,
+}
+
+/// The decoder stack's inputs for a batch (see [`QwenVl::decoder_inputs`]).
+pub struct DecoderInputs {
+    /// Token embeddings with image features merged: [B, T, C].
+    pub hidden: Tensor,
+    /// M-RoPE tables [B, 1, T, head_dim], on the hidden state's device and dtype.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// attention_mask [B, T] (nonzero = token) on the hidden state's device, when given.
+    pub key_padding: Option<Tensor>,
+    /// The (T, H, W) position ids and per-row rope deltas they came from.
+    pub positions: Positions,
+}
+
+/// Keys (after rope) and values of one decoder layer: [B, KV, T, head_dim] each.
+#[derive(Clone)]
+pub struct LayerKv {
+    pub keys: Tensor,
+    pub values: Tensor,
 }
 
 pub struct Output {
@@ -120,9 +140,10 @@ impl QwenVl {
         e.masked_scatter(&mask, &feats.to_dtype(e.dtype())?)
     }
 
-    pub fn forward(&self, batch: &Batch) -> Result<Output> {
+    /// What the decoder stack consumes for a batch: embeddings (image features merged), the
+    /// M-RoPE positions of `get_rope_index` and their cos/sin tables, and the key mask.
+    pub fn decoder_inputs(&self, batch: &Batch) -> Result<DecoderInputs> {
         let c = &self.config;
-        let t = &c.text;
         let ids = batch
             .input_ids
             .as_ref()
@@ -148,7 +169,7 @@ impl QwenVl {
             Some(m) => Some(m.to_dtype(DType::I64)?.to_vec::<i64>()?),
             None => None,
         };
-        let pos = rope_index(
+        let positions = rope_index(
             c,
             &ids.to_vec::<i64>()?,
             b,
@@ -156,57 +177,127 @@ impl QwenVl {
             mask_vec.as_deref(),
             &batch.image_grid_thw,
         )?;
-        let mut h = self.embed(batch)?;
-        let (cos, sin) = mrope_tables(t, &pos, h.dtype())?;
-        let (cos, sin) = (cos.to_device(h.device())?, sin.to_device(h.device())?);
+        let hidden = self.embed(batch)?;
+        let (cos, sin) = mrope_tables(&c.text, &positions, hidden.dtype())?;
+        let key_padding = match &batch.attention_mask {
+            Some(m) => Some(m.to_device(hidden.device())?),
+            None => None,
+        };
+        Ok(DecoderInputs {
+            cos: cos.to_device(hidden.device())?,
+            sin: sin.to_device(hidden.device())?,
+            hidden,
+            key_padding,
+            positions,
+        })
+    }
+
+    /// Decoder layer `i` over h [B, T, C] with rope tables cos/sin [B, 1, T, head_dim]:
+    ///   x = RMSNorm(h); q, k, v = proj(x); q, k = mrope(q, k)
+    ///   h = h + o_proj(attn(q, [past.keys; k], [past.values; v]))
+    ///   h = h + down(SiLU(gate(RMSNorm(h))) · up(RMSNorm(h)))
+    /// `past` holds the keys/values of earlier tokens (decoding with a cache): the T queries
+    /// come after them, which the bottom-right aligned causal mask accounts for, and
+    /// `opts.key_padding` then covers all past + T keys. Returns the new h and this layer's
+    /// keys/values over past + T tokens.
+    pub fn decoder_layer(
+        &self,
+        i: usize,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        opts: &AttentionOptions,
+        past: Option<&LayerKv>,
+    ) -> Result<(Tensor, LayerKv)> {
+        let t = &self.config.text;
+        let (b, seq) = (h.dim(0)?, h.dim(1)?);
         let (hd, nh, nkv) = (t.head_dim(), t.num_attention_heads, t.num_key_value_heads);
+        let w = |s: &str| self.p(&format!("model.layers.{i}.{s}"));
+        let x = h.rms_norm(w("input_layernorm.weight")?, t.rms_norm_eps)?;
+        let proj = |name: &str, n: usize| -> Result<Tensor> {
+            x.linear(
+                w(&format!("self_attn.{name}.weight"))?,
+                Some(w(&format!("self_attn.{name}.bias"))?),
+            )?
+            .reshape(&[b, seq, n, hd])?
+            .transpose(1, 2)
+        };
+        let q = proj("q_proj", nh)?.rope(cos, sin)?;
+        let mut k = proj("k_proj", nkv)?.rope(cos, sin)?;
+        let mut v = proj("v_proj", nkv)?;
+        if let Some(past) = past {
+            k = Tensor::cat(&[&past.keys, &k], 2)?;
+            v = Tensor::cat(&[&past.values, &v], 2)?;
+        }
+        let a = Tensor::attention(&q, &k, &v, opts)?
+            .transpose(1, 2)?
+            .reshape(&[b, seq, nh * hd])?;
+        let h = h.add(&a.linear(w("self_attn.o_proj.weight")?, None)?)?;
+        let x = h.rms_norm(w("post_attention_layernorm.weight")?, t.rms_norm_eps)?;
+        let m = x
+            .linear(w("mlp.gate_proj.weight")?, None)?
+            .swiglu(&x.linear(w("mlp.up_proj.weight")?, None)?)?;
+        let h = h.add(&m.linear(w("mlp.down_proj.weight")?, None)?)?;
+        Ok((h, LayerKv { keys: k, values: v }))
+    }
+
+    /// All decoder layers over `hidden` [B, T, C] (causal, `key_padding` [B, Tk] masks
+    /// padding keys). Without a cache Tk = T. With one, `cache` holds one `LayerKv` per layer
+    /// for the earlier tokens (Tk = earlier + T) and is replaced by the extended keys/values;
+    /// an empty cache is filled (prefill).
+    pub fn decoder(
+        &self,
+        hidden: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        key_padding: Option<&Tensor>,
+        mut cache: Option<&mut Vec<LayerKv>>,
+    ) -> Result<Tensor> {
+        let layers = self.config.text.num_hidden_layers;
         let opts = AttentionOptions {
             causal: true,
-            key_padding: match &batch.attention_mask {
-                Some(m) => Some(m.to_device(h.device())?),
-                None => None,
-            },
+            key_padding: key_padding.cloned(),
             ..Default::default()
         };
-        for i in 0..t.num_hidden_layers {
-            let w = |s: &str| self.p(&format!("model.layers.{i}.{s}"));
-            let x = h.rms_norm(w("input_layernorm.weight")?, t.rms_norm_eps)?;
-            let heads = |y: Tensor, n: usize| y.reshape(&[b, seq, n, hd])?.transpose(1, 2);
-            let q = heads(
-                x.linear(
-                    w("self_attn.q_proj.weight")?,
-                    Some(w("self_attn.q_proj.bias")?),
-                )?,
-                nh,
-            )?
-            .rope(&cos, &sin)?;
-            let k = heads(
-                x.linear(
-                    w("self_attn.k_proj.weight")?,
-                    Some(w("self_attn.k_proj.bias")?),
-                )?,
-                nkv,
-            )?
-            .rope(&cos, &sin)?;
-            let v = heads(
-                x.linear(
-                    w("self_attn.v_proj.weight")?,
-                    Some(w("self_attn.v_proj.bias")?),
-                )?,
-                nkv,
-            )?;
-            let a = Tensor::attention(&q, &k, &v, &opts)?
-                .transpose(1, 2)?
-                .reshape(&[b, seq, nh * hd])?;
-            h = h.add(&a.linear(w("self_attn.o_proj.weight")?, None)?)?;
-            let x = h.rms_norm(w("post_attention_layernorm.weight")?, t.rms_norm_eps)?;
-            let m = x
-                .linear(w("mlp.gate_proj.weight")?, None)?
-                .swiglu(&x.linear(w("mlp.up_proj.weight")?, None)?)?;
-            h = h.add(&m.linear(w("mlp.down_proj.weight")?, None)?)?;
+        if let Some(c) = cache.as_deref() {
+            if !c.is_empty() && c.len() != layers {
+                return Err(Error::msg(format!(
+                    "decoder: the cache holds {} layers, the model has {layers}",
+                    c.len()
+                )));
+            }
         }
-        let h = h.rms_norm(self.p("model.norm.weight")?, t.rms_norm_eps)?;
-        let logits = h.linear(self.lm_head()?, None)?;
+        let mut h = hidden;
+        for i in 0..layers {
+            let past = cache.as_deref().and_then(|c| c.get(i));
+            let (next, kv) = self.decoder_layer(i, &h, cos, sin, &opts, past)?;
+            h = next;
+            if let Some(c) = cache.as_deref_mut() {
+                if c.len() == layers {
+                    c[i] = kv;
+                } else {
+                    c.push(kv);
+                }
+            }
+        }
+        Ok(h)
+    }
+
+    /// Final RMSNorm and lm_head: h [B, T, C] -> logits [B, T, V].
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        h.rms_norm(self.p("model.norm.weight")?, self.config.text.rms_norm_eps)?
+            .linear(self.lm_head()?, None)
+    }
+
+    pub fn forward(&self, batch: &Batch) -> Result<Output> {
+        let x = self.decoder_inputs(batch)?;
+        let h = self.decoder(x.hidden, &x.cos, &x.sin, x.key_padding.as_ref(), None)?;
+        let logits = self.head(&h)?;
+        let ids = batch
+            .input_ids
+            .as_ref()
+            .ok_or_else(|| Error::msg("forward: input_ids are required"))?;
+        let seq = ids.dim(1)?;
         let loss = match &batch.labels {
             None => None,
             Some(l) if l.shape() != ids.shape() => {
@@ -230,7 +321,7 @@ impl QwenVl {
         Ok(Output {
             logits,
             loss,
-            rope_deltas: pos.rope_deltas,
+            rope_deltas: x.positions.rope_deltas,
         })
     }
 }
