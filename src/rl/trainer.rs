@@ -116,10 +116,7 @@ impl Trainer {
         let resume_from = if resume {
             let dir = checkpoint::latest(&run)?;
             if dir.is_none() {
-                eprintln!(
-                    "--resume: no checkpoint in {}; starting from the beginning",
-                    run.display()
-                );
+                eprintln!("no checkpoint in {} yet: starting a new run", run.display());
             }
             dir
         } else {

@@ -73,7 +73,8 @@ pub fn dynamics_section(study: &Study, base_dir: &Path, rollouts: &Path) -> Resu
         probes.extend(examples(spec, Split::Eval, per)?);
     }
     let sft_data = examples(study.jigsaw_spec(), Split::Train, n)?;
-    let rollout_data = if rollouts.exists() {
+    let has_rollouts = std::fs::read_to_string(rollouts).is_ok_and(|t| !t.trim().is_empty());
+    let rollout_data = if has_rollouts {
         let spec = rollouts.display().to_string();
         let t = sources::open(&spec, &cfg)?;
         let len = t.len(Split::Train).unwrap_or(0).min(n);
