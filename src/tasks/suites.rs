@@ -326,7 +326,7 @@ fn draw_shape(img: &mut RgbImage, kind: usize, cx: i32, cy: i32, r: i32, color: 
 fn single_shape(rng: &mut Rng, size: u32) -> (RgbImage, String, String) {
     let mut img = dark_background(rng, size);
     let s = size as i32;
-    let r = between(rng, s / 8, s / 4);
+    let r = between(rng, s / 5, s / 3);
     let (cx, cy) = (
         between(rng, r + 1, s - r - 2),
         between(rng, r + 1, s - r - 2),
@@ -348,7 +348,7 @@ fn counted_shapes(rng: &mut Rng, size: u32) -> (RgbImage, usize) {
         let j = i + rng.below((9 - i) as u64) as usize;
         cells.swap(i, j);
         let (x0, y0) = ((cells[i] % 3) * cell, (cells[i] / 3) * cell);
-        let r = between(rng, cell / 4, cell * 2 / 5);
+        let r = between(rng, cell / 3, cell / 2 - 1);
         let cx = x0 + between(rng, r + 1, cell - r - 2);
         let cy = y0 + between(rng, r + 1, cell - r - 2);
         let kind = rng.below(SHAPES.len() as u64) as usize;
@@ -364,7 +364,7 @@ fn shape_in_quadrant(rng: &mut Rng, size: u32) -> (RgbImage, String) {
     let quadrant = rng.below(4) as usize;
     let q = size as i32 / 2;
     let (x0, y0) = ((quadrant % 2) as i32 * q, (quadrant / 2) as i32 * q);
-    let r = between(rng, q / 5, q / 3);
+    let r = between(rng, q / 3, q / 2 - 2);
     let cx = x0 + between(rng, r + 1, q - r - 2);
     let cy = y0 + between(rng, r + 1, q - r - 2);
     let kind = rng.below(SHAPES.len() as u64) as usize;
