@@ -74,13 +74,13 @@ impl Preset {
             name: "tiny".into(),
             seed: 0,
             batch_size: 32,
-            pretrain_steps: 3000,
-            pretrain_lr: 3e-3,
+            pretrain_steps: 6000,
+            pretrain_lr: 1e-3,
             grid: (2, 2),
             sft_steps: 300,
             sft_lr: 3e-4,
             grpo_steps: 300,
-            grpo_lr: 3e-4,
+            grpo_lr: 2e-4,
             group_size: 8,
             prompts_per_step: 8,
             rollout_sft_steps: 300,
@@ -176,8 +176,10 @@ impl Study {
     /// The trainer configuration of one stage.
     fn config(&self, stage: &str, model_dir: &Path, train: &str, steps: u64, lr: f64) -> Result<TrainConfig> {
         let p = &self.preset;
-        let mut cfg = TrainConfig::default();
-        cfg.out = self.dir.join(stage).display().to_string();
+        let mut cfg = TrainConfig {
+            out: self.dir.join(stage).display().to_string(),
+            ..TrainConfig::default()
+        };
         cfg.model.dir = model_dir.display().to_string();
         cfg.data.train = train.to_string();
         cfg.data.eval = self.eval_specs();
@@ -194,6 +196,9 @@ impl Study {
         cfg.grpo.prompts_per_step = p.prompts_per_step;
         cfg.grpo.max_new_tokens = 16;
         cfg.grpo.export_correct = None;
+        // Bare answers ("2 1 4 3"), the form of the rank suite's answers: a base that never saw
+        // <answer> tags gets no reward signal from a tagged format (DESIGN.md's pilot).
+        cfg.data.jigsaw_prompt = if self.inputs.model.is_some() { "think" } else { "plain" }.into();
         if stage == "base" {
             cfg.model.init_seed = Some(p.seed);
             cfg.model.tokenizer = Some(self.inputs.tiny_dir.join("tokenizer.json").display().to_string());
