@@ -26,27 +26,50 @@ fn smoke_study_writes_a_complete_report() {
         "## Learning dynamics",
         "## Reading",
     ] {
-        assert!(report.contains(section), "report.md lacks '{section}':\n{report}");
+        assert!(
+            report.contains(section),
+            "report.md lacks '{section}':\n{report}"
+        );
     }
-    for suite in ["colour", "shape", "count", "position", "ocr", "rank", "facts"] {
+    for suite in [
+        "colour", "shape", "count", "position", "ocr", "rank", "facts",
+    ] {
         assert!(
             report.contains(&format!("| {suite} |")),
             "no forgetting row for {suite}"
         );
     }
-    for f in ["jigsaw.png", "prior.png", "prior-sft.png", "prior-grpo.png", "metrics.jsonl"] {
+    for f in [
+        "jigsaw.png",
+        "prior.png",
+        "prior-sft.png",
+        "prior-grpo.png",
+        "metrics.jsonl",
+    ] {
         let p = dir.join(f);
-        assert!(p.exists() && std::fs::metadata(&p).unwrap().len() > 0, "{f} missing");
+        assert!(
+            p.exists() && std::fs::metadata(&p).unwrap().len() > 0,
+            "{f} missing"
+        );
     }
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     for arm in ["base", "sft", "grpo"] {
-        assert!(metrics.contains(&format!("\"arm\":\"{arm}\"")), "no metrics of {arm}");
+        assert!(
+            metrics.contains(&format!("\"arm\":\"{arm}\"")),
+            "no metrics of {arm}"
+        );
     }
     // Rerunning finds every stage finished and trains nothing again.
     let t0 = std::time::Instant::now();
-    let again = Study::new(Preset::smoke(), inputs, dir.clone()).unwrap().run().unwrap();
+    let again = Study::new(Preset::smoke(), inputs, dir.clone())
+        .unwrap()
+        .run()
+        .unwrap();
     assert_eq!(again[1].seconds, 0.0, "sft retrained");
     assert_eq!(again[2].seconds, 0.0, "grpo retrained");
-    eprintln!("second run (evaluation only): {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "second run (evaluation only): {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

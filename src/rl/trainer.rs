@@ -248,7 +248,7 @@ impl Trainer {
             };
             self.state.step = step;
             let ev = self.cfg.train.eval_every;
-            if (ev > 0 && step % ev == 0) || (step == total && !self.evals.is_empty()) {
+            if (ev > 0 && step.is_multiple_of(ev)) || (step == total && !self.evals.is_empty()) {
                 m.extend(self.evaluate(self.cfg.data.eval_samples)?);
             }
             let mut line = Metrics::new();
@@ -258,12 +258,12 @@ impl Trainer {
             bar.set_position(step);
             bar.set_message(summary(&line));
             let le = self.cfg.train.log_every;
-            if bar.is_hidden() && le > 0 && (step % le == 0 || step == total) {
+            if bar.is_hidden() && le > 0 && (step.is_multiple_of(le) || step == total) {
                 eprintln!("{}", summary(&line));
             }
             self.state.last_metrics = Value::Object(line.clone());
             let se = self.cfg.train.save_every;
-            if (se > 0 && step % se == 0) || step == total {
+            if (se > 0 && step.is_multiple_of(se)) || step == total {
                 self.save()?;
             }
             last = line;

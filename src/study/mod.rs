@@ -155,9 +155,14 @@ impl Study {
                 .map(|s| format!("suite:{}", s.name()))
                 .collect()
         } else {
-            inputs.prior.iter().map(|p| p.display().to_string()).collect()
+            inputs
+                .prior
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect()
         };
-        std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, format!("cannot create: {e}")))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::file(&dir, format!("cannot create: {e}")))?;
         Ok(Study {
             preset,
             inputs,
@@ -174,7 +179,14 @@ impl Study {
     }
 
     /// The trainer configuration of one stage.
-    fn config(&self, stage: &str, model_dir: &Path, train: &str, steps: u64, lr: f64) -> Result<TrainConfig> {
+    fn config(
+        &self,
+        stage: &str,
+        model_dir: &Path,
+        train: &str,
+        steps: u64,
+        lr: f64,
+    ) -> Result<TrainConfig> {
         let p = &self.preset;
         let mut cfg = TrainConfig {
             out: self.dir.join(stage).display().to_string(),
@@ -198,10 +210,21 @@ impl Study {
         cfg.grpo.export_correct = None;
         // Bare answers ("2 1 4 3"), the form of the rank suite's answers: a base that never saw
         // <answer> tags gets no reward signal from a tagged format (DESIGN.md's pilot).
-        cfg.data.jigsaw_prompt = if self.inputs.model.is_some() { "think" } else { "plain" }.into();
+        cfg.data.jigsaw_prompt = if self.inputs.model.is_some() {
+            "think"
+        } else {
+            "plain"
+        }
+        .into();
         if stage == "base" {
             cfg.model.init_seed = Some(p.seed);
-            cfg.model.tokenizer = Some(self.inputs.tiny_dir.join("tokenizer.json").display().to_string());
+            cfg.model.tokenizer = Some(
+                self.inputs
+                    .tiny_dir
+                    .join("tokenizer.json")
+                    .display()
+                    .to_string(),
+            );
             cfg.optim.schedule = "cosine".into();
             cfg.optim.warmup_steps = (steps / 30).max(1);
             cfg.optim.min_lr = lr / 10.0;
@@ -213,7 +236,10 @@ impl Study {
     }
 
     fn open_evals(&self, cfg: &TrainConfig) -> Result<Vec<Box<dyn Task>>> {
-        self.eval_specs().iter().map(|s| sources::open(s, cfg)).collect()
+        self.eval_specs()
+            .iter()
+            .map(|s| sources::open(s, cfg))
+            .collect()
     }
 
     /// Runs (or resumes, or skips when finished) one training stage; returns its final
@@ -222,7 +248,11 @@ impl Study {
         let run = PathBuf::from(&cfg.out);
         if let Some(dir) = checkpoint::latest(&run)? {
             if checkpoint::load_state(&dir)?.step >= cfg.train.steps {
-                eprintln!("study: {} is finished ({}); skipping", run.display(), dir.display());
+                eprintln!(
+                    "study: {} is finished ({}); skipping",
+                    run.display(),
+                    dir.display()
+                );
                 return Ok((dir, 0.0));
             }
         }
@@ -245,7 +275,14 @@ impl Study {
         let encoder = crate::rl::data::Encoder::new(tokenizer, &model.config);
         let mut m = Metrics::new();
         for task in self.open_evals(&cfg)? {
-            let (acc, _) = evaluate_task(&model, &encoder, task.as_ref(), self.preset.eval_samples, 32, cfg.grpo.max_new_tokens)?;
+            let (acc, _) = evaluate_task(
+                &model,
+                &encoder,
+                task.as_ref(),
+                self.preset.eval_samples,
+                32,
+                cfg.grpo.max_new_tokens,
+            )?;
             m.insert(format!("eval/{}", task.name()), serde_json::json!(acc));
         }
         Ok(m)
@@ -265,8 +302,17 @@ impl Study {
         let (base_dir, base_s, base_steps) = match &self.inputs.model {
             Some(m) => (m.clone(), 0.0, 0),
             None => {
-                eprintln!("study: pretraining the base on the prior suites ({} steps)", p.pretrain_steps);
-                let cfg = self.config("base", &self.inputs.tiny_dir, "mix:all", p.pretrain_steps, p.pretrain_lr)?;
+                eprintln!(
+                    "study: pretraining the base on the prior suites ({} steps)",
+                    p.pretrain_steps
+                );
+                let cfg = self.config(
+                    "base",
+                    &self.inputs.tiny_dir,
+                    "mix:all",
+                    p.pretrain_steps,
+                    p.pretrain_lr,
+                )?;
                 let (d, s) = self.stage(Kind::Sft, cfg)?;
                 (d, s, p.pretrain_steps)
             }
@@ -286,17 +332,38 @@ impl Study {
         // 2. The arms.
         let jig = self.jigsaw_spec.clone();
         eprintln!("study: arm sft ({} steps)", p.sft_steps);
-        arms.push(self.arm("sft", "SFT (answers)", Kind::Sft, &base_dir, &jig, p.sft_steps, p.sft_lr, None)?);
+        arms.push(self.arm(
+            "sft",
+            "SFT (answers)",
+            Kind::Sft,
+            &base_dir,
+            &jig,
+            p.sft_steps,
+            p.sft_lr,
+            None,
+        )?);
         eprintln!("study: arm grpo ({} steps)", p.grpo_steps);
         let rollouts = self.dir.join("grpo").join("correct.jsonl");
         let grpo_fresh = checkpoint::latest(&self.dir.join("grpo"))?.is_none();
         if grpo_fresh && rollouts.exists() {
             std::fs::remove_file(&rollouts).map_err(|e| Error::file(&rollouts, e.to_string()))?;
         }
-        std::fs::create_dir_all(self.dir.join("grpo")).map_err(|e| Error::file(self.dir.join("grpo"), e.to_string()))?;
-        arms.push(self.arm("grpo", "GRPO", Kind::Grpo, &base_dir, &jig, p.grpo_steps, p.grpo_lr, Some(&rollouts))?);
+        std::fs::create_dir_all(self.dir.join("grpo"))
+            .map_err(|e| Error::file(self.dir.join("grpo"), e.to_string()))?;
+        arms.push(self.arm(
+            "grpo",
+            "GRPO",
+            Kind::Grpo,
+            &base_dir,
+            &jig,
+            p.grpo_steps,
+            p.grpo_lr,
+            Some(&rollouts),
+        )?);
         eprintln!("study: arm sft-rollouts ({} steps)", p.rollout_sft_steps);
-        let n_rollouts = std::fs::read_to_string(&rollouts).map(|t| t.lines().count()).unwrap_or(0);
+        let n_rollouts = std::fs::read_to_string(&rollouts)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
         if n_rollouts == 0 {
             arms.push(Arm {
                 name: "sft-rollouts".into(),
@@ -310,7 +377,16 @@ impl Study {
             });
         } else {
             let spec = rollouts.display().to_string();
-            arms.push(self.arm("sft-rollouts", "SFT (GRPO rollouts)", Kind::Sft, &base_dir, &spec, p.rollout_sft_steps, p.sft_lr, None)?);
+            arms.push(self.arm(
+                "sft-rollouts",
+                "SFT (GRPO rollouts)",
+                Kind::Sft,
+                &base_dir,
+                &spec,
+                p.rollout_sft_steps,
+                p.sft_lr,
+                None,
+            )?);
         }
 
         // 3. The report.

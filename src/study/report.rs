@@ -17,7 +17,11 @@ use std::path::Path;
 
 fn read_metrics(run: &Path) -> Vec<Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
-        .map(|t| t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -28,7 +32,9 @@ fn task_name(spec: &str) -> Result<String> {
 }
 
 fn score(arm: &Arm, task: &str) -> Option<f64> {
-    arm.scores.get(&format!("eval/{task}")).and_then(|v| v.as_f64())
+    arm.scores
+        .get(&format!("eval/{task}"))
+        .and_then(|v| v.as_f64())
 }
 
 fn fmt_change(v: Option<f64>, base: Option<f64>) -> String {
@@ -104,7 +110,10 @@ pub fn dynamics_section(study: &Study, base_dir: &Path, rollouts: &Path) -> Resu
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
     for (label, data) in [
         ("jigsaw answers (SFT)", &sft_data),
-        ("correct GRPO rollouts (GRPO, SFT on rollouts)", &rollout_data),
+        (
+            "correct GRPO rollouts (GRPO, SFT on rollouts)",
+            &rollout_data,
+        ),
     ] {
         if data.is_empty() || probes.is_empty() {
             let _ = writeln!(out, "| {label} | 0 | – | – | – | – | – |");
@@ -127,7 +136,10 @@ pub fn dynamics_section(study: &Study, base_dir: &Path, rollouts: &Path) -> Resu
 
 fn curves(study: &Study, arms: &[Arm], priors: &[String]) -> Result<Vec<(String, String)>> {
     let jig = study.jigsaw_name();
-    let trained: Vec<&Arm> = arms.iter().filter(|a| a.skipped.is_none() && a.name != "base").collect();
+    let trained: Vec<&Arm> = arms
+        .iter()
+        .filter(|a| a.skipped.is_none() && a.name != "base")
+        .collect();
     let series = |key: &dyn Fn(&Value) -> Option<f64>| -> Vec<Series> {
         trained
             .iter()
@@ -143,15 +155,28 @@ fn curves(study: &Study, arms: &[Arm], priors: &[String]) -> Result<Vec<(String,
     let mut files = Vec::new();
     let jkey = format!("eval/{jig}");
     let s = series(&|m: &Value| m.get(&jkey)?.as_f64());
-    line_chart(&study.dir.join("jigsaw.png"), &format!("{jig} accuracy"), &s, Some((0.0, 1.0)))?;
+    line_chart(
+        &study.dir.join("jigsaw.png"),
+        &format!("{jig} accuracy"),
+        &s,
+        Some((0.0, 1.0)),
+    )?;
     files.push(("jigsaw.png".to_string(), format!("{jig} accuracy by step")));
     let pkeys: Vec<String> = priors.iter().map(|p| format!("eval/{p}")).collect();
     let s = series(&|m: &Value| {
         let v: Vec<f64> = pkeys.iter().filter_map(|k| m.get(k)?.as_f64()).collect();
         (v.len() == pkeys.len() && !v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     });
-    line_chart(&study.dir.join("prior.png"), "mean prior accuracy", &s, Some((0.0, 1.0)))?;
-    files.push(("prior.png".to_string(), "mean accuracy over the prior suites by step".to_string()));
+    line_chart(
+        &study.dir.join("prior.png"),
+        "mean prior accuracy",
+        &s,
+        Some((0.0, 1.0)),
+    )?;
+    files.push((
+        "prior.png".to_string(),
+        "mean accuracy over the prior suites by step".to_string(),
+    ));
     for a in &trained {
         let ms = read_metrics(&a.run);
         let s: Vec<Series> = priors
@@ -160,12 +185,22 @@ fn curves(study: &Study, arms: &[Arm], priors: &[String]) -> Result<Vec<(String,
                 name: p.clone(),
                 points: ms
                     .iter()
-                    .filter_map(|m| Some((m.get("step")?.as_f64()?, m.get(format!("eval/{p}"))?.as_f64()?)))
+                    .filter_map(|m| {
+                        Some((
+                            m.get("step")?.as_f64()?,
+                            m.get(format!("eval/{p}"))?.as_f64()?,
+                        ))
+                    })
                     .collect(),
             })
             .collect();
         let f = format!("prior-{}.png", a.name);
-        line_chart(&study.dir.join(&f), &format!("{} prior suites", a.name), &s, Some((0.0, 1.0)))?;
+        line_chart(
+            &study.dir.join(&f),
+            &format!("{} prior suites", a.name),
+            &s,
+            Some((0.0, 1.0)),
+        )?;
         files.push((f, format!("every prior suite during {}", a.label)));
     }
     Ok(files)
@@ -198,7 +233,13 @@ pub fn write(study: &Study, arms: &[Arm], dynamics: Option<&str>) -> Result<()> 
 
     let p = &study.preset;
     let mut r = String::new();
-    let _ = writeln!(r, "# Study report: {}\n", dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default());
+    let _ = writeln!(
+        r,
+        "# Study report: {}\n",
+        dir.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
+    );
     let _ = writeln!(r, "## Setup\n");
     let _ = writeln!(
         r,
@@ -249,7 +290,10 @@ pub fn write(study: &Study, arms: &[Arm], dynamics: Option<&str>) -> Result<()> 
         }
     }
 
-    let _ = writeln!(r, "\n## Forgetting: change of every prior suite against the base\n");
+    let _ = writeln!(
+        r,
+        "\n## Forgetting: change of every prior suite against the base\n"
+    );
     let _ = write!(r, "| suite | base |");
     for a in &arms[1..] {
         let _ = write!(r, " {} |", a.label);
@@ -258,7 +302,11 @@ pub fn write(study: &Study, arms: &[Arm], dynamics: Option<&str>) -> Result<()> 
     let _ = writeln!(r, "|---|---:|{}", "---:|".repeat(arms.len() - 1));
     for task in &priors {
         let b = score(base, task);
-        let _ = write!(r, "| {task} | {} |", b.map_or("–".into(), |v| format!("{v:.2}")));
+        let _ = write!(
+            r,
+            "| {task} | {} |",
+            b.map_or("–".into(), |v| format!("{v:.2}"))
+        );
         for a in &arms[1..] {
             let _ = write!(r, " {} |", fmt_change(score(a, task), b));
         }
@@ -280,11 +328,23 @@ pub fn write(study: &Study, arms: &[Arm], dynamics: Option<&str>) -> Result<()> 
     }
 
     let _ = writeln!(r, "## Learning dynamics\n");
-    let _ = writeln!(r, "{}", dynamics.unwrap_or("Not measured in this preset (dynamics_samples = 0).\n"));
+    let _ = writeln!(
+        r,
+        "{}",
+        dynamics.unwrap_or("Not measured in this preset (dynamics_samples = 0).\n")
+    );
 
     let _ = writeln!(r, "## Reading\n");
-    let change = |name: &str| arms.iter().find(|a| a.name == name).and_then(|a| mean_prior_change(a, base, &priors));
-    let acc = |name: &str| arms.iter().find(|a| a.name == name).and_then(|a| score(a, &jig));
+    let change = |name: &str| {
+        arms.iter()
+            .find(|a| a.name == name)
+            .and_then(|a| mean_prior_change(a, base, &priors))
+    };
+    let acc = |name: &str| {
+        arms.iter()
+            .find(|a| a.name == name)
+            .and_then(|a| score(a, &jig))
+    };
     let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:+.3}"));
     let a = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));
     let _ = writeln!(
