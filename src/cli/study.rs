@@ -30,7 +30,8 @@ pub struct StudyArgs {
     /// Seed of the base initialisation and the data order.
     #[arg(long)]
     seed: Option<u64>,
-    /// The tiny preset's model directory (config.json + tokenizer.json).
+    /// The tiny preset's model directory (config.json + tokenizer.json); when it is absent, the
+    /// copy compiled into tessera is used.
     #[arg(long, default_value = "models/tiny")]
     tiny_dir: PathBuf,
 }
@@ -50,11 +51,26 @@ pub fn run(args: StudyArgs) -> Result<()> {
         preset.grid = (r.parse().map_err(|_| bad())?, c.parse().map_err(|_| bad())?);
     }
     let name = args.name.clone().unwrap_or_else(|| preset.name.clone());
+    let mut tiny_dir = args.tiny_dir;
+    if args.model.is_none() && !tiny_dir.join("config.json").exists() {
+        // Outside the source tree: the preset is compiled in; write it beside the run.
+        tiny_dir = args.runs.join(&name).join("tiny-preset");
+        std::fs::create_dir_all(&tiny_dir)
+            .map_err(|e| crate::Error::file(&tiny_dir, format!("cannot create: {e}")))?;
+        for (file, text) in [
+            ("config.json", crate::tasks::vocab::TINY_CONFIG_JSON),
+            ("tokenizer.json", crate::tasks::vocab::TINY_TOKENIZER_JSON),
+        ] {
+            let p = tiny_dir.join(file);
+            std::fs::write(&p, text)
+                .map_err(|e| crate::Error::file(&p, format!("cannot write: {e}")))?;
+        }
+    }
     let inputs = Inputs {
         model: args.model,
         prior: args.prior,
         images: args.images,
-        tiny_dir: args.tiny_dir,
+        tiny_dir,
     };
     let study = Study::new(preset, inputs, args.runs.join(&name))?;
     study.run()?;
