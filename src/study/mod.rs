@@ -77,7 +77,7 @@ impl Preset {
             pretrain_steps: 6000,
             pretrain_lr: 1e-3,
             grid: (2, 2),
-            sft_steps: 300,
+            sft_steps: 600,
             sft_lr: 3e-4,
             grpo_steps: 300,
             grpo_lr: 2e-4,
@@ -124,7 +124,10 @@ pub struct Arm {
     /// `eval/<task>` accuracies of the final model.
     pub scores: Metrics,
     pub steps: u64,
+    /// Training time, summed over every run of the stage (0 when unknown).
     pub seconds: f64,
+    /// Whether this study run trained it (false: finished earlier, or skipped).
+    pub trained_now: bool,
     /// Why the arm did not run, if it did not.
     pub skipped: Option<String>,
 }
@@ -243,9 +246,15 @@ impl Study {
     }
 
     /// Runs (or resumes, or skips when finished) one training stage; returns its final
-    /// checkpoint.
-    fn stage(&self, kind: Kind, cfg: TrainConfig) -> Result<(PathBuf, f64)> {
+    /// checkpoint, its training time over every run of it (`RUN/train_seconds`), and whether
+    /// this call trained.
+    fn stage(&self, kind: Kind, cfg: TrainConfig) -> Result<(PathBuf, f64, bool)> {
         let run = PathBuf::from(&cfg.out);
+        let seconds_file = run.join("train_seconds");
+        let before: f64 = std::fs::read_to_string(&seconds_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0.0);
         if let Some(dir) = checkpoint::latest(&run)? {
             if checkpoint::load_state(&dir)?.step >= cfg.train.steps {
                 eprintln!(
@@ -253,7 +262,7 @@ impl Study {
                     run.display(),
                     dir.display()
                 );
-                return Ok((dir, 0.0));
+                return Ok((dir, before, false));
             }
         }
         let t0 = Instant::now();
@@ -263,7 +272,10 @@ impl Study {
         trainer.train()?;
         let dir = checkpoint::latest(&run)?
             .ok_or_else(|| Error::file(&run, "the stage finished without a checkpoint"))?;
-        Ok((dir, t0.elapsed().as_secs_f64()))
+        let total = before + t0.elapsed().as_secs_f64();
+        std::fs::write(&seconds_file, format!("{total:.1}\n"))
+            .map_err(|e| Error::file(&seconds_file, format!("cannot write: {e}")))?;
+        Ok((dir, total, true))
     }
 
     /// Final accuracies of a model directory on the jigsaw and every prior suite.
@@ -299,8 +311,8 @@ impl Study {
         let mut arms = Vec::new();
 
         // 1. The base model.
-        let (base_dir, base_s, base_steps) = match &self.inputs.model {
-            Some(m) => (m.clone(), 0.0, 0),
+        let (base_dir, base_s, base_now, base_steps) = match &self.inputs.model {
+            Some(m) => (m.clone(), 0.0, false, 0),
             None => {
                 eprintln!(
                     "study: pretraining the base on the prior suites ({} steps)",
@@ -313,8 +325,8 @@ impl Study {
                     p.pretrain_steps,
                     p.pretrain_lr,
                 )?;
-                let (d, s) = self.stage(Kind::Sft, cfg)?;
-                (d, s, p.pretrain_steps)
+                let (d, s, now) = self.stage(Kind::Sft, cfg)?;
+                (d, s, now, p.pretrain_steps)
             }
         };
         eprintln!("study: evaluating the base");
@@ -326,6 +338,7 @@ impl Study {
             checkpoint: Some(base_dir.clone()),
             steps: base_steps,
             seconds: base_s,
+            trained_now: base_now,
             skipped: None,
         });
 
@@ -373,6 +386,7 @@ impl Study {
                 scores: Metrics::new(),
                 steps: 0,
                 seconds: 0.0,
+                trained_now: false,
                 skipped: Some("GRPO produced no correct rollout to train on".into()),
             });
         } else {
@@ -415,7 +429,7 @@ impl Study {
     ) -> Result<Arm> {
         let mut cfg = self.config(name, base, train, steps, lr)?;
         cfg.grpo.export_correct = export.map(|p| p.display().to_string());
-        let (dir, seconds) = self.stage(kind, cfg)?;
+        let (dir, seconds, trained_now) = self.stage(kind, cfg)?;
         Ok(Arm {
             name: name.into(),
             label: label.into(),
@@ -424,6 +438,7 @@ impl Study {
             checkpoint: Some(dir),
             steps,
             seconds,
+            trained_now,
             skipped: None,
         })
     }

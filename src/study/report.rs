@@ -280,11 +280,15 @@ pub fn write(study: &Study, arms: &[Arm], dynamics: Option<&str>) -> Result<()> 
             None => {
                 let _ = writeln!(
                     r,
-                    "| {} | {} | {} | {:.0} s |",
+                    "| {} | {} | {} | {} |",
                     a.label,
                     a.steps,
                     score(a, &jig).map_or("–".into(), |v| format!("{v:.2}")),
-                    a.seconds
+                    if a.seconds > 0.0 {
+                        format!("{:.0} s", a.seconds)
+                    } else {
+                        "–".into()
+                    }
                 );
             }
         }
