@@ -273,7 +273,7 @@ impl Study {
         let dir = checkpoint::latest(&run)?
             .ok_or_else(|| Error::file(&run, "the stage finished without a checkpoint"))?;
         let total = before + t0.elapsed().as_secs_f64();
-        std::fs::write(&seconds_file, format!("{total:.1}\n"))
+        std::fs::write(&seconds_file, format!("{total}\n"))
             .map_err(|e| Error::file(&seconds_file, format!("cannot write: {e}")))?;
         Ok((dir, total, true))
     }
