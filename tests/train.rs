@@ -65,7 +65,7 @@ fn open(cfg: &TrainConfig) -> Box<dyn Task> {
 /// Runs `steps` in one go, and `split` steps then a resumed run to `steps`; the metrics of the
 /// steps after the split must be identical.
 fn check_resume(kind: Kind, train: &str, steps: u64, split: u64, keys: &[&str]) {
-    let open = |cfg: &TrainConfig| -> Box<dyn Task> { Box::new(ByLength(open(cfg))) };
+    let open = |cfg: &TrainConfig| -> Box<dyn Task> { by_length(open(cfg), false) };
     let a = tmp(&format!("{}-a", kind.name()));
     let cfg = config(&a, train, steps);
     Trainer::new(kind, cfg.clone(), open(&cfg), vec![], false)
@@ -223,44 +223,31 @@ fn a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint() {
     let _ = std::fs::remove_dir_all(&run);
 }
 
-/// Rewards the length of the completion (so a random model gets a GRPO signal).
-struct ByLength(Box<dyn Task>);
+/// Rewards the length of the completion (so a random model gets a GRPO signal); with
+/// `all_correct`, every completion also counts as correct (the export receives every rollout).
+struct ByLength {
+    inner: Box<dyn Task>,
+    all_correct: bool,
+}
+
+fn by_length(inner: Box<dyn Task>, all_correct: bool) -> Box<dyn Task> {
+    Box::new(ByLength { inner, all_correct })
+}
 
 impl Task for ByLength {
     fn name(&self) -> String {
         "by-length".into()
     }
     fn len(&self, s: Split) -> Option<usize> {
-        self.0.len(s)
+        self.inner.len(s)
     }
     fn example(&self, s: Split, i: u64) -> tessera::Result<Example> {
-        self.0.example(s, i)
+        self.inner.example(s, i)
     }
     fn score(&self, _: Split, _: u64, completion: &str) -> tessera::Result<Scored> {
         Ok(Scored {
             reward: completion.len() as f64,
-            correct: false,
-        })
-    }
-}
-
-/// Every completion is "correct": the export receives every rollout.
-struct AlwaysRight(Box<dyn Task>);
-
-impl Task for AlwaysRight {
-    fn name(&self) -> String {
-        "always".into()
-    }
-    fn len(&self, s: Split) -> Option<usize> {
-        self.0.len(s)
-    }
-    fn example(&self, s: Split, i: u64) -> tessera::Result<Example> {
-        self.0.example(s, i)
-    }
-    fn score(&self, _: Split, _: u64, completion: &str) -> tessera::Result<Scored> {
-        Ok(Scored {
-            reward: completion.len() as f64,
-            correct: true,
+            correct: self.all_correct,
         })
     }
 }
@@ -272,7 +259,7 @@ fn correct_rollouts_export_as_an_sft_dataset() {
     let jsonl = run.join("rollouts.jsonl");
     cfg.grpo.export_correct = Some(jsonl.display().to_string());
     std::fs::create_dir_all(&run).unwrap();
-    let task = Box::new(AlwaysRight(open(&cfg)));
+    let task = by_length(open(&cfg), true);
     Trainer::new(Kind::Grpo, cfg.clone(), task, vec![], false)
         .unwrap()
         .train()
@@ -326,7 +313,7 @@ fn grpo_with_kl_several_passes_and_every_loss_type_runs() {
         cfg.grpo.epsilon_high = Some(0.28);
         cfg.grpo.loss_type = loss_type.into();
         cfg.train.batch_size = 4; // 6 rollouts -> micro-batches of 4 and 2
-        let task: Box<dyn Task> = Box::new(ByLength(open(&cfg)));
+        let task = by_length(open(&cfg), false);
         Trainer::new(Kind::Grpo, cfg, task, vec![], false)
             .unwrap()
             .train()

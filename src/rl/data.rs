@@ -206,7 +206,11 @@ pub fn completion_logits(model: &QwenVl, c: &Collated) -> Result<Tensor> {
 /// log π(token) of every completion column, `[B, completion_cols]` F32 (padding columns hold
 /// the log-probability of the pad token; mask them with `completion_mask`). Differentiable.
 pub fn completion_logprobs(model: &QwenVl, c: &Collated) -> Result<Tensor> {
-    let logits = completion_logits(model, c)?;
+    logprobs_of(&completion_logits(model, c)?, c)
+}
+
+/// log π of the completion tokens from logits `completion_logits` gave for `c`.
+pub fn logprobs_of(logits: &Tensor, c: &Collated) -> Result<Tensor> {
     let ids = c
         .batch
         .input_ids

@@ -13,7 +13,9 @@ use crate::qwen2_5_vl::model::QwenVl;
 use crate::qwen2_5_vl::tokenizer::QwenTokenizer;
 use crate::rl::checkpoint::{self, Checkpoint, TrainerState};
 use crate::rl::config::TrainConfig;
-use crate::rl::data::{collate, completion_logits, Collated, Encoded, Encoder};
+use crate::rl::data::{
+    collate, completion_logits, completion_logprobs, logprobs_of, Collated, Encoded, Encoder,
+};
 use crate::rl::task::{Split, Task};
 use crate::rl::{group_advantages, policy_loss, PolicyLossConfig, PolicyLossInputs};
 use crate::{no_grad, DType, Device, Error, Result, Rng, Tensor};
@@ -489,19 +491,10 @@ impl Trainer {
             })
             .collect::<Result<Vec<_>>>()?;
         let total_tokens: f64 = items.iter().map(|e| e.completion().len() as f64).sum();
-        let logps_of = |model: &QwenVl, c: &Collated| -> Result<Tensor> {
-            let t = c
-                .batch
-                .input_ids
-                .as_ref()
-                .ok_or_else(|| Error::msg("no ids"))?;
-            let targets = t.narrow(1, c.prompt_cols, c.completion_cols)?;
-            completion_logits(model, c)?.log_prob_of(&targets)
-        };
         let old: Vec<Option<Tensor>> = if g.mu > 1 {
             collated
                 .iter()
-                .map(|c| no_grad(|| logps_of(&self.model, c)).map(Some))
+                .map(|c| no_grad(|| completion_logprobs(&self.model, c)).map(Some))
                 .collect::<Result<_>>()?
         } else {
             vec![None; collated.len()]
@@ -509,7 +502,7 @@ impl Trainer {
         let refs: Vec<Option<Tensor>> = match &self.reference {
             Some(r) => collated
                 .iter()
-                .map(|c| no_grad(|| logps_of(r, c)).map(Some))
+                .map(|c| no_grad(|| completion_logprobs(r, c)).map(Some))
                 .collect::<Result<_>>()?,
             None => vec![None; collated.len()],
         };
@@ -521,14 +514,8 @@ impl Trainer {
                     continue;
                 }
                 let rows = chunks[k].len();
-                let t = c
-                    .batch
-                    .input_ids
-                    .as_ref()
-                    .ok_or_else(|| Error::msg("no ids"))?;
-                let targets = t.narrow(1, c.prompt_cols, c.completion_cols)?;
                 let logits = completion_logits(&self.model, c)?;
-                let logps = logits.log_prob_of(&targets)?;
+                let logps = logprobs_of(&logits, c)?;
                 let a: Vec<f64> = chunks[k].iter().map(|&i| adv[i]).collect();
                 let a = Tensor::from_f64s(&a, &[rows], DType::F32)?.to_device(logps.device())?;
                 let old_lp = match &old[k] {
