@@ -185,3 +185,46 @@ __device__ __forceinline__ void st16(float* p, const float* f) {
 __device__ __forceinline__ void st16(bf16_t* p, const float* f) {
     st_v4(p, pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]), pack_bf16(f[6], f[7]));
 }
+
+// ---- fast math and stores of the memory-bound row kernels (reduce.cu, loss.cu, rope.cu) ----
+
+#define LOG2E_F 1.4426950408889634f
+
+// 2^x with one MUFU.EX2 (max relative error about 2 ulp; results below 2^-126 flush to 0;
+// 2^-inf = 0, 2^NaN = NaN). e^{x - m} is fast_exp2(fmaf(x, LOG2E_F, -m * LOG2E_F)): the
+// product is exact inside the fma, so the only extra error is the rounding of m * log2(e).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// pack_bf16 in one instruction on sm_80+ (cvt.rn.bf16x2.f32: round to nearest even, the same
+// bits as f2bf except that every NaN becomes the canonical 0x7fff).
+__device__ __forceinline__ unsigned int pack_bf16_rn(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return pack_bf16(lo, hi);
+#endif
+}
+
+// Vec<T>::N floats stored as one 16-byte vector at the 16-byte aligned p (pack_bf16_rn for bf16).
+__device__ __forceinline__ void st16_rn(float* p, const float* f) { st16(p, f); }
+__device__ __forceinline__ void st16_rn(bf16_t* p, const float* f) {
+    st_v4(p, pack_bf16_rn(f[0], f[1]), pack_bf16_rn(f[2], f[3]), pack_bf16_rn(f[4], f[5]), pack_bf16_rn(f[6], f[7]));
+}
+
+// A 16-byte vector of -inf values of T (padding that leaves a max and a sum of exps unchanged).
+template <typename T>
+__device__ __forceinline__ uint4 neg_inf16();
+template <>
+__device__ __forceinline__ uint4 neg_inf16<float>() {
+    return make_uint4(0xff800000u, 0xff800000u, 0xff800000u, 0xff800000u);
+}
+template <>
+__device__ __forceinline__ uint4 neg_inf16<bf16_t>() {
+    return make_uint4(0xff80ff80u, 0xff80ff80u, 0xff80ff80u, 0xff80ff80u);
+}

@@ -58,3 +58,13 @@ extern "C" __global__ void strided_copy_rows16(const unsigned char* src, uint4* 
     }
 TRANSPOSE(transpose_2, unsigned short)
 TRANSPOSE(transpose_4, unsigned int)
+
+// K-padded operand copy for the tensor-core GEMM: dst [rows, kp] (row-major) with
+// dst(r, j) = src[r·rs + j·cs] for j < k and 0 for k <= j < kp.
+extern "C" __global__ void pad_cols_2(const unsigned short* src, unsigned short* dst, i64 rows, i64 k, i64 kp, i64 rs,
+                                      i64 cs) {
+    GRID_LOOP(i, rows * kp) {
+        i64 r = i / kp, j = i - r * kp;
+        dst[i] = j < k ? src[r * rs + j * cs] : (unsigned short)0;
+    }
+}

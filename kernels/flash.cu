@@ -6,6 +6,14 @@
 // repeating K/V). causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned, as the
 // CPU op). A row that sees no key gets o = 0 and lse = -inf.
 //
+// Segments (variable-length sequences packed into one, e.g. cu_seqlens windows; the *_seg_*
+// kernels, the others ignore these arrays): query i sees only keys [seg_klo[i], seg_khi[i])
+// (u32 [Tq]), intersected with the causal mask. The backward's dK/dV kernel takes the same relation by key instead,
+// seg_qlo/seg_qhi (u32 [Tk]): key j is seen by exactly the queries [seg_qlo[j], seg_qhi[j])
+// (for block-diagonal segments, the same arrays as seg_klo/seg_khi). Whole tiles outside these
+// ranges are skipped: a query tile visits only the key tiles of the hull of its rows' ranges, a
+// key tile only the query tiles of the hull of its keys'.
+//
 // Block: 64 queries x one (batch, head), 4 warps of 16 query rows each; key tiles of 64 go
 // through shared memory (cp.async). S = Q K^T and O += P V run on tensor cores; P is
 // re-packed from the S accumulators straight into A fragments (no shared-memory round trip).
@@ -24,10 +32,58 @@ __device__ __forceinline__ void fa_load_rows(bf16_t* s, const bf16_t* g, i64 row
     }
 }
 
-template <int D>
+// Hull [*lo, *hi) of the ranges [lo_of[i], hi_of[i]) over rows i in [r0, min(r0 + 64, n)),
+// empty ranges ignored (*lo >= *hi when all are empty). Every warp computes it on its own from
+// global memory: no shared memory, no barrier.
+__device__ __forceinline__ void fa_range_hull(const unsigned int* lo_of, const unsigned int* hi_of, i64 r0, i64 n,
+                                              i64* lo, i64* hi) {
+    int lane = threadIdx.x & 31;
+    unsigned int mn = 0xffffffffu, mx = 0u;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        i64 r = r0 + lane + 32 * c;
+        if (r < n) {
+            unsigned int a = lo_of[r], b = hi_of[r];
+            if (a < b) {
+                mn = min(mn, a);
+                mx = max(mx, b);
+            }
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+        mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    }
+    *lo = (i64)mn;
+    *hi = (i64)mx;
+}
+
+// Keys [*kbeg, *kend) that the query tile [q0, q0 + 64) may see: causal and segment bounds
+// (a superset; the per-element mask decides). Shared by the forward and dQ kernels.
+template <bool SEG>
+__device__ __forceinline__ void fa_key_span(const unsigned int* seg_klo, const unsigned int* seg_khi, i64 q0, i64 tq,
+                                            i64 tk, i64 causal, i64* kbeg, i64* kend) {
+    i64 b = 0, e = tk;
+    if (causal) {
+        i64 last = q0 + 63 + (tk - tq) + 1;  // keys the tile's last query sees
+        e = last < e ? last : e;
+    }
+    if (SEG) {
+        i64 lo, hi;
+        fa_range_hull(seg_klo, seg_khi, q0, tq, &lo, &hi);
+        b = lo > b ? lo : b;
+        e = hi < e ? hi : e;
+    }
+    *kbeg = b;
+    *kend = e;
+}
+
+template <int D, bool SEG>
 __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
-                          bf16_t* __restrict__ o, float* __restrict__ lse, i64 hq, i64 hkv, i64 tq, i64 tk,
-                          float scale, i64 causal) {
+                          bf16_t* __restrict__ o, float* __restrict__ lse, const unsigned int* __restrict__ seg_klo,
+                          const unsigned int* __restrict__ seg_khi, i64 hq, i64 hkv, i64 tq, i64 tk, float scale,
+                          i64 causal) {
     constexpr int LD = D + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16_t* sQ = reinterpret_cast<bf16_t*>(fa_smem);
@@ -53,15 +109,19 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
         for (int r = 0; r < 4; ++r) acc[j][r] = 0.f;
 
     i64 off = tk - tq;  // causal offset
-    i64 kend = tk;
-    if (causal) {
-        i64 last = q0 + FA_BM - 1 + off + 1;  // keys the block's last query sees
-        kend = last < tk ? last : tk;
-        if (kend < 0) kend = 0;
-    }
+    i64 kbeg, kend;
+    fa_key_span<SEG>(seg_klo, seg_khi, q0, tq, tk, causal, &kbeg, &kend);
     i64 row_g[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+    i64 rlo[2], rhi[2];  // each row's key range [rlo, rhi) (empty for rows past tq with segments)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        bool in = row_g[i] < tq;
+        rlo[i] = SEG && in ? (i64)seg_klo[row_g[i]] : 0;
+        rhi[i] = SEG ? (in ? (i64)seg_khi[row_g[i]] : 0) : tk;
+    }
 
-    for (i64 k0 = 0; k0 < kend; k0 += FA_BN) {
+    // k0 need not be a multiple of FA_BN (segments start anywhere); rows are 16-byte aligned.
+    for (i64 k0 = kbeg; k0 < kend; k0 += FA_BN) {
         __syncthreads();  // previous tile fully consumed
         fa_load_rows<D>(sK, kb, k0, tk, FA_BN);
         fa_load_rows<D>(sV, vb, k0, tk, FA_BN);
@@ -101,7 +161,7 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
             for (int r = 0; r < 4; ++r) {
                 i64 key = k0 + j * 8 + 2 * t + (r & 1);
                 i64 row = row_g[r >> 1];
-                bool ok = key < tk && (!causal || key <= row + off);
+                bool ok = key < tk && key >= rlo[r >> 1] && key < rhi[r >> 1] && (!causal || key <= row + off);
                 float x = ok ? s[j][r] * sl2 : NEG_INF;
                 s[j][r] = x;
                 mx[r >> 1] = fmaxf(mx[r >> 1], x);
@@ -179,15 +239,21 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
     }
 }
 
-#define FLASH_FWD(D)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(128)                                                  \
-        flash_fwd_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, float* lse, i64 hq, \
-                       i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {                               \
-        flash_fwd<D>(q, k, v, o, lse, hq, hkv, tq, tk, scale, causal);                                  \
+// Entry points: flash_fwd_d{D} ignores the segment arrays (may be null), flash_fwd_seg_d{D}
+// applies them; the same for the backward kernels.
+#define FLASH_FWD(NAME, D, SEG)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                                                    \
+        NAME(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, float* lse,                   \
+             const unsigned int* seg_klo, const unsigned int* seg_khi, i64 hq, i64 hkv, i64 tq, i64 tk,  \
+             float scale, i64 causal) {                                                                  \
+        flash_fwd<D, SEG>(q, k, v, o, lse, seg_klo, seg_khi, hq, hkv, tq, tk, scale, causal);           \
     }
-FLASH_FWD(64)
-FLASH_FWD(80)
-FLASH_FWD(128)
+FLASH_FWD(flash_fwd_d64, 64, false)
+FLASH_FWD(flash_fwd_d80, 80, false)
+FLASH_FWD(flash_fwd_d128, 128, false)
+FLASH_FWD(flash_fwd_seg_d64, 64, true)
+FLASH_FWD(flash_fwd_seg_d80, 80, true)
+FLASH_FWD(flash_fwd_seg_d128, 128, true)
 
 // ---------------------------------------------------------------------------------------------
 // Backward (FlashAttention-2 scheme, deterministic: no atomics). With P = exp(S·scale − lse),
@@ -206,12 +272,13 @@ __device__ __forceinline__ void frag_b_kn(unsigned int* bb, const bf16_t* p, int
     bb[1] = (unsigned int)p[8 * ld] | ((unsigned int)p[9 * ld] << 16);
 }
 
-template <int D>
+template <int D, bool SEG>
 __device__ void flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                const bf16_t* __restrict__ v, const bf16_t* __restrict__ dout,
                                const float* __restrict__ lse, const float* __restrict__ delta,
-                               bf16_t* __restrict__ dk, bf16_t* __restrict__ dv, i64 hq, i64 hkv, i64 tq,
-                               i64 tk, float scale, i64 causal) {
+                               bf16_t* __restrict__ dk, bf16_t* __restrict__ dv,
+                               const unsigned int* __restrict__ seg_qlo, const unsigned int* __restrict__ seg_qhi,
+                               i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {
     constexpr int LD = D + 8;
     extern __shared__ __align__(16) unsigned char fb_smem[];
     bf16_t* sK = reinterpret_cast<bf16_t*>(fb_smem);
@@ -232,10 +299,16 @@ __device__ void flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __res
 
     const float sl2 = scale * 1.4426950408889634f;
     i64 off = tk - tq;
-    i64 qstart = 0;
+    i64 qstart = 0, qend = tq;
     if (causal) {
         i64 first = k0 - off;  // the first query that sees key k0
         qstart = first > 0 ? (first / 64) * 64 : 0;
+    }
+    if (SEG) {  // queries that see some key of this tile
+        i64 lo, hi;
+        fa_range_hull(seg_qlo, seg_qhi, k0, tk, &lo, &hi);
+        qstart = lo > qstart ? lo : qstart;
+        qend = hi < qend ? hi : qend;
     }
     float adk[D / 8][4], adv[D / 8][4];
 #pragma unroll
@@ -243,12 +316,22 @@ __device__ void flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __res
 #pragma unroll
         for (int r = 0; r < 4; ++r) adk[j][r] = adv[j][r] = 0.f;
     i64 key_r[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+    unsigned int qlo[2] = {0u, 0u}, qhi[2] = {0u, 0u};  // the queries that see each of the thread's keys
+    if (SEG) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            bool in = key_r[i] < tk;
+            qlo[i] = in ? seg_qlo[key_r[i]] : 0u;
+            qhi[i] = in ? seg_qhi[key_r[i]] : 0u;
+        }
+    }
 
     for (i64 gi = 0; gi < group; ++gi) {
         i64 h = hk * group + gi;
         const bf16_t* qb = q + (b * hq + h) * tq * D;
         const bf16_t* gb = dout + (b * hq + h) * tq * D;
-        for (i64 q0 = qstart; q0 < tq; q0 += 64) {
+        // q0 need not be a multiple of 64 (segments start anywhere); rows are 16-byte aligned.
+        for (i64 q0 = qstart; q0 < qend; q0 += 64) {
             __syncthreads();  // previous tile consumed
             fa_load_rows<D>(sQ, qb, q0, tq, 64);
             fa_load_rows<D>(sG, gb, q0, tq, 64);
@@ -302,6 +385,7 @@ __device__ void flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __res
                     int qc = j * 8 + 2 * t + (r & 1);
                     i64 qi = q0 + qc, key = key_r[r >> 1];
                     bool ok = key < tk && qi < tq && (!causal || key <= qi + off);
+                    if (SEG) ok = ok && (unsigned int)qi >= qlo[r >> 1] && (unsigned int)qi < qhi[r >> 1];
                     float p = ok ? exp2f(st[j][r] * sl2 - sL[qc]) : 0.f;
                     st[j][r] = p;
                     dpt[j][r] = p * (dpt[j][r] - sD[qc]);
@@ -347,11 +431,12 @@ __device__ void flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __res
     }
 }
 
-template <int D>
+template <int D, bool SEG>
 __device__ void flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
                              const bf16_t* __restrict__ dout, const float* __restrict__ lse,
-                             const float* __restrict__ delta, bf16_t* __restrict__ dq, i64 hq, i64 hkv, i64 tq, i64 tk,
-                             float scale, i64 causal) {
+                             const float* __restrict__ delta, bf16_t* __restrict__ dq,
+                             const unsigned int* __restrict__ seg_klo, const unsigned int* __restrict__ seg_khi, i64 hq,
+                             i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {
     constexpr int LD = D + 8;
     extern __shared__ __align__(16) unsigned char fq_smem[];
     bf16_t* sQ = reinterpret_cast<bf16_t*>(fq_smem);
@@ -374,26 +459,25 @@ __device__ void flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restr
     i64 off = tk - tq;
     i64 row_r[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
     float l2[2], dl[2];
+    i64 rlo[2], rhi[2];  // each row's key range [rlo, rhi) (empty for rows past tq with segments)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         i64 r = row_r[i];
         float l = r < tq ? lse[(b * hq + h) * tq + r] : NEG_INF;
         l2[i] = l == NEG_INF ? POS_INF : l * 1.4426950408889634f;
         dl[i] = r < tq ? delta[(b * hq + h) * tq + r] : 0.f;
+        rlo[i] = SEG && r < tq ? (i64)seg_klo[r] : 0;
+        rhi[i] = SEG ? (r < tq ? (i64)seg_khi[r] : 0) : tk;
     }
-    i64 kend = tk;
-    if (causal) {
-        i64 last = q0 + 63 + off + 1;
-        kend = last < tk ? last : tk;
-        if (kend < 0) kend = 0;
-    }
+    i64 kbeg, kend;
+    fa_key_span<SEG>(seg_klo, seg_khi, q0, tq, tk, causal, &kbeg, &kend);
     float adq[D / 8][4];
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int r = 0; r < 4; ++r) adq[j][r] = 0.f;
 
-    for (i64 k0 = 0; k0 < kend; k0 += 64) {
+    for (i64 k0 = kbeg; k0 < kend; k0 += 64) {
         __syncthreads();
         fa_load_rows<D>(sK, kb, k0, tk, 64);
         fa_load_rows<D>(sV, vb, k0, tk, 64);
@@ -436,7 +520,8 @@ __device__ void flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restr
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 i64 key = k0 + j * 8 + 2 * t + (r & 1), row = row_r[r >> 1];
-                bool ok = key < tk && row < tq && (!causal || key <= row + off);
+                bool ok = key < tk && row < tq && key >= rlo[r >> 1] && key < rhi[r >> 1] &&
+                          (!causal || key <= row + off);
                 float p = ok ? exp2f(s[j][r] * sl2 - l2[r >> 1]) : 0.f;
                 s[j][r] = p * (dp[j][r] - dl[r >> 1]);  // dS
             }
@@ -471,17 +556,24 @@ __device__ void flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restr
     }
 }
 
-#define FLASH_BWD(D)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkdv_d##D(                                 \
+#define FLASH_BWD(DKDV, DQ, D, SEG)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128) DKDV(                                                \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse,           \
-        const float* delta, bf16_t* dk, bf16_t* dv, i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal) { \
-        flash_bwd_dkdv<D>(q, k, v, dout, lse, delta, dk, dv, hq, hkv, tq, tk, scale, causal);             \
+        const float* delta, bf16_t* dk, bf16_t* dv, const unsigned int* seg_qlo,                          \
+        const unsigned int* seg_qhi, i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {           \
+        flash_bwd_dkdv<D, SEG>(q, k, v, dout, lse, delta, dk, dv, seg_qlo, seg_qhi, hq, hkv, tq, tk, scale, \
+                               causal);                                                                    \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq_d##D(                                   \
+    extern "C" __global__ void __launch_bounds__(128) DQ(                                                  \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse,           \
-        const float* delta, bf16_t* dq, i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {        \
-        flash_bwd_dq<D>(q, k, v, dout, lse, delta, dq, hq, hkv, tq, tk, scale, causal);                   \
+        const float* delta, bf16_t* dq, const unsigned int* seg_klo, const unsigned int* seg_khi, i64 hq,  \
+        i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {                                                \
+        flash_bwd_dq<D, SEG>(q, k, v, dout, lse, delta, dq, seg_klo, seg_khi, hq, hkv, tq, tk, scale,     \
+                             causal);                                                                      \
     }
-FLASH_BWD(64)
-FLASH_BWD(80)
-FLASH_BWD(128)
+FLASH_BWD(flash_bwd_dkdv_d64, flash_bwd_dq_d64, 64, false)
+FLASH_BWD(flash_bwd_dkdv_d80, flash_bwd_dq_d80, 80, false)
+FLASH_BWD(flash_bwd_dkdv_d128, flash_bwd_dq_d128, 128, false)
+FLASH_BWD(flash_bwd_dkdv_seg_d64, flash_bwd_dq_seg_d64, 64, true)
+FLASH_BWD(flash_bwd_dkdv_seg_d80, flash_bwd_dq_seg_d80, 80, true)
+FLASH_BWD(flash_bwd_dkdv_seg_d128, flash_bwd_dq_seg_d128, 128, true)

@@ -130,3 +130,323 @@ gemm_wgmma_bf16(const bf16_t* A, const bf16_t* B, bf16_t* C, const bf16_t* bias,
     }
 #endif
 }
+
+// ---- Warp-specialised persistent variant (gemm_wgmma_ws_*) ----
+//
+// Same product, operands fetched by TMA (cp.async.bulk.tensor, 128-byte swizzle, zero fill
+// outside the tensor) into a ring of STAGES shared-memory stages. 384 threads = 3 warpgroups:
+// warpgroup 0 is the producer (one thread issues the copies, 40 registers), warpgroups 1 and 2
+// are the consumers (232 registers), each owning 64 rows x BN columns of the 128 x BN block tile
+// and keeping one wgmma group in flight. Stage s has two mbarriers: full[s] (1 arrival + the
+// stage's bytes, completed by TMA) and empty[s] (one arrival per consumer warp, after the wgmmas
+// that read the stage retired). The grid is persistent (one CTA per SM, tiles t = blockIdx.x,
+// + gridDim.x, ...) so the producer loads the next tile while the consumers store this one.
+// Tiles are ordered in groups of WS_GROUP_M M-blocks (M fastest within a group) so CTAs running
+// together share B tiles in L2. The batch is folded into the tile index.
+//
+// Operands live in the tensor maps (the host encodes A as [batch,] M x K and B as [batch,] N x K,
+// box 64 (K) x 128 or BN rows); flags: 1 = bias, 2 = accumulate into C, 4 = A's map has a batch
+// dimension, 8 = B's map has a batch dimension (otherwise shared by every batch).
+
+#define WS_BM 128
+#define WS_BK 64
+#define WS_A_BYTES (WS_BM * WS_BK * 2)
+#define WS_RING_BYTES 196608  // stages x (128 + BN) x 64 bf16: 4 x 48 KB for BN = 256
+#define WS_GROUP_M 16
+#define WS_CONSUMER_WARPS 8
+
+// A CUtensorMap as cuTensorMapEncodeTiled writes it: 128 opaque bytes. Kernel parameters of this
+// type are `const __grid_constant__`, so their address is a parameter-space address TMA can read.
+struct __align__(64) TmaMap {
+    unsigned long long opaque[16];
+};
+
+__device__ __forceinline__ void wgmma_n128(float* d, unsigned long long da, unsigned long long db) {
+    asm volatile(
+        "{\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db));
+}
+
+__device__ __forceinline__ void wgmma_n64(float* d, unsigned long long da, unsigned long long db) {
+    asm volatile(
+        "{\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db));
+}
+
+template <int BN>
+__device__ __forceinline__ void wgmma_bn(float* d, unsigned long long da, unsigned long long db) {
+    if (BN == 256) wgmma_256(d, da, db);
+    else if (BN == 128) wgmma_n128(d, da, db);
+    else wgmma_n64(d, da, db);
+}
+
+__device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
+
+// Pins the order of accumulator accesses around wgmma (no instruction emitted).
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+__device__ __forceinline__ void mbar_init(unsigned int bar, unsigned int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// One arrival that also raises the phase's expected transaction bytes.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned int bar, unsigned int bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned int bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+// Whether the phase of parity `parity` of the barrier has completed (try_wait may block for a
+// short, hardware-chosen time before answering false).
+__device__ __forceinline__ bool mbar_try_wait(unsigned int bar, unsigned int parity) {
+    unsigned int done;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+// Spins until the phase has completed. A phase that never completes (a lost TMA transaction, a
+// wrong byte count) traps after ~2^34 cycles (several seconds): a launch error, not a hang.
+__device__ __forceinline__ void mbar_wait(unsigned int bar, unsigned int parity) {
+    if (mbar_try_wait(bar, parity)) return;
+    const long long start = clock64();
+    while (!mbar_try_wait(bar, parity)) {
+        if (clock64() - start > (1ll << 34)) __trap();
+    }
+}
+
+// TMA box load into shared memory at `dst`, completing `bytes` on the mbarrier `bar`. Coordinates
+// are elements, innermost (K) first; out-of-bounds elements are written as zeros.
+__device__ __forceinline__ void tma_load_2d(unsigned int dst, unsigned long long map, unsigned int bar, int c0, int c1) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+            dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(unsigned int dst, unsigned long long map, unsigned int bar, int c0, int c1,
+                                            int c2) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+
+// Packs two floats as bf16 (round to nearest even), `lo` in the low half.
+__device__ __forceinline__ unsigned int ws_pack(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Tile t -> (batch, M-block, N-block): groups of WS_GROUP_M M-blocks, M fastest within a group.
+__device__ __forceinline__ void ws_tile(int t, int m_blocks, int n_blocks, int& bz, int& mb, int& nb) {
+    int per_batch = m_blocks * n_blocks;
+    bz = t / per_batch;
+    int r = t - bz * per_batch;
+    int group_tiles = WS_GROUP_M * n_blocks;
+    int group = r / group_tiles;
+    int first_m = group * WS_GROUP_M;
+    int rows = min(m_blocks - first_m, WS_GROUP_M);
+    int q = r - group * group_tiles;
+    mb = first_m + q % rows;
+    nb = q / rows;
+}
+
+template <int BN, int STAGES>
+__device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long long map_b, bf16_t* C,
+                                        const bf16_t* bias, i64 M, i64 N, i64 K, i64 ldc, i64 batch, i64 batch_c,
+                                        i64 flags) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr unsigned int STAGE_BYTES = WS_A_BYTES + BN * WS_BK * 2;
+    static_assert(STAGES * STAGE_BYTES == WS_RING_BYTES, "ring size");
+    static_assert(2 * STAGES * 8 <= 256, "barriers fit in the first 256 bytes");
+    // Dynamic shared memory: 2·STAGES mbarriers, then the ring at the next 1024-byte boundary
+    // (128-byte swizzle repeats every 1024 bytes; TMA and the wgmma descriptors agree on it
+    // only from such a boundary). Host size: WS_RING_BYTES + 256 + 1024.
+    extern __shared__ __align__(1024) unsigned char ws_smem[];
+    const unsigned int bars = smem_addr(ws_smem);
+    const unsigned int ring = (bars + 256u + 1023u) & ~1023u;
+#define WS_FULL(s) (bars + 8u * (unsigned int)(s))
+#define WS_EMPTY(s) (bars + 8u * (unsigned int)(STAGES + (s)))
+
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(WS_FULL(s), 1);
+            mbar_init(WS_EMPTY(s), WS_CONSUMER_WARPS);
+        }
+        // Make the initialised barriers visible to the async proxy (TMA complete_tx).
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fence_proxy_async();
+    }
+    __syncthreads();
+
+    const int m_blocks = (int)((M + WS_BM - 1) / WS_BM), n_blocks = (int)((N + BN - 1) / BN);
+    const int total = m_blocks * n_blocks * (int)batch;
+    const int ktiles = (int)((K + WS_BK - 1) / WS_BK);
+    const int wg = tid >> 7;
+
+    if (wg == 0) {
+        // Producer warpgroup: give registers to the consumers, one thread issues every copy.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (tid == 0) {
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(map_a) : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(map_b) : "memory");
+            const bool a3 = flags & 4, b3 = flags & 8;
+            int stage = 0;
+            unsigned int phase = 0;
+            for (int t = blockIdx.x; t < total; t += gridDim.x) {
+                int bz, mb, nb;
+                ws_tile(t, m_blocks, n_blocks, bz, mb, nb);
+                const int row_a = mb * WS_BM, row_b = nb * BN;
+                for (int kt = 0; kt < ktiles; ++kt) {
+                    // Wait until the consumers freed the slot (passes at once on the first lap).
+                    mbar_wait(WS_EMPTY(stage), phase ^ 1u);
+                    const unsigned int sa = ring + (unsigned int)stage * STAGE_BYTES;
+                    const unsigned int full = WS_FULL(stage);
+                    mbar_arrive_expect_tx(full, STAGE_BYTES);
+                    if (a3) tma_load_3d(sa, map_a, full, kt * WS_BK, row_a, bz);
+                    else tma_load_2d(sa, map_a, full, kt * WS_BK, row_a);
+                    if (b3) tma_load_3d(sa + WS_A_BYTES, map_b, full, kt * WS_BK, row_b, bz);
+                    else tma_load_2d(sa + WS_A_BYTES, map_b, full, kt * WS_BK, row_b);
+                    if (++stage == STAGES) {
+                        stage = 0;
+                        phase ^= 1u;
+                    }
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        const int ci = wg - 1;  // consumer: rows 64·ci .. 64·ci + 63 of the block tile
+        const int warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+        const bool pairs = ((ldc | batch_c) & 1) == 0 && (((unsigned long long)C) & 3) == 0;
+        int stage = 0;
+        unsigned int phase = 0;
+        float d[BN / 2];
+        for (int t = blockIdx.x; t < total; t += gridDim.x) {
+            int bz, mb, nb;
+            ws_tile(t, m_blocks, n_blocks, bz, mb, nb);
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) {
+                d[i] = 0.f;
+                fence_operand(d[i]);
+            }
+            int prev = 0;
+            for (int kt = 0; kt < ktiles; ++kt) {
+                mbar_wait(WS_FULL(stage), phase);
+                const unsigned int sa = ring + (unsigned int)stage * STAGE_BYTES + (unsigned int)ci * (64 * 128);
+                const unsigned int sb = ring + (unsigned int)stage * STAGE_BYTES + WS_A_BYTES;
+                wg_fence();
+#pragma unroll
+                for (int kk = 0; kk < WS_BK / 16; ++kk) wgmma_bn<BN>(d, wg_desc(sa + kk * 32), wg_desc(sb + kk * 32));
+                wg_commit();
+                // The previous k-tile's group has retired: its stage can be refilled.
+                wg_wait1();
+                if (kt > 0 && lane == 0) mbar_arrive(WS_EMPTY(prev));
+                prev = stage;
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1u;
+                }
+            }
+            wg_wait0();
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) fence_operand(d[i]);
+            if (lane == 0) mbar_arrive(WS_EMPTY(prev));
+
+            // Epilogue straight from registers. d[4j + r]: row 16·warp + g + 8·(r >= 2),
+            // column 8j + 2·tq + (r & 1) of this consumer's 64 x BN tile.
+            bf16_t* Cb = C + (i64)bz * batch_c;
+            const i64 row0 = (i64)mb * WS_BM + ci * 64 + warp * 16 + g;
+            const i64 col0 = (i64)nb * BN + 2 * tq;
+            if (pairs && (i64)(mb + 1) * WS_BM <= M && (i64)(nb + 1) * BN <= N) {
+                // Interior tile: no bounds checks, every column pair one 32-bit store.
+                bf16_t* p0 = Cb + row0 * ldc + col0;
+#pragma unroll
+                for (int j = 0; j < BN / 8; ++j) {
+                    float b0 = 0.f, b1 = 0.f;
+                    if (flags & 1) {
+                        b0 = bf2f(bias[col0 + 8 * j]);
+                        b1 = bf2f(bias[col0 + 8 * j + 1]);
+                    }
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        bf16_t* p = p0 + 8 * h * ldc + 8 * j;
+                        float v0 = d[4 * j + 2 * h] + b0, v1 = d[4 * j + 2 * h + 1] + b1;
+                        if (flags & 2) {
+                            unsigned int old = ld_pair(p);
+                            v0 += bf2f((bf16_t)(old & 0xffffu));
+                            v1 += bf2f((bf16_t)(old >> 16));
+                        }
+                        *reinterpret_cast<unsigned int*>(p) = ws_pack(v0, v1);
+                    }
+                }
+                continue;
+            }
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const i64 col = col0 + 8 * j;
+                if (col >= N) continue;
+                const bool two = col + 1 < N;
+                float b0 = 0.f, b1 = 0.f;
+                if (flags & 1) {
+                    b0 = bf2f(bias[col]);
+                    if (two) b1 = bf2f(bias[col + 1]);
+                }
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const i64 row = row0 + 8 * h;
+                    if (row >= M) continue;
+                    float v0 = d[4 * j + 2 * h] + b0, v1 = d[4 * j + 2 * h + 1] + b1;
+                    bf16_t* p = Cb + row * ldc + col;
+                    if (two && pairs) {
+                        if (flags & 2) {
+                            unsigned int old = ld_pair(p);
+                            v0 += bf2f((bf16_t)(old & 0xffffu));
+                            v1 += bf2f((bf16_t)(old >> 16));
+                        }
+                        *reinterpret_cast<unsigned int*>(p) = ws_pack(v0, v1);
+                    } else {
+                        if (flags & 2) v0 += bf2f(p[0]);
+                        p[0] = f2bf(v0);
+                        if (two) {
+                            if (flags & 2) v1 += bf2f(p[1]);
+                            p[1] = f2bf(v1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+#undef WS_FULL
+#undef WS_EMPTY
+#endif
+}
+
+// Kernels per block-tile width: 128 x 256 (4 stages), 128 x 128 (6) and 128 x 64 (8) for
+// products with too few 128 x 256 tiles to fill the GPU. Launch: 384 threads, dynamic shared
+// memory WS_RING_BYTES + 256 + 1024, grid = min(tiles, SMs).
+#define WS_KERNEL(name, BN, STAGES)                                                                              \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                         \
+        name(const __grid_constant__ TmaMap map_a, const __grid_constant__ TmaMap map_b, bf16_t* C,              \
+             const bf16_t* bias, i64 M, i64 N, i64 K, i64 ldc, i64 batch, i64 batch_c, i64 flags) {             \
+        ws_gemm<BN, STAGES>((unsigned long long)&map_a, (unsigned long long)&map_b, C, bias, M, N, K, ldc, batch, \
+                            batch_c, flags);                                                                     \
+    }
+WS_KERNEL(gemm_wgmma_ws_bf16, 256, 4)
+WS_KERNEL(gemm_wgmma_ws_n128_bf16, 128, 6)
+WS_KERNEL(gemm_wgmma_ws_n64_bf16, 64, 8)

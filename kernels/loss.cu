@@ -6,14 +6,17 @@
 // lse, picked: f32 [rows].
 //
 //   lse_pick:        per row: lse = log Σ_j e^{x_j}, picked = x_t − lse (0 for ignored rows,
-//                    NaN for invalid ones). Three variants with the same arguments:
-//                    lse_pick_v{VPT} (row in registers, 16-byte loads; launch as RowVec in
+//                    NaN for invalid ones). Four variants with the same arguments:
+//                    lse_pick_warp (one warp per row, blockDim (32, 8), batches of 16-byte
+//                    loads, online max/sum: rows up to 8192), lse_pick_v{VPT} (row in
+//                    registers, 16-byte loads; launch as RowVec in
 //                    src/backend/cuda/ops/reduce.rs: one warp per row for short rows (blockDim
 //                    (32, R)), else one block per row), lse_pick_loop (one block per row,
 //                    16-byte loads, online max/sum per vector: long rows) and lse_pick (one
 //                    block per row, scalar online max/sum: any v and alignment).
-//   ce_mean:         one block: out[0] = −Σ_rows picked · inv, inv = 1 / max(#counted rows, 1)
-//                    (counted = not ignored), inv_count[0] = inv for the backward.
+//   ce_mean:         one block (any multiple of 32 threads up to 1024): out[0] = −Σ_rows picked
+//                    · inv, inv = 1 / max(#counted rows, 1) (counted = not ignored),
+//                    inv_count[0] = inv for the backward.
 //   lse_pick_bwd:    dx_j = (e^{x_j − lse} − [j = t]) · g_r · scale · inv, 0 on ignored rows,
 //                    NaN on invalid rows; g_r = g[row] when g_per_row, else g[0]; inv =
 //                    inv_count[0], or 1 when inv_count is null.
@@ -21,6 +24,9 @@
 //                    log_prob_of: scale = −1, g per row, no inv_count.
 //                    lse_pick_bwd_vec: grid (rows, ceil(v / N / (blockDim.x · 4))), 4 16-byte
 //                    vectors per thread; lse_pick_bwd: one block per row, scalar.
+// The 16-byte variants compute e^{x − m} as fast_exp2 (kernels/common.cuh; ~2 ulp) and round
+// bf16 with one cvt per pair: at bf16 bandwidth expf's ~8 instructions per element made them
+// issue-bound.
 // The 16-byte variants need v % N == 0 (N = 8 bf16, 4 f32) and 16-byte aligned x / dx (the
 // host checks). Launch bounds of lse_pick_v{VPT}: at most 256 threads per block for VPT <= 4,
 // 512 for VPT = 8 (RowVec); VPT <= 2 also fits 8 blocks per SM (32 registers, no spills).
@@ -71,7 +77,8 @@ __device__ __forceinline__ void lse_pick(const T* x, const I* t, float* lse, flo
     if (threadIdx.x == 0) ce_write_row(xr, t, lse, picked, row, v, ignore, has_ignore, l);
 }
 
-// Long rows, 16-byte loads: one block per row, the running max / sum updated once per vector.
+// Long rows, 16-byte loads: one block per row, the running max / sum updated once per vector
+// (e^x as fast_exp2, as in lse_pick_warp).
 template <typename T, typename I>
 __device__ __forceinline__ void lse_pick_loop(const T* x, const I* t, float* lse, float* picked, i64 v, i64 ignore,
                                               i64 has_ignore) {
@@ -90,16 +97,17 @@ __device__ __forceinline__ void lse_pick_loop(const T* x, const I* t, float* lse
 #pragma unroll
         for (int e = 1; e < N; ++e) vm = fmaxf(vm, f[e]);
         if (vm > m) {
-            s = m > NEG_INF ? s * expf(m - vm) : 0.f;
+            s = m > NEG_INF ? s * fast_exp2((m - vm) * LOG2E_F) : 0.f;
             m = vm;
         }
         if (m > NEG_INF) {
+            const float mlog2e = m * LOG2E_F;
 #pragma unroll
-            for (int e = 0; e < N; ++e) s += expf(f[e] - m);
+            for (int e = 0; e < N; ++e) s += fast_exp2(fmaf(f[e], LOG2E_F, -mlog2e));
         }
     }
     const float bm = block_max(m, scratch);
-    const float sc = m > NEG_INF ? s * expf(m - bm) : 0.f;
+    const float sc = m > NEG_INF ? s * fast_exp2((m - bm) * LOG2E_F) : 0.f;
     const float bs = block_sum(sc, scratch);
     const float l = bm + logf(bs);
     if (threadIdx.x == 0) ce_write_row(xr, t, lse, picked, row, v, ignore, has_ignore, l);
@@ -152,17 +160,128 @@ __device__ __forceinline__ void lse_pick_vec(const T* x, const I* t, float* lse,
     if (tid == 0) ce_write_row(xr, t, lse, picked, row, v, ignore, has_ignore, l);
 }
 
+// One warp per row (blockDim (32, R), row blockIdx.x · R + threadIdx.y), 16-byte loads: lane l
+// reads the vectors l + 32 i in batches of CE_WARP_U per lane, all loads of a batch issued
+// before the first use; per lane a running max m of x and s = Σ 2^{(x − m)·log2e} (one fma and
+// one MUFU.EX2 per element), combined over the warp at the end. No block barrier, so one row's
+// reduction never holds up another's loads.
+#define CE_WARP_U 8
+
+template <typename T>
+__device__ __forceinline__ void ce_warp_load(const uint4* xv, int j0, int nv, uint4* u) {
+#pragma unroll
+    for (int k = 0; k < CE_WARP_U; ++k) {
+        const int j = j0 + (int)threadIdx.x + 32 * k;
+        u[k] = j < nv ? xv[j] : neg_inf16<T>();  // −inf padding: changes neither max nor sum
+    }
+}
+
+// Max of the CE_WARP_U vectors u. bf16 pairs are compared packed (max.bf16x2: exact, and like
+// fmaxf it ignores a NaN), so the batch is unpacked only once, for the exps.
+__device__ __forceinline__ float ce_batch_max(const uint4* u, float) {
+    float m = NEG_INF;
+#pragma unroll
+    for (int k = 0; k < CE_WARP_U; ++k) {
+        m = fmaxf(m, fmaxf(fmaxf(__uint_as_float(u[k].x), __uint_as_float(u[k].y)),
+                           fmaxf(__uint_as_float(u[k].z), __uint_as_float(u[k].w))));
+    }
+    return m;
+}
+__device__ __forceinline__ unsigned int bf16x2_max(unsigned int a, unsigned int b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned int d;
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+#else
+    const float lo = fmaxf(__uint_as_float(a << 16), __uint_as_float(b << 16));
+    const float hi = fmaxf(__uint_as_float(a & 0xffff0000u), __uint_as_float(b & 0xffff0000u));
+    return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u);  // exact: bf16 values
+#endif
+}
+__device__ __forceinline__ float ce_batch_max(const uint4* u, bf16_t) {
+    unsigned int a = u[0].x, b = u[0].y, c = u[0].z, d = u[0].w;
+#pragma unroll
+    for (int k = 1; k < CE_WARP_U; ++k) {
+        a = bf16x2_max(a, u[k].x);
+        b = bf16x2_max(b, u[k].y);
+        c = bf16x2_max(c, u[k].z);
+        d = bf16x2_max(d, u[k].w);
+    }
+    a = bf16x2_max(bf16x2_max(a, b), bf16x2_max(c, d));
+    return fmaxf(__uint_as_float(a << 16), __uint_as_float(a & 0xffff0000u));
+}
+
+template <typename T, typename I>
+__device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
+                                              i64 ignore, i64 has_ignore) {
+    constexpr int N = Vec<T>::N;
+    const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= rows) return;  // whole warps
+    const T* xr = x + row * v;
+    const uint4* xv = reinterpret_cast<const uint4*>(xr);
+    const int nv = (int)(v / N);
+    uint4 u[CE_WARP_U];
+    ce_warp_load<T>(xv, 0, nv, u);
+    const i64 c = ce_class(t, row, v, ignore, has_ignore);
+    float m = NEG_INF, s = 0.f;
+    for (int j0 = 0;;) {
+        const float bm = ce_batch_max(u, T());
+        if (bm > m) {
+            s = m > NEG_INF ? s * fast_exp2((m - bm) * LOG2E_F) : 0.f;
+            m = bm;
+        }
+        if (m > NEG_INF) {  // else every value so far is −inf: nothing to add
+            const float mlog2e = m * LOG2E_F;
+#pragma unroll
+            for (int k = 0; k < CE_WARP_U; ++k) {
+                float f[N];
+                unpack16<T>(u[k], f);
+#pragma unroll
+                for (int e = 0; e < N; ++e) s += fast_exp2(fmaf(f[e], LOG2E_F, -mlog2e));
+            }
+        }
+        j0 += 32 * CE_WARP_U;
+        if (j0 >= nv) break;
+        ce_warp_load<T>(xv, j0, nv, u);
+    }
+    // The target's logit (just read by the row: an L2 hit), loaded before the shuffles so its
+    // latency overlaps them; loaded earlier, it would wait for t[row] ahead of the row's loads.
+    const float xt = ld(xr, c >= 0 ? c : 0);  // same address in every lane: one transaction
+    const float wm = warp_max(m);
+    const float sc = m > NEG_INF ? s * fast_exp2((m - wm) * LOG2E_F) : 0.f;
+    const float ws = warp_sum(sc);
+    const float l = wm > NEG_INF ? wm + logf(ws) : NEG_INF;  // all −inf: −inf, as the CPU logsumexp
+    if (threadIdx.x == 0) {
+        lse[row] = l;
+        picked[row] = c >= 0 ? xt - l : (c == CE_IGNORED ? 0.f : CE_NAN);
+    }
+}
+
 template <typename T, typename I>
 __device__ __forceinline__ void ce_mean(const float* picked, const I* t, T* out, float* inv_count, i64 rows,
                                         i64 ignore, i64 has_ignore) {
     __shared__ float scratch[32];
     __shared__ unsigned int count;
     if (threadIdx.x == 0) count = 0u;
+    // CE_MEAN_U rows per thread per step, loaded before they are added (a fixed order: the
+    // sum is deterministic).
+    constexpr int CE_MEAN_U = 8;
     float acc = 0.f;
     unsigned int cnt = 0u;
-    for (i64 r = threadIdx.x; r < rows; r += blockDim.x) {
-        acc += picked[r];
-        if (!(has_ignore && (i64)t[r] == ignore)) ++cnt;
+    for (i64 r0 = threadIdx.x; r0 < rows; r0 += (i64)blockDim.x * CE_MEAN_U) {
+        float p[CE_MEAN_U];
+        bool counted[CE_MEAN_U];
+#pragma unroll
+        for (int k = 0; k < CE_MEAN_U; ++k) {
+            const i64 r = r0 + (i64)k * blockDim.x;
+            p[k] = r < rows ? picked[r] : 0.f;
+            counted[k] = r < rows && !(has_ignore && (i64)t[r] == ignore);
+        }
+#pragma unroll
+        for (int k = 0; k < CE_MEAN_U; ++k) {
+            acc += p[k];
+            cnt += counted[k] ? 1u : 0u;
+        }
     }
     acc = block_sum(acc, scratch);  // its barriers also order `count = 0` before the adds
     atomicAdd(&count, cnt);
@@ -204,7 +323,8 @@ __device__ __forceinline__ void lse_pick_bwd(const T* x, const I* t, const float
 
 // 16-byte vectors: block (blockIdx.y) of row blockIdx.x covers the vectors
 // [blockIdx.y · blockDim.x · 4, (blockIdx.y + 1) · blockDim.x · 4), thread t the 4 vectors
-// base + t + k · blockDim.x.
+// base + t + k · blockDim.x. The logits are loaded first, together with the row's scalars
+// (target, lse, g, inv_count): one memory latency per block, not three in a row.
 template <typename T, typename I>
 __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const float* lse, const T* g,
                                                  const float* inv_count, T* dx, i64 v, i64 ignore, i64 has_ignore,
@@ -215,28 +335,23 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
     const i64 nv = v / N;
     const i64 j0 = (i64)blockIdx.y * blockDim.x * K + threadIdx.x;
     const uint4* xv = reinterpret_cast<const uint4*>(x + row * v);
-    uint4* dv = reinterpret_cast<uint4*>(dx + row * v);
-    const i64 c = ce_class(t, row, v, ignore, has_ignore);
-    if (c < 0) {
-        float fill[N];
-#pragma unroll
-        for (int e = 0; e < N; ++e) fill[e] = c == CE_IGNORED ? 0.f : CE_NAN;
-        const uint4 u = pack16<T>(fill);
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-            const i64 j = j0 + (i64)k * blockDim.x;
-            if (j < nv) dv[j] = u;
-        }
-        return;
-    }
-    const float gs = ce_grad_scale(g, inv_count, row, scale, g_per_row);
+    T* dr = dx + row * v;
     const float l = lse[row];
     uint4 u[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
         const i64 j = j0 + (i64)k * blockDim.x;
-        if (j < nv) u[k] = xv[j];
+        u[k] = j < nv ? xv[j] : make_uint4(0u, 0u, 0u, 0u);
     }
+    const i64 c = ce_class(t, row, v, ignore, has_ignore);
+    const float gs = ce_grad_scale(g, inv_count, row, scale, g_per_row);
+    // Ignored / invalid rows select their fill per element instead of branching on c: with a
+    // branch, ptxas moved the lse load behind it, to wait for the target's load.
+    const bool valid = c >= 0;
+    const float fill = c == CE_IGNORED ? 0.f : CE_NAN;
+    // e^{x − l} = 2^{(x − l)·log2e} (MUFU.EX2). Not the fma form of lse_pick_warp: there the
+    // rounding of m·log2e scales every term alike and cancels, here it would be a relative
+    // error of |l|·2^-24 in every gradient element.
 #pragma unroll
     for (int k = 0; k < K; ++k) {
         const i64 j = j0 + (i64)k * blockDim.x;
@@ -246,10 +361,10 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
             const i64 off = c - j * N;  // element e of this vector is the target when e == off
 #pragma unroll
             for (int e = 0; e < N; ++e) {
-                const float p = expf(f[e] - l) * gs;
-                f[e] = e == off ? p - gs : p;
+                const float p = fast_exp2((f[e] - l) * LOG2E_F) * gs;
+                f[e] = valid ? (e == off ? p - gs : p) : fill;
             }
-            dv[j] = pack16<T>(f);
+            st16_rn(dr + j * N, f);
         }
     }
 }
@@ -278,6 +393,10 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
     extern "C" __global__ void __launch_bounds__(512) lse_pick_v8_##ISFX##_##SFX(                                \
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore) {        \
         lse_pick_vec<T, I, 8>(x, t, lse, picked, rows, v, ignore, has_ignore);                                   \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 4) lse_pick_warp_##ISFX##_##SFX(                          \
+        const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore) {        \
+        lse_pick_warp<T, I>(x, t, lse, picked, rows, v, ignore, has_ignore);                                     \
     }                                                                                                            \
     extern "C" __global__ void ce_mean_##ISFX##_##SFX(const float* picked, const I* t, T* out, float* inv_count, \
                                                       i64 rows, i64 ignore, i64 has_ignore) {                    \

@@ -244,7 +244,9 @@ __device__ void logsumexp_backward_impl(const T* x, const T* g, T* dx, i64 rows,
 // host, RowVec in src/backend/cuda/ops/reduce.rs). The row stays in registers: one read of x
 // (forward) or of y and g (backward). Launch as the row kernels above (warp mode blockDim
 // (32, R), block mode (T, 1)); thread t of a row holds the 16-byte vectors t + k·blockDim.x,
-// k < VPT. Same formulas as softmax_impl / softmax_backward_impl.
+// k < VPT. Same formulas as softmax_impl / softmax_backward_impl, with e^x as fast_exp2
+// (kernels/common.cuh) and bf16 rounded by one cvt per pair: with expf and the bitwise f2bf
+// the forward ran at ~25 instructions per element, issue-bound at bf16 bandwidth.
 
 template <typename T, int VPT>
 __device__ __forceinline__ void softmax_vec_impl(const T* x, T* y, i64 rows, i64 n, i64 log) {
@@ -254,7 +256,7 @@ __device__ __forceinline__ void softmax_vec_impl(const T* x, T* y, i64 rows, i64
     if (r >= rows) return;  // warp mode only (whole warps; no block barrier in warp mode)
     const int nv = (int)(n / N);
     const uint4* xr = reinterpret_cast<const uint4*>(x + r * n);
-    uint4* yr = reinterpret_cast<uint4*>(y + r * n);
+    T* yr = y + r * n;
     const int t = threadIdx.x, nt = blockDim.x;
     float v[VPT][N];
     float m = NEG_INF;
@@ -268,13 +270,17 @@ __device__ __forceinline__ void softmax_vec_impl(const T* x, T* y, i64 rows, i64
         }
     }
     m = group_max(m, scratch);
+    // e^{x - m} = 2^{x·log2e − m·log2e}: one fma and one MUFU.EX2 per element (expf costs ~8
+    // instructions, which made this kernel issue-bound at bf16 bandwidth). m = ±inf gives NaN
+    // where x = m, as expf(x - m) does.
+    const float mlog2e = m * LOG2E_F;
     float s = 0.f;
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
         if (t + k * nt < nv) {
 #pragma unroll
             for (int e = 0; e < N; ++e) {
-                const float ex = expf(v[k][e] - m);
+                const float ex = fast_exp2(fmaf(v[k][e], LOG2E_F, -mlog2e));
                 s += ex;
                 if (!log) v[k][e] = ex;  // softmax keeps e^{x - m}, log_softmax keeps x
             }
@@ -296,7 +302,7 @@ __device__ __forceinline__ void softmax_vec_impl(const T* x, T* y, i64 rows, i64
 #pragma unroll
                 for (int e = 0; e < N; ++e) o[e] = v[k][e] * inv;
             }
-            yr[j] = pack16<T>(o);
+            st16_rn(yr + j * N, o);
         }
     }
 }
@@ -312,7 +318,7 @@ __device__ __forceinline__ void softmax_backward_vec_impl(const T* y, const T* g
     const int nv = (int)(n / N);
     const uint4* yr = reinterpret_cast<const uint4*>(y + r * n);
     const uint4* gr = reinterpret_cast<const uint4*>(g + r * n);
-    uint4* dr = reinterpret_cast<uint4*>(dx + r * n);
+    T* dr = dx + r * n;
     const int t = threadIdx.x, nt = blockDim.x;
     uint4 yv[VPT], gv[VPT];
 #pragma unroll
@@ -346,12 +352,12 @@ __device__ __forceinline__ void softmax_backward_vec_impl(const T* y, const T* g
             unpack16<T>(gv[k], gf);
             if (log) {
 #pragma unroll
-                for (int e = 0; e < N; ++e) yf[e] = gf[e] - expf(yf[e]) * s;
+                for (int e = 0; e < N; ++e) yf[e] = gf[e] - fast_exp2(yf[e] * LOG2E_F) * s;
             } else {
 #pragma unroll
                 for (int e = 0; e < N; ++e) yf[e] = yf[e] * (gf[e] - s);
             }
-            dr[j] = pack16<T>(yf);
+            st16_rn(dr + j * N, yf);
         }
     }
 }

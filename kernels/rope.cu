@@ -11,8 +11,9 @@
 // pointer 16-byte aligned, every row stride of x/cos/sin a multiple of VEC) runs one thread per
 // VEC-element chunk of a row's first half, paired with the matching chunk of the second half:
 // 16-byte loads of x, cos, sin at j and j + h, two 16-byte stores, the three row offsets computed
-// once per chunk (32-bit index arithmetic when the chunk count fits). `rope_*` is the general
-// one-thread-per-pair fallback.
+// once per chunk (32-bit index arithmetic when the chunk count fits). `rope_heads_*` (below) is
+// the same 16-byte path for rows with a head dim, cos/sin loaded once per 4 heads. `rope_*` is
+// the general one-thread-per-pair fallback.
 
 template <typename T>
 __device__ __forceinline__ void rope_impl(const T* x, const Strides& xs, const T* cos, const Strides& cs, const T* sin,
@@ -112,6 +113,83 @@ __device__ __forceinline__ void rope_vec_impl(const T* x, const Strides& xs, con
     }
 }
 
+// Heads path (`rope_heads_*`, the launcher checks the rope_vec conditions and that the rows have
+// a "head" dim along which cos and sin do not change, stride 0 in both). The rows are then
+// (position p, head k): x row offset xs(p) + k·x_head, y row offset ys(p) + k·y_head, cos/sin
+// row offsets cs(p), ss(p) (xs, ys, cs, ss: Strides over the position dims, the head dim
+// removed). One thread per (p, head group, chunk): it loads its cos/sin chunks once and rotates
+// the same chunk of ROPE_HEADS consecutive heads, all loads issued before the first store.
+// Thread index i (32-bit; the host checks the count): chunk = i % cpr, then the head group,
+// then p, so the lanes of a warp read whole 128-byte lines of x and share their cos/sin lines.
+#define ROPE_HEADS 4
+
+template <typename T>
+__device__ __forceinline__ void rope_rotate(const float* x1, const float* x2, const float* c1, const float* c2,
+                                            const float* s1, const float* s2, float* y1, float* y2, i64 inverse) {
+    constexpr int V = Vec<T>::N;
+    if (inverse) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            y1[k] = x1[k] * c1[k] + x2[k] * s2[k];
+            y2[k] = x2[k] * c2[k] - x1[k] * s1[k];
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            y1[k] = x1[k] * c1[k] - x2[k] * s1[k];
+            y2[k] = x2[k] * c2[k] + x1[k] * s2[k];
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void rope_heads_impl(const T* __restrict__ x, const Strides& xs, i64 x_head,
+                                                const T* __restrict__ cos, const Strides& cs,
+                                                const T* __restrict__ sin, const Strides& ss, T* __restrict__ y,
+                                                const Strides& ys, i64 y_head, i64 positions, i64 heads, i64 h,
+                                                i64 inverse) {
+    constexpr int V = Vec<T>::N;
+    const unsigned int cpr = (unsigned int)(h / V);  // chunks per half row
+    const unsigned int groups = (unsigned int)((heads + ROPE_HEADS - 1) / ROPE_HEADS);
+    const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned int rest = i / cpr;
+    const unsigned int p = rest / groups;
+    if (p >= (unsigned int)positions) return;
+    const i64 j = (i64)(i - rest * cpr) * V;
+    const int k0 = (int)(rest - p * groups) * ROPE_HEADS;
+    const int nk = (int)heads - k0 < ROPE_HEADS ? (int)heads - k0 : ROPE_HEADS;
+    const T* xp = x + strided_offset_u32(p, xs) + j + (i64)k0 * x_head;
+    T* yp = y + strided_offset_u32(p, ys) + j + (i64)k0 * y_head;
+    const T* cp = cos + strided_offset_u32(p, cs) + j;
+    const T* sp = sin + strided_offset_u32(p, ss) + j;
+    uint4 a[ROPE_HEADS], b[ROPE_HEADS];
+#pragma unroll
+    for (int k = 0; k < ROPE_HEADS; ++k) {
+        if (k < nk) {
+            a[k] = *reinterpret_cast<const uint4*>(xp + k * x_head);
+            b[k] = *reinterpret_cast<const uint4*>(xp + k * x_head + h);
+        }
+    }
+    const uint4 uc1 = *reinterpret_cast<const uint4*>(cp), uc2 = *reinterpret_cast<const uint4*>(cp + h);
+    const uint4 us1 = *reinterpret_cast<const uint4*>(sp), us2 = *reinterpret_cast<const uint4*>(sp + h);
+    float c1[V], c2[V], s1[V], s2[V];
+    unpack16<T>(uc1, c1);
+    unpack16<T>(uc2, c2);
+    unpack16<T>(us1, s1);
+    unpack16<T>(us2, s2);
+#pragma unroll
+    for (int k = 0; k < ROPE_HEADS; ++k) {
+        if (k < nk) {
+            float x1[V], x2[V], y1[V], y2[V];
+            unpack16<T>(a[k], x1);
+            unpack16<T>(b[k], x2);
+            rope_rotate<T>(x1, x2, c1, c2, s1, s2, y1, y2, inverse);
+            st16_rn(yp + k * y_head, y1);
+            st16_rn(yp + k * y_head + h, y2);
+        }
+    }
+}
+
 #define ROPE_KERNEL(SFX, T)                                                                                  \
     extern "C" __global__ void rope_##SFX(const T* x, Strides xs, const T* cos, Strides cs, const T* sin,    \
                                           Strides ss, T* y, i64 rows, i64 h, i64 inverse) {                  \
@@ -120,6 +198,12 @@ __device__ __forceinline__ void rope_vec_impl(const T* x, const Strides& xs, con
     extern "C" __global__ void rope_vec_##SFX(const T* x, Strides xs, const T* cos, Strides cs,              \
                                               const T* sin, Strides ss, T* y, i64 rows, i64 h, i64 inverse) { \
         rope_vec_impl<T>(x, xs, cos, cs, sin, ss, y, rows, h, inverse);                                      \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                                        \
+        rope_heads_##SFX(const T* x, Strides xs, i64 x_head, const T* cos, Strides cs, const T* sin,         \
+                         Strides ss, T* y, Strides ys, i64 y_head, i64 positions, i64 heads, i64 h,          \
+                         i64 inverse) {                                                                      \
+        rope_heads_impl<T>(x, xs, x_head, cos, cs, sin, ss, y, ys, y_head, positions, heads, h, inverse);    \
     }
 
 ROPE_KERNEL(f32, float)

@@ -438,6 +438,12 @@ fn softmax_fast_paths() {
                 |xs| f(&xs[0], -1),
             );
         }
+        // Logits of magnitude ~25: the fast exp2 against the CPU's exp.
+        check(
+            &format!("{name} fast path large logits [16,4096]"),
+            &[randn(&[16, 4096], seed + 89).mul_scalar(25.0).unwrap()],
+            |xs| f(&xs[0], -1),
+        );
         check(
             &format!("{name} fast path [2,64,128]"),
             &[randn(&[2, 64, 128], seed + 90)],

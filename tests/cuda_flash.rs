@@ -1,5 +1,7 @@
-//! The tensor-core flash-attention forward (kernels/flash.cu) against the CPU attention on
-//! fresh random bf16-rounded inputs: output and logsumexp within 2e-2. Skips without a GPU.
+//! The tensor-core flash attention (kernels/flash.cu) against the CPU attention on fresh
+//! random bf16-rounded inputs: the forward's output and logsumexp within 2e-2, and through
+//! `Tensor::attention` the output and all three gradients, with causal masks, GQA and
+//! variable-length segments (`cu_seqlens`). Skips without a GPU.
 
 use tessera::backend::cuda::{self, flash};
 use tessera::ops::attention::AttentionOptions;
@@ -14,6 +16,21 @@ fn round(t: Tensor) -> Tensor {
 }
 
 fn case(b: usize, hq: usize, hkv: usize, tq: usize, tk: usize, d: usize, causal: bool) {
+    segmented_case(b, hq, hkv, tq, tk, d, causal, None);
+}
+
+/// Direct `flash_fwd_segments` call; `cu_seqlens` needs tq == tk.
+#[allow(clippy::too_many_arguments)]
+fn segmented_case(
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    tq: usize,
+    tk: usize,
+    d: usize,
+    causal: bool,
+    cu_seqlens: Option<&[usize]>,
+) {
     if cuda::device_or_skip("flash_fwd").is_none() {
         return;
     }
@@ -23,11 +40,15 @@ fn case(b: usize, hq: usize, hkv: usize, tq: usize, tk: usize, d: usize, causal:
     let scale = 1.0 / (d as f64).sqrt();
     let opts = AttentionOptions {
         causal,
+        cu_seqlens: cu_seqlens.map(|c| c.to_vec()),
         ..Default::default()
     };
     let want = Tensor::attention(&q, &k, &v, &opts).unwrap();
     let on = |t: &Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
-    let (o, lse) = flash::flash_fwd(&on(&q), &on(&k), &on(&v), causal, scale).unwrap();
+    let segments = cu_seqlens.map(|c| flash::Segments::from_cu_seqlens(c).unwrap());
+    let (o, lse) =
+        flash::flash_fwd_segments(&on(&q), &on(&k), &on(&v), causal, scale, segments.as_ref())
+            .unwrap();
     let e = rel_error(&o, &want).unwrap();
     // logsumexp on the CPU, from the scores.
     let s = q
@@ -35,10 +56,15 @@ fn case(b: usize, hq: usize, hkv: usize, tq: usize, tk: usize, d: usize, causal:
         .unwrap()
         .mul_scalar(scale)
         .unwrap();
-    let s = if causal {
+    let segment_of = |i: usize| cu_seqlens.map_or(0, |c| c.partition_point(|&x| x <= i));
+    let s = if causal || cu_seqlens.is_some() {
         let off = tk as isize - tq as isize;
         let mask: Vec<u32> = (0..tq * tk)
-            .map(|i| ((i % tk) as isize > (i / tk) as isize + off) as u32)
+            .map(|i| {
+                let (row, key) = (i / tk, i % tk);
+                let hidden_causal = causal && key as isize > row as isize + off;
+                (hidden_causal || segment_of(row) != segment_of(key)) as u32
+            })
             .collect();
         s.masked_fill(
             &Tensor::from_vec(mask, &[tq, tk])
@@ -63,7 +89,7 @@ fn case(b: usize, hq: usize, hkv: usize, tq: usize, tk: usize, d: usize, causal:
             }
         })
     };
-    println!("flash b{b} hq{hq} hkv{hkv} tq{tq} tk{tk} d{d} causal={causal}: out rel {e:.2e}, lse abs {el:.2e}");
+    println!("flash b{b} hq{hq} hkv{hkv} tq{tq} tk{tk} d{d} causal={causal} segments={cu_seqlens:?}: out rel {e:.2e}, lse abs {el:.2e}");
     assert!(e <= 2e-2, "flash output rel error {e}");
     assert!(el <= 2e-2, "flash lse abs error {el}");
 }
@@ -124,6 +150,60 @@ fn attention_op_uses_flash_and_grads_match() {
         };
         assert_close_to_cpu(
             &format!("attention(flash fwd) b{b} hq{hq} hkv{hkv} tq{tq} tk{tk} d{d}"),
+            &[q, k, v],
+            &[true, true, true],
+            DType::BF16,
+            tol(DType::BF16) * 2.0,
+            |x| Tensor::attention(&x[0], &x[1], &x[2], &opts),
+        );
+    }
+}
+
+/// The forward with segments, called directly: output and lse (tiles that straddle segment
+/// boundaries, an empty segment, a one-token segment, GQA).
+#[test]
+fn flash_fwd_segments_match_cpu() {
+    let windows: Vec<usize> = (0..=4).map(|i| i * 64).collect();
+    segmented_case(1, 2, 2, 256, 256, 80, false, Some(&windows));
+    let uneven = [0, 37, 100, 101, 230];
+    segmented_case(1, 2, 2, 230, 230, 64, false, Some(&uneven));
+    segmented_case(2, 4, 2, 230, 230, 128, true, Some(&uneven));
+    segmented_case(1, 4, 1, 150, 150, 80, false, Some(&[0, 0, 70, 70, 150]));
+}
+
+/// `Tensor::attention` in bf16 with `cu_seqlens` (the vision tower's windows) takes the flash
+/// kernels with segments; output and all three gradients match the CPU.
+#[test]
+fn attention_op_with_segments_uses_flash_and_grads_match() {
+    use tessera::testing::cuda::{assert_close_to_cpu, tol};
+    let windows: Vec<usize> = (0..=4).map(|i| i * 64).collect();
+    let uneven = vec![0, 37, 100, 101, 230];
+    let with_empty = vec![0, 0, 70, 70, 71, 150];
+    let halves = vec![0, 256, 512];
+    for (b, hq, hkv, d, causal, cu) in [
+        // Windows of 64 in a sequence of 256, D 80 (the vision case).
+        (1usize, 2usize, 2usize, 80usize, false, &windows),
+        (2, 2, 2, 64, false, &uneven),
+        (1, 2, 2, 64, true, &uneven),
+        (1, 4, 2, 128, true, &uneven),
+        (1, 4, 1, 80, false, &windows),
+        (1, 2, 1, 80, false, &with_empty),
+        // Whole-image segments spanning several tiles (the full-attention blocks).
+        (1, 2, 2, 80, false, &halves),
+    ] {
+        let t = *cu.last().unwrap();
+        let q = randn(&[b, hq, t, d], 21);
+        let k = randn(&[b, hkv, t, d], 22);
+        let v = randn(&[b, hkv, t, d], 23);
+        let opts = AttentionOptions {
+            causal,
+            cu_seqlens: Some(cu.clone()),
+            ..Default::default()
+        };
+        assert_close_to_cpu(
+            &format!(
+                "attention(flash, segments {cu:?}) b{b} hq{hq} hkv{hkv} t{t} d{d} causal={causal}"
+            ),
             &[q, k, v],
             &[true, true, true],
             DType::BF16,

@@ -162,6 +162,23 @@ fn linear_with_and_without_bias() {
 }
 
 #[test]
+fn linear_k_not_a_multiple_of_8() {
+    // The vision MLP's shapes scaled down (intermediate 3420 -> 342): the tensor-core path pads
+    // K with zero columns for down_proj's forward (K = 342) and for the input gradient of the
+    // up projection (K = 342, the weight read transposed).
+    let x = randn(&[96, 40], 31);
+    let up = randn(&[342, 40], 32);
+    let down = randn(&[40, 342], 33);
+    let b = randn(&[40], 34);
+    check(
+        "linear 96x40 -> 342 -> 40",
+        &[x, up, down, b],
+        &[true, true, true, true],
+        |xs| xs[0].linear(&xs[1], None)?.linear(&xs[2], Some(&xs[3])),
+    );
+}
+
+#[test]
 fn mixed_devices_are_an_error() {
     if cuda::device_or_skip("mixed_devices_are_an_error").is_none() {
         return;

@@ -282,6 +282,71 @@ fn rope_vector_path_and_fallback_match_cpu() {
     );
 }
 
+/// The heads kernel of rope (`rope_heads_*`: a head dim along which cos/sin are broadcast,
+/// cos/sin read once per 4 heads): head counts below, at and not a multiple of 4, the head dim
+/// in any position (contiguous, transposed, a strided narrow), two broadcast dims, the inverse
+/// rotation through the gradient; and the 16-byte kernel without a head dim (`rope_vec_*`).
+#[test]
+fn rope_heads_path_matches_cpu() {
+    // [B, H, T, D] contiguous against [T, D]: B and H broadcast, H the head dim.
+    for (i, &(b, h, t, d)) in [
+        (1, 1, 9, 64), // one head: positions only
+        (2, 3, 17, 32),
+        (1, 4, 33, 128),
+        (2, 6, 33, 64), // 6 heads: a full and a half group
+        (1, 9, 5, 16),
+        (1, 32, 40, 128), // the bench layout
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = 1100 + 10 * i as u64;
+        check(
+            &format!("rope heads [{b},{h},{t},{d}]"),
+            &[
+                randn(&[b, h, t, d], s),
+                randn(&[t, d], s + 1),
+                randn(&[t, d], s + 2),
+            ],
+            &[true, false, false],
+            |x| x[0].rope(&x[1], &x[2]),
+        );
+    }
+    // Head dim last of the leading dims: [S, H, D] against [S, 1, D], x a strided narrow.
+    check(
+        "rope heads vision narrow [29,5,80]",
+        &[
+            randn(&[29, 3, 5, 80], 1170),
+            randn(&[29, 1, 80], 1171),
+            randn(&[29, 1, 80], 1172),
+        ],
+        &[true, false, false],
+        |x| x[0].narrow(1, 2, 1)?.squeeze(1)?.rope(&x[1], &x[2]),
+    );
+    // Transposed q/k [B, T, H, D] -> [B, H, T, D] with per-batch tables [B, 1, T, D].
+    check(
+        "rope heads transposed [3,7,11,32]",
+        &[
+            randn(&[3, 11, 7, 32], 1173),
+            randn(&[3, 1, 11, 32], 1174),
+            randn(&[3, 1, 11, 32], 1175),
+        ],
+        &[true, false, false],
+        |x| x[0].transpose(1, 2)?.rope(&x[1], &x[2]),
+    );
+    // No head dim (tables as large as x): the 16-byte kernel without heads.
+    check(
+        "rope vec no head dim [2,33,128]",
+        &[
+            randn(&[2, 33, 128], 1176),
+            randn(&[2, 33, 128], 1177),
+            randn(&[2, 33, 128], 1178),
+        ],
+        &[true, false, false],
+        |x| x[0].rope(&x[1], &x[2]),
+    );
+}
+
 /// The 16-byte vector kernels of swiglu (aligned pointers; any n, the n % VEC tail inside the
 /// kernel) and the scalar fallback (a contiguous view at an odd element offset).
 #[test]
@@ -742,9 +807,11 @@ fn labels_with_ignored(rows: usize, v: usize, seed: u64) -> Tensor {
     Tensor::from_vec(t, &[rows]).unwrap()
 }
 
-/// cross_entropy / log_prob_of through the Tensor API on every lse_pick variant: row in
-/// registers (4096, 1000, 256, 8200), the 16-byte loop (40000), the scalar fallback (1001,
-/// bf16 1004, a misaligned view), and the vectorised / scalar backward.
+/// cross_entropy / log_prob_of through the Tensor API on every lse_pick variant: one warp per
+/// row (4096, 1000, 256, up to 8192, tails of a batch, one vector per row, rows not a multiple
+/// of the 8 rows of a block), row in registers (8200), the 16-byte loop (40000), the scalar
+/// fallback (1001, bf16 1004, a misaligned view), and the vectorised / scalar backward (one
+/// block of 32 .. 256 threads per row, several blocks per row).
 #[test]
 fn cross_entropy_fast_paths_match_cpu() {
     for (i, &(rows, v)) in [
@@ -756,6 +823,12 @@ fn cross_entropy_fast_paths_match_cpu() {
         (2, 40000),
         (7, 1001),
         (5, 1004),
+        (9, 8192), // the longest warp row
+        (17, 8184),
+        (1, 2048),
+        (11, 2056),
+        (5, 8), // one vector (bf16) per row
+        (3, 16),
     ]
     .iter()
     .enumerate()
@@ -774,6 +847,16 @@ fn cross_entropy_fast_paths_match_cpu() {
             |x| x[0].log_prob_of(&x[1]),
         );
     }
+    // Logits of magnitude ~25 (peaked softmax): the fast exp2 against the CPU's exp.
+    check(
+        "cross_entropy large logits 16x4096",
+        &[
+            randn(&[16, 4096], 790).mul_scalar(25.0).unwrap(),
+            labels_with_ignored(16, 4096, 791),
+        ],
+        &[true, false],
+        |x| x[0].cross_entropy(&x[1], -100),
+    );
     let labels = labels_with_ignored(33, 4096, 800);
     check(
         "cross_entropy misaligned logits",

@@ -60,6 +60,8 @@ pub struct DataConfig {
     pub seed: u64,
     /// Jigsaw answer format: "think", "no-think" or "plain".
     pub jigsaw_prompt: String,
+    /// Side in pixels of the synthetic images (prior suites and jigsaw).
+    pub image_size: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -158,6 +160,7 @@ impl Default for DataConfig {
             eval_samples: 64,
             seed: 0,
             jigsaw_prompt: "no-think".into(),
+            image_size: crate::tasks::TINY_IMAGE_SIZE,
         }
     }
 }

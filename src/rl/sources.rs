@@ -11,14 +11,20 @@ use crate::rl::task::{Scored, Split, Task};
 use crate::tasks::dataset::{load_jsonl, Record};
 use crate::tasks::jigsaw::{Format, ImageFolder, JigsawSample, JigsawTask};
 use crate::tasks::reward::{reward, RewardWeights};
-use crate::tasks::suites::Suite;
+use crate::tasks::suites::{Suite, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE};
 use crate::{Error, Result};
 use std::path::Path;
 
 /// Opens the data named by `spec` (see the module doc).
 pub fn open(spec: &str, cfg: &TrainConfig) -> Result<Box<dyn Task>> {
+    let size = cfg.data.image_size;
+    if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&size) {
+        return Err(Error::msg(format!(
+            "data.image_size {size} is outside {MIN_IMAGE_SIZE}..={MAX_IMAGE_SIZE}"
+        )));
+    }
     if let Some(name) = spec.strip_prefix("suite:") {
-        return Ok(Box::new(SuiteTask(suite(name)?)));
+        return Ok(Box::new(SuiteTask(suite(name)?, size)));
     }
     if let Some(names) = spec.strip_prefix("mix:") {
         let suites = if names == "all" {
@@ -29,6 +35,7 @@ pub fn open(spec: &str, cfg: &TrainConfig) -> Result<Box<dyn Task>> {
         return Ok(Box::new(MixTask {
             name: spec.to_string(),
             suites,
+            size,
         }));
     }
     if let Some(rest) = spec.strip_prefix("jigsaw:") {
@@ -54,6 +61,7 @@ pub fn open(spec: &str, cfg: &TrainConfig) -> Result<Box<dyn Task>> {
                 rows,
                 cols,
                 format,
+                image_size: size,
                 ..JigsawTask::tiny()
             },
             folder: dir.map(ImageFolder::open).transpose()?,
@@ -97,7 +105,8 @@ fn exact(correct: f64) -> Scored {
     }
 }
 
-struct SuiteTask(Suite);
+/// A suite and the side of its images.
+struct SuiteTask(Suite, u32);
 
 impl Task for SuiteTask {
     fn name(&self) -> String {
@@ -107,7 +116,7 @@ impl Task for SuiteTask {
         None
     }
     fn example(&self, split: Split, index: u64) -> Result<Example> {
-        let s = self.0.sample(split, index);
+        let s = self.0.sample_sized(split, index, self.1)?;
         Ok(Example {
             image: s.image,
             question: s.question,
@@ -115,7 +124,7 @@ impl Task for SuiteTask {
         })
     }
     fn score(&self, split: Split, index: u64, completion: &str) -> Result<Scored> {
-        let s = self.0.sample(split, index);
+        let s = self.0.sample_sized(split, index, self.1)?;
         Ok(exact(s.scorer.score(completion, &s.answer)))
     }
 }
@@ -123,12 +132,16 @@ impl Task for SuiteTask {
 struct MixTask {
     name: String,
     suites: Vec<Suite>,
+    size: u32,
 }
 
 impl MixTask {
     fn pick(&self, index: u64) -> (SuiteTask, u64) {
         let k = self.suites.len() as u64;
-        (SuiteTask(self.suites[(index % k) as usize]), index / k)
+        (
+            SuiteTask(self.suites[(index % k) as usize], self.size),
+            index / k,
+        )
     }
 }
 

@@ -45,6 +45,8 @@ pub struct Preset {
     pub eval_samples: usize,
     /// Samples per side for the learning-dynamics measurements (0 = skip).
     pub dynamics_samples: usize,
+    /// Side in pixels of the synthetic images (prior suites and jigsaw).
+    pub image_size: u32,
 }
 
 impl Preset {
@@ -66,6 +68,7 @@ impl Preset {
             eval_every: 2,
             eval_samples: 3,
             dynamics_samples: 2,
+            image_size: crate::tasks::TINY_IMAGE_SIZE,
         }
     }
 
@@ -87,6 +90,7 @@ impl Preset {
             eval_every: 50,
             eval_samples: 64,
             dynamics_samples: 16,
+            image_size: crate::tasks::TINY_IMAGE_SIZE,
         }
     }
 
@@ -200,6 +204,7 @@ impl Study {
         cfg.data.eval = self.eval_specs();
         cfg.data.eval_samples = p.eval_samples;
         cfg.data.seed = p.seed;
+        cfg.data.image_size = p.image_size;
         cfg.optim.lr = lr;
         cfg.train.steps = steps;
         cfg.train.batch_size = p.batch_size;

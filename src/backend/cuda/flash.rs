@@ -1,17 +1,106 @@
-//! Launcher of the tensor-core flash-attention forward (kernels/flash.cu).
+//! Launchers of the tensor-core flash attention (kernels/flash.cu): forward, and the dK/dV and
+//! dQ backward kernels, with optional variable-length segments (`cu_seqlens`).
 
 use super::{arg, device};
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// Variable-length segments on the device, one visibility relation stored both ways: query i
+/// sees keys [key_lo[i], key_hi[i]) (u32 [Tq]; forward and dQ), key j is seen by queries
+/// [query_lo[j], query_hi[j]) (u32 [Tk]; dK/dV). The kernels skip whole tiles outside them.
+#[derive(Clone)]
+pub struct Segments {
+    key_lo: Tensor,
+    key_hi: Tensor,
+    query_lo: Tensor,
+    query_hi: Tensor,
+}
+
+impl Segments {
+    /// Block-diagonal segments of a packed sequence of T tokens from its boundaries
+    /// `cu_seqlens` = [0, t1, ..., T] (non-decreasing; Tq == Tk == T): token i sees exactly the
+    /// tokens of its own segment, so the per-key query range is the same array.
+    pub fn from_cu_seqlens(cu_seqlens: &[usize]) -> Result<Segments> {
+        let t = cu_seqlens.last().copied().unwrap_or(0);
+        if cu_seqlens.first() != Some(&0)
+            || cu_seqlens.windows(2).any(|w| w[0] > w[1])
+            || t > i32::MAX as usize
+        {
+            return Err(Error::msg(format!(
+                "flash segments: cu_seqlens must rise from 0 to T < 2^31, got {cu_seqlens:?}"
+            )));
+        }
+        let (mut lo, mut hi) = (vec![0u32; t], vec![0u32; t]);
+        for w in cu_seqlens.windows(2) {
+            lo[w[0]..w[1]].fill(w[0] as u32);
+            hi[w[0]..w[1]].fill(w[1] as u32);
+        }
+        let (lo, hi) = crate::no_grad(|| -> Result<(Tensor, Tensor)> {
+            Ok((
+                Tensor::from_vec(lo, &[t])?.to_device(Device::Cuda)?,
+                Tensor::from_vec(hi, &[t])?.to_device(Device::Cuda)?,
+            ))
+        })?;
+        Ok(Segments {
+            query_lo: lo.clone(),
+            query_hi: hi.clone(),
+            key_lo: lo,
+            key_hi: hi,
+        })
+    }
+
+    /// Checks the lengths against Tq and Tk; the device pointers (key_lo, key_hi, query_lo,
+    /// query_hi).
+    fn ptrs(&self, op: &'static str, tq: usize, tk: usize) -> Result<[u64; 4]> {
+        if self.key_lo.shape() != [tq] || self.query_lo.shape() != [tk] {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "segments cover {:?} queries / {:?} keys, attention has {tq} / {tk}",
+                    self.key_lo.shape(),
+                    self.query_lo.shape()
+                ),
+            ));
+        }
+        Ok([
+            self.key_lo.cuda_ptr()?,
+            self.key_hi.cuda_ptr()?,
+            self.query_lo.cuda_ptr()?,
+            self.query_hi.cuda_ptr()?,
+        ])
+    }
+}
+
+/// Device pointers of optional segments (null where none).
+fn segment_ptrs(
+    seg: Option<&Segments>,
+    op: &'static str,
+    tq: usize,
+    tk: usize,
+) -> Result<[u64; 4]> {
+    seg.map_or(Ok([0; 4]), |s| s.ptrs(op, tq, tk))
+}
 
 /// Softmax(q kᵀ · scale) v for bf16 CUDA tensors q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D]
 /// (Hq a multiple of Hkv; D in 64, 80, 128). Returns (o [B, Hq, Tq, D] bf16, lse [B, Hq, Tq]
-/// f32). No autograd.
+/// f32; a row that sees no key gets o = 0, lse = -inf). No autograd.
 pub fn flash_fwd(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     causal: bool,
     scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    flash_fwd_segments(q, k, v, causal, scale, None)
+}
+
+/// `flash_fwd` whose rows see only their segment's keys (when `segments` is given).
+pub fn flash_fwd_segments(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+    segments: Option<&Segments>,
 ) -> Result<(Tensor, Tensor)> {
     for t in [q, k, v] {
         if t.dtype() != DType::BF16 || !t.is_cuda() || t.rank() != 4 {
@@ -37,6 +126,8 @@ pub fn flash_fwd(
             format!("head dim {d} (supported: 64, 80, 128)"),
         ));
     }
+    let [klo, khi, _, _] = segment_ptrs(segments, "flash_fwd", tq, tk)?;
+    let seg = if segments.is_some() { "seg_" } else { "" };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let o = Tensor::empty_cuda(&[b, hq, tq, d], DType::BF16)?;
     let lse = Tensor::empty_cuda(&[b, hq, tq], DType::F32)?;
@@ -52,7 +143,7 @@ pub fn flash_fwd(
     let shared = (3 * 64 * (d + 8) * 2) as u32;
     device()?.launch(
         "flash.cu",
-        &format!("flash_fwd_d{d}"),
+        &format!("flash_fwd_{seg}d{d}"),
         (tq.div_ceil(64) as u32, hq as u32, b as u32),
         (128, 1, 1),
         shared,
@@ -62,6 +153,8 @@ pub fn flash_fwd(
             arg(&vp),
             arg(&op),
             arg(&lp),
+            arg(&klo),
+            arg(&khi),
             arg(&hq_),
             arg(&hkv_),
             arg(&tq_),
@@ -85,6 +178,7 @@ pub fn flash_bwd(
     g: &Tensor,
     causal: bool,
     scale: f64,
+    segments: Option<&Segments>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, hq, tq, d) = (q.dim(0)?, q.dim(1)?, q.dim(2)?, q.dim(3)?);
     let (hkv, tk) = (k.dim(1)?, k.dim(2)?);
@@ -94,6 +188,8 @@ pub fn flash_bwd(
             format!("q {:?} o {:?} g {:?}", q.shape(), o.shape(), g.shape()),
         ));
     }
+    let [klo, khi, qlo, qhi] = segment_ptrs(segments, "flash_bwd", tq, tk)?;
+    let seg = if segments.is_some() { "seg_" } else { "" };
     let (q, k, v, o, g) = (
         q.contiguous()?,
         k.contiguous()?,
@@ -116,7 +212,7 @@ pub fn flash_bwd(
     let tile = (64 * (d + 8) * 2) as u32;
     dev.launch(
         "flash.cu",
-        &format!("flash_bwd_dkdv_d{d}"),
+        &format!("flash_bwd_dkdv_{seg}d{d}"),
         (tk.div_ceil(64) as u32, hkv as u32, b as u32),
         (128, 1, 1),
         4 * tile + 128 * 4,
@@ -129,6 +225,8 @@ pub fn flash_bwd(
             arg(&dp),
             arg(&dkp),
             arg(&dvp),
+            arg(&qlo),
+            arg(&qhi),
             arg(&hq_),
             arg(&hkv_),
             arg(&tq_),
@@ -139,7 +237,7 @@ pub fn flash_bwd(
     )?;
     dev.launch(
         "flash.cu",
-        &format!("flash_bwd_dq_d{d}"),
+        &format!("flash_bwd_dq_{seg}d{d}"),
         (tq.div_ceil(64) as u32, hq as u32, b as u32),
         (128, 1, 1),
         4 * tile,
@@ -151,6 +249,8 @@ pub fn flash_bwd(
             arg(&lp),
             arg(&dp),
             arg(&dqp),
+            arg(&klo),
+            arg(&khi),
             arg(&hq_),
             arg(&hkv_),
             arg(&tq_),

@@ -1,8 +1,9 @@
-//! Launcher of the tensor-core GEMM (kernels/gemm.cu): bf16 operands, f32 accumulation,
-//! `C = A · Bᵀ (+ bias) (+ C)` with both operands K-contiguous.
+//! Launcher of the tensor-core GEMMs (kernels/gemm.cu, kernels/gemm_sm90.cu): bf16 operands,
+//! f32 accumulation, `C = A · Bᵀ (+ bias) (+ C)` with both operands K-contiguous.
 
 use super::{arg, device};
 use crate::{DType, Error, Result, Tensor};
+use cudarc::driver::sys;
 
 const BM: usize = 128;
 const BN: usize = 128;
@@ -27,16 +28,20 @@ pub enum TcKernel {
     MmaSync,
     /// kernels/gemm_sm90.cu: wgmma m64n256k16 (sm_90a only), 128x256x64 tiles.
     Wgmma,
+    /// kernels/gemm_sm90.cu: warp-specialised persistent wgmma (sm_90a only), operands by TMA,
+    /// 128x256x64 tiles (128x128 or 128x64 when there are too few tiles to fill the GPU).
+    WgmmaWs,
 }
 
 impl TcKernel {
-    /// The default: mma.sync, or wgmma with `TESSERA_GEMM=wgmma` on an sm_90 device.
+    /// The default: mma.sync; on an sm_90 device `TESSERA_GEMM=wgmma` picks the wgmma kernel
+    /// and `TESSERA_GEMM=ws` the warp-specialised one (`mma` or anything else: mma.sync).
     pub fn default_for_device() -> TcKernel {
         let hopper = device().map(|d| d.cc == (9, 0)).unwrap_or(false);
-        if hopper && std::env::var("TESSERA_GEMM").is_ok_and(|v| v == "wgmma") {
-            TcKernel::Wgmma
-        } else {
-            TcKernel::MmaSync
+        match std::env::var("TESSERA_GEMM").as_deref() {
+            Ok("wgmma") if hopper => TcKernel::Wgmma,
+            Ok("ws") if hopper => TcKernel::WgmmaWs,
+            _ => TcKernel::MmaSync,
         }
     }
 }
@@ -82,6 +87,22 @@ pub fn launch_with(
     (batch_a, batch_b, batch_c): (usize, usize, usize),
     accumulate: bool,
 ) -> Result<()> {
+    // A batch stride TMA cannot express (not a multiple of 16 bytes) falls through to the
+    // wgmma kernel, which has the same contract.
+    if kernel == TcKernel::WgmmaWs && ws_supported((m, n, k), (lda, ldb), batch, (batch_a, batch_b))
+    {
+        return launch_ws(
+            a,
+            b,
+            c,
+            bias,
+            (m, n, k),
+            (lda, ldb, ldc),
+            batch,
+            (batch_a, batch_b, batch_c),
+            accumulate,
+        );
+    }
     let flags: i64 = bias.is_some() as i64 | ((accumulate as i64) << 1);
     let bias = bias.unwrap_or(0);
     let [m_, n_, k_, lda_, ldb_, ldc_, ba, bb, bc] =
@@ -93,7 +114,7 @@ pub fn launch_with(
             (n.div_ceil(BN) as u32, m.div_ceil(BM) as u32, batch as u32),
             SHARED_BYTES,
         ),
-        TcKernel::Wgmma => {
+        TcKernel::Wgmma | TcKernel::WgmmaWs => {
             if device()?.cc != (9, 0) {
                 return Err(Error::msg(
                     "gemm: the wgmma kernel needs an sm_90 (Hopper) device",
@@ -126,6 +147,153 @@ pub fn launch_with(
             arg(&ldc_),
             arg(&ba),
             arg(&bb),
+            arg(&bc),
+            arg(&flags),
+        ],
+    )
+}
+
+/// Shared memory of the warp-specialised kernels: the stage ring (4 x 48 KB at BN = 256, 6 x 32 KB
+/// at 128, 8 x 24 KB at 64), 256 bytes of mbarriers and up to 1 KB lost to 1024-byte alignment.
+const WS_SHARED_BYTES: u32 = 196_608 + 256 + 1024;
+const WS_BM: usize = 128;
+const WS_BK: u32 = 64;
+
+/// Whether the warp-specialised kernel can run this product: TMA needs every byte stride a
+/// non-zero multiple of 16 (lda, ldb are, by `eligible`, unless 0; batch strides may not be)
+/// below 2^40, and tile coordinates fit in i32.
+fn ws_supported(
+    (m, n, k): (usize, usize, usize),
+    (lda, ldb): (usize, usize),
+    batch: usize,
+    (batch_a, batch_b): (usize, usize),
+) -> bool {
+    let small = |v: usize| v < (1 << 31);
+    let stride_ok = |s: usize| s.is_multiple_of(8) && s * 2 < (1 << 40);
+    let batched = batch > 1;
+    small(m)
+        && small(n)
+        && small(k)
+        && small(batch)
+        && stride_ok(lda)
+        && stride_ok(ldb)
+        && (m == 1 || lda > 0)
+        && (n == 1 || ldb > 0)
+        && (!batched || batch_a == 0 || stride_ok(batch_a))
+        && (!batched || batch_b == 0 || stride_ok(batch_b))
+        && small(m.div_ceil(WS_BM) * n.div_ceil(64) * batch)
+}
+
+/// Block-tile width of the warp-specialised kernel and the kernel's name: 256 unless the
+/// product has fewer 128 x 256 tiles than the device has SMs, then 128, then 64.
+fn ws_block_n(m: usize, n: usize, batch: usize, sms: usize) -> (usize, &'static str) {
+    let tiles = |bn: usize| m.div_ceil(WS_BM) * n.div_ceil(bn) * batch;
+    if tiles(256) >= sms {
+        (256, "gemm_wgmma_ws_bf16")
+    } else if tiles(128) >= sms {
+        (128, "gemm_wgmma_ws_n128_bf16")
+    } else {
+        (64, "gemm_wgmma_ws_n64_bf16")
+    }
+}
+
+/// TMA descriptor of a K-contiguous bf16 operand: `rows` x `k` with row stride `ld` elements,
+/// `batch` copies `batch_stride` apart (rank 3; rank 2 when not batched or shared), loaded in
+/// boxes of 64 (K, 128 bytes) x `box_rows` with 128-byte swizzle; outside the tensor reads as
+/// zeros. Returns the map and whether it has the batch dimension.
+fn tensor_map(
+    ptr: u64,
+    (rows, k, ld): (usize, usize, usize),
+    batch: usize,
+    batch_stride: usize,
+    box_rows: u32,
+) -> Result<(sys::CUtensorMap, bool)> {
+    let batched = batch > 1 && batch_stride > 0;
+    // With one row the row stride is never used; keep it a legal value.
+    let ld = if rows == 1 { k } else { ld };
+    let dims: [u64; 3] = [k as u64, rows as u64, batch as u64];
+    let strides: [u64; 2] = [ld as u64 * 2, batch_stride as u64 * 2];
+    let boxes: [u32; 3] = [WS_BK, box_rows, 1];
+    let element_strides: [u32; 3] = [1, 1, 1];
+    let rank: u32 = if batched { 3 } else { 2 };
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    // SAFETY: every array holds at least `rank` (strides: rank - 1) entries; `map` is a
+    // 64-byte-aligned 128-byte CUtensorMap the driver writes; ptr is a live device address.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            rank,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(Error::msg(format!(
+            "gemm: cuTensorMapEncodeTiled failed ({r:?}) for a bf16 operand of {rows} x {k}, \
+             row stride {ld}, batch {batch} x stride {batch_stride}, box 64 x {box_rows}"
+        )));
+    }
+    Ok((map, batched))
+}
+
+/// The warp-specialised kernel (kernels/gemm_sm90.cu, `gemm_wgmma_ws_*`): persistent, one
+/// CTA of 384 threads per SM, operands through TMA descriptors passed by value.
+#[allow(clippy::too_many_arguments)]
+fn launch_ws(
+    a: u64,
+    b: u64,
+    c: u64,
+    bias: Option<u64>,
+    (m, n, k): (usize, usize, usize),
+    (lda, ldb, ldc): (usize, usize, usize),
+    batch: usize,
+    (batch_a, batch_b, batch_c): (usize, usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    let dev = device()?;
+    if dev.cc != (9, 0) {
+        return Err(Error::msg(
+            "gemm: the warp-specialised wgmma kernel needs an sm_90 (Hopper) device",
+        ));
+    }
+    if m == 0 || n == 0 || k == 0 || batch == 0 {
+        return Ok(());
+    }
+    let sms = dev.sm_count.max(1) as usize;
+    let (bn, name) = ws_block_n(m, n, batch, sms);
+    let (map_a, a3) = tensor_map(a, (m, k, lda), batch, batch_a, WS_BM as u32)?;
+    let (map_b, b3) = tensor_map(b, (n, k, ldb), batch, batch_b, bn as u32)?;
+    let tiles = m.div_ceil(WS_BM) * n.div_ceil(bn) * batch;
+    let flags: i64 = bias.is_some() as i64
+        | ((accumulate as i64) << 1)
+        | ((a3 as i64) << 2)
+        | ((b3 as i64) << 3);
+    let bias = bias.unwrap_or(0);
+    let [m_, n_, k_, ldc_, batch_, bc] = [m, n, k, ldc, batch, batch_c].map(|v| v as i64);
+    dev.launch(
+        "gemm_sm90.cu",
+        name,
+        (tiles.min(sms) as u32, 1, 1),
+        (384, 1, 1),
+        WS_SHARED_BYTES,
+        &[
+            arg(&map_a),
+            arg(&map_b),
+            arg(&c),
+            arg(&bias),
+            arg(&m_),
+            arg(&n_),
+            arg(&k_),
+            arg(&ldc_),
+            arg(&batch_),
             arg(&bc),
             arg(&flags),
         ],

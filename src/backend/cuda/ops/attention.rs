@@ -7,9 +7,13 @@
 //! [seg_lo[i], seg_hi[i]) of each token's segment (i64 [T]), which also lets the kernels skip
 //! whole tiles outside a segment. q, k, v are read through their (b, h, t) strides (a
 //! transposed [B, T, H, D] view needs no copy) as long as the head dim has unit stride.
+//!
+//! bf16 calls with equal head dims of 64, 80 or 128 and no key padding go to the tensor-core
+//! flash kernels instead (src/backend/cuda/flash.rs), cu_seqlens segments included.
 
 use super::{arg, device};
 use crate::autograd::record;
+use crate::backend::cuda::flash::{self, Segments};
 use crate::backend::cuda::kernels::suffix;
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -100,13 +104,12 @@ fn shape_of(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> AttnShape {
     }
 }
 
-/// Whether the tensor-core flash forward takes this call: bf16, no key padding, no
-/// segments, equal head dims of 64, 80 or 128. `TESSERA_ATTENTION=simple` forces the SIMT
-/// kernel (benchmarks, A/B checks).
+/// Whether the tensor-core flash kernels take this call: bf16, no key padding, equal head
+/// dims of 64, 80 or 128 (segments and causal either way). `TESSERA_ATTENTION=simple` forces
+/// the SIMT kernels (benchmarks, A/B checks).
 fn flash_applies(dtype: DType, d: usize, dv: usize, p: &AttnParams) -> bool {
     dtype == DType::BF16
         && p.key_padding.is_none()
-        && p.cu_seqlens.is_none()
         && d == dv
         && matches!(d, 64 | 80 | 128)
         && std::env::var("TESSERA_ATTENTION").map_or(true, |v| v != "simple")
@@ -181,7 +184,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<T
     let (qc, kc, vc) = (unit_last(q)?, unit_last(k)?, unit_last(v)?);
     let s = shape_of(&qc, &kc, &vc, p.causal);
     let (b, hq, tq, tk) = (q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2]);
+    let use_flash = flash_applies(dtype, d, dv, p);
+    let flash_segments = match (use_flash, p.cu_seqlens) {
+        // (An empty sequence launches nothing, so needs no arrays.)
+        (true, Some(cu)) if tq > 0 => Some(Segments::from_cu_seqlens(cu)?),
+        _ => None,
+    };
 
+    // The SIMT kernels' masks (none when flash takes the call: no padding, own segments).
     let masks = crate::no_grad(|| -> Result<Masks> {
         let kpad = match p.key_padding {
             Some(m) => {
@@ -191,7 +201,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<T
             None => None,
         };
         let (seg_lo, seg_hi) = match p.cu_seqlens {
-            Some(cu) => {
+            Some(cu) if !use_flash => {
                 let (mut lo, mut hi) = (vec![0i64; tq], vec![0i64; tq]);
                 for w in cu.windows(2) {
                     for i in w[0]..w[1] {
@@ -204,7 +214,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<T
                     Some(Tensor::from_vec(hi, &[tq])?.to_device(Device::Cuda)?),
                 )
             }
-            None => (None, None),
+            _ => (None, None),
         };
         Ok(Masks {
             kpad,
@@ -216,12 +226,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<T
 
     let scale = p.scale as f32;
     let (ldk, ldv) = (d | 1, dv | 1);
-    let use_flash = flash_applies(dtype, d, dv, p);
     let (causal, scale64) = (p.causal, p.scale);
     let (out, lse) = if use_flash {
         // Tensor-core forward (kernels/flash.cu); same lse convention (natural log of the
         // row's Σ exp(scaled score), -inf for a row that sees no key) as attn_fwd.
-        crate::backend::cuda::flash::flash_fwd(&qc, &kc, &vc, p.causal, p.scale)?
+        flash::flash_fwd_segments(&qc, &kc, &vc, p.causal, p.scale, flash_segments.as_ref())?
     } else {
         let out = Tensor::empty_cuda(&[b, hq, tq, dv], dtype)?;
         let lse = Tensor::empty_cuda(&[b, hq, tq], DType::F32)?;
@@ -262,8 +271,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<T
     Ok(record("attention", out, &[q, k, v], move |g| {
         let g = g.contiguous()?;
         if use_flash {
-            let (dq, dk, dv) = crate::backend::cuda::flash::flash_bwd(
-                &qc, &kc, &vc, &saved_out, &lse, &g, causal, scale64,
+            let (dq, dk, dv) = flash::flash_bwd(
+                &qc,
+                &kc,
+                &vc,
+                &saved_out,
+                &lse,
+                &g,
+                causal,
+                scale64,
+                flash_segments.as_ref(),
             )?;
             return Ok(vec![Some(dq), Some(dk), Some(dv)]);
         }

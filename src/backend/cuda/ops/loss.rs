@@ -13,11 +13,19 @@
 //! The mean of cross_entropy is taken on the device: `ce_mean` counts the rows that are not
 //! ignored and keeps 1 / max(count, 1) on the device for the backward.
 //!
-//! Kernel choice: rows that fit in registers (`RowVec`: v a multiple of a 16-byte vector,
-//! 16-byte aligned logits, up to 32768 bf16 / 16384 f32) use `lse_pick_v{vpt}`; longer
+//! Kernel choice (v a multiple of a 16-byte vector and 16-byte aligned logits: "vectorisable"):
+//! rows of up to `WARP_MAX_V` = 8192 logits take `lse_pick_warp` (one warp per row, 8 rows per
+//! block, batches of 16-byte loads, no block barrier); longer rows that fit in registers
+//! (`RowVec`: up to 32768 bf16 / 16384 f32) `lse_pick_v{vpt}` (one block per row); longer
 //! vectorisable rows (the 151936 vocabulary) `lse_pick_loop` (16-byte loads, one block per
 //! row); anything else the scalar `lse_pick`. The backward uses `lse_pick_bwd_vec` (16-byte
-//! loads and stores) when v and the pointers allow, else `lse_pick_bwd`.
+//! loads and stores, 4 vectors per thread, at most 256 threads per block) when v and the
+//! pointers allow, else `lse_pick_bwd`.
+//!
+//! The forward and backward are not fused into one pass writing dlogits: the upstream gradient
+//! (and, for device targets, the count of rows that are not ignored) is only known on the
+//! device at backward time, so dlogits written by the forward would need a second
+//! read-scale-write pass: 4 passes over [rows, v] instead of 3.
 
 use super::index::{device_ids, on_cuda, upload_i64, upstream};
 use super::reduce::RowVec;
@@ -26,10 +34,16 @@ use crate::backend::cuda::kernels::suffix;
 use crate::backend::cuda::{arg, device};
 use crate::{DType, Error, Result, Tensor};
 
-/// Threads per block of the looping row kernels (vocabularies are long rows) and of ce_mean.
+/// Threads per block of the looping row kernels (vocabularies are long rows).
 const ROW_THREADS: u32 = 512;
-/// Threads per block of lse_pick_bwd_vec (4 vectors each).
+/// Most threads per block of lse_pick_bwd_vec (4 vectors each).
 const BWD_THREADS: usize = 256;
+/// Threads of the one-block ce_mean.
+const MEAN_THREADS: u32 = 1024;
+/// Longest row (in logits) of lse_pick_warp.
+const WARP_MAX_V: usize = 8192;
+/// Rows per block of lse_pick_warp (one warp each; its launch bounds assume 256 threads).
+const WARP_ROWS: usize = 8;
 
 fn row_grid(rows: usize, op: &str) -> Result<(u32, u32, u32)> {
     if rows > i32::MAX as usize {
@@ -107,7 +121,19 @@ fn lse_pick(x: &Tensor, v: usize, tg: &Targets) -> Result<(Tensor, Tensor)> {
     ];
     let elem = dtype.size_in_bytes();
     let tag = tg.tag;
-    if let Some(pl) = RowVec::plan(v, elem, 8, &[xp]) {
+    let vectorisable = v > 0 && v.is_multiple_of(16 / elem) && xp.is_multiple_of(16);
+    if vectorisable && v <= WARP_MAX_V {
+        let blocks = rows.div_ceil(WARP_ROWS);
+        let (grid, _, _) = row_grid(blocks, "cross_entropy")?;
+        device()?.launch(
+            "loss.cu",
+            &format!("lse_pick_warp_{tag}_{sfx}"),
+            (grid, 1, 1),
+            (32, WARP_ROWS as u32, 1),
+            0,
+            &args,
+        )?;
+    } else if let Some(pl) = RowVec::plan(v, elem, 8, &[xp]) {
         let (grid, block) = pl.dims(rows, "cross_entropy")?;
         device()?.launch(
             "loss.cu",
@@ -118,8 +144,7 @@ fn lse_pick(x: &Tensor, v: usize, tg: &Targets) -> Result<(Tensor, Tensor)> {
             &args,
         )?;
     } else {
-        let vec = v > 0 && v.is_multiple_of(16 / elem) && xp.is_multiple_of(16);
-        let kernel = if vec {
+        let kernel = if vectorisable {
             format!("lse_pick_loop_{tag}_{sfx}")
         } else {
             format!("lse_pick_{tag}_{sfx}")
@@ -184,7 +209,10 @@ fn lse_pick_backward(
     ];
     let tag = tg.tag;
     let per = 16 / dtype.size_in_bytes();
-    let col_blocks = (v / per).div_ceil(4 * BWD_THREADS);
+    // Enough threads (a multiple of 32, at most BWD_THREADS) for 4 vectors each: a row of
+    // 4096 bf16 is one block of 128 threads, no idle loop iterations.
+    let threads = ((v / per).div_ceil(4).div_ceil(32) * 32).clamp(32, BWD_THREADS);
+    let col_blocks = (v / per).div_ceil(4 * threads);
     if v.is_multiple_of(per)
         && xp.is_multiple_of(16)
         && dp.is_multiple_of(16)
@@ -195,7 +223,7 @@ fn lse_pick_backward(
             "loss.cu",
             &format!("lse_pick_bwd_vec_{tag}_{sfx}"),
             (gx, col_blocks as u32, 1),
-            (BWD_THREADS as u32, 1, 1),
+            (threads as u32, 1, 1),
             0,
             &args,
         )?;
@@ -232,7 +260,7 @@ fn cross_entropy_dev(input: &Tensor, x: Tensor, v: usize, tg: Targets) -> Result
         "loss.cu",
         &format!("ce_mean_{}_{sfx}", tg.tag),
         (1, 1, 1),
-        (ROW_THREADS, 1, 1),
+        (MEAN_THREADS, 1, 1),
         0,
         &[
             arg(&pp),

@@ -185,13 +185,47 @@ fn gemm(
 }
 
 /// Whether the tensor-core kernel (kernels/gemm.cu) takes this product: bf16, one matrix
-/// (no batch), K a multiple of 8. `TESSERA_GEMM=simple` forces the SIMT kernel (benchmarks).
+/// (no batch). A K that is not a multiple of 8 is padded with zero columns (the vision MLP's
+/// intermediate size 3420, say). `TESSERA_GEMM=simple` forces the SIMT kernel (benchmarks).
 fn tensor_cores_apply(dtype: DType, z: usize, r: usize, k: usize) -> bool {
     dtype == DType::BF16
         && z == 1
         && r == 1
-        && k.is_multiple_of(8)
+        && k > 0
         && std::env::var("TESSERA_GEMM").map_or(true, |v| v != "simple")
+}
+
+/// A [rows, kp] copy of the operand seen as element (i, j) at `ptr + i·rs + j·cs` (j < k),
+/// with zero columns k..kp: the tensor-core kernel needs K and the row stride a multiple of 8.
+fn k_padded(ptr: u64, rows: usize, k: usize, kp: usize, rs: usize, cs: usize) -> Result<Tensor> {
+    // A transposed operand is first made K-contiguous by the tiled transpose (coalesced),
+    // then padded row by row.
+    let (_tmp, ptr, rs, cs) = if rs == 1 && cs != 1 && rows > 1 && k > 1 {
+        let (t, p, ld) = k_contiguous(ptr, rows, k, rs, cs)?;
+        (t, p, ld, 1)
+    } else {
+        (None, ptr, rs, cs)
+    };
+    let t = Tensor::empty_cuda(&[rows, kp], DType::BF16)?;
+    let grid = grid_for(rows * kp);
+    let (dst, [r, k, kp, rs, cs]) = (t.cuda_ptr()?, [rows, k, kp, rs, cs].map(|v| v as i64));
+    device()?.launch(
+        "copy.cu",
+        "pad_cols_2",
+        (grid, 1, 1),
+        (THREADS as u32, 1, 1),
+        0,
+        &[
+            arg(&ptr),
+            arg(&dst),
+            arg(&r),
+            arg(&k),
+            arg(&kp),
+            arg(&rs),
+            arg(&cs),
+        ],
+    )?;
+    Ok(t)
 }
 
 /// A K-contiguous copy (`rows` x `k`, row stride k) of the operand seen as
@@ -227,7 +261,8 @@ fn k_contiguous(
 }
 
 /// C [m, n] = A [m, k] @ B [k, n] (+ bias) on tensor cores: A made K-contiguous ([m, k]), B
-/// made K-contiguous as Bᵀ ([n, k]); copies only when the views are not already so.
+/// made K-contiguous as Bᵀ ([n, k]); copies only when the views are not already so. A K
+/// that is not a multiple of 8 is padded with zero columns in both (the products are equal).
 fn gemm_tensor_cores(
     (m, n, k): (usize, usize, usize),
     a: &Operand,
@@ -235,9 +270,19 @@ fn gemm_tensor_cores(
     out_shape: &[usize],
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (_ka, ap, lda) = k_contiguous(a.ptr, m, k, a.rs, a.cs)?;
-    // Bᵀ element (j, kk) = B (kk, j) at ptr + kk·rs + j·cs.
-    let (_kb, bp, ldb) = k_contiguous(b.ptr, n, k, b.cs, b.rs)?;
+    let kp = k.next_multiple_of(8);
+    let (_ka, ap, lda, _kb, bp, ldb);
+    if kp != k {
+        let pa = k_padded(a.ptr, m, k, kp, a.rs, a.cs)?;
+        // Bᵀ element (j, kk) = B (kk, j) at ptr + kk·rs + j·cs.
+        let pb = k_padded(b.ptr, n, k, kp, b.cs, b.rs)?;
+        (ap, lda, bp, ldb) = (pa.cuda_ptr()?, kp, pb.cuda_ptr()?, kp);
+        (_ka, _kb) = (Some(pa), Some(pb));
+    } else {
+        (_ka, ap, lda) = k_contiguous(a.ptr, m, k, a.rs, a.cs)?;
+        // Bᵀ element (j, kk) = B (kk, j) at ptr + kk·rs + j·cs.
+        (_kb, bp, ldb) = k_contiguous(b.ptr, n, k, b.cs, b.rs)?;
+    }
     let out = Tensor::empty_cuda(out_shape, DType::BF16)?;
     let bias = match bias {
         Some(t) => Some(t.contiguous()?),
@@ -252,7 +297,7 @@ fn gemm_tensor_cores(
         bp,
         out.cuda_ptr()?,
         bias_ptr,
-        (m, n, k),
+        (m, n, kp),
         (lda, ldb, n),
         1,
         (0, 0, 0),
