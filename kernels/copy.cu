@@ -68,3 +68,61 @@ extern "C" __global__ void pad_cols_2(const unsigned short* src, unsigned short*
         dst[i] = j < k ? src[r * rs + j * cs] : (unsigned short)0;
     }
 }
+
+// Casts with 16-byte accesses on the bf16 side: chunk i is elements 8i .. 8i + 7 (n8 chunks;
+// the launcher checks 16-byte alignment and casts the tail with the scalar kernels). Same
+// rounding as f2bf (NaN payloads kept), so the results equal the scalar kernels bit for bit.
+extern "C" __global__ void cast_f32_bf16_v8(const float4* src, uint4* dst, i64 n8) {
+    GRID_LOOP(i, n8) {
+        const float4 a = src[2 * i], b = src[2 * i + 1];
+        dst[i] = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
+    }
+}
+extern "C" __global__ void cast_bf16_f32_v8(const uint4* src, float4* dst, i64 n8) {
+    GRID_LOOP(i, n8) {
+        const uint4 v = src[i];
+#define BF_LO(u) __uint_as_float((u) << 16)
+#define BF_HI(u) __uint_as_float((u) & 0xffff0000u)
+        dst[2 * i] = make_float4(BF_LO(v.x), BF_HI(v.x), BF_LO(v.y), BF_HI(v.y));
+        dst[2 * i + 1] = make_float4(BF_LO(v.z), BF_HI(v.z), BF_LO(v.w), BF_HI(v.w));
+#undef BF_LO
+#undef BF_HI
+    }
+}
+
+// transpose_2 with 64 x 64 tiles and 4-byte accesses (two adjacent elements per thread, a
+// 128-byte line per warp and row). `src_pairs`: ld and src are such that pairs (r, r + 1) of
+// one source row are 4-byte aligned; `dst_pairs`: the same for dst's rows (cols even, dst
+// aligned). Otherwise elements move one at a time. Same contract as transpose_2.
+extern "C" __global__ void transpose_2_x2(const unsigned short* src, unsigned short* dst, i64 rows, i64 cols, i64 ld,
+                                          int src_pairs, int dst_pairs) {
+    __shared__ unsigned short tile[64][66];  // [c - c0][r - r0]
+    const i64 r0 = (i64)blockIdx.y * 64, c0 = (i64)blockIdx.x * 64;
+    const int tx = threadIdx.x;
+    for (int k = threadIdx.y; k < 64; k += 8) {
+        const i64 c = c0 + k, r = r0 + 2 * tx;
+        if (c >= cols) continue;
+        const unsigned short* p = src + c * ld + r;
+        if (src_pairs && r + 1 < rows) {
+            const unsigned int v = *reinterpret_cast<const unsigned int*>(p);
+            tile[k][2 * tx] = (unsigned short)(v & 0xffffu);
+            tile[k][2 * tx + 1] = (unsigned short)(v >> 16);
+        } else {
+            if (r < rows) tile[k][2 * tx] = p[0];
+            if (r + 1 < rows) tile[k][2 * tx + 1] = p[1];
+        }
+    }
+    __syncthreads();
+    for (int k = threadIdx.y; k < 64; k += 8) {
+        const i64 r = r0 + k, c = c0 + 2 * tx;
+        if (r >= rows) continue;
+        const unsigned short a = tile[2 * tx][k], b = tile[2 * tx + 1][k];
+        unsigned short* q = dst + r * cols + c;
+        if (dst_pairs && c + 1 < cols) {
+            *reinterpret_cast<unsigned int*>(q) = (unsigned int)a | ((unsigned int)b << 16);
+        } else {
+            if (c < cols) q[0] = a;
+            if (c + 1 < cols) q[1] = b;
+        }
+    }
+}

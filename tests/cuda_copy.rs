@@ -32,6 +32,19 @@ fn contiguous_of_views_matches_cpu() {
     check("odd last dim", &x, |t| t.transpose(0, 1).unwrap());
     let x = randn(&[33, 65], 4);
     check("2d transpose", &x, |t| t.t().unwrap());
+    // The 64 x 64 tiled transpose of 2-byte elements: partial tiles, odd and even sides (the
+    // paired 4-byte accesses and their element-wise fallbacks), a transposed narrow view.
+    for (i, &(r, c)) in [(130, 67), (64, 128), (200, 3), (1, 77), (129, 129), (66, 2)]
+        .iter()
+        .enumerate()
+    {
+        let x = randn(&[r, c], 20 + i as u64);
+        check(&format!("2d transpose {r}x{c}"), &x, |t| t.t().unwrap());
+    }
+    let x = randn(&[70, 90], 30);
+    check("transpose of a narrow view", &x, |t| {
+        t.narrow(1, 1, 75).unwrap().t().unwrap()
+    });
     let x = randn(&[9, 40], 5);
     check("narrow odd offset", &x, |t| t.narrow(1, 3, 32).unwrap());
     check("narrow aligned", &x, |t| t.narrow(1, 8, 16).unwrap());
@@ -61,6 +74,29 @@ fn casts_and_fills_match_cpu() {
     assert_eq!(
         rel_error(&back, &want.to_dtype(DType::F32).unwrap()).unwrap(),
         0.0
+    );
+    // The 8-element vector path, its tail, and a start that is not 16-byte aligned.
+    for n in [1usize, 7, 8, 9, 16, 4099] {
+        let x = randn(&[n], 40 + n as u64);
+        let want = x.to_dtype(DType::BF16).unwrap();
+        let got = x.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
+        assert_eq!(rel_error(&got, &want).unwrap(), 0.0, "f32 -> bf16, n = {n}");
+        let back = got.to_dtype(DType::F32).unwrap();
+        let want_back = want.to_dtype(DType::F32).unwrap();
+        assert_eq!(
+            rel_error(&back, &want_back).unwrap(),
+            0.0,
+            "bf16 -> f32, n = {n}"
+        );
+    }
+    let x = randn(&[203], 50);
+    let want = x.narrow(0, 3, 200).unwrap().to_dtype(DType::BF16).unwrap();
+    let got = x.to_cuda().unwrap().narrow(0, 3, 200).unwrap();
+    let got = got.to_dtype(DType::BF16).unwrap();
+    assert_eq!(
+        rel_error(&got, &want).unwrap(),
+        0.0,
+        "cast of an offset view"
     );
     for dtype in [DType::F32, DType::BF16] {
         let f = Tensor::full_on(&[3, 333], 1.5, dtype, Device::Cuda).unwrap();

@@ -77,7 +77,7 @@ impl Preset {
             name: "tiny".into(),
             seed: 0,
             batch_size: 32,
-            pretrain_steps: 6000,
+            pretrain_steps: 8000,
             pretrain_lr: 1e-3,
             grid: (2, 2),
             sft_steps: 600,

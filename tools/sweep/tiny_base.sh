@@ -22,6 +22,8 @@ variant() {
         vit128) echo '{"vision_config.hidden_size":128,"vision_config.intermediate_size":256,"vision_config.depth":4,"vision_config.num_heads":4}|' ;;
         theta100) echo '{"text_config.rope_parameters.rope_theta":100.0}|' ;;
         theta10) echo '{"text_config.rope_parameters.rope_theta":10.0}|' ;;
+        theta10-img84) echo '{"text_config.rope_parameters.rope_theta":10.0}|--set data.image_size=84' ;;
+        theta10-img112) echo '{"text_config.rope_parameters.rope_theta":10.0}|--set data.image_size=112' ;;
         theta10-patch7) echo '{"text_config.rope_parameters.rope_theta":10.0,"vision_config.patch_size":7}|' ;;
         theta10-vit128) echo '{"text_config.rope_parameters.rope_theta":10.0,"vision_config.hidden_size":128,"vision_config.intermediate_size":256,"vision_config.depth":4,"vision_config.num_heads":4}|' ;;
         patch7-lr3e-3) echo '{"vision_config.patch_size":7}|--set optim.lr=3e-3 --set optim.min_lr=3e-4' ;;

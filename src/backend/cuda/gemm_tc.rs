@@ -34,14 +34,18 @@ pub enum TcKernel {
 }
 
 impl TcKernel {
-    /// The default: mma.sync; on an sm_90 device `TESSERA_GEMM=wgmma` picks the wgmma kernel
-    /// and `TESSERA_GEMM=ws` the warp-specialised one (`mma` or anything else: mma.sync).
+    /// The default: the warp-specialised wgmma kernel on an sm_90 device (0.90-0.98 of cuBLAS
+    /// at the 3B model's shapes on an H200, docs/gpu-runs.md), mma.sync elsewhere.
+    /// `TESSERA_GEMM=mma` or `wgmma` picks the others on sm_90 (benchmarks).
     pub fn default_for_device() -> TcKernel {
         let hopper = device().map(|d| d.cc == (9, 0)).unwrap_or(false);
+        if !hopper {
+            return TcKernel::MmaSync;
+        }
         match std::env::var("TESSERA_GEMM").as_deref() {
-            Ok("wgmma") if hopper => TcKernel::Wgmma,
-            Ok("ws") if hopper => TcKernel::WgmmaWs,
-            _ => TcKernel::MmaSync,
+            Ok("mma") => TcKernel::MmaSync,
+            Ok("wgmma") => TcKernel::Wgmma,
+            _ => TcKernel::WgmmaWs,
         }
     }
 }

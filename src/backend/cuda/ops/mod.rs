@@ -177,19 +177,36 @@ pub fn transpose_into(
     ld: usize,
     esize: usize,
 ) -> Result<()> {
-    let kernel = match esize {
-        2 => "transpose_2",
-        4 => "transpose_4",
-        _ => {
-            return Err(Error::msg(format!(
-                "internal: transpose of {esize}-byte elements"
-            )))
-        }
-    };
     let [r, c, l] = [rows, cols, ld].map(|v| v as i64);
+    if esize == 2 {
+        // 64 x 64 tiles, two elements per 4-byte access where the layout allows.
+        let src_pairs = (ld.is_multiple_of(2) && src.is_multiple_of(4)) as i32;
+        let dst_pairs = (cols.is_multiple_of(2) && dst.is_multiple_of(4)) as i32;
+        return device()?.launch(
+            "copy.cu",
+            "transpose_2_x2",
+            (cols.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1),
+            (32, 8, 1),
+            0,
+            &[
+                arg(&src),
+                arg(&dst),
+                arg(&r),
+                arg(&c),
+                arg(&l),
+                arg(&src_pairs),
+                arg(&dst_pairs),
+            ],
+        );
+    }
+    if esize != 4 {
+        return Err(Error::msg(format!(
+            "internal: transpose of {esize}-byte elements"
+        )));
+    }
     device()?.launch(
         "copy.cu",
-        kernel,
+        "transpose_4",
         (cols.div_ceil(32) as u32, rows.div_ceil(32) as u32, 1),
         (32, 8, 1),
         0,
@@ -215,15 +232,38 @@ pub fn cast(x: &Tensor, to: DType) -> Result<Tensor> {
     };
     let out = Tensor::empty_cuda(x.shape(), to)?;
     let n = x.numel();
-    let (src, dst, n64) = (x.cuda_ptr()?, out.cuda_ptr()?, n as i64);
-    device()?.launch(
-        "copy.cu",
-        kernel,
-        (grid_for(n), 1, 1),
-        (THREADS as u32, 1, 1),
-        0,
-        &[arg(&src), arg(&dst), arg(&n64)],
-    )?;
+    let (mut src, mut dst) = (x.cuda_ptr()?, out.cuda_ptr()?);
+    // Chunks of 8 elements with 16-byte accesses, then the tail one element at a time.
+    let n8 = if src.is_multiple_of(16) && dst.is_multiple_of(16) {
+        n / 8
+    } else {
+        0
+    };
+    if n8 > 0 {
+        let c = n8 as i64;
+        device()?.launch(
+            "copy.cu",
+            &format!("{kernel}_v8"),
+            (grid_for(n8), 1, 1),
+            (THREADS as u32, 1, 1),
+            0,
+            &[arg(&src), arg(&dst), arg(&c)],
+        )?;
+        src += (8 * n8 * x.dtype().size_in_bytes()) as u64;
+        dst += (8 * n8 * to.size_in_bytes()) as u64;
+    }
+    let rest = n - 8 * n8;
+    if rest > 0 {
+        let r = rest as i64;
+        device()?.launch(
+            "copy.cu",
+            kernel,
+            (grid_for(rest), 1, 1),
+            (THREADS as u32, 1, 1),
+            0,
+            &[arg(&src), arg(&dst), arg(&r)],
+        )?;
+    }
     Ok(out)
 }
 
