@@ -1038,3 +1038,38 @@ fn tiny_config_matches_the_tokenizer() {
         params.numel()
     );
 }
+
+#[test]
+fn suite_labels_are_balanced_in_both_splits() {
+    // The split is a hash of the drawn image: it must not correlate with the label (an old hash
+    // put no triangle in the shape suite's eval split). Every label of the closed-set suites
+    // appears in each split at 0.5x..2x its uniform share.
+    let suites: [(Suite, usize); 4] = [
+        (Suite::Colour, 6),
+        (Suite::Shape, 3),
+        (Suite::Count, 4),
+        (Suite::Position, 4),
+    ];
+    for (suite, labels) in suites {
+        for split in [Split::Train, Split::Eval] {
+            for size in [56, 84] {
+                let n = 600;
+                let mut counts: HashMap<String, usize> = HashMap::new();
+                for i in 0..n {
+                    let s = suite.sample_sized(split, i, size).expect("sample");
+                    *counts.entry(s.answer).or_default() += 1;
+                }
+                let uniform = n as f64 / labels as f64;
+                assert_eq!(counts.len(), labels, "{} {split:?} {size}: {counts:?}", suite.name());
+                for (label, &c) in &counts {
+                    let r = c as f64 / uniform;
+                    assert!(
+                        (0.5..=2.0).contains(&r),
+                        "{} {split:?} {size}px: label {label} has {c} of {n} ({counts:?})",
+                        suite.name()
+                    );
+                }
+            }
+        }
+    }
+}
