@@ -847,6 +847,25 @@ fn cross_entropy_fast_paths_match_cpu() {
             |x| x[0].log_prob_of(&x[1]),
         );
     }
+    // The fused mean (ce_warp_mean) over many blocks: 625 and 2501 blocks of 8 rows, run twice
+    // (its block counter must be back at zero), and rows that are all ignored (loss 0).
+    for (rows, v, s) in [(5000, 64, 760), (20001, 8, 770), (5000, 64, 760)] {
+        check(
+            &format!("cross_entropy fused mean {rows}x{v}"),
+            &[randn(&[rows, v], s), labels_with_ignored(rows, v, s + 1)],
+            &[true, false],
+            |x| x[0].cross_entropy(&x[1], -100),
+        );
+    }
+    check(
+        "cross_entropy all rows ignored",
+        &[
+            randn(&[24, 64], 780),
+            Tensor::from_vec(vec![-100i64; 24], &[24]).unwrap(),
+        ],
+        &[true, false],
+        |x| x[0].cross_entropy(&x[1], -100),
+    );
     // Logits of magnitude ~25 (peaked softmax): the fast exp2 against the CPU's exp.
     check(
         "cross_entropy large logits 16x4096",

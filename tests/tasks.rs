@@ -1060,7 +1060,12 @@ fn suite_labels_are_balanced_in_both_splits() {
                     *counts.entry(s.answer).or_default() += 1;
                 }
                 let uniform = n as f64 / labels as f64;
-                assert_eq!(counts.len(), labels, "{} {split:?} {size}: {counts:?}", suite.name());
+                assert_eq!(
+                    counts.len(),
+                    labels,
+                    "{} {split:?} {size}: {counts:?}",
+                    suite.name()
+                );
                 for (label, &c) in &counts {
                     let r = c as f64 / uniform;
                     assert!(

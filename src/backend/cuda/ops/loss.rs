@@ -11,7 +11,9 @@
 //!   that row) and NaN gradient rows.
 //!
 //! The mean of cross_entropy is taken on the device: `ce_mean` counts the rows that are not
-//! ignored and keeps 1 / max(count, 1) on the device for the backward.
+//! ignored and keeps 1 / max(count, 1) on the device for the backward. On the warp path the
+//! mean is fused into the same launch (`ce_warp_mean`: the last block sums the per-block
+//! partials in a fixed order).
 //!
 //! Kernel choice (v a multiple of a 16-byte vector and 16-byte aligned logits: "vectorisable"):
 //! rows of up to `WARP_MAX_V` = 8192 logits take `lse_pick_warp` (one warp per row, 8 rows per
@@ -240,11 +242,88 @@ fn lse_pick_backward(
     Ok(dx)
 }
 
+/// Device address of ce_warp_mean's block counter: one u32, zero between launches (the last
+/// block of each launch resets it). Allocated zeroed once and kept for the process.
+fn done_counter() -> Result<u64> {
+    static DONE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(&p) = DONE.get() {
+        return Ok(p);
+    }
+    let t = Tensor::zeros_on(&[1], DType::F32, crate::Device::Cuda)?;
+    let p = t.cuda_ptr()?;
+    // Kept alive for the process: its address is the counter.
+    std::mem::forget(t);
+    Ok(*DONE.get_or_init(|| p))
+}
+
 /// Mean cross-entropy of the contiguous detached cuda logits `x` [rows, v] against `tg`,
 /// recorded for `input`.
 fn cross_entropy_dev(input: &Tensor, x: Tensor, v: usize, tg: Targets) -> Result<Tensor> {
     let dtype = x.dtype();
     let sfx = suffix(dtype, "cross_entropy")?;
+    let rows = tg.rows();
+    let elem = dtype.size_in_bytes();
+    let xp = x.cuda_ptr()?;
+    let warp_path = rows > 0
+        && rows < (1 << 24)
+        && v > 0
+        && v <= WARP_MAX_V
+        && v.is_multiple_of(16 / elem)
+        && xp.is_multiple_of(16);
+    if warp_path {
+        // lse_pick_warp with the mean fused in: one launch.
+        let lse = Tensor::empty_cuda(&[rows], DType::F32)?;
+        let picked = Tensor::empty_cuda(&[rows], DType::F32)?;
+        let blocks = rows.div_ceil(WARP_ROWS);
+        let partial = Tensor::empty_cuda(&[2 * blocks], DType::F32)?;
+        let out = Tensor::empty_cuda(&[], dtype)?;
+        let inv_count = Tensor::empty_cuda(&[1], DType::F32)?;
+        let (tp, lp, pp, qp, op, ip, done) = (
+            tg.t.cuda_ptr()?,
+            lse.cuda_ptr()?,
+            picked.cuda_ptr()?,
+            partial.cuda_ptr()?,
+            out.cuda_ptr()?,
+            inv_count.cuda_ptr()?,
+            done_counter()?,
+        );
+        let (rows64, v64) = (rows as i64, v as i64);
+        let (grid, _, _) = row_grid(blocks, "cross_entropy")?;
+        device()?.launch(
+            "loss.cu",
+            &format!("ce_warp_mean_{}_{sfx}", tg.tag),
+            (grid, 1, 1),
+            (32, WARP_ROWS as u32, 1),
+            0,
+            &[
+                arg(&xp),
+                arg(&tp),
+                arg(&lp),
+                arg(&pp),
+                arg(&rows64),
+                arg(&v64),
+                arg(&tg.ignore),
+                arg(&tg.has_ignore),
+                arg(&qp),
+                arg(&done),
+                arg(&op),
+                arg(&ip),
+            ],
+        )?;
+        drop((picked, partial));
+        return Ok(record("cross_entropy", out, &[input], move |g| {
+            Ok(vec![Some(lse_pick_backward(
+                &x,
+                &tg,
+                &lse,
+                Some(&inv_count),
+                g,
+                v,
+                1.0,
+                false,
+            )?)])
+        }));
+    }
     let (lse, picked) = lse_pick(&x, v, &tg)?;
     let out = Tensor::empty_cuda(&[], dtype)?;
     let inv_count = Tensor::empty_cuda(&[1], DType::F32)?;
