@@ -1078,3 +1078,22 @@ fn suite_labels_are_balanced_in_both_splits() {
         }
     }
 }
+
+#[test]
+fn a_rank_question_shares_the_jigsaw_prompts_layout() {
+    // The base's format prior for the jigsaw: some rank questions are worded like the plain 2x2
+    // jigsaw prompt, differing only in what to order by.
+    let jigsaw = Question::Full.prompt(2, 2, Format::Plain);
+    let rank: HashSet<String> = (0..40)
+        .map(|i| Suite::Rank.sample(Split::Train, i).question)
+        .collect();
+    assert_eq!(rank.len(), 2, "{rank:?}");
+    let long = rank
+        .iter()
+        .find(|q| q.starts_with("the 2 by 2"))
+        .expect("jigsaw wording");
+    let setup = jigsaw.split(" order the parts").next().unwrap();
+    assert!(long.starts_with(setup), "{long:?} vs {jigsaw:?}");
+    assert!(long.ends_with("give only the answer.") && jigsaw.ends_with("give only the answer."));
+    assert_ne!(long, &jigsaw);
+}

@@ -246,7 +246,10 @@ pub fn write(study: &Study, arms: &[Arm], dynamics: Option<&str>) -> Result<()> 
         "- base: {}\n- novel task: {} ({}x{} jigsaw; reward hit + accuracy + format)\n- prior suites: {}\n- preset `{}`: batch {}, pretrain {} steps (lr {}), SFT {} steps (lr {}), GRPO {} steps (lr {}, G = {}, {} prompts per step), SFT on rollouts {} steps; {} eval samples per task, every {} steps\n- rerun: `tessera study --preset {} --name {}` (finished stages are kept; a stopped study resumes)\n",
         match &study.inputs.model {
             Some(m) => format!("the checkpoint {}", m.display()),
-            None => format!("the tiny preset pretrained on the prior suites ({} steps)", p.pretrain_steps),
+            None => format!(
+                "the tiny preset pretrained on the prior suites ({} steps of `{}`)",
+                p.pretrain_steps, p.pretrain_data
+            ),
         },
         jig,
         p.grid.0,

@@ -138,6 +138,11 @@ const COUNT_QUESTION: &str = "how many shapes are there?";
 const POSITION_QUESTION: &str = "where is the shape?";
 const OCR_QUESTION: &str = "what does the text say?";
 const RANK_QUESTION: &str = "order the 4 parts of this image from brightest to darkest.";
+/// The rank question in the 2x2 jigsaw prompt's words (`jigsaw::Question::prompt`, plain
+/// format): the base learns to answer that layout of prompt with a permutation, so GRPO on the
+/// jigsaw starts from well-formed answers (the format prior a real base model brings).
+const RANK_QUESTION_JIGSAW_WORDS: &str = "the 2 by 2 parts of this image are shuffled. parts are numbered 1 to 4, \
+     left to right, top to bottom. order the parts from brightest to darkest. give only the answer.";
 
 impl Suite {
     pub const ALL: [Suite; 7] = [
@@ -227,7 +232,12 @@ impl Suite {
             }
             Suite::Rank => {
                 let (image, order) = ranked_quadrants(rng, size);
-                (Some(image), RANK_QUESTION.to_string(), order)
+                let question = if rng.below(2) == 0 {
+                    RANK_QUESTION
+                } else {
+                    RANK_QUESTION_JIGSAW_WORDS
+                };
+                (Some(image), question.to_string(), order)
             }
             Suite::Facts => {
                 let (question, answer) = FACTS[rng.below(FACTS.len() as u64) as usize];
@@ -252,6 +262,7 @@ pub fn vocabulary_texts() -> Vec<String> {
         POSITION_QUESTION,
         OCR_QUESTION,
         RANK_QUESTION,
+        RANK_QUESTION_JIGSAW_WORDS,
     ]
     .iter()
     .map(|s| s.to_string())
