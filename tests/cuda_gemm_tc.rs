@@ -62,26 +62,37 @@ fn gemm_tc_model_shapes() {
     case(1000, 1000, 1000, false);
 }
 
+/// (m, n, k, bias) cases of both Hopper kernels: odd sizes, K = 8, long K.
+const HOPPER_CASES: [(usize, usize, usize, bool); 8] = [
+    (1, 1, 8, false),
+    (3, 5, 8, true),
+    (37, 129, 64, false),
+    (127, 65, 72, true),
+    (129, 257, 200, false),
+    (256, 512, 256, false),
+    (300, 256, 2048, true),
+    (1000, 1000, 1000, false),
+];
+
+/// Whether the device is sm_90 (the Hopper kernels' tests run); says why not otherwise.
+fn hopper_or_skip(name: &str) -> bool {
+    let Some(dev) = cuda::device_or_skip(name) else {
+        return false;
+    };
+    if dev.cc != (9, 0) {
+        eprintln!("skipped {name}: device is {}, not sm_90", dev.arch());
+        return false;
+    }
+    true
+}
+
 /// The Hopper wgmma kernel (kernels/gemm_sm90.cu) on the same cases, where the device is sm_90.
 #[test]
 fn gemm_wgmma_matches_cpu() {
-    let Some(dev) = cuda::device_or_skip("gemm_wgmma") else {
-        return;
-    };
-    if dev.cc != (9, 0) {
-        eprintln!("skipped gemm_wgmma: device is {}, not sm_90", dev.arch());
+    if !hopper_or_skip("gemm_wgmma") {
         return;
     }
-    for &(m, n, k, bias) in &[
-        (1usize, 1usize, 8usize, false),
-        (3, 5, 8, true),
-        (37, 129, 64, false),
-        (127, 65, 72, true),
-        (129, 257, 200, false),
-        (256, 512, 256, false),
-        (300, 256, 2048, true),
-        (1000, 1000, 1000, false),
-    ] {
+    for (m, n, k, bias) in HOPPER_CASES {
         case_with(TcKernel::Wgmma, m, n, k, bias);
     }
 }
@@ -171,26 +182,16 @@ fn batched_case(
 /// tile width it picks (256, 128, 64), long K, bias, accumulation and batches with B shared.
 #[test]
 fn gemm_wgmma_ws_matches_cpu() {
-    let Some(dev) = cuda::device_or_skip("gemm_wgmma_ws") else {
-        return;
-    };
-    if dev.cc != (9, 0) {
-        eprintln!("skipped gemm_wgmma_ws: device is {}, not sm_90", dev.arch());
+    if !hopper_or_skip("gemm_wgmma_ws") {
         return;
     }
-    for &(m, n, k, bias) in &[
-        (1usize, 1usize, 8usize, false),
-        (3, 5, 8, true),
-        (37, 129, 64, false),
-        (127, 65, 72, true),
-        (129, 257, 200, false),
-        (256, 512, 256, false),
-        (300, 256, 2048, true),
-        (1000, 1000, 1000, false),
+    // Plus shapes that pick each tile width (fewer tiles than SMs: 128, then 64).
+    let extra = [
         (4096, 256, 1024, false),
         (2048, 2048, 512, true),
         (1100, 3000, 136, false),
-    ] {
+    ];
+    for (m, n, k, bias) in HOPPER_CASES.into_iter().chain(extra) {
         case_with(TcKernel::WgmmaWs, m, n, k, bias);
     }
     batched_case(TcKernel::WgmmaWs, 3, 130, 300, 96, false, true, false);

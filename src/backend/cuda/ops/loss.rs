@@ -124,7 +124,7 @@ fn lse_pick(x: &Tensor, v: usize, tg: &Targets) -> Result<(Tensor, Tensor)> {
     let elem = dtype.size_in_bytes();
     let tag = tg.tag;
     let vectorisable = v > 0 && v.is_multiple_of(16 / elem) && xp.is_multiple_of(16);
-    if vectorisable && v <= WARP_MAX_V {
+    if warp_rows(v, elem, xp) {
         let blocks = rows.div_ceil(WARP_ROWS);
         let (grid, _, _) = row_grid(blocks, "cross_entropy")?;
         device()?.launch(
@@ -242,6 +242,12 @@ fn lse_pick_backward(
     Ok(dx)
 }
 
+/// Whether rows of `v` logits of `elem` bytes at `xp` take the warp-per-row kernels
+/// (lse_pick_warp, ce_warp_mean): 16-byte vectors, at most `WARP_MAX_V` logits.
+fn warp_rows(v: usize, elem: usize, xp: u64) -> bool {
+    v > 0 && v <= WARP_MAX_V && v.is_multiple_of(16 / elem) && xp.is_multiple_of(16)
+}
+
 /// Device address of ce_warp_mean's block counter: one u32, zero between launches (the last
 /// block of each launch resets it). Allocated zeroed once and kept for the process.
 fn done_counter() -> Result<u64> {
@@ -262,32 +268,24 @@ fn cross_entropy_dev(input: &Tensor, x: Tensor, v: usize, tg: Targets) -> Result
     let dtype = x.dtype();
     let sfx = suffix(dtype, "cross_entropy")?;
     let rows = tg.rows();
-    let elem = dtype.size_in_bytes();
     let xp = x.cuda_ptr()?;
-    let warp_path = rows > 0
-        && rows < (1 << 24)
-        && v > 0
-        && v <= WARP_MAX_V
-        && v.is_multiple_of(16 / elem)
-        && xp.is_multiple_of(16);
-    if warp_path {
+    let out = Tensor::empty_cuda(&[], dtype)?;
+    let inv_count = Tensor::empty_cuda(&[1], DType::F32)?;
+    let (tp, op, ip) = (tg.t.cuda_ptr()?, out.cuda_ptr()?, inv_count.cuda_ptr()?);
+    let rows64 = rows as i64;
+    let lse = if rows > 0 && rows < (1 << 24) && warp_rows(v, dtype.size_in_bytes(), xp) {
         // lse_pick_warp with the mean fused in: one launch.
         let lse = Tensor::empty_cuda(&[rows], DType::F32)?;
         let picked = Tensor::empty_cuda(&[rows], DType::F32)?;
         let blocks = rows.div_ceil(WARP_ROWS);
         let partial = Tensor::empty_cuda(&[2 * blocks], DType::F32)?;
-        let out = Tensor::empty_cuda(&[], dtype)?;
-        let inv_count = Tensor::empty_cuda(&[1], DType::F32)?;
-        let (tp, lp, pp, qp, op, ip, done) = (
-            tg.t.cuda_ptr()?,
+        let (lp, pp, qp, done) = (
             lse.cuda_ptr()?,
             picked.cuda_ptr()?,
             partial.cuda_ptr()?,
-            out.cuda_ptr()?,
-            inv_count.cuda_ptr()?,
             done_counter()?,
         );
-        let (rows64, v64) = (rows as i64, v as i64);
+        let v64 = v as i64;
         let (grid, _, _) = row_grid(blocks, "cross_entropy")?;
         device()?.launch(
             "loss.cu",
@@ -310,48 +308,29 @@ fn cross_entropy_dev(input: &Tensor, x: Tensor, v: usize, tg: Targets) -> Result
                 arg(&ip),
             ],
         )?;
-        drop((picked, partial));
-        return Ok(record("cross_entropy", out, &[input], move |g| {
-            Ok(vec![Some(lse_pick_backward(
-                &x,
-                &tg,
-                &lse,
-                Some(&inv_count),
-                g,
-                v,
-                1.0,
-                false,
-            )?)])
-        }));
-    }
-    let (lse, picked) = lse_pick(&x, v, &tg)?;
-    let out = Tensor::empty_cuda(&[], dtype)?;
-    let inv_count = Tensor::empty_cuda(&[1], DType::F32)?;
-    let (pp, tp, op, ip, rows64) = (
-        picked.cuda_ptr()?,
-        tg.t.cuda_ptr()?,
-        out.cuda_ptr()?,
-        inv_count.cuda_ptr()?,
-        tg.rows() as i64,
-    );
-    // Launched for zero rows too: it writes the loss 0 and inv 1.
-    device()?.launch(
-        "loss.cu",
-        &format!("ce_mean_{}_{sfx}", tg.tag),
-        (1, 1, 1),
-        (MEAN_THREADS, 1, 1),
-        0,
-        &[
-            arg(&pp),
-            arg(&tp),
-            arg(&op),
-            arg(&ip),
-            arg(&rows64),
-            arg(&tg.ignore),
-            arg(&tg.has_ignore),
-        ],
-    )?;
-    drop(picked);
+        lse
+    } else {
+        let (lse, picked) = lse_pick(&x, v, &tg)?;
+        let pp = picked.cuda_ptr()?;
+        // Launched for zero rows too: it writes the loss 0 and inv 1.
+        device()?.launch(
+            "loss.cu",
+            &format!("ce_mean_{}_{sfx}", tg.tag),
+            (1, 1, 1),
+            (MEAN_THREADS, 1, 1),
+            0,
+            &[
+                arg(&pp),
+                arg(&tp),
+                arg(&op),
+                arg(&ip),
+                arg(&rows64),
+                arg(&tg.ignore),
+                arg(&tg.has_ignore),
+            ],
+        )?;
+        lse
+    };
     Ok(record("cross_entropy", out, &[input], move |g| {
         Ok(vec![Some(lse_pick_backward(
             &x,
