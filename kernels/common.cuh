@@ -107,6 +107,31 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned int* a, 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// ldmatrix: four 8x8 bf16 matrices from shared memory, one instruction. Lane l gives the address
+// of row l % 8 of matrix l / 8 (16-byte aligned); r[i] receives matrix i in the mma fragment
+// layout (lane holds row lane / 4, elements 2 (lane % 4) and + 1). The .trans form transposes
+// each matrix on the way (a B operand stored [k][n] becomes the fragment an [n][k] one gives).
+// For m16n8k16 with a row stride of `ld` elements:
+//   A 16x16 at p (rows m, k contiguous):          ldsm_x4(a, p + (l & 15) * ld + (l >> 4) * 8)
+//   B of two n-blocks, stored [n][k] at p:        ldsm_x4(b, p + ((l & 7) + (l >> 4) * 8) * ld + ((l >> 3) & 1) * 8)
+//                                                 -> {b[0], b[1]} n 0..7, {b[2], b[3]} n 8..15
+//   B of two n-blocks, stored [k][n] at p:        ldsm_x4_t(b, p + (l & 15) * ld + (l >> 4) * 8)
+//                                                 -> {b[0], b[1]} n 0..7, {b[2], b[3]} n 8..15
+// The address forms take a 32-bit shared-memory byte address (smem_addr): in register-bound
+// loops, generic pointers cost 64-bit address registers.
+__device__ __forceinline__ void ldsm_x4(unsigned int* r, unsigned int a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned int* r, unsigned int a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4(unsigned int* r, const bf16_t* p) { ldsm_x4(r, smem_addr(p)); }
+__device__ __forceinline__ void ldsm_x4_t(unsigned int* r, const bf16_t* p) { ldsm_x4_t(r, smem_addr(p)); }
+
 // Two adjacent bf16 values as one 32-bit register (low half = p[0]).
 __device__ __forceinline__ unsigned int ld_pair(const bf16_t* p) { return *reinterpret_cast<const unsigned int*>(p); }
 __device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {

@@ -79,181 +79,254 @@ __device__ __forceinline__ void fa_key_span(const unsigned int* seg_klo, const u
     *kend = e;
 }
 
-template <int D, bool SEG>
+// Forward block: FA_FWD_BM = 128 queries x one (batch, head), 4 warps of 32 query rows (two m16
+// tiles each, so every K/V fragment read from shared memory feeds two products). K and V tiles
+// of 64 keys are double-buffered: tile i + 1 streams in (cp.async) while tile i is multiplied.
+// Fragments come from shared memory by ldmatrix (V transposed on the way). Only tiles that
+// cross the causal diagonal, the end of the keys or a segment boundary are masked per element.
+// Causal blocks run in reverse tile order: the longest (last) query tiles start first.
+#define FA_FWD_BM 128
+#define FA_FWD_BN(D) ((D) > 80 ? 32 : 64)  // key tile: 32 at D 128 keeps 255 registers without spills
+
+template <int D, int BN, bool SEG>
 __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
                           bf16_t* __restrict__ o, float* __restrict__ lse, const unsigned int* __restrict__ seg_klo,
                           const unsigned int* __restrict__ seg_khi, i64 hq, i64 hkv, i64 tq, i64 tk, float scale,
                           i64 causal) {
-    constexpr int LD = D + 8;
+    constexpr int LD = D + 8;  // shared row stride: 16-byte rows, ldmatrix conflict-free
+    constexpr int NB = BN / 8;  // n-blocks of S per m-tile
+    constexpr int DB = D / 8;      // n-blocks of O per m-tile
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16_t* sQ = reinterpret_cast<bf16_t*>(fa_smem);
-    bf16_t* sK = sQ + FA_BM * LD;
-    bf16_t* sV = sK + FA_BN * LD;
+    bf16_t* sK = sQ + FA_FWD_BM * LD;  // 2 buffers of BN rows
+    bf16_t* sV = sK + 2 * BN * LD;  // 2 buffers
 
-    i64 b = blockIdx.z, h = blockIdx.y, q0 = (i64)blockIdx.x * FA_BM;
+    i64 qt = causal ? (i64)(gridDim.x - 1 - blockIdx.x) : (i64)blockIdx.x;
+    i64 b = blockIdx.z, h = blockIdx.y, q0 = qt * FA_FWD_BM;
     i64 hk = h / (hq / hkv);
     const bf16_t* qb = q + (b * hq + h) * tq * D;
     const bf16_t* kb = k + (b * hkv + hk) * tk * D;
     const bf16_t* vb = v + (b * hkv + hk) * tk * D;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
-    fa_load_rows<D>(sQ, qb, q0, tq, FA_BM);
-    cp_async_commit();
-
-    const float sl2 = scale * 1.4426950408889634f;  // exp(x) = exp2(x log2 e)
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
-    float acc[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[j][r] = 0.f;
-
-    i64 off = tk - tq;  // causal offset
-    i64 kbeg, kend;
-    fa_key_span<SEG>(seg_klo, seg_khi, q0, tq, tk, causal, &kbeg, &kend);
-    i64 row_g[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-    i64 rlo[2], rhi[2];  // each row's key range [rlo, rhi) (empty for rows past tq with segments)
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        bool in = row_g[i] < tq;
-        rlo[i] = SEG && in ? (i64)seg_klo[row_g[i]] : 0;
-        rhi[i] = SEG ? (in ? (i64)seg_khi[row_g[i]] : 0) : tk;
+    // Key span of the whole block: the causal bound of its last row and the hull of its rows'
+    // segment ranges (two 64-row hulls).
+    i64 off = tk - tq;  // causal offset: row i sees keys <= i + off
+    i64 kbeg = 0, kend = tk;
+    if (causal) {
+        i64 last = q0 + FA_FWD_BM - 1 + off + 1;
+        kend = last < kend ? last : kend;
+    }
+    if (SEG) {
+        i64 lo0, hi0, lo1, hi1;
+        fa_range_hull(seg_klo, seg_khi, q0, tq, &lo0, &hi0);
+        fa_range_hull(seg_klo, seg_khi, q0 + 64, tq, &lo1, &hi1);
+        i64 lo = lo0 < hi0 ? lo0 : lo1, hi = lo0 < hi0 ? hi0 : hi1;  // hull of the non-empty ones
+        if (lo1 < hi1 && lo0 < hi0) {
+            lo = lo0 < lo1 ? lo0 : lo1;
+            hi = hi0 > hi1 ? hi0 : hi1;
+        }
+        kbeg = lo > kbeg ? lo : kbeg;
+        kend = hi < kend ? hi : kend;
     }
 
-    // k0 need not be a multiple of FA_BN (segments start anywhere); rows are 16-byte aligned.
-    for (i64 k0 = kbeg; k0 < kend; k0 += FA_BN) {
-        __syncthreads();  // previous tile fully consumed
-        fa_load_rows<D>(sK, kb, k0, tk, FA_BN);
-        fa_load_rows<D>(sV, vb, k0, tk, FA_BN);
-        cp_async_commit();
-        cp_async_wait<0>();
-        __syncthreads();
+    // Prologue: Q and the first K tile (one group), the first V tile (a second group).
+    fa_load_rows<D>(sQ, qb, q0, tq, FA_FWD_BM);
+    if (kbeg < kend) fa_load_rows<D>(sK, kb, kbeg, tk, BN);
+    cp_async_commit();
+    if (kbeg < kend) fa_load_rows<D>(sV, vb, kbeg, tk, BN);
+    cp_async_commit();
 
-        // S = Q K^T for this warp's 16 rows x 64 keys.
-        float s[FA_BN / 8][4];
+    const float sl2 = scale * LOG2E_F;  // exp(x scale) = exp2(x sl2)
+    // This thread's rows: r = 0..3 -> warp * 32 + (r >> 1) * 16 + (r & 1) * 8 + g.
+    // Positions fit in 32 bits (the launcher checks), which keeps the mask cheap.
+    int row_g[4];
+    int rlo[4], rhi[4];  // each row's key range [rlo, rhi) (empty for rows past tq with segments)
 #pragma unroll
-        for (int j = 0; j < FA_BN / 8; ++j)
+    for (int r = 0; r < 4; ++r) {
+        row_g[r] = (int)q0 + warp * 32 + (r >> 1) * 16 + (r & 1) * 8 + g;
+        bool in = row_g[r] < tq;
+        rlo[r] = SEG && in ? (int)seg_klo[row_g[r]] : 0;
+        rhi[r] = SEG ? (in ? (int)seg_khi[row_g[r]] : 0) : (int)tk;
+    }
+    const int off32 = (int)off;
+    float m[4], l[4];  // running max (raw scores) and sum per row
+    float acc[2][DB][4];
 #pragma unroll
-            for (int r = 0; r < 4; ++r) s[j][r] = 0.f;
+    for (int r = 0; r < 4; ++r) {
+        m[r] = NEG_INF;
+        l[r] = 0.f;
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int j = 0; j < DB; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
+
+    // ldmatrix lane offsets (see common.cuh): A / [k][n]-stored B, and [n][k]-stored B.
+    const int a_off = (lane & 15) * LD + (lane >> 4) * 8;
+    const int b_off = ((lane & 7) + (lane >> 4) * 8) * LD + ((lane >> 3) & 1) * 8;
+    // 32-bit shared addresses (bytes): generic pointers would cost 64-bit registers.
+    const unsigned int sQa = smem_addr(sQ) + 2 * (warp * 32 * LD + a_off);
+    const unsigned int sKa = smem_addr(sK) + 2 * b_off, sVa = smem_addr(sV) + 2 * a_off;
+
+    int buf = 0;
+    // k0 need not be a multiple of BN (segments start anywhere); rows are 16-byte aligned.
+    for (i64 k0 = kbeg; k0 < kend; k0 += BN, buf ^= 1) {
+        cp_async_wait<1>();  // this tile's K (and Q) landed; its V may still be in flight
+        __syncthreads();     // ... for every thread; and the other buffers are free
+        i64 kn = k0 + BN;
+        if (kn < kend) fa_load_rows<D>(sK + (buf ^ 1) * BN * LD, kb, kn, tk, BN);
+        cp_async_commit();
+        if (kn < kend) fa_load_rows<D>(sV + (buf ^ 1) * BN * LD, vb, kn, tk, BN);
+        cp_async_commit();
+        const unsigned int cK = sKa + 2 * buf * BN * LD, cV = sVa + 2 * buf * BN * LD;
+
+        // S = Q K^T: 32 rows x 64 keys per warp.
+        float s[2][NB][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int j = 0; j < NB; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D; kk += 16) {
-            unsigned int a[4];
-            const bf16_t* p = sQ + (warp * 16 + g) * LD + kk + 2 * t;
-            a[0] = ld_pair(p);
-            a[1] = ld_pair(p + 8 * LD);
-            a[2] = ld_pair(p + 8);
-            a[3] = ld_pair(p + 8 * LD + 8);
+            unsigned int a0[4], a1[4];
+            ldsm_x4(a0, sQa + 2 * kk);
+            ldsm_x4(a1, sQa + 2 * (16 * LD + kk));
 #pragma unroll
-            for (int j = 0; j < FA_BN / 8; ++j) {
-                unsigned int bb[2];
-                const bf16_t* pk = sK + (j * 8 + g) * LD + kk + 2 * t;
-                bb[0] = ld_pair(pk);
-                bb[1] = ld_pair(pk + 8);
-                mma_bf16_16816(s[j], a, bb);
+            for (int j = 0; j < NB; j += 2) {
+                unsigned int bb[4];
+                ldsm_x4(bb, cK + 2 * (j * 8 * LD + kk));
+                mma_bf16_16816(s[0][j], a0, bb);
+                mma_bf16_16816(s[0][j + 1], a0, bb + 2);
+                mma_bf16_16816(s[1][j], a1, bb);
+                mma_bf16_16816(s[1][j + 1], a1, bb + 2);
             }
         }
 
-        // Mask, scale (log2 units), online softmax. Thread holds rows g (r=0,1) and g+8 (r=2,3).
-        float mx[2] = {NEG_INF, NEG_INF};
+        // Mask (only tiles that need it), then the online softmax. Element (mt, j, e) is row
+        // r = 2 mt + (e >> 1), key k0 + 8 j + 2 t + (e & 1).
+        bool need_mask = SEG || k0 + BN > tk || (causal && k0 + BN - 1 > q0 + warp * 32 + off);
+        if (need_mask) {
 #pragma unroll
-        for (int j = 0; j < FA_BN / 8; ++j)
+            for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                i64 key = k0 + j * 8 + 2 * t + (r & 1);
-                i64 row = row_g[r >> 1];
-                bool ok = key < tk && key >= rlo[r >> 1] && key < rhi[r >> 1] && (!causal || key <= row + off);
-                float x = ok ? s[j][r] * sl2 : NEG_INF;
-                s[j][r] = x;
-                mx[r >> 1] = fmaxf(mx[r >> 1], x);
+                for (int j = 0; j < NB; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        int r = 2 * mt + (e >> 1);
+                        int key = (int)k0 + j * 8 + 2 * t + (e & 1);
+                        bool ok = key < tk && key >= rlo[r] && key < rhi[r] && (!causal || key <= row_g[r] + off32);
+                        if (!ok) s[mt][j][e] = NEG_INF;
+                    }
+        }
+        float corr[4], mneg[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            int mt = r >> 1, e0 = (r & 1) * 2;
+            float mx = m[r];
+#pragma unroll
+            for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][e0], s[mt][j][e0 + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // A row with no key yet keeps m = -inf: use 0 as the offset so exp2(-inf) = 0.
+            mneg[r] = mx == NEG_INF ? 0.f : -mx * sl2;
+            corr[r] = fast_exp2(fmaf(m[r], sl2, mneg[r]));  // m = -inf -> 0 (acc and l are 0 anyway)
+            m[r] = mx;
+        }
+        float rs[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int j = 0; j < NB; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int r = 2 * mt + (e >> 1);
+                    float p = fast_exp2(fmaf(s[mt][j][e], sl2, mneg[r]));
+                    s[mt][j][e] = p;
+                    rs[r] += p;
+                }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) l[r] = l[r] * corr[r] + rs[r];  // quad-partial sums; reduced at the end
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int j = 0; j < DB; ++j) {
+                acc[mt][j][0] *= corr[2 * mt];
+                acc[mt][j][1] *= corr[2 * mt];
+                acc[mt][j][2] *= corr[2 * mt + 1];
+                acc[mt][j][3] *= corr[2 * mt + 1];
             }
-        float corr[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-            float mn = fmaxf(m[i], mx[i]);
-            corr[i] = (mn == NEG_INF) ? 1.f : exp2f(m[i] - mn);
-            m[i] = mn;
-        }
-        float rs[2] = {0.f, 0.f};
-#pragma unroll
-        for (int j = 0; j < FA_BN / 8; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                float mi = m[r >> 1];
-                float p = (mi == NEG_INF) ? 0.f : exp2f(s[j][r] - mi);
-                s[j][r] = p;
-                rs[r >> 1] += p;
-            }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            rs[i] += __shfl_xor_sync(0xffffffffu, rs[i], 1);
-            rs[i] += __shfl_xor_sync(0xffffffffu, rs[i], 2);
-            l[i] = l[i] * corr[i] + rs[i];
-        }
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-            acc[j][0] *= corr[0];
-            acc[j][1] *= corr[0];
-            acc[j][2] *= corr[1];
-            acc[j][3] *= corr[1];
-        }
 
-        // O += P V: P (16 x 64 keys) from the S accumulators, V tile [key][d] in shared memory.
+        cp_async_wait<2>();  // this tile's V landed (the next tile's K and V may be in flight)
+        __syncthreads();
+
+        // O += P V: P from the S accumulators (A fragments), V [key][d] through ldmatrix.trans.
 #pragma unroll
-        for (int kk = 0; kk < FA_BN / 16; ++kk) {
-            unsigned int a[4];
-            a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            const bf16_t* pv = sV + (kk * 16 + 2 * t) * LD + g;
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            unsigned int a[2][4];
 #pragma unroll
-            for (int j = 0; j < D / 8; ++j) {
-                unsigned int bb[2];
-                const bf16_t* p = pv + j * 8;
-                bb[0] = (unsigned int)p[0] | ((unsigned int)p[LD] << 16);
-                bb[1] = (unsigned int)p[8 * LD] | ((unsigned int)p[9 * LD] << 16);
-                mma_bf16_16816(acc[j], a, bb);
+            for (int mt = 0; mt < 2; ++mt) {
+                a[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int j = 0; j < DB; j += 2) {
+                unsigned int bb[4];
+                ldsm_x4_t(bb, cV + 2 * (kk * 16 * LD + j * 8));
+                mma_bf16_16816(acc[0][j], a[0], bb);
+                mma_bf16_16816(acc[0][j + 1], a[0], bb + 2);
+                mma_bf16_16816(acc[1][j], a[1], bb);
+                mma_bf16_16816(acc[1][j + 1], a[1], bb + 2);
             }
         }
     }
     cp_async_wait<0>();
 
-    // Epilogue: normalise, write o (bf16) and lse.
+    // Epilogue: the row sums across the quad, normalise, write o (bf16 pairs) and lse.
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        i64 row = row_g[i];
+    for (int r = 0; r < 4; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        i64 row = row_g[r];
         if (row >= tq) continue;
-        float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-        bf16_t* orow = o + ((b * hq + h) * tq + row) * D;
+        int mt = r >> 1, e0 = (r & 1) * 2;
+        float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        bf16_t* orow = o + ((b * hq + h) * tq + row) * D + 2 * t;
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-            int col = j * 8 + 2 * t;
-            orow[col] = f2bf(acc[j][2 * i] * inv);
-            orow[col + 1] = f2bf(acc[j][2 * i + 1] * inv);
-        }
+        for (int j = 0; j < DB; ++j)
+            *reinterpret_cast<unsigned int*>(orow + j * 8) = pack_bf16(acc[mt][j][e0] * inv, acc[mt][j][e0 + 1] * inv);
         if (t == 0) {
-            lse[(b * hq + h) * tq + row] = l[i] > 0.f ? (m[i] + log2f(l[i])) * 0.6931471805599453f : NEG_INF;
+            lse[(b * hq + h) * tq + row] = l[r] > 0.f ? m[r] * scale + log2f(l[r]) * 0.6931471805599453f : NEG_INF;
         }
     }
 }
 
 // Entry points: flash_fwd_d{D} ignores the segment arrays (may be null), flash_fwd_seg_d{D}
 // applies them; the same for the backward kernels.
-#define FLASH_FWD(NAME, D, SEG)                                                                          \
-    extern "C" __global__ void __launch_bounds__(128)                                                    \
+#define FLASH_FWD(NAME, D, BN, SEG)                                                                      \
+    extern "C" __global__ void __launch_bounds__(128, 2)                                                 \
         NAME(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, float* lse,                   \
              const unsigned int* seg_klo, const unsigned int* seg_khi, i64 hq, i64 hkv, i64 tq, i64 tk,  \
              float scale, i64 causal) {                                                                  \
-        flash_fwd<D, SEG>(q, k, v, o, lse, seg_klo, seg_khi, hq, hkv, tq, tk, scale, causal);           \
+        flash_fwd<D, BN, SEG>(q, k, v, o, lse, seg_klo, seg_khi, hq, hkv, tq, tk, scale, causal);       \
     }
-FLASH_FWD(flash_fwd_d64, 64, false)
-FLASH_FWD(flash_fwd_d80, 80, false)
-FLASH_FWD(flash_fwd_d128, 128, false)
-FLASH_FWD(flash_fwd_seg_d64, 64, true)
-FLASH_FWD(flash_fwd_seg_d80, 80, true)
-FLASH_FWD(flash_fwd_seg_d128, 128, true)
+FLASH_FWD(flash_fwd_d64, 64, FA_FWD_BN(64), false)
+FLASH_FWD(flash_fwd_d80, 80, FA_FWD_BN(80), false)
+FLASH_FWD(flash_fwd_d128, 128, FA_FWD_BN(128), false)
+FLASH_FWD(flash_fwd_seg_d64, 64, FA_FWD_BN(64), true)
+FLASH_FWD(flash_fwd_seg_d80, 80, FA_FWD_BN(80), true)
+FLASH_FWD(flash_fwd_seg_d128, 128, FA_FWD_BN(128), true)
+// The 64-key tile at D 128 (a few registers spill), for benchmarks: TESSERA_FLASH_BN=64.
+FLASH_FWD(flash_fwd_d128_bn64, 128, 64, false)
 
 // ---------------------------------------------------------------------------------------------
 // Backward (FlashAttention-2 scheme, deterministic: no atomics). With P = exp(S·scale − lse),
@@ -264,12 +337,32 @@ FLASH_FWD(flash_fwd_seg_d128, 128, true)
 //   dQ = scale · dS K                 (kernel flash_bwd_dq: one block per 64-query tile and head,
 //                                      looping over key tiles, recomputing S and dP)
 // delta comes from attn_bwd_delta (kernels/attention.cu). All operands contiguous [B, H, T, D] bf16; lse, delta f32.
+//
+// Both kernels stream 64-row tiles through two shared-memory buffers (cp.async): the copy of
+// tile i + 1 is issued right after the barrier that opens tile i, so it overlaps tile i's math;
+// one barrier per tile both publishes tile i and tells that every warp is done with tile i - 1,
+// whose buffer the copy refills (so cp.async.wait_group 0 before that barrier waits for tile i
+// alone: it is the only group in flight). All fragments come from ldmatrix (common.cuh: A rows
+// and B stored [n][k] plain, B stored [k][n] with .trans). Only edge tiles (crossing the causal
 
-// B fragment of an m16n8k16 product whose B operand is stored [k][n] in shared memory (n
-// contiguous): two 16-bit loads per register.
-__device__ __forceinline__ void frag_b_kn(unsigned int* bb, const bf16_t* p, int ld) {
-    bb[0] = (unsigned int)p[0] | ((unsigned int)p[ld] << 16);
-    bb[1] = (unsigned int)p[8 * ld] | ((unsigned int)p[9 * ld] << 16);
+// diagonal, Tq or Tk, and every tile with segments) apply the per-element mask, as one
+// tile-relative interval [lo, hi) per accumulator row; interior tiles see every pair.
+// Shared memory (flash_bwd in src/backend/cuda/flash.rs): dK/dV 6 tiles of 64 x (D + 8) bf16
+// + 256 floats, dQ 6 tiles.
+
+// 4-byte async copy global -> shared (lse / delta values: a tile's rows start anywhere, so no
+// 16-byte alignment); `valid` false zero-fills the destination.
+__device__ __forceinline__ void fb_cp_async4(float* smem, const float* gmem, bool valid) {
+    unsigned int s = smem_addr(smem);
+    int n = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+
+// [lo, hi) relative to a tile start, clamped to [0, 64] as ints: for c in [0, 64),
+// lo <= c < hi holds exactly when it holds for the unclamped bounds.
+__device__ __forceinline__ void fb_clamp64(i64 lo, i64 hi, int* clo, int* chi) {
+    *clo = (int)(lo < 0 ? 0 : (lo > 64 ? 64 : lo));
+    *chi = (int)(hi < 0 ? 0 : (hi > 64 ? 64 : hi));
 }
 
 template <int D, bool SEG>
@@ -280,13 +373,18 @@ __device__ void flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __res
                                const unsigned int* __restrict__ seg_qlo, const unsigned int* __restrict__ seg_qhi,
                                i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {
     constexpr int LD = D + 8;
+    constexpr int TILE = 64 * LD;  // elements of one 64-row tile
+    // Queries per chunk of the tile's math: D = 128 takes the 64 in two chunks of 32, which keeps
+    // half the Sᵀ / dPᵀ accumulators live beside the 2·D/2 of dK, dV (no spills).
+    constexpr int NH = D > 80 ? 2 : 1, QW = 64 / NH;
+    // Shared: K and V of the block's key tile (resident), two buffers of the streamed query tile
+    // (buffer s: Q at sQG + 2s·TILE, dO at + TILE), then two buffers of 128 floats (buffer s at
+    // sLD + 128s: lse·log2 e [64], then delta [64]).
     extern __shared__ __align__(16) unsigned char fb_smem[];
     bf16_t* sK = reinterpret_cast<bf16_t*>(fb_smem);
-    bf16_t* sV = sK + 64 * LD;
-    bf16_t* sQ = sV + 64 * LD;
-    bf16_t* sG = sQ + 64 * LD;
-    float* sL = reinterpret_cast<float*>(sG + 64 * LD);  // lse · log2 e, per query of the tile
-    float* sD = sL + 64;                                  // delta
+    bf16_t* sV = sK + TILE;
+    bf16_t* sQG = sV + TILE;
+    float* sLD = reinterpret_cast<float*>(sQG + 4 * TILE);
 
     i64 b = blockIdx.z, hk = blockIdx.y, k0 = (i64)blockIdx.x * 64;
     i64 group = hq / hkv;
@@ -295,7 +393,6 @@ __device__ void flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __res
     const bf16_t* vb = v + (b * hkv + hk) * tk * D;
     fa_load_rows<D>(sK, kb, k0, tk, 64);
     fa_load_rows<D>(sV, vb, k0, tk, 64);
-    cp_async_commit();
 
     const float sl2 = scale * 1.4426950408889634f;
     i64 off = tk - tq;
@@ -310,110 +407,175 @@ __device__ void flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __res
         qstart = lo > qstart ? lo : qstart;
         qend = hi < qend ? hi : qend;
     }
+    // The (GQA head gi, query tile q0) pairs, gi-major and q0 = qstart, qstart + 64, ... < qend,
+    // as one flat sequence of n tiles, so that the prefetch crosses head boundaries too.
+    i64 nq = qend > qstart ? (qend - qstart + 63) / 64 : 0;
+    i64 n = group * nq;
+
+    // Issue the copies of tile (gi, q0) into buffer s: Q and dO rows (zero past tq), lse (threads
+    // 0..63) and delta (threads 64..127) of its 64 rows (zero past tq; lse fixed up on arrival).
+    // q0 need not be a multiple of 64 (segments start anywhere); rows are 16-byte aligned.
+    auto load_tile = [&](int s, i64 gi, i64 q0) {
+        i64 bh = b * hq + hk * group + gi;
+        fa_load_rows<D>(sQG + (2 * s) * TILE, q + bh * tq * D, q0, tq, 64);
+        fa_load_rows<D>(sQG + (2 * s + 1) * TILE, dout + bh * tq * D, q0, tq, 64);
+        i64 qi = q0 + (threadIdx.x & 63);
+        const float* src = threadIdx.x < 64 ? lse : delta;
+        bool ok = qi < tq;
+        fb_cp_async4(sLD + 128 * s + threadIdx.x, ok ? src + bh * tq + qi : src, ok);
+    };
+    if (n > 0) load_tile(0, 0, qstart);
+    cp_async_commit();  // one group: K, V and the first query tile
+
     float adk[D / 8][4], adv[D / 8][4];
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int r = 0; r < 4; ++r) adk[j][r] = adv[j][r] = 0.f;
+    // The thread's keys (rows g and g + 8 of the warp's 16) are seen by the queries
+    // [qlo_k, qhi_k): causal (key <= qi + off), segments, qi < tq; none for keys past tk.
     i64 key_r[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
-    unsigned int qlo[2] = {0u, 0u}, qhi[2] = {0u, 0u};  // the queries that see each of the thread's keys
-    if (SEG) {
+    i64 qlo_k[2], qhi_k[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            bool in = key_r[i] < tk;
-            qlo[i] = in ? seg_qlo[key_r[i]] : 0u;
-            qhi[i] = in ? seg_qhi[key_r[i]] : 0u;
+    for (int i = 0; i < 2; ++i) {
+        i64 key = key_r[i], lo = 0, hi = tq;
+        if (causal) lo = key - off;
+        if (SEG) {
+            bool in = key < tk;
+            i64 a = in ? (i64)seg_qlo[key] : 0, e = in ? (i64)seg_qhi[key] : 0;
+            lo = a > lo ? a : lo;
+            hi = e < hi ? e : hi;
         }
+        if (key >= tk) hi = lo;
+        qlo_k[i] = lo;
+        qhi_k[i] = hi;
     }
 
-    for (i64 gi = 0; gi < group; ++gi) {
-        i64 h = hk * group + gi;
-        const bf16_t* qb = q + (b * hq + h) * tq * D;
-        const bf16_t* gb = dout + (b * hq + h) * tq * D;
-        // q0 need not be a multiple of 64 (segments start anywhere); rows are 16-byte aligned.
-        for (i64 q0 = qstart; q0 < qend; q0 += 64) {
-            __syncthreads();  // previous tile consumed
-            fa_load_rows<D>(sQ, qb, q0, tq, 64);
-            fa_load_rows<D>(sG, gb, q0, tq, 64);
-            cp_async_commit();
-            if (threadIdx.x < 64) {
-                i64 qi = q0 + threadIdx.x;
-                float l = qi < tq ? lse[(b * hq + h) * tq + qi] : NEG_INF;
-                sL[threadIdx.x] = l == NEG_INF ? POS_INF : l * 1.4426950408889634f;
-                sD[threadIdx.x] = qi < tq ? delta[(b * hq + h) * tq + qi] : 0.f;
-            }
-            cp_async_wait<0>();
-            __syncthreads();
+    // Per-lane ldmatrix byte addresses (common.cuh's mapping, l = lane): A 16x16 of the warp's
+    // K / V rows, (warp·16 + l % 16, (l / 16)·8); B of two n-blocks stored [n][k], plain:
+    // (l % 8 + (l / 16)·8, ((l / 8) % 2)·8); B of two n-blocks stored [k][n], .trans:
+    // (l % 16, (l / 16)·8). Element (row, col) of a tile is at byte 2 (row·LD + col).
+    const unsigned int kA = smem_addr(sK) + 2 * ((warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8);
+    const unsigned int vA = kA + 2 * TILE;
+    const unsigned int qNK = smem_addr(sQG) + 2 * (((lane & 7) + (lane >> 4) * 8) * LD + ((lane >> 3) & 1) * 8);
+    const unsigned int qKN = smem_addr(sQG) + 2 * ((lane & 15) * LD + (lane >> 4) * 8);
 
-            // Sᵀ (16 keys x 64 queries) = K Qᵀ, and dPᵀ = V dOᵀ.
-            float st[8][4], dpt[8][4];
+    i64 gi = 0, q0 = qstart;  // the tile of this iteration
+    for (i64 it = 0; it < n; ++it) {
+        const int s = (int)(it & 1);
+        float* sL = sLD + 128 * s;
+        cp_async_wait<0>();  // this thread's copies of tile `it` (and at it = 0, K and V) landed
+        if (threadIdx.x < 64) {  // its own lse copy -> lse·log2 e; +inf (P = 0) past tq and for -inf
+            float l = sL[threadIdx.x];
+            sL[threadIdx.x] = (q0 + threadIdx.x < tq && l != NEG_INF) ? l * 1.4426950408889634f : POS_INF;
+        }
+        __syncthreads();  // tile `it` visible to all; every warp is done with buffer s ^ 1
+        i64 ngi = gi, nq0 = q0 + 64;  // the next tile
+        if (nq0 >= qend) {
+            nq0 = qstart;
+            ++ngi;
+        }
+        if (it + 1 < n) load_tile(s ^ 1, ngi, nq0);
+        cp_async_commit();
+
+        // Q of buffer s starts 2s·TILE elements (4s·TILE bytes) into sQG, dO one TILE later.
+        const unsigned int qnk = qNK + s * (4 * TILE), gnk = qnk + 2 * TILE;
+        const unsigned int qkn = qKN + s * (4 * TILE), gkn = qkn + 2 * TILE;
+        const float* sD = sL + 64;
+        // Edge tile: the thread's key rows see the tile-relative query columns [lo, hi).
+        const bool edge = SEG || k0 + 64 > tk || q0 + 64 > tq || (causal && k0 + 63 > q0 + off);
+        int lo[2] = {0, 0}, hi[2] = {64, 64};
+        if (edge) {
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
+            for (int i = 0; i < 2; ++i) fb_clamp64(qlo_k[i] - q0, qhi_k[i] - q0, &lo[i], &hi[i]);
+        }
+
+        // The tile's 64 queries in NH chunks of QW columns, starting at column c0 (not unrolled:
+        // an unrolled second chunk gets scheduled into the first and both stay live).
+#pragma unroll 1
+        for (int hh = 0; hh < NH; ++hh) {
+            const int c0 = hh * QW;
+            // Sᵀ (16 keys x QW queries) = K Qᵀ and dPᵀ = V dOᵀ: A = the warp's K / V rows, B = Q / dO
+            // stored [query][d] = [n][k]; one ldmatrix covers query blocks 2jp and 2jp + 1.
+            float st[QW / 8][4], dpt[QW / 8][4];
+#pragma unroll
+            for (int j = 0; j < QW / 8; ++j)
 #pragma unroll
                 for (int r = 0; r < 4; ++r) st[j][r] = dpt[j][r] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < D; kk += 16) {
-                unsigned int ak[4], avv[4];
-                const bf16_t* pk = sK + (warp * 16 + g) * LD + kk + 2 * t;
-                ak[0] = ld_pair(pk);
-                ak[1] = ld_pair(pk + 8 * LD);
-                ak[2] = ld_pair(pk + 8);
-                ak[3] = ld_pair(pk + 8 * LD + 8);
-                const bf16_t* pv = sV + (warp * 16 + g) * LD + kk + 2 * t;
-                avv[0] = ld_pair(pv);
-                avv[1] = ld_pair(pv + 8 * LD);
-                avv[2] = ld_pair(pv + 8);
-                avv[3] = ld_pair(pv + 8 * LD + 8);
+                unsigned int ak[4], av[4];
+                ldsm_x4(ak, kA + 2 * kk);
+                ldsm_x4(av, vA + 2 * kk);
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    unsigned int bq[2], bg[2];
-                    const bf16_t* p = sQ + (j * 8 + g) * LD + kk + 2 * t;
-                    bq[0] = ld_pair(p);
-                    bq[1] = ld_pair(p + 8);
-                    const bf16_t* p2 = sG + (j * 8 + g) * LD + kk + 2 * t;
-                    bg[0] = ld_pair(p2);
-                    bg[1] = ld_pair(p2 + 8);
-                    mma_bf16_16816(st[j], ak, bq);
-                    mma_bf16_16816(dpt[j], avv, bg);
+                for (int jp = 0; jp < QW / 16; ++jp) {
+                    unsigned int bq[4], bg[4];
+                    ldsm_x4(bq, qnk + 2 * ((c0 + jp * 16) * LD + kk));
+                    ldsm_x4(bg, gnk + 2 * ((c0 + jp * 16) * LD + kk));
+                    mma_bf16_16816(st[2 * jp], ak, bq);
+                    mma_bf16_16816(st[2 * jp + 1], ak, bq + 2);
+                    mma_bf16_16816(dpt[2 * jp], av, bg);
+                    mma_bf16_16816(dpt[2 * jp + 1], av, bg + 2);
                 }
             }
-            // Pᵀ and dSᵀ in place: st <- P, dpt <- dS.
+            // Pᵀ and dSᵀ in place: st <- P, dpt <- dS. Accumulator r of block j: key row
+            // g + 8 (r >> 1), query column c0 + j·8 + 2t + (r & 1).
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
+            for (int j = 0; j < QW / 8; ++j) {
+                const float2 l = *reinterpret_cast<const float2*>(sL + c0 + j * 8 + 2 * t);
+                st[j][0] = exp2f(st[j][0] * sl2 - l.x);
+                st[j][1] = exp2f(st[j][1] * sl2 - l.y);
+                st[j][2] = exp2f(st[j][2] * sl2 - l.x);
+                st[j][3] = exp2f(st[j][3] * sl2 - l.y);
+            }
+            if (edge) {
 #pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    int qc = j * 8 + 2 * t + (r & 1);
-                    i64 qi = q0 + qc, key = key_r[r >> 1];
-                    bool ok = key < tk && qi < tq && (!causal || key <= qi + off);
-                    if (SEG) ok = ok && (unsigned int)qi >= qlo[r >> 1] && (unsigned int)qi < qhi[r >> 1];
-                    float p = ok ? exp2f(st[j][r] * sl2 - sL[qc]) : 0.f;
-                    st[j][r] = p;
-                    dpt[j][r] = p * (dpt[j][r] - sD[qc]);
-                }
-            // dV += Pᵀ dO, dK += dSᵀ Q (reduction over the 64 queries, 4 steps of 16).
+                for (int j = 0; j < QW / 8; ++j)
 #pragma unroll
-            for (int kq = 0; kq < 4; ++kq) {
+                    for (int r = 0; r < 4; ++r) {
+                        int qc = c0 + j * 8 + 2 * t + (r & 1);
+                        if (qc < lo[r >> 1] || qc >= hi[r >> 1]) st[j][r] = 0.f;
+                    }
+            }
+#pragma unroll
+            for (int j = 0; j < QW / 8; ++j) {
+                const float2 dd = *reinterpret_cast<const float2*>(sD + c0 + j * 8 + 2 * t);
+                dpt[j][0] = st[j][0] * (dpt[j][0] - dd.x);
+                dpt[j][1] = st[j][1] * (dpt[j][1] - dd.y);
+                dpt[j][2] = st[j][2] * (dpt[j][2] - dd.x);
+                dpt[j][3] = st[j][3] * (dpt[j][3] - dd.y);
+            }
+            // dV += Pᵀ dO, dK += dSᵀ Q (reduction over the chunk's queries, steps of 16): A from
+            // the accumulators, B = dO / Q stored [query][d] = [k][n] (.trans); one ldmatrix
+            // covers d blocks 2dp and 2dp + 1.
+#pragma unroll
+            for (int kq = 0; kq < QW / 16; ++kq) {
                 unsigned int ap[4], ads[4];
-                ap[0] = pack_bf16(st[2 * kq][0], st[2 * kq][1]);
-                ap[1] = pack_bf16(st[2 * kq][2], st[2 * kq][3]);
-                ap[2] = pack_bf16(st[2 * kq + 1][0], st[2 * kq + 1][1]);
-                ap[3] = pack_bf16(st[2 * kq + 1][2], st[2 * kq + 1][3]);
-                ads[0] = pack_bf16(dpt[2 * kq][0], dpt[2 * kq][1]);
-                ads[1] = pack_bf16(dpt[2 * kq][2], dpt[2 * kq][3]);
-                ads[2] = pack_bf16(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]);
-                ads[3] = pack_bf16(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3]);
+                ap[0] = pack_bf16_rn(st[2 * kq][0], st[2 * kq][1]);
+                ap[1] = pack_bf16_rn(st[2 * kq][2], st[2 * kq][3]);
+                ap[2] = pack_bf16_rn(st[2 * kq + 1][0], st[2 * kq + 1][1]);
+                ap[3] = pack_bf16_rn(st[2 * kq + 1][2], st[2 * kq + 1][3]);
+                ads[0] = pack_bf16_rn(dpt[2 * kq][0], dpt[2 * kq][1]);
+                ads[1] = pack_bf16_rn(dpt[2 * kq][2], dpt[2 * kq][3]);
+                ads[2] = pack_bf16_rn(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]);
+                ads[3] = pack_bf16_rn(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3]);
 #pragma unroll
-                for (int dj = 0; dj < D / 8; ++dj) {
-                    unsigned int bgv[2], bqv[2];
-                    frag_b_kn(bgv, sG + (kq * 16 + 2 * t) * LD + dj * 8 + g, LD);
-                    frag_b_kn(bqv, sQ + (kq * 16 + 2 * t) * LD + dj * 8 + g, LD);
-                    mma_bf16_16816(adv[dj], ap, bgv);
-                    mma_bf16_16816(adk[dj], ads, bqv);
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    unsigned int bgv[4], bqv[4];
+                    ldsm_x4_t(bgv, gkn + 2 * ((c0 + kq * 16) * LD + dp * 16));
+                    ldsm_x4_t(bqv, qkn + 2 * ((c0 + kq * 16) * LD + dp * 16));
+                    mma_bf16_16816(adv[2 * dp], ap, bgv);
+                    mma_bf16_16816(adv[2 * dp + 1], ap, bgv + 2);
+                    mma_bf16_16816(adk[2 * dp], ads, bqv);
+                    mma_bf16_16816(adk[2 * dp + 1], ads, bqv + 2);
                 }
             }
         }
+        gi = ngi;
+        q0 = nq0;
     }
     cp_async_wait<0>();
+    // Row g + 8i of the warp's keys, columns dj·8 + 2t, + 1: one 32-bit store per pair.
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         i64 key = key_r[i];
@@ -423,10 +585,9 @@ __device__ void flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __res
 #pragma unroll
         for (int dj = 0; dj < D / 8; ++dj) {
             int col = dj * 8 + 2 * t;
-            dkr[col] = f2bf(adk[dj][2 * i] * scale);
-            dkr[col + 1] = f2bf(adk[dj][2 * i + 1] * scale);
-            dvr[col] = f2bf(adv[dj][2 * i]);
-            dvr[col + 1] = f2bf(adv[dj][2 * i + 1]);
+            *reinterpret_cast<unsigned int*>(dkr + col) =
+                pack_bf16_rn(adk[dj][2 * i] * scale, adk[dj][2 * i + 1] * scale);
+            *reinterpret_cast<unsigned int*>(dvr + col) = pack_bf16_rn(adv[dj][2 * i], adv[dj][2 * i + 1]);
         }
     }
 }
@@ -438,11 +599,13 @@ __device__ void flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restr
                              const unsigned int* __restrict__ seg_klo, const unsigned int* __restrict__ seg_khi, i64 hq,
                              i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {
     constexpr int LD = D + 8;
+    constexpr int TILE = 64 * LD;  // elements of one 64-row tile
+    // Shared: Q and dO of the block's query tile (resident), then two buffers of the streamed key
+    // tile (buffer s: K at sKV + 2s·TILE, V at + TILE).
     extern __shared__ __align__(16) unsigned char fq_smem[];
     bf16_t* sQ = reinterpret_cast<bf16_t*>(fq_smem);
-    bf16_t* sG = sQ + 64 * LD;
-    bf16_t* sK = sG + 64 * LD;
-    bf16_t* sV = sK + 64 * LD;
+    bf16_t* sG = sQ + TILE;
+    bf16_t* sKV = sG + TILE;
 
     i64 b = blockIdx.z, h = blockIdx.y, q0 = (i64)blockIdx.x * 64;
     i64 hk = h / (hq / hkv);
@@ -453,37 +616,75 @@ __device__ void flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restr
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     fa_load_rows<D>(sQ, qb, q0, tq, 64);
     fa_load_rows<D>(sG, gb, q0, tq, 64);
-    cp_async_commit();
 
     const float sl2 = scale * 1.4426950408889634f;
     i64 off = tk - tq;
     i64 row_r[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
     float l2[2], dl[2];
-    i64 rlo[2], rhi[2];  // each row's key range [rlo, rhi) (empty for rows past tq with segments)
+    // The thread's rows see the keys [klo_r, khi_r): segments, causal (key <= row + off),
+    // key < tk; none for rows past tq.
+    i64 klo_r[2], khi_r[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         i64 r = row_r[i];
-        float l = r < tq ? lse[(b * hq + h) * tq + r] : NEG_INF;
+        bool in = r < tq;
+        float l = in ? lse[(b * hq + h) * tq + r] : NEG_INF;
         l2[i] = l == NEG_INF ? POS_INF : l * 1.4426950408889634f;
-        dl[i] = r < tq ? delta[(b * hq + h) * tq + r] : 0.f;
-        rlo[i] = SEG && r < tq ? (i64)seg_klo[r] : 0;
-        rhi[i] = SEG ? (r < tq ? (i64)seg_khi[r] : 0) : tk;
+        dl[i] = in ? delta[(b * hq + h) * tq + r] : 0.f;
+        i64 lo = 0, hi = tk;
+        if (SEG) {
+            lo = in ? (i64)seg_klo[r] : 0;
+            i64 e = in ? (i64)seg_khi[r] : 0;
+            hi = e < hi ? e : hi;
+        }
+        if (causal) {
+            i64 c = r + off + 1;
+            hi = c < hi ? c : hi;
+        }
+        if (!in) hi = lo;
+        klo_r[i] = lo;
+        khi_r[i] = hi;
     }
     i64 kbeg, kend;
     fa_key_span<SEG>(seg_klo, seg_khi, q0, tq, tk, causal, &kbeg, &kend);
+    // k0 need not be a multiple of 64 (segments start anywhere); rows are 16-byte aligned.
+    if (kbeg < kend) {
+        fa_load_rows<D>(sKV, kb, kbeg, tk, 64);
+        fa_load_rows<D>(sKV + TILE, vb, kbeg, tk, 64);
+    }
+    cp_async_commit();  // one group: Q, dO and the first key tile
+
     float adq[D / 8][4];
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int r = 0; r < 4; ++r) adq[j][r] = 0.f;
 
-    for (i64 k0 = kbeg; k0 < kend; k0 += 64) {
-        __syncthreads();
-        fa_load_rows<D>(sK, kb, k0, tk, 64);
-        fa_load_rows<D>(sV, vb, k0, tk, 64);
+    // Per-lane ldmatrix byte addresses (common.cuh's mapping, l = lane): A 16x16 of the warp's
+    // Q / dO rows, (warp·16 + l % 16, (l / 16)·8); B of two n-blocks stored [n][k], plain:
+    // (l % 8 + (l / 16)·8, ((l / 8) % 2)·8); B of two n-blocks stored [k][n], .trans:
+    // (l % 16, (l / 16)·8). Element (row, col) of a tile is at byte 2 (row·LD + col).
+    const unsigned int qA = smem_addr(sQ) + 2 * ((warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8);
+    const unsigned int gA = qA + 2 * TILE;
+    const unsigned int kNK = smem_addr(sKV) + 2 * (((lane & 7) + (lane >> 4) * 8) * LD + ((lane >> 3) & 1) * 8);
+    const unsigned int kKN = smem_addr(sKV) + 2 * ((lane & 15) * LD + (lane >> 4) * 8);
+
+    int buf = 0;  // the buffer of this iteration's key tile
+    for (i64 k0 = kbeg; k0 < kend; k0 += 64, buf ^= 1) {
+        cp_async_wait<0>();  // this thread's copies of this tile (and at the first, Q and dO) landed
+        __syncthreads();     // the tile visible to all; every warp is done with buffer buf ^ 1
+        if (k0 + 64 < kend) {
+            fa_load_rows<D>(sKV + (2 * (buf ^ 1)) * TILE, kb, k0 + 64, tk, 64);
+            fa_load_rows<D>(sKV + (2 * (buf ^ 1) + 1) * TILE, vb, k0 + 64, tk, 64);
+        }
         cp_async_commit();
-        cp_async_wait<0>();
-        __syncthreads();
+
+        // K of buffer buf starts 2buf·TILE elements (4buf·TILE bytes) into sKV, V one TILE later.
+        const unsigned int knk = kNK + buf * (4 * TILE), vnk = knk + 2 * TILE;
+        const unsigned int kkn = kKN + buf * (4 * TILE);
+
+        // S = Q Kᵀ and dP = dO Vᵀ (16 rows x 64 keys): A = the warp's Q / dO rows, B = K / V
+        // stored [key][d] = [n][k]; one ldmatrix covers key blocks 2jp and 2jp + 1.
         float s[8][4], dp[8][4];
 #pragma unroll
         for (int j = 0; j < 8; ++j)
@@ -492,56 +693,61 @@ __device__ void flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restr
 #pragma unroll
         for (int kk = 0; kk < D; kk += 16) {
             unsigned int aq[4], ag[4];
-            const bf16_t* p = sQ + (warp * 16 + g) * LD + kk + 2 * t;
-            aq[0] = ld_pair(p);
-            aq[1] = ld_pair(p + 8 * LD);
-            aq[2] = ld_pair(p + 8);
-            aq[3] = ld_pair(p + 8 * LD + 8);
-            const bf16_t* p2 = sG + (warp * 16 + g) * LD + kk + 2 * t;
-            ag[0] = ld_pair(p2);
-            ag[1] = ld_pair(p2 + 8 * LD);
-            ag[2] = ld_pair(p2 + 8);
-            ag[3] = ld_pair(p2 + 8 * LD + 8);
+            ldsm_x4(aq, qA + 2 * kk);
+            ldsm_x4(ag, gA + 2 * kk);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                unsigned int bk[2], bv[2];
-                const bf16_t* pk = sK + (j * 8 + g) * LD + kk + 2 * t;
-                bk[0] = ld_pair(pk);
-                bk[1] = ld_pair(pk + 8);
-                const bf16_t* pv = sV + (j * 8 + g) * LD + kk + 2 * t;
-                bv[0] = ld_pair(pv);
-                bv[1] = ld_pair(pv + 8);
-                mma_bf16_16816(s[j], aq, bk);
-                mma_bf16_16816(dp[j], ag, bv);
+            for (int jp = 0; jp < 4; ++jp) {
+                unsigned int bk[4], bv[4];
+                ldsm_x4(bk, knk + 2 * (jp * 16 * LD + kk));
+                ldsm_x4(bv, vnk + 2 * (jp * 16 * LD + kk));
+                mma_bf16_16816(s[2 * jp], aq, bk);
+                mma_bf16_16816(s[2 * jp + 1], aq, bk + 2);
+                mma_bf16_16816(dp[2 * jp], ag, bv);
+                mma_bf16_16816(dp[2 * jp + 1], ag, bv + 2);
             }
+        }
+        // P, then dS = P (dP - delta) in s. Accumulator r of block j: row g + 8 (r >> 1), key
+        // column j·8 + 2t + (r & 1).
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) s[j][r] = exp2f(s[j][r] * sl2 - l2[r >> 1]);
+        if (SEG || k0 + 64 > tk || q0 + 64 > tq || (causal && k0 + 63 > q0 + off)) {  // edge tile
+            int lo[2], hi[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) fb_clamp64(klo_r[i] - k0, khi_r[i] - k0, &lo[i], &hi[i]);
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    int kc = j * 8 + 2 * t + (r & 1);
+                    if (kc < lo[r >> 1] || kc >= hi[r >> 1]) s[j][r] = 0.f;
+                }
         }
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                i64 key = k0 + j * 8 + 2 * t + (r & 1), row = row_r[r >> 1];
-                bool ok = key < tk && row < tq && key >= rlo[r >> 1] && key < rhi[r >> 1] &&
-                          (!causal || key <= row + off);
-                float p = ok ? exp2f(s[j][r] * sl2 - l2[r >> 1]) : 0.f;
-                s[j][r] = p * (dp[j][r] - dl[r >> 1]);  // dS
-            }
-        // dQ += dS K (reduction over the 64 keys).
+            for (int r = 0; r < 4; ++r) s[j][r] = s[j][r] * (dp[j][r] - dl[r >> 1]);
+        // dQ += dS K (reduction over the 64 keys, 4 steps of 16): A from the accumulators, B = K
+        // stored [key][d] = [k][n] (.trans); one ldmatrix covers d blocks 2dj and 2dj + 1.
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             unsigned int a[4];
-            a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            a[0] = pack_bf16_rn(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack_bf16_rn(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack_bf16_rn(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack_bf16_rn(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-            for (int dj = 0; dj < D / 8; ++dj) {
-                unsigned int bb[2];
-                frag_b_kn(bb, sK + (kk * 16 + 2 * t) * LD + dj * 8 + g, LD);
-                mma_bf16_16816(adq[dj], a, bb);
+            for (int dj = 0; dj < D / 16; ++dj) {
+                unsigned int bb[4];
+                ldsm_x4_t(bb, kkn + 2 * (kk * 16 * LD + dj * 16));
+                mma_bf16_16816(adq[2 * dj], a, bb);
+                mma_bf16_16816(adq[2 * dj + 1], a, bb + 2);
             }
         }
     }
     cp_async_wait<0>();
+    // Row g + 8i of the warp's rows, columns dj·8 + 2t, + 1: one 32-bit store per pair.
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         i64 row = row_r[i];
@@ -550,8 +756,8 @@ __device__ void flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restr
 #pragma unroll
         for (int dj = 0; dj < D / 8; ++dj) {
             int col = dj * 8 + 2 * t;
-            r[col] = f2bf(adq[dj][2 * i] * scale);
-            r[col + 1] = f2bf(adq[dj][2 * i + 1] * scale);
+            *reinterpret_cast<unsigned int*>(r + col) =
+                pack_bf16_rn(adq[dj][2 * i] * scale, adq[dj][2 * i + 1] * scale);
         }
     }
 }

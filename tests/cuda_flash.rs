@@ -126,6 +126,36 @@ fn flash_fwd_matches_cpu() {
     case(2, 2, 1, 200, 200, 80, true);
     case(1, 3, 3, 1, 77, 128, true);
     case(1, 2, 2, 70, 50, 64, true); // early rows see no key
+                                     // Several 128-query blocks, the last one partial; key tiles crossing the diagonal.
+    case(1, 2, 1, 300, 300, 128, true);
+    case(1, 2, 2, 257, 513, 64, false);
+    case(1, 2, 2, 260, 390, 80, true);
+}
+
+/// The 64-key D 128 forward (a benchmark variant) against the CPU.
+#[test]
+fn flash_fwd_key_tile_64_matches_cpu() {
+    if cuda::device_or_skip("flash_fwd_key_tile").is_none() {
+        return;
+    }
+    for (tq, tk, causal) in [(300, 300, true), (129, 200, false), (64, 64, true)] {
+        let (b, hq, hkv, d) = (1, 4, 2, 128);
+        let q = round(randn(&[b, hq, tq, d], 11));
+        let k = round(randn(&[b, hkv, tk, d], 12));
+        let v = round(randn(&[b, hkv, tk, d], 13));
+        let opts = AttentionOptions {
+            causal,
+            ..Default::default()
+        };
+        let want = Tensor::attention(&q, &k, &v, &opts).unwrap();
+        let on = |t: &Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let (o, _) =
+            flash::flash_fwd_key_tile(&on(&q), &on(&k), &on(&v), causal, scale, 64).unwrap();
+        let e = rel_error(&o, &want).unwrap();
+        println!("flash key tile 64: tq{tq} tk{tk} causal={causal}: out rel {e:.2e}");
+        assert!(e <= 2e-2, "flash (key tile 64) output rel error {e}");
+    }
 }
 
 /// `Tensor::attention` in bf16 without padding/segments takes the flash forward and the
@@ -140,6 +170,9 @@ fn attention_op_uses_flash_and_grads_match() {
         (1, 4, 1, 130, 200, 64, true),
         (2, 2, 2, 100, 100, 128, false),
         (1, 2, 2, 70, 50, 64, true),
+        // Several tiles each way, GQA 2:1 (the backward's pipelines cross heads and tiles).
+        (1, 4, 2, 300, 300, 128, true),
+        (1, 2, 1, 200, 330, 80, false),
     ] {
         let q = randn(&[b, hq, tq, d], 11);
         let k = randn(&[b, hkv, tk, d], 12);

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 
-def time_ms(f, reps=20):
+def time_ms(f, reps=20, batch=10):
+    """Median ms per call over `reps` event pairs, each around `batch` back-to-back calls (the
+    same scheme as `tessera bench cuda`)."""
     f()
     f()
     torch.cuda.synchronize()
@@ -19,10 +21,11 @@ def time_ms(f, reps=20):
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
         a.record()
-        f()
+        for _ in range(batch):
+            f()
         b.record()
         b.synchronize()
-        ts.append(a.elapsed_time(b))
+        ts.append(a.elapsed_time(b) / batch)
     ts.sort()
     return ts[len(ts) // 2]
 

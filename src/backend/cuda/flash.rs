@@ -93,6 +93,9 @@ pub fn flash_fwd(
     flash_fwd_segments(q, k, v, causal, scale, None)
 }
 
+/// Queries per forward block (FA_FWD_BM in kernels/flash.cu).
+const FWD_BM: usize = 128;
+
 /// `flash_fwd` whose rows see only their segment's keys (when `segments` is given).
 pub fn flash_fwd_segments(
     q: &Tensor,
@@ -101,6 +104,40 @@ pub fn flash_fwd_segments(
     causal: bool,
     scale: f64,
     segments: Option<&Segments>,
+) -> Result<(Tensor, Tensor)> {
+    let d = q.dims().last().copied().unwrap_or(0);
+    fwd(
+        q,
+        k,
+        v,
+        causal,
+        scale,
+        segments,
+        if d == 128 { 32 } else { 64 },
+    )
+}
+
+/// `flash_fwd` with a chosen key tile: 64 at any head dim, or 32 at D 128 (the default there;
+/// the 64-key D 128 kernel spills a few registers). For benchmarks and tests.
+pub fn flash_fwd_key_tile(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+    key_tile: usize,
+) -> Result<(Tensor, Tensor)> {
+    fwd(q, k, v, causal, scale, None, key_tile)
+}
+
+fn fwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+    segments: Option<&Segments>,
+    bn: usize,
 ) -> Result<(Tensor, Tensor)> {
     for t in [q, k, v] {
         if t.dtype() != DType::BF16 || !t.is_cuda() || t.rank() != 4 {
@@ -126,8 +163,31 @@ pub fn flash_fwd_segments(
             format!("head dim {d} (supported: 64, 80, 128)"),
         ));
     }
+    // The kernels index positions in 32 bits.
+    if tq.max(tk) >= 1 << 30 {
+        return Err(Error::shape(
+            "flash_fwd",
+            format!("sequence lengths tq {tq}, tk {tk} (at most 2^30)"),
+        ));
+    }
     let [klo, khi, _, _] = segment_ptrs(segments, "flash_fwd", tq, tk)?;
     let seg = if segments.is_some() { "seg_" } else { "" };
+    // Block: FWD_BM queries; key tiles of 32 (D 128) or 64 keys, double-buffered K and V
+    // (kernels/flash.cu, FA_FWD_BN); flash_fwd_d128_bn64 is the 64-key D 128 variant.
+    let suffix = match (d, bn, segments.is_some()) {
+        (128, 32, _) | (64 | 80, 64, _) => "",
+        (128, 64, false) => "_bn64",
+        _ => {
+            return Err(Error::msg(format!(
+                "flash_fwd: no kernel with key tile {bn} at head dim {d}{}",
+                if segments.is_some() {
+                    " with segments"
+                } else {
+                    ""
+                }
+            )))
+        }
+    };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let o = Tensor::empty_cuda(&[b, hq, tq, d], DType::BF16)?;
     let lse = Tensor::empty_cuda(&[b, hq, tq], DType::F32)?;
@@ -140,11 +200,11 @@ pub fn flash_fwd_segments(
     );
     let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
     let (scale, causal) = (scale as f32, causal as i64);
-    let shared = (3 * 64 * (d + 8) * 2) as u32;
+    let shared = ((FWD_BM + 4 * bn) * (d + 8) * 2) as u32;
     device()?.launch(
         "flash.cu",
-        &format!("flash_fwd_{seg}d{d}"),
-        (tq.div_ceil(64) as u32, hq as u32, b as u32),
+        &format!("flash_fwd_{seg}d{d}{suffix}"),
+        (tq.div_ceil(FWD_BM) as u32, hq as u32, b as u32),
         (128, 1, 1),
         shared,
         &[
@@ -209,13 +269,15 @@ pub fn flash_bwd(
     let (dqp, dkp, dvp) = (dq.cuda_ptr()?, dk.cuda_ptr()?, dv.cuda_ptr()?);
     let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
     let (scale, causal) = (scale as f32, causal as i64);
+    // Shared memory: 64 x (D + 8) bf16 tiles. dK/dV: K, V and two buffers of (Q, dO), plus two
+    // buffers of 64 lse and 64 delta floats; dQ: Q, dO and two buffers of (K, V).
     let tile = (64 * (d + 8) * 2) as u32;
     dev.launch(
         "flash.cu",
         &format!("flash_bwd_dkdv_{seg}d{d}"),
         (tk.div_ceil(64) as u32, hkv as u32, b as u32),
         (128, 1, 1),
-        4 * tile + 128 * 4,
+        6 * tile + 2 * 128 * 4,
         &[
             arg(&qp),
             arg(&kp),
@@ -240,7 +302,7 @@ pub fn flash_bwd(
         &format!("flash_bwd_dq_{seg}d{d}"),
         (tq.div_ceil(64) as u32, hq as u32, b as u32),
         (128, 1, 1),
-        4 * tile,
+        6 * tile,
         &[
             arg(&qp),
             arg(&kp),

@@ -1,0 +1,79 @@
+"""Compile one kernels/*.cu file the way src/backend/cuda/compile.rs does (common.cuh prepended,
+NVRTC, the same options) to PTX, then run ptxas -v on it and print each kernel's registers,
+spills and shared memory. For kernel work without a GPU or a cargo build:
+
+    python3 tools/gpu/kernel_resources.py kernels/flash.cu [--arch sm_90] [--filter flash_fwd]
+
+Needs libnvrtc.so.13 (LD_LIBRARY_PATH or target/nvrtc/...) and ptxas (PATH or target/nvcc/...),
+both installable from PyPI: pip install --target target/nvrtc nvidia-cuda-nvrtc; pip install
+--target target/nvcc nvidia-cuda-nvcc.
+"""
+import argparse
+import ctypes
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_nvrtc():
+    for p in ["libnvrtc.so.13", os.path.join(ROOT, "target/nvrtc/nvidia/cu13/lib/libnvrtc.so.13")]:
+        try:
+            return ctypes.CDLL(p)
+        except OSError:
+            pass
+    sys.exit("libnvrtc.so.13 not found (pip install --target target/nvrtc nvidia-cuda-nvrtc)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("file")
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--filter", default="")
+    a = ap.parse_args()
+    name = os.path.basename(a.file)
+    src = open(os.path.join(ROOT, "kernels/common.cuh")).read() + f'\n#line 1 "{name}"\n' + open(a.file).read()
+    arch = a.arch
+    if "TESSERA_ARCH_SUFFIX_A" in src and arch == "sm_90":
+        arch = "sm_90a"
+    nv = load_nvrtc()
+    prog = ctypes.c_void_p()
+    assert nv.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), name.encode(), 0, None, None) == 0
+    opts = ["--std=c++17", "-default-device", "--extra-device-vectorization", f"--gpu-architecture={arch}"]
+    copts = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+    rc = nv.nvrtcCompileProgram(prog, len(opts), copts)
+    n = ctypes.c_size_t()
+    nv.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    nv.nvrtcGetProgramLog(prog, log)
+    if log.value.strip():
+        print(log.value.decode(), file=sys.stderr)
+    if rc != 0:
+        sys.exit(f"nvrtc failed on {a.file} ({rc})")
+    nv.nvrtcGetPTXSize(prog, ctypes.byref(n))
+    ptx = ctypes.create_string_buffer(n.value)
+    nv.nvrtcGetPTX(prog, ptx)
+    path = f"/tmp/{name}.{arch}.ptx"
+    open(path, "wb").write(ptx.value)
+    ptxas = "ptxas"
+    local = os.path.join(ROOT, "target/nvcc/nvidia/cu13/bin/ptxas")
+    if os.path.exists(local):
+        ptxas = local
+    out = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", path, "-o", path + ".cubin"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(out.stderr)
+    kern = None
+    for line in out.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            kern = m.group(1)
+            continue
+        if kern and a.filter in kern and ("Used" in line or "spill" in line):
+            print(f"{kern:40s} {line.split('info    :')[-1].strip()}")
+
+
+if __name__ == "__main__":
+    main()
