@@ -87,18 +87,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     let dtype: DType = a.dtype.parse()?;
                     let (x, y) = (x.to_cuda()?.to_dtype(dtype)?, y.to_cuda()?.to_dtype(dtype)?);
                     let dev = crate::backend::cuda::device()?;
-                    let mut ms = Vec::new();
-                    for i in 0..12 {
-                        let t = dev.time_ms(|| x.matmul(&y).map(|_| ()))?;
-                        if i >= 2 {
-                            ms.push(t as f64);
-                        }
-                    }
-                    ms.sort_by(f64::total_cmp);
-                    let tflops = 2.0 * (m * k * n) as f64 / (ms[ms.len() / 2] * 1e-3) / 1e12;
+                    // Median ms per call, 10 calls per event pair (as the PyTorch baseline).
+                    let ms = super::bench_cuda::time_ms(10, || x.matmul(&y).map(|_| ()))?;
+                    let tflops = 2.0 * (m * k * n) as f64 / (ms * 1e-3) / 1e12;
                     println!(
-                        "{{\"op\": \"matmul\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {:.4}, \"tflops\": {tflops:.2}}}",
-                        ms[ms.len() / 2]
+                        "{{\"op\": \"matmul\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}}}"
                     );
                     if dtype == DType::BF16 && k.is_multiple_of(8) {
                         // The tensor-core kernel directly, B given as [N, K] (nn.Linear layout).
@@ -114,21 +107,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
                             }
                         }
                         for (label, kernel) in kernels {
-                            let mut ms = Vec::new();
-                            for i in 0..12 {
-                                let t = dev.time_ms(|| {
-                                    matmul_bt_with(kernel, &x, &bt, None).map(|_| ())
-                                })?;
-                                if i >= 2 {
-                                    ms.push(t as f64);
-                                }
-                            }
-                            ms.sort_by(f64::total_cmp);
-                            let tflops =
-                                2.0 * (m * k * n) as f64 / (ms[ms.len() / 2] * 1e-3) / 1e12;
+                            let ms = super::bench_cuda::time_ms(10, || {
+                                matmul_bt_with(kernel, &x, &bt, None).map(|_| ())
+                            })?;
+                            let tflops = 2.0 * (m * k * n) as f64 / (ms * 1e-3) / 1e12;
                             println!(
-                                "{{\"op\": \"{label}\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {:.4}, \"tflops\": {tflops:.2}}}",
-                                ms[ms.len() / 2]
+                                "{{\"op\": \"{label}\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}}}"
                             );
                         }
                     }

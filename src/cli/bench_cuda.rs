@@ -14,7 +14,7 @@ const BATCH: usize = 10;
 
 /// Median milliseconds per call of `f` over `reps` event-timed batches of `BATCH` calls, after
 /// two warm-ups.
-fn time_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(super) fn time_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let dev = cuda::device()?;
     f()?;
     f()?;
@@ -154,6 +154,20 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         bytes: eb * n as f64,
         ms,
     });
+    // The warp-per-row kernel's variants (TESSERA_CE_WARP, src/backend/cuda/ops/loss.rs).
+    for variant in ["u4", "u16", "u4:r4", "u8:r4", "u16:r4"] {
+        std::env::set_var("TESSERA_CE_WARP", variant);
+        let ms = time_ms(reps, || {
+            no_grad(|| x.cross_entropy(&targets, -100)).map(|_| ())
+        });
+        std::env::remove_var("TESSERA_CE_WARP");
+        out.push(Row {
+            name: format!("cross_entropy fwd {variant}"),
+            shape: shape.clone(),
+            bytes: eb * n as f64,
+            ms: ms?,
+        });
+    }
     let ms = time_ms(reps, || {
         let xr = x.detach().requires_grad_();
         let l = xr.cross_entropy(&targets, -100)?;

@@ -81,8 +81,33 @@ timeout 120 "$BIN/tessera" bench matmul --device cuda --dtype bf16 \
     > "$OUT/bench_matmul.jsonl" 2>> "$OUT/bench_cuda.err"
 log "torch baselines"
 timeout 150 python3 tools/gpu/torch_baselines.py > "$OUT/torch.jsonl" 2> "$OUT/torch.err"
-log "train step (bench-tiny) tessera vs PyTorch + transformers"
-for dt in f32 bf16; do
+# NCU=1: Nsight Compute on the third launch of each kernel (regex) in NCU_KERNELS (what limits it:
+# throughput against the peaks, occupancy, warp stall reasons), when ncu exists and may read
+# the counters.
+if [ -n "${NCU:-}" ]; then
+    NCU_BIN=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
+    if [ -n "$NCU_BIN" ]; then
+        for k in ${NCU_KERNELS:-flash_fwd_d128 flash_bwd_dkdv_d128 flash_bwd_dq_d128 ce_warp_mean_(i64|u32)_bf16}; do
+            log "ncu $k"
+            timeout 90 "$NCU_BIN" -k "regex:^${k}\$" -s 2 -c 1 --section SpeedOfLight --section Occupancy \
+                --section LaunchStats --section WarpStateStats --section SchedulerStats \
+                --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+                "$BIN/tessera" bench cuda --json > "$OUT/ncu-$k.txt" 2>&1
+            echo "ncu exit $?" >> "$OUT/ncu-$k.txt"
+            grep -vE '^\{' "$OUT/ncu-$k.txt" | tail -n 80
+        done
+    else
+        log "ncu not found"
+    fi
+fi
+# SKIP_STEPS=1 leaves out the training-step benchmarks (kernel work only).
+STEP_DTYPES="f32 bf16"
+if [ -n "${SKIP_STEPS:-}" ]; then
+    STEP_DTYPES=; BIG_STEP_BEFORE_S=0
+else
+    log "train step (bench-tiny) tessera vs PyTorch + transformers"
+fi
+for dt in $STEP_DTYPES; do
     timeout 100 python3 tools/bench/step_torch.py --model models/bench-tiny --batch 8 --seq 256 \
         --image 224,224 --steps 10 --threads 8 --device cuda --dtype $dt --tessera "$BIN/tessera" \
         >> "$OUT/step.txt" 2>&1
