@@ -85,10 +85,11 @@ __device__ __forceinline__ void fa_key_span(const unsigned int* seg_klo, const u
 // Fragments come from shared memory by ldmatrix (V transposed on the way). Only tiles that
 // cross the causal diagonal, the end of the keys or a segment boundary are masked per element.
 // Causal blocks run in reverse tile order: the longest (last) query tiles start first.
-#define FA_FWD_BM 128
 #define FA_FWD_BN(D) ((D) > 80 ? 32 : 64)  // key tile: 32 at D 128 keeps 255 registers without spills
 
-template <int D, int BN, bool SEG>
+// MT m16 tiles per warp: the block has BM = 64 MT queries (MT = 2 above; MT = 1, 64 queries,
+// fewer registers and more blocks per SM, is a benchmark variant).
+template <int D, int BN, int MT, bool SEG>
 __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
                           bf16_t* __restrict__ o, float* __restrict__ lse, const unsigned int* __restrict__ seg_klo,
                           const unsigned int* __restrict__ seg_khi, i64 hq, i64 hkv, i64 tq, i64 tk, float scale,
@@ -96,13 +97,15 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
     constexpr int LD = D + 8;  // shared row stride: 16-byte rows, ldmatrix conflict-free
     constexpr int NB = BN / 8;  // n-blocks of S per m-tile
     constexpr int DB = D / 8;      // n-blocks of O per m-tile
+    constexpr int BM = 64 * MT;   // queries per block
+    constexpr int R = 2 * MT;     // rows per thread
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16_t* sQ = reinterpret_cast<bf16_t*>(fa_smem);
-    bf16_t* sK = sQ + FA_FWD_BM * LD;  // 2 buffers of BN rows
+    bf16_t* sK = sQ + BM * LD;  // 2 buffers of BN rows
     bf16_t* sV = sK + 2 * BN * LD;  // 2 buffers
 
     i64 qt = causal ? (i64)(gridDim.x - 1 - blockIdx.x) : (i64)blockIdx.x;
-    i64 b = blockIdx.z, h = blockIdx.y, q0 = qt * FA_FWD_BM;
+    i64 b = blockIdx.z, h = blockIdx.y, q0 = qt * BM;
     i64 hk = h / (hq / hkv);
     const bf16_t* qb = q + (b * hq + h) * tq * D;
     const bf16_t* kb = k + (b * hkv + hk) * tk * D;
@@ -114,51 +117,53 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
     i64 off = tk - tq;  // causal offset: row i sees keys <= i + off
     i64 kbeg = 0, kend = tk;
     if (causal) {
-        i64 last = q0 + FA_FWD_BM - 1 + off + 1;
+        i64 last = q0 + BM - 1 + off + 1;
         kend = last < kend ? last : kend;
     }
     if (SEG) {
-        i64 lo0, hi0, lo1, hi1;
-        fa_range_hull(seg_klo, seg_khi, q0, tq, &lo0, &hi0);
-        fa_range_hull(seg_klo, seg_khi, q0 + 64, tq, &lo1, &hi1);
-        i64 lo = lo0 < hi0 ? lo0 : lo1, hi = lo0 < hi0 ? hi0 : hi1;  // hull of the non-empty ones
-        if (lo1 < hi1 && lo0 < hi0) {
-            lo = lo0 < lo1 ? lo0 : lo1;
-            hi = hi0 > hi1 ? hi0 : hi1;
+        i64 lo = 0, hi = 0;  // hull of the non-empty 64-row hulls (empty: lo >= hi)
+        for (int c = 0; c < MT; ++c) {
+            i64 l, h;
+            fa_range_hull(seg_klo, seg_khi, q0 + 64 * c, tq, &l, &h);
+            if (l < h) {
+                bool first = lo >= hi;
+                lo = first || l < lo ? l : lo;
+                hi = first || h > hi ? h : hi;
+            }
         }
         kbeg = lo > kbeg ? lo : kbeg;
         kend = hi < kend ? hi : kend;
     }
 
     // Prologue: Q and the first K tile (one group), the first V tile (a second group).
-    fa_load_rows<D>(sQ, qb, q0, tq, FA_FWD_BM);
+    fa_load_rows<D>(sQ, qb, q0, tq, BM);
     if (kbeg < kend) fa_load_rows<D>(sK, kb, kbeg, tk, BN);
     cp_async_commit();
     if (kbeg < kend) fa_load_rows<D>(sV, vb, kbeg, tk, BN);
     cp_async_commit();
 
     const float sl2 = scale * LOG2E_F;  // exp(x scale) = exp2(x sl2)
-    // This thread's rows: r = 0..3 -> warp * 32 + (r >> 1) * 16 + (r & 1) * 8 + g.
+    // This thread's rows: r = 0..R-1 -> warp * 16 MT + (r >> 1) * 16 + (r & 1) * 8 + g.
     // Positions fit in 32 bits (the launcher checks), which keeps the mask cheap.
-    int row_g[4];
-    int rlo[4], rhi[4];  // each row's key range [rlo, rhi) (empty for rows past tq with segments)
+    int row_g[R];
+    int rlo[R], rhi[R];  // each row's key range [rlo, rhi) (empty for rows past tq with segments)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        row_g[r] = (int)q0 + warp * 32 + (r >> 1) * 16 + (r & 1) * 8 + g;
+    for (int r = 0; r < R; ++r) {
+        row_g[r] = (int)q0 + warp * 16 * MT + (r >> 1) * 16 + (r & 1) * 8 + g;
         bool in = row_g[r] < tq;
         rlo[r] = SEG && in ? (int)seg_klo[row_g[r]] : 0;
         rhi[r] = SEG ? (in ? (int)seg_khi[row_g[r]] : 0) : (int)tk;
     }
     const int off32 = (int)off;
-    float m[4], l[4];  // running max (raw scores) and sum per row
-    float acc[2][DB][4];
+    float m[R], l[R];  // running max (raw scores) and sum per row
+    float acc[MT][DB][4];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < R; ++r) {
         m[r] = NEG_INF;
         l[r] = 0.f;
     }
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int j = 0; j < DB; ++j)
 #pragma unroll
@@ -168,7 +173,7 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
     const int a_off = (lane & 15) * LD + (lane >> 4) * 8;
     const int b_off = ((lane & 7) + (lane >> 4) * 8) * LD + ((lane >> 3) & 1) * 8;
     // 32-bit shared addresses (bytes): generic pointers would cost 64-bit registers.
-    const unsigned int sQa = smem_addr(sQ) + 2 * (warp * 32 * LD + a_off);
+    const unsigned int sQa = smem_addr(sQ) + 2 * (warp * 16 * MT * LD + a_off);
     const unsigned int sKa = smem_addr(sK) + 2 * b_off, sVa = smem_addr(sV) + 2 * a_off;
 
     int buf = 0;
@@ -183,36 +188,37 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
         cp_async_commit();
         const unsigned int cK = sKa + 2 * buf * BN * LD, cV = sVa + 2 * buf * BN * LD;
 
-        // S = Q K^T: 32 rows x 64 keys per warp.
-        float s[2][NB][4];
+        // S = Q K^T: 16 MT rows x BN keys per warp.
+        float s[MT][NB][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int j = 0; j < NB; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D; kk += 16) {
-            unsigned int a0[4], a1[4];
-            ldsm_x4(a0, sQa + 2 * kk);
-            ldsm_x4(a1, sQa + 2 * (16 * LD + kk));
+            unsigned int a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) ldsm_x4(a[mt], sQa + 2 * (mt * 16 * LD + kk));
 #pragma unroll
             for (int j = 0; j < NB; j += 2) {
                 unsigned int bb[4];
                 ldsm_x4(bb, cK + 2 * (j * 8 * LD + kk));
-                mma_bf16_16816(s[0][j], a0, bb);
-                mma_bf16_16816(s[0][j + 1], a0, bb + 2);
-                mma_bf16_16816(s[1][j], a1, bb);
-                mma_bf16_16816(s[1][j + 1], a1, bb + 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16_16816(s[mt][j], a[mt], bb);
+                    mma_bf16_16816(s[mt][j + 1], a[mt], bb + 2);
+                }
             }
         }
 
         // Mask (only tiles that need it), then the online softmax. Element (mt, j, e) is row
         // r = 2 mt + (e >> 1), key k0 + 8 j + 2 t + (e & 1).
-        bool need_mask = SEG || k0 + BN > tk || (causal && k0 + BN - 1 > q0 + warp * 32 + off);
+        bool need_mask = SEG || k0 + BN > tk || (causal && k0 + BN - 1 > q0 + warp * 16 * MT + off);
         if (need_mask) {
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int j = 0; j < NB; ++j)
 #pragma unroll
@@ -223,9 +229,9 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
                         if (!ok) s[mt][j][e] = NEG_INF;
                     }
         }
-        float corr[4], mneg[4];
+        float corr[R], mneg[R];
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
+        for (int r = 0; r < R; ++r) {
             int mt = r >> 1, e0 = (r & 1) * 2;
             float mx = m[r];
 #pragma unroll
@@ -237,9 +243,11 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
             corr[r] = fast_exp2(fmaf(m[r], sl2, mneg[r]));  // m = -inf -> 0 (acc and l are 0 anyway)
             m[r] = mx;
         }
-        float rs[4] = {0.f, 0.f, 0.f, 0.f};
+        float rs[R];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int r = 0; r < R; ++r) rs[r] = 0.f;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int j = 0; j < NB; ++j)
 #pragma unroll
@@ -250,9 +258,9 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
                     rs[r] += p;
                 }
 #pragma unroll
-        for (int r = 0; r < 4; ++r) l[r] = l[r] * corr[r] + rs[r];  // quad-partial sums; reduced at the end
+        for (int r = 0; r < R; ++r) l[r] = l[r] * corr[r] + rs[r];  // quad-partial sums; reduced at the end
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int j = 0; j < DB; ++j) {
                 acc[mt][j][0] *= corr[2 * mt];
@@ -267,9 +275,9 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
         // O += P V: P from the S accumulators (A fragments), V [key][d] through ldmatrix.trans.
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            unsigned int a[2][4];
+            unsigned int a[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
+            for (int mt = 0; mt < MT; ++mt) {
                 a[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
                 a[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
                 a[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
@@ -279,10 +287,11 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
             for (int j = 0; j < DB; j += 2) {
                 unsigned int bb[4];
                 ldsm_x4_t(bb, cV + 2 * (kk * 16 * LD + j * 8));
-                mma_bf16_16816(acc[0][j], a[0], bb);
-                mma_bf16_16816(acc[0][j + 1], a[0], bb + 2);
-                mma_bf16_16816(acc[1][j], a[1], bb);
-                mma_bf16_16816(acc[1][j + 1], a[1], bb + 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16_16816(acc[mt][j], a[mt], bb);
+                    mma_bf16_16816(acc[mt][j + 1], a[mt], bb + 2);
+                }
             }
         }
     }
@@ -290,12 +299,12 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
 
     // Epilogue: the row sums across the quad, normalise, write o (bf16 pairs) and lse.
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < R; ++r) {
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     }
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < R; ++r) {
         i64 row = row_g[r];
         if (row >= tq) continue;
         int mt = r >> 1, e0 = (r & 1) * 2;
@@ -312,21 +321,24 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
 
 // Entry points: flash_fwd_d{D} ignores the segment arrays (may be null), flash_fwd_seg_d{D}
 // applies them; the same for the backward kernels.
-#define FLASH_FWD(NAME, D, BN, SEG)                                                                      \
-    extern "C" __global__ void __launch_bounds__(128, 2)                                                 \
+#define FLASH_FWD(NAME, D, BN, MT, SEG, MINB)                                                            \
+    extern "C" __global__ void __launch_bounds__(128, MINB)                                              \
         NAME(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, float* lse,                   \
              const unsigned int* seg_klo, const unsigned int* seg_khi, i64 hq, i64 hkv, i64 tq, i64 tk,  \
              float scale, i64 causal) {                                                                  \
-        flash_fwd<D, BN, SEG>(q, k, v, o, lse, seg_klo, seg_khi, hq, hkv, tq, tk, scale, causal);       \
+        flash_fwd<D, BN, MT, SEG>(q, k, v, o, lse, seg_klo, seg_khi, hq, hkv, tq, tk, scale, causal);   \
     }
-FLASH_FWD(flash_fwd_d64, 64, FA_FWD_BN(64), false)
-FLASH_FWD(flash_fwd_d80, 80, FA_FWD_BN(80), false)
-FLASH_FWD(flash_fwd_d128, 128, FA_FWD_BN(128), false)
-FLASH_FWD(flash_fwd_seg_d64, 64, FA_FWD_BN(64), true)
-FLASH_FWD(flash_fwd_seg_d80, 80, FA_FWD_BN(80), true)
-FLASH_FWD(flash_fwd_seg_d128, 128, FA_FWD_BN(128), true)
-// The 64-key tile at D 128 (a few registers spill), for benchmarks: TESSERA_FLASH_BN=64.
-FLASH_FWD(flash_fwd_d128_bn64, 128, 64, false)
+FLASH_FWD(flash_fwd_d64, 64, FA_FWD_BN(64), 2, false, 2)
+FLASH_FWD(flash_fwd_d80, 80, FA_FWD_BN(80), 2, false, 2)
+FLASH_FWD(flash_fwd_d128, 128, FA_FWD_BN(128), 2, false, 2)
+FLASH_FWD(flash_fwd_seg_d64, 64, FA_FWD_BN(64), 2, true, 2)
+FLASH_FWD(flash_fwd_seg_d80, 80, FA_FWD_BN(80), 2, true, 2)
+FLASH_FWD(flash_fwd_seg_d128, 128, FA_FWD_BN(128), 2, true, 2)
+// Benchmark variants (flash_fwd_tiles in src/backend/cuda/flash.rs): the 64-key D 128 tile (a
+// few registers spill), and 64-query blocks (MT = 1; keys 32 at D 128), 3 or 4 blocks per SM.
+FLASH_FWD(flash_fwd_d128_bn64, 128, 64, 2, false, 2)
+FLASH_FWD(flash_fwd_m64_d128, 128, 32, 1, false, 3)
+FLASH_FWD(flash_fwd_m64_d64, 64, 64, 1, false, 4)
 
 // ---------------------------------------------------------------------------------------------
 // Backward (FlashAttention-2 scheme, deterministic: no atomics). With P = exp(S·scale − lse),

@@ -132,29 +132,39 @@ fn flash_fwd_matches_cpu() {
     case(1, 2, 2, 260, 390, 80, true);
 }
 
-/// The 64-key D 128 forward (a benchmark variant) against the CPU.
+/// The forward's tile variants (benchmarks) against the CPU.
 #[test]
-fn flash_fwd_key_tile_64_matches_cpu() {
-    if cuda::device_or_skip("flash_fwd_key_tile").is_none() {
+fn flash_fwd_tile_variants_match_cpu() {
+    if cuda::device_or_skip("flash_fwd_tiles").is_none() {
         return;
     }
-    for (tq, tk, causal) in [(300, 300, true), (129, 200, false), (64, 64, true)] {
-        let (b, hq, hkv, d) = (1, 4, 2, 128);
-        let q = round(randn(&[b, hq, tq, d], 11));
-        let k = round(randn(&[b, hkv, tk, d], 12));
-        let v = round(randn(&[b, hkv, tk, d], 13));
-        let opts = AttentionOptions {
-            causal,
-            ..Default::default()
-        };
-        let want = Tensor::attention(&q, &k, &v, &opts).unwrap();
-        let on = |t: &Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
-        let scale = 1.0 / (d as f64).sqrt();
-        let (o, _) =
-            flash::flash_fwd_key_tile(&on(&q), &on(&k), &on(&v), causal, scale, 64).unwrap();
-        let e = rel_error(&o, &want).unwrap();
-        println!("flash key tile 64: tq{tq} tk{tk} causal={causal}: out rel {e:.2e}");
-        assert!(e <= 2e-2, "flash (key tile 64) output rel error {e}");
+    for (d, bm, bn) in [(128, 128, 64), (128, 64, 32), (64, 64, 64)] {
+        for (tq, tk, causal) in [
+            (300, 300, true),
+            (129, 200, false),
+            (64, 64, true),
+            (70, 50, true),
+        ] {
+            let (b, hq, hkv) = (1, 4, 2);
+            let q = round(randn(&[b, hq, tq, d], 11));
+            let k = round(randn(&[b, hkv, tk, d], 12));
+            let v = round(randn(&[b, hkv, tk, d], 13));
+            let opts = AttentionOptions {
+                causal,
+                ..Default::default()
+            };
+            let want = Tensor::attention(&q, &k, &v, &opts).unwrap();
+            let on = |t: &Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let (o, _) =
+                flash::flash_fwd_tiles(&on(&q), &on(&k), &on(&v), causal, scale, bm, bn).unwrap();
+            let e = rel_error(&o, &want).unwrap();
+            println!("flash tiles {bm}x{bn} d{d}: tq{tq} tk{tk} causal={causal}: out rel {e:.2e}");
+            assert!(
+                e <= 2e-2,
+                "flash ({bm}x{bn} tiles, d {d}) output rel error {e}"
+            );
+        }
     }
 }
 

@@ -106,30 +106,27 @@ pub fn flash_fwd_segments(
     segments: Option<&Segments>,
 ) -> Result<(Tensor, Tensor)> {
     let d = q.dims().last().copied().unwrap_or(0);
-    fwd(
-        q,
-        k,
-        v,
-        causal,
-        scale,
-        segments,
-        if d == 128 { 32 } else { 64 },
-    )
+    let bn = if d == 128 { 32 } else { 64 };
+    fwd(q, k, v, causal, scale, segments, FWD_BM, bn)
 }
 
-/// `flash_fwd` with a chosen key tile: 64 at any head dim, or 32 at D 128 (the default there;
-/// the 64-key D 128 kernel spills a few registers). For benchmarks and tests.
-pub fn flash_fwd_key_tile(
+/// `flash_fwd` with chosen tiles, for benchmarks and tests: (queries per block, keys per tile)
+/// = the defaults (128, 32) at D 128 and (128, 64) otherwise, or the variants (128, 64) at D
+/// 128 (a few registers spill), (64, 32) at D 128 and (64, 64) at D 64 (fewer registers, more
+/// blocks per SM).
+pub fn flash_fwd_tiles(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     causal: bool,
     scale: f64,
+    block_q: usize,
     key_tile: usize,
 ) -> Result<(Tensor, Tensor)> {
-    fwd(q, k, v, causal, scale, None, key_tile)
+    fwd(q, k, v, causal, scale, None, block_q, key_tile)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn fwd(
     q: &Tensor,
     k: &Tensor,
@@ -137,6 +134,7 @@ fn fwd(
     causal: bool,
     scale: f64,
     segments: Option<&Segments>,
+    bm: usize,
     bn: usize,
 ) -> Result<(Tensor, Tensor)> {
     for t in [q, k, v] {
@@ -172,20 +170,21 @@ fn fwd(
     }
     let [klo, khi, _, _] = segment_ptrs(segments, "flash_fwd", tq, tk)?;
     let seg = if segments.is_some() { "seg_" } else { "" };
-    // Block: FWD_BM queries; key tiles of 32 (D 128) or 64 keys, double-buffered K and V
-    // (kernels/flash.cu, FA_FWD_BN); flash_fwd_d128_bn64 is the 64-key D 128 variant.
-    let suffix = match (d, bn, segments.is_some()) {
-        (128, 32, _) | (64 | 80, 64, _) => "",
-        (128, 64, false) => "_bn64",
+    // Block: bm queries; key tiles of bn keys, double-buffered K and V (kernels/flash.cu:
+    // FA_FWD_BN, and the benchmark variants after the entry points).
+    let (prefix, suffix) = match (bm, d, bn, segments.is_some()) {
+        (FWD_BM, 128, 32, _) | (FWD_BM, 64 | 80, 64, _) => ("", ""),
+        (FWD_BM, 128, 64, false) => ("", "_bn64"),
+        (64, 128, 32, false) | (64, 64, 64, false) => ("m64_", ""),
         _ => {
+            let with = if segments.is_some() {
+                " with segments"
+            } else {
+                ""
+            };
             return Err(Error::msg(format!(
-                "flash_fwd: no kernel with key tile {bn} at head dim {d}{}",
-                if segments.is_some() {
-                    " with segments"
-                } else {
-                    ""
-                }
-            )))
+                    "flash_fwd: no kernel with {bm}-query blocks and {bn}-key tiles at head dim {d}{with}"
+                )));
         }
     };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
@@ -200,11 +199,11 @@ fn fwd(
     );
     let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
     let (scale, causal) = (scale as f32, causal as i64);
-    let shared = ((FWD_BM + 4 * bn) * (d + 8) * 2) as u32;
+    let shared = ((bm + 4 * bn) * (d + 8) * 2) as u32;
     device()?.launch(
         "flash.cu",
-        &format!("flash_fwd_{seg}d{d}{suffix}"),
-        (tq.div_ceil(FWD_BM) as u32, hq as u32, b as u32),
+        &format!("flash_fwd_{seg}{prefix}d{d}{suffix}"),
+        (tq.div_ceil(bm) as u32, hq as u32, b as u32),
         (128, 1, 1),
         shared,
         &[
