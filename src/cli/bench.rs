@@ -338,8 +338,14 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
     let batch = synthetic_batch(&config, a.batch, a.seq, h, w, &mut rng)?;
     let mut opt = AdamW::new(model.params.tensors(), AdamWConfig::default())?;
     let mut last_loss = f64::NAN;
+    // CUDA: where the host's time goes (launches, synchronisations and the time blocked in
+    // them, and the time to issue the step's work before the final read of the loss).
+    let cuda = device == crate::Device::Cuda;
+    let host = || cuda.then(crate::backend::cuda::host_stats);
+    let mut issue_ms = Vec::new(); // (ms to issue the step, ms of it blocked in synchronisations)
     let mut step = || -> Result<f64> {
         let t = Instant::now();
+        let h_start = host();
         let compute = QwenVl {
             config: config.clone(),
             params: if dtype == DType::F32 {
@@ -355,14 +361,35 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
         loss.backward()?;
         opt.step(1e-4)?;
         opt.zero_grad();
+        let blocked = match (h_start, host()) {
+            (Some(a), Some(b)) => b.sync_ms - a.sync_ms,
+            _ => 0.0,
+        };
+        issue_ms.push((t.elapsed().as_secs_f64() * 1e3, blocked));
         last_loss = loss.to_scalar()?;
         Ok(t.elapsed().as_secs_f64())
     };
     step()?; // warm-up
+    let host0 = host();
     if device == crate::Device::Cuda {
         crate::backend::cuda::profile_report()?; // drop the warm-up's kernels
     }
     let mut times: Vec<f64> = (0..a.steps.max(1)).map(|_| step()).collect::<Result<_>>()?;
+    drop(step);
+    if let (Some(h0), Some(h1)) = (host0, host()) {
+        let steps = times.len() as f64;
+        let issue: f64 = issue_ms[1..].iter().map(|x| x.0).sum::<f64>() / steps;
+        let blocked: f64 = issue_ms[1..].iter().map(|x| x.1).sum::<f64>() / steps;
+        eprintln!(
+            "host per step: {:.0} launches, {:.0} synchronisations; the step's work was issued \
+             after {issue:.1} ms, {blocked:.1} ms of it blocked in synchronisations and {:.1} ms \
+             host work, of a {:.1} ms step",
+            (h1.launches - h0.launches) as f64 / steps,
+            (h1.syncs - h0.syncs) as f64 / steps,
+            issue - blocked,
+            times.iter().sum::<f64>() * 1e3 / steps
+        );
+    }
     if device == crate::Device::Cuda && crate::backend::cuda::profiling() {
         // Kernel time per step, by kernel (TESSERA_PROFILE=1), against the measured step.
         let report = crate::backend::cuda::profile_report()?;

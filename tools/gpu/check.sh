@@ -132,6 +132,7 @@ for g in ${STEP_GEMMS:-}; do
         --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
         > "$OUT/step-gemm-$g.json" 2>&1
     echo "TESSERA_GEMM=$g exit $?: $(tail -c 400 "$OUT/step-gemm-$g.json")" | tee -a "$OUT/step.txt"
+    grep -h "host per step" "$OUT/step-gemm-$g.json" | tee -a "$OUT/step.txt"
 done
 if [ -n "${PROFILE_STEP:-}" ]; then
     log "profiled step (bench-3b-8layers)"

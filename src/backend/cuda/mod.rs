@@ -22,6 +22,7 @@ use crate::{Error, Result};
 use cudarc::driver::{result, sys};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// The process's CUDA device (ordinal 0).
@@ -61,6 +62,27 @@ fn profile() -> &'static Profile {
 }
 
 /// Whether `TESSERA_PROFILE` is set.
+/// Host-side counters since the process started: launches, stream synchronisations and the
+/// wall time the host spent blocked in them (always on: three relaxed atomic adds).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostStats {
+    pub launches: u64,
+    pub syncs: u64,
+    pub sync_ms: f64,
+}
+
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+static SYNCS: AtomicU64 = AtomicU64::new(0);
+static SYNC_NS: AtomicU64 = AtomicU64::new(0);
+
+pub fn host_stats() -> HostStats {
+    HostStats {
+        launches: LAUNCHES.load(Ordering::Relaxed),
+        syncs: SYNCS.load(Ordering::Relaxed),
+        sync_ms: SYNC_NS.load(Ordering::Relaxed) as f64 * 1e-6,
+    }
+}
+
 pub fn profiling() -> bool {
     profile().on
 }
@@ -241,9 +263,13 @@ impl CudaDevice {
     }
 
     pub fn synchronize(&self) -> Result<()> {
+        let t = std::time::Instant::now();
         // SAFETY: the stream belongs to this context.
-        unsafe { result::stream::synchronize(self.stream) }
-            .map_err(|e| driver_err("synchronize", e))
+        let r = unsafe { result::stream::synchronize(self.stream) }
+            .map_err(|e| driver_err("synchronize", e));
+        SYNCS.fetch_add(1, Ordering::Relaxed);
+        SYNC_NS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
     }
 
     /// Host -> device copy of `src` into `dst` (which must hold at least `src`'s bytes).
@@ -362,6 +388,7 @@ impl CudaDevice {
             .map_err(|e| driver_err(kernel, e))?;
         }
         let mut params: Vec<*mut c_void> = args.iter().map(|a| a.0).collect();
+        LAUNCHES.fetch_add(1, Ordering::Relaxed);
         let timed = if profiling() {
             let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
             let a = result::event::create(flags).map_err(|e| driver_err("event", e))?;
