@@ -375,7 +375,6 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
         crate::backend::cuda::profile_report()?; // drop the warm-up's kernels
     }
     let mut times: Vec<f64> = (0..a.steps.max(1)).map(|_| step()).collect::<Result<_>>()?;
-    drop(step);
     if let (Some(h0), Some(h1)) = (host0, host()) {
         let steps = times.len() as f64;
         let issue: f64 = issue_ms[1..].iter().map(|x| x.0).sum::<f64>() / steps;
