@@ -105,3 +105,44 @@ fn casts_and_fills_match_cpu() {
         assert!(z.to_f64s().unwrap().iter().all(|&v| v == 0.0));
     }
 }
+
+/// Uploads go through a pinned staging ring without synchronising (src/backend/cuda/
+/// staging.rs): many uploads of mixed sizes (wrapping the 32 MiB ring several times, some
+/// larger than half of it: the synchronising path), each host buffer dropped right after its
+/// upload, all read back at the end. A region of the ring reused before its copy finished would
+/// show up as a wrong value.
+#[test]
+fn uploads_through_the_staging_ring_arrive_intact() {
+    if cuda::device_or_skip("uploads_through_the_staging_ring_arrive_intact").is_none() {
+        return;
+    }
+    let sizes = [
+        1usize,
+        3,
+        1000,
+        1 << 20,
+        3 << 20,
+        5 << 20,
+        17,
+        4096,
+        2 << 20,
+        6 << 20,
+    ];
+    let mut uploads = Vec::new();
+    for round in 0..6u32 {
+        for (i, &n) in sizes.iter().enumerate() {
+            let tag = (round * 100 + i as u32) as f32;
+            let host: Vec<f32> = (0..n).map(|j| tag + (j % 1013) as f32 * 1e-3).collect();
+            let dev = Tensor::from_vec(host, &[n]).unwrap().to_cuda().unwrap();
+            uploads.push((tag, n, dev));
+        }
+    }
+    for (tag, n, dev) in &uploads {
+        let back = dev.to_cpu().unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(back.len(), *n);
+        for (j, &x) in back.iter().enumerate() {
+            let want = tag + (j % 1013) as f32 * 1e-3;
+            assert_eq!(x, want, "upload {tag} ({n} floats): element {j}");
+        }
+    }
+}

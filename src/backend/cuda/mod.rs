@@ -15,6 +15,7 @@ pub mod flash;
 pub mod gemm_tc;
 pub mod kernels;
 pub mod ops;
+mod staging;
 
 pub use alloc::{AllocStats, CudaBuffer};
 
@@ -37,7 +38,13 @@ pub struct CudaDevice {
     pub total_mem: usize,
     alloc: Mutex<alloc::Allocator>,
     functions: Mutex<HashMap<(&'static str, String), usize>>,
+    /// Pinned ring for uploads (made on first use; None when pinning failed or
+    /// TESSERA_HTOD_SYNC=1 asks for the synchronising path).
+    staging: OnceLock<Option<Mutex<staging::Staging>>>,
 }
+
+// SAFETY: the ring's pinned block and events are driver objects used under its mutex.
+unsafe impl Send for staging::Staging {}
 
 // The raw handles are process-global driver objects; every use goes through the driver, which
 // is thread-safe once the context is current on the calling thread (`bind`).
@@ -201,6 +208,7 @@ fn init() -> std::result::Result<CudaDevice, String> {
             total_mem,
             alloc: Mutex::new(alloc::Allocator::default()),
             functions: Mutex::new(HashMap::new()),
+            staging: OnceLock::new(),
         })
     }
 }
@@ -272,10 +280,35 @@ impl CudaDevice {
         r
     }
 
-    /// Host -> device copy of `src` into `dst` (which must hold at least `src`'s bytes).
+    /// Host -> device copy of `src` into `dst` (which must hold at least `src`'s bytes), queued
+    /// on the stream: `src` may be dropped on return. Through the pinned staging ring when it
+    /// fits (no synchronisation), else synchronising.
     pub fn htod<T: Copy>(&self, src: &[T], dst: u64) -> Result<()> {
         if src.is_empty() {
             return Ok(());
+        }
+        let ring = self.staging.get_or_init(|| {
+            let off = std::env::var("TESSERA_HTOD_SYNC").is_ok_and(|v| v == "1");
+            (!off)
+                .then(|| staging::Staging::new(staging::RING_BYTES))
+                .flatten()
+                .map(Mutex::new)
+        });
+        if let Some(ring) = ring {
+            // SAFETY: a plain-data slice viewed as its bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(src.as_ptr() as *const u8, std::mem::size_of_val(src))
+            };
+            // SAFETY: dst holds the bytes (callers' contract); the stream is this context's.
+            let queued = unsafe {
+                ring.lock()
+                    .expect("staging lock")
+                    .copy(bytes, dst, self.stream)
+            }
+            .map_err(|e| driver_err("copy to device", e))?;
+            if queued {
+                return Ok(());
+            }
         }
         // SAFETY: dst is a live allocation of at least size_of_val(src) bytes (callers'
         // contract); the copy completes before we return (synchronous from pageable memory
