@@ -14,12 +14,9 @@
 // ranges are skipped: a query tile visits only the key tiles of the hull of its rows' ranges, a
 // key tile only the query tiles of the hull of its keys'.
 //
-// Block: 64 queries x one (batch, head), 4 warps of 16 query rows each; key tiles of 64 go
-// through shared memory (cp.async). S = Q K^T and O += P V run on tensor cores; P is
-// re-packed from the S accumulators straight into A fragments (no shared-memory round trip).
-
-#define FA_BM 64
-#define FA_BN 64
+// S = Q K^T and O += P V run on tensor cores; P is re-packed from the S accumulators straight
+// into A fragments (no shared-memory round trip). Block shapes: at the forward and backward
+// kernels below.
 
 template <int D>
 __device__ __forceinline__ void fa_load_rows(bf16_t* s, const bf16_t* g, i64 row0, i64 rows, int nrows) {
@@ -59,19 +56,28 @@ __device__ __forceinline__ void fa_range_hull(const unsigned int* lo_of, const u
     *hi = (i64)mx;
 }
 
-// Keys [*kbeg, *kend) that the query tile [q0, q0 + 64) may see: causal and segment bounds
-// (a superset; the per-element mask decides). Shared by the forward and dQ kernels.
+// Keys [*kbeg, *kend) that the query tile [q0, q0 + rows) (rows a multiple of 64) may see:
+// causal and segment bounds (a superset; the per-element mask decides). Shared by the forward
+// (128 rows) and dQ (64 rows) kernels.
 template <bool SEG>
-__device__ __forceinline__ void fa_key_span(const unsigned int* seg_klo, const unsigned int* seg_khi, i64 q0, i64 tq,
-                                            i64 tk, i64 causal, i64* kbeg, i64* kend) {
+__device__ __forceinline__ void fa_key_span(const unsigned int* seg_klo, const unsigned int* seg_khi, i64 q0,
+                                            int rows, i64 tq, i64 tk, i64 causal, i64* kbeg, i64* kend) {
     i64 b = 0, e = tk;
     if (causal) {
-        i64 last = q0 + 63 + (tk - tq) + 1;  // keys the tile's last query sees
+        i64 last = q0 + rows - 1 + (tk - tq) + 1;  // keys the tile's last query sees
         e = last < e ? last : e;
     }
     if (SEG) {
-        i64 lo, hi;
-        fa_range_hull(seg_klo, seg_khi, q0, tq, &lo, &hi);
+        i64 lo = 0, hi = 0;  // hull of the non-empty 64-row hulls (empty: lo >= hi)
+        for (int c = 0; c < rows; c += 64) {
+            i64 l, h;
+            fa_range_hull(seg_klo, seg_khi, q0 + c, tq, &l, &h);
+            if (l < h) {
+                bool first = lo >= hi;
+                lo = first || l < lo ? l : lo;
+                hi = first || h > hi ? h : hi;
+            }
+        }
         b = lo > b ? lo : b;
         e = hi < e ? hi : e;
     }
@@ -79,13 +85,16 @@ __device__ __forceinline__ void fa_key_span(const unsigned int* seg_klo, const u
     *kend = e;
 }
 
-// Forward block: FA_FWD_BM = 128 queries x one (batch, head), 4 warps of 32 query rows (two m16
-// tiles each, so every K/V fragment read from shared memory feeds two products). K and V tiles
-// of 64 keys are double-buffered: tile i + 1 streams in (cp.async) while tile i is multiplied.
+// Forward block: 128 queries x one (batch, head), 4 warps of 32 query rows (MT = 2 m16 tiles
+// each, so every K/V fragment read from shared memory feeds two products). K and V tiles of
+// 64 keys (FA_FWD_BN) are double-buffered: tile i + 1 streams in (cp.async) while tile i is multiplied.
 // Fragments come from shared memory by ldmatrix (V transposed on the way). Only tiles that
 // cross the causal diagonal, the end of the keys or a segment boundary are masked per element.
 // Causal blocks run in reverse tile order: the longest (last) query tiles start first.
-#define FA_FWD_BN(D) ((D) > 80 ? 32 : 64)  // key tile: 32 at D 128 keeps 255 registers without spills
+// Key tile: 64, except with segments at D 128, where 32 keeps the kernel within 255 registers
+// without spills. (Without segments, the 64-key D 128 kernel spills 48 bytes and is still about
+// 6% faster than the 32-key one on an H200.)
+#define FA_FWD_BN(D, SEG) ((SEG) && (D) > 80 ? 32 : 64)
 
 // MT m16 tiles per warp: the block has BM = 64 MT queries (MT = 2 above; MT = 1, 64 queries,
 // fewer registers and more blocks per SM, is a benchmark variant).
@@ -112,28 +121,9 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
     const bf16_t* vb = v + (b * hkv + hk) * tk * D;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
-    // Key span of the whole block: the causal bound of its last row and the hull of its rows'
-    // segment ranges (two 64-row hulls).
     i64 off = tk - tq;  // causal offset: row i sees keys <= i + off
-    i64 kbeg = 0, kend = tk;
-    if (causal) {
-        i64 last = q0 + BM - 1 + off + 1;
-        kend = last < kend ? last : kend;
-    }
-    if (SEG) {
-        i64 lo = 0, hi = 0;  // hull of the non-empty 64-row hulls (empty: lo >= hi)
-        for (int c = 0; c < MT; ++c) {
-            i64 l, h;
-            fa_range_hull(seg_klo, seg_khi, q0 + 64 * c, tq, &l, &h);
-            if (l < h) {
-                bool first = lo >= hi;
-                lo = first || l < lo ? l : lo;
-                hi = first || h > hi ? h : hi;
-            }
-        }
-        kbeg = lo > kbeg ? lo : kbeg;
-        kend = hi < kend ? hi : kend;
-    }
+    i64 kbeg, kend;
+    fa_key_span<SEG>(seg_klo, seg_khi, q0, BM, tq, tk, causal, &kbeg, &kend);
 
     // Prologue: Q and the first K tile (one group), the first V tile (a second group).
     fa_load_rows<D>(sQ, qb, q0, tq, BM);
@@ -328,15 +318,15 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
              float scale, i64 causal) {                                                                  \
         flash_fwd<D, BN, MT, SEG>(q, k, v, o, lse, seg_klo, seg_khi, hq, hkv, tq, tk, scale, causal);   \
     }
-FLASH_FWD(flash_fwd_d64, 64, FA_FWD_BN(64), 2, false, 2)
-FLASH_FWD(flash_fwd_d80, 80, FA_FWD_BN(80), 2, false, 2)
-FLASH_FWD(flash_fwd_d128, 128, FA_FWD_BN(128), 2, false, 2)
-FLASH_FWD(flash_fwd_seg_d64, 64, FA_FWD_BN(64), 2, true, 2)
-FLASH_FWD(flash_fwd_seg_d80, 80, FA_FWD_BN(80), 2, true, 2)
-FLASH_FWD(flash_fwd_seg_d128, 128, FA_FWD_BN(128), 2, true, 2)
-// Benchmark variants (flash_fwd_tiles in src/backend/cuda/flash.rs): the 64-key D 128 tile (a
-// few registers spill), and 64-query blocks (MT = 1; keys 32 at D 128), 3 or 4 blocks per SM.
-FLASH_FWD(flash_fwd_d128_bn64, 128, 64, 2, false, 2)
+FLASH_FWD(flash_fwd_d64, 64, FA_FWD_BN(64, false), 2, false, 2)
+FLASH_FWD(flash_fwd_d80, 80, FA_FWD_BN(80, false), 2, false, 2)
+FLASH_FWD(flash_fwd_d128, 128, FA_FWD_BN(128, false), 2, false, 2)
+FLASH_FWD(flash_fwd_seg_d64, 64, FA_FWD_BN(64, true), 2, true, 2)
+FLASH_FWD(flash_fwd_seg_d80, 80, FA_FWD_BN(80, true), 2, true, 2)
+FLASH_FWD(flash_fwd_seg_d128, 128, FA_FWD_BN(128, true), 2, true, 2)
+// Benchmark variants (flash_fwd_tiles in src/backend/cuda/flash.rs): the 32-key D 128 tile
+// without segments, and 64-query blocks (MT = 1; keys 32 at D 128), 3 or 4 blocks per SM.
+FLASH_FWD(flash_fwd_d128_bn32, 128, 32, 2, false, 2)
 FLASH_FWD(flash_fwd_m64_d128, 128, 32, 1, false, 3)
 FLASH_FWD(flash_fwd_m64_d64, 64, 64, 1, false, 4)
 
@@ -658,7 +648,7 @@ __device__ void flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restr
         khi_r[i] = hi;
     }
     i64 kbeg, kend;
-    fa_key_span<SEG>(seg_klo, seg_khi, q0, tq, tk, causal, &kbeg, &kend);
+    fa_key_span<SEG>(seg_klo, seg_khi, q0, 64, tq, tk, causal, &kbeg, &kend);
     // k0 need not be a multiple of 64 (segments start anywhere); rows are 16-byte aligned.
     if (kbeg < kend) {
         fa_load_rows<D>(sKV, kb, kbeg, tk, 64);

@@ -167,22 +167,21 @@ __device__ __forceinline__ void lse_pick_vec(const T* x, const I* t, float* lse,
 // reduction never holds up another's loads.
 #define CE_WARP_U 8
 
-template <typename T, int U>
+template <typename T>
 __device__ __forceinline__ void ce_warp_load(const uint4* xv, int j0, int nv, uint4* u) {
 #pragma unroll
-    for (int k = 0; k < U; ++k) {
+    for (int k = 0; k < CE_WARP_U; ++k) {
         const int j = j0 + (int)threadIdx.x + 32 * k;
         u[k] = j < nv ? xv[j] : neg_inf16<T>();  // −inf padding: changes neither max nor sum
     }
 }
 
-// Max of the U vectors u. bf16 pairs are compared packed (max.bf16x2: exact, and like
+// Max of the CE_WARP_U vectors u. bf16 pairs are compared packed (max.bf16x2: exact, and like
 // fmaxf it ignores a NaN), so the batch is unpacked only once, for the exps.
-template <int U>
 __device__ __forceinline__ float ce_batch_max(const uint4* u, float) {
     float m = NEG_INF;
 #pragma unroll
-    for (int k = 0; k < U; ++k) {
+    for (int k = 0; k < CE_WARP_U; ++k) {
         m = fmaxf(m, fmaxf(fmaxf(__uint_as_float(u[k].x), __uint_as_float(u[k].y)),
                            fmaxf(__uint_as_float(u[k].z), __uint_as_float(u[k].w))));
     }
@@ -199,11 +198,10 @@ __device__ __forceinline__ unsigned int bf16x2_max(unsigned int a, unsigned int 
     return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u);  // exact: bf16 values
 #endif
 }
-template <int U>
 __device__ __forceinline__ float ce_batch_max(const uint4* u, bf16_t) {
     unsigned int a = u[0].x, b = u[0].y, c = u[0].z, d = u[0].w;
 #pragma unroll
-    for (int k = 1; k < U; ++k) {
+    for (int k = 1; k < CE_WARP_U; ++k) {
         a = bf16x2_max(a, u[k].x);
         b = bf16x2_max(b, u[k].y);
         c = bf16x2_max(c, u[k].z);
@@ -213,7 +211,7 @@ __device__ __forceinline__ float ce_batch_max(const uint4* u, bf16_t) {
     return fmaxf(__uint_as_float(a << 16), __uint_as_float(a & 0xffff0000u));
 }
 
-template <typename T, typename I, int U = CE_WARP_U>
+template <typename T, typename I>
 __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                               i64 ignore, i64 has_ignore) {
     constexpr int N = Vec<T>::N;
@@ -222,12 +220,12 @@ __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse
     const T* xr = x + row * v;
     const uint4* xv = reinterpret_cast<const uint4*>(xr);
     const int nv = (int)(v / N);
-    uint4 u[U];
-    ce_warp_load<T, U>(xv, 0, nv, u);
+    uint4 u[CE_WARP_U];
+    ce_warp_load<T>(xv, 0, nv, u);
     const i64 c = ce_class(t, row, v, ignore, has_ignore);
     float m = NEG_INF, s = 0.f;
     for (int j0 = 0;;) {
-        const float bm = ce_batch_max<U>(u, T());
+        const float bm = ce_batch_max(u, T());
         if (bm > m) {
             s = m > NEG_INF ? s * fast_exp2((m - bm) * LOG2E_F) : 0.f;
             m = bm;
@@ -235,16 +233,16 @@ __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse
         if (m > NEG_INF) {  // else every value so far is −inf: nothing to add
             const float mlog2e = m * LOG2E_F;
 #pragma unroll
-            for (int k = 0; k < U; ++k) {
+            for (int k = 0; k < CE_WARP_U; ++k) {
                 float f[N];
                 unpack16<T>(u[k], f);
 #pragma unroll
                 for (int e = 0; e < N; ++e) s += fast_exp2(fmaf(f[e], LOG2E_F, -mlog2e));
             }
         }
-        j0 += 32 * U;
+        j0 += 32 * CE_WARP_U;
         if (j0 >= nv) break;
-        ce_warp_load<T, U>(xv, j0, nv, u);
+        ce_warp_load<T>(xv, j0, nv, u);
     }
     // The target's logit (just read by the row: an L2 hit), loaded before the shuffles so its
     // latency overlaps them; loaded earlier, it would wait for t[row] ahead of the row's loads.
@@ -265,13 +263,13 @@ __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse
 // last block to finish (a device counter `done`, zero between launches: the last block resets
 // it) sums the partials in a fixed order and writes out = -sum / max(count, 1) and inv_count.
 // Deterministic. Counts are kept as floats (exact below 2^24 rows; the launcher checks).
-template <typename T, typename I, int U = CE_WARP_U>
+template <typename T, typename I>
 __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                              i64 ignore, i64 has_ignore, float* partial, unsigned int* done, T* out,
                                              float* inv_count) {
     __shared__ float scratch[2][8];
     __shared__ unsigned int is_last;
-    lse_pick_warp<T, I, U>(x, t, lse, picked, rows, v, ignore, has_ignore);  // returns, not exits
+    lse_pick_warp<T, I>(x, t, lse, picked, rows, v, ignore, has_ignore);  // returns, not exits
     __syncthreads();  // this block's picked[] are written (and visible to the block)
     const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
     if (threadIdx.y == 0) {
@@ -464,18 +462,6 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
         float* partial, unsigned int* done, T* out, float* inv_count) {                                          \
         ce_warp_mean<T, I>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);       \
-    }                                                                                                            \
-    /* 4 vectors per lane per batch, more warps per SM (benchmark variant) */                                     \
-    extern "C" __global__ void __launch_bounds__(256, 6) ce_warp_mean_u4_##ISFX##_##SFX(                         \
-        const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
-        float* partial, unsigned int* done, T* out, float* inv_count) {                                          \
-        ce_warp_mean<T, I, 4>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
-    }                                                                                                            \
-    /* 16 vectors per lane per batch: a 4096-logit bf16 row in one batch (benchmark variant) */                 \
-    extern "C" __global__ void __launch_bounds__(256, 2) ce_warp_mean_u16_##ISFX##_##SFX(                        \
-        const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
-        float* partial, unsigned int* done, T* out, float* inv_count) {                                          \
-        ce_warp_mean<T, I, 16>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);   \
     }                                                                                                            \
     extern "C" __global__ void ce_mean_##ISFX##_##SFX(const float* picked, const I* t, T* out, float* inv_count, \
                                                       i64 rows, i64 ignore, i64 has_ignore) {                    \

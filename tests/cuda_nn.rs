@@ -857,26 +857,6 @@ fn cross_entropy_fast_paths_match_cpu() {
             |x| x[0].cross_entropy(&x[1], -100),
         );
     }
-    // The fused mean's benchmark variants (TESSERA_CE_WARP: 4 / 16 vectors per lane and batch,
-    // 4 rows per block). Another test of this binary may see the variable meanwhile: every
-    // variant computes the same loss, so that is harmless.
-    for variant in ["u4", "u16", "u4:r4", "u8:r4", "u16:r4"] {
-        std::env::set_var("TESSERA_CE_WARP", variant);
-        for (rows, v, s) in [
-            (1001, 4096, 810),
-            (37, 8192, 820),
-            (5000, 64, 830),
-            (9, 1000, 840),
-        ] {
-            check(
-                &format!("cross_entropy variant {variant} {rows}x{v}"),
-                &[randn(&[rows, v], s), labels_with_ignored(rows, v, s + 1)],
-                &[true, false],
-                |x| x[0].cross_entropy(&x[1], -100),
-            );
-        }
-        std::env::remove_var("TESSERA_CE_WARP");
-    }
     check(
         "cross_entropy all rows ignored",
         &[

@@ -93,7 +93,7 @@ pub fn flash_fwd(
     flash_fwd_segments(q, k, v, causal, scale, None)
 }
 
-/// Queries per forward block (FA_FWD_BM in kernels/flash.cu).
+/// Queries per forward block (64 MT with MT = 2, kernels/flash.cu).
 const FWD_BM: usize = 128;
 
 /// `flash_fwd` whose rows see only their segment's keys (when `segments` is given).
@@ -106,14 +106,17 @@ pub fn flash_fwd_segments(
     segments: Option<&Segments>,
 ) -> Result<(Tensor, Tensor)> {
     let d = q.dims().last().copied().unwrap_or(0);
-    let bn = if d == 128 { 32 } else { 64 };
+    let bn = if d == 128 && segments.is_some() {
+        32
+    } else {
+        64
+    };
     fwd(q, k, v, causal, scale, segments, FWD_BM, bn)
 }
 
 /// `flash_fwd` with chosen tiles, for benchmarks and tests: (queries per block, keys per tile)
-/// = the defaults (128, 32) at D 128 and (128, 64) otherwise, or the variants (128, 64) at D
-/// 128 (a few registers spill), (64, 32) at D 128 and (64, 64) at D 64 (fewer registers, more
-/// blocks per SM).
+/// = the default (128, 64), or the variants (128, 32) at D 128 (no spilled registers), (64, 32)
+/// at D 128 and (64, 64) at D 64 (fewer registers, more blocks per SM).
 pub fn flash_fwd_tiles(
     q: &Tensor,
     k: &Tensor,
@@ -173,8 +176,10 @@ fn fwd(
     // Block: bm queries; key tiles of bn keys, double-buffered K and V (kernels/flash.cu:
     // FA_FWD_BN, and the benchmark variants after the entry points).
     let (prefix, suffix) = match (bm, d, bn, segments.is_some()) {
-        (FWD_BM, 128, 32, _) | (FWD_BM, 64 | 80, 64, _) => ("", ""),
-        (FWD_BM, 128, 64, false) => ("", "_bn64"),
+        (FWD_BM, 64 | 80 | 128, 64, false)
+        | (FWD_BM, 64 | 80, 64, true)
+        | (FWD_BM, 128, 32, true) => ("", ""),
+        (FWD_BM, 128, 32, false) => ("", "_bn32"),
         (64, 128, 32, false) | (64, 64, 64, false) => ("m64_", ""),
         _ => {
             let with = if segments.is_some() {

@@ -277,20 +277,7 @@ fn cross_entropy_dev(input: &Tensor, x: Tensor, v: usize, tg: Targets) -> Result
         // lse_pick_warp with the mean fused in: one launch.
         let lse = Tensor::empty_cuda(&[rows], DType::F32)?;
         let picked = Tensor::empty_cuda(&[rows], DType::F32)?;
-        // TESSERA_CE_WARP (benchmarks): "u4" / "u16" vectors per lane and batch instead of 8,
-        // optionally "r4": 4 rows per block instead of 8.
-        let variant = std::env::var("TESSERA_CE_WARP").unwrap_or_default();
-        let kernel = match variant.split(':').next().unwrap_or("") {
-            "u4" => "ce_warp_mean_u4",
-            "u16" => "ce_warp_mean_u16",
-            _ => "ce_warp_mean",
-        };
-        let row_block = if variant.ends_with(":r4") {
-            4
-        } else {
-            WARP_ROWS
-        };
-        let blocks = rows.div_ceil(row_block);
+        let blocks = rows.div_ceil(WARP_ROWS);
         let partial = Tensor::empty_cuda(&[2 * blocks], DType::F32)?;
         let (lp, pp, qp, done) = (
             lse.cuda_ptr()?,
@@ -302,9 +289,9 @@ fn cross_entropy_dev(input: &Tensor, x: Tensor, v: usize, tg: Targets) -> Result
         let (grid, _, _) = row_grid(blocks, "cross_entropy")?;
         device()?.launch(
             "loss.cu",
-            &format!("{kernel}_{}_{sfx}", tg.tag),
+            &format!("ce_warp_mean_{}_{sfx}", tg.tag),
             (grid, 1, 1),
-            (32, row_block as u32, 1),
+            (32, WARP_ROWS as u32, 1),
             0,
             &[
                 arg(&xp),
