@@ -137,6 +137,15 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         ms,
     });
 
+    // A read-only row reduction: what a kernel that reads the matrix once and writes a value
+    // per row (as cross-entropy's forward does) reaches, against PyTorch's same op.
+    let ms = time_ms(reps, || no_grad(|| x.sum(-1, false)).map(|_| ()))?;
+    out.push(Row {
+        name: "row sum (read-only)".into(),
+        shape: shape.clone(),
+        bytes: eb * n as f64,
+        ms,
+    });
     // cross-entropy over [rows, cols] logits (cols = vocabulary).
     let targets = Tensor::from_vec(
         (0..rows)

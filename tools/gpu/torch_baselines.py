@@ -75,6 +75,7 @@ def main():
         return q * cos + torch.cat((-q2, q1), -1) * sin
 
     emit(kernel="rope fwd", ms=time_ms(lambda: rope(q)))
+    emit(kernel="row sum (read-only)", ms=time_ms(lambda: x.sum(-1)))
     targets = (torch.arange(R, device=dev) * 7919) % C
     emit(kernel="cross_entropy fwd", ms=time_ms(lambda: F.cross_entropy(x, targets)))
 
