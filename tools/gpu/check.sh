@@ -7,6 +7,12 @@
 # Runs every CUDA test binary, the kernel benchmarks and the PyTorch baselines side by side;
 # writes logs and report.md under /tmp/tessera-gpu and, when $OUT is set, report.md, tests.log
 # and all.tar.gz (every log) into $OUT. Finishes in a few minutes.
+#
+# Options (environment): ONLY_TESTS=1 (tests alone), SKIP_STEPS=1 (no training-step
+# benchmarks), STEP_GEMMS="mma ws wgmma" (the 3B step per GEMM kernel), PROFILE_STEP=1 with
+# PROFILE_GEMM=... (a per-kernel profile of the 3B step), NCU=1 with NCU_KERNELS="regex ..."
+# (Nsight Compute), SWEEP="variant ..." (tools/sweep/tiny_base.sh on the spare cores),
+# BIG_STEP_BEFORE_S, TEST_TIMEOUT, WITH_COMPILE_TEST=1.
 set -u
 BIN=${1:-.gpu}
 FINAL=${OUT:-}
