@@ -85,6 +85,16 @@ __device__ __forceinline__ void fa_key_span(const unsigned int* seg_klo, const u
     *kend = e;
 }
 
+// The A fragment (16 x 16 of an m16n8k16 product) made of two adjacent n-blocks of
+// accumulators: lo holds k 0..7, hi k 8..15. One product's output (P, dS) feeds the next
+// product straight from registers.
+__device__ __forceinline__ void fa_acc_to_a(unsigned int* a, const float* lo, const float* hi) {
+    a[0] = pack_bf16_rn(lo[0], lo[1]);
+    a[1] = pack_bf16_rn(lo[2], lo[3]);
+    a[2] = pack_bf16_rn(hi[0], hi[1]);
+    a[3] = pack_bf16_rn(hi[2], hi[3]);
+}
+
 // Forward block: 128 queries x one (batch, head), 4 warps of 32 query rows (MT = 2 m16 tiles
 // each, so every K/V fragment read from shared memory feeds two products). K and V tiles of
 // 64 keys (FA_FWD_BN) are double-buffered: tile i + 1 streams in (cp.async) while tile i is multiplied.
@@ -267,12 +277,7 @@ __device__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict
         for (int kk = 0; kk < BN / 16; ++kk) {
             unsigned int a[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                a[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                a[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                a[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                a[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-            }
+            for (int mt = 0; mt < MT; ++mt) fa_acc_to_a(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
 #pragma unroll
             for (int j = 0; j < DB; j += 2) {
                 unsigned int bb[4];
@@ -553,14 +558,8 @@ __device__ void flash_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __res
 #pragma unroll
             for (int kq = 0; kq < QW / 16; ++kq) {
                 unsigned int ap[4], ads[4];
-                ap[0] = pack_bf16_rn(st[2 * kq][0], st[2 * kq][1]);
-                ap[1] = pack_bf16_rn(st[2 * kq][2], st[2 * kq][3]);
-                ap[2] = pack_bf16_rn(st[2 * kq + 1][0], st[2 * kq + 1][1]);
-                ap[3] = pack_bf16_rn(st[2 * kq + 1][2], st[2 * kq + 1][3]);
-                ads[0] = pack_bf16_rn(dpt[2 * kq][0], dpt[2 * kq][1]);
-                ads[1] = pack_bf16_rn(dpt[2 * kq][2], dpt[2 * kq][3]);
-                ads[2] = pack_bf16_rn(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]);
-                ads[3] = pack_bf16_rn(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3]);
+                fa_acc_to_a(ap, st[2 * kq], st[2 * kq + 1]);
+                fa_acc_to_a(ads, dpt[2 * kq], dpt[2 * kq + 1]);
 #pragma unroll
                 for (int dp = 0; dp < D / 16; ++dp) {
                     unsigned int bgv[4], bqv[4];
@@ -735,10 +734,7 @@ __device__ void flash_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restr
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             unsigned int a[4];
-            a[0] = pack_bf16_rn(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack_bf16_rn(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack_bf16_rn(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack_bf16_rn(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            fa_acc_to_a(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
             for (int dj = 0; dj < D / 16; ++dj) {
                 unsigned int bb[4];
