@@ -112,6 +112,44 @@ fn sft_resume_continues_exactly() {
 }
 
 #[test]
+fn sft_length_buckets_give_the_same_loss_and_gradient() {
+    // rank (half of it worded like the jigsaw: long prompts) and facts (short, text only)
+    // differ enough in length that a batch of 16 splits; the sum of the sub-batches' weighted
+    // losses must be the one padded batch's token mean.
+    let run = |buckets: usize| {
+        let out = tmp(&format!("buckets-{buckets}"));
+        let mut cfg = config(&out, "mix:rank,facts", 3);
+        cfg.train.length_buckets = buckets;
+        cfg.train.batch_size = 16;
+        Trainer::new(Kind::Sft, cfg.clone(), open(&cfg), vec![], false)
+            .unwrap()
+            .train()
+            .unwrap();
+        let m = metrics(&out);
+        (
+            field(&m, "loss"),
+            field(&m, "grad_norm"),
+            field(&m, "sub_batches"),
+        )
+    };
+    let (one, split) = (run(1), run(4));
+    assert_eq!(one.0.len(), 3);
+    assert!(one.2.iter().all(|&n| n == 1.0), "{:?}", one.2);
+    assert!(split.2.iter().all(|&n| n > 1.0), "{:?}", split.2);
+    for (a, b) in one
+        .0
+        .iter()
+        .chain(&one.1)
+        .zip(split.0.iter().chain(&split.1))
+    {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+            "{one:?} vs {split:?}"
+        );
+    }
+}
+
+#[test]
 fn grpo_resume_continues_exactly() {
     check_resume(
         Kind::Grpo,

@@ -60,6 +60,7 @@ enum Command {
 }
 
 pub fn run() -> Result<()> {
+    crate::backend::cpu::keep_freed_memory();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()

@@ -70,8 +70,49 @@ struct Dims {
     scale: f64,
 }
 
-/// S = scale·Q Kᵀ for one head, masked, with P = softmax rows in place; returns lse per row.
-/// `lse_in`: use these (backward) instead of computing them.
+/// A block of one head: queries `i0..i0 + nq` against keys `j0..j0 + nk`. Without segments
+/// the block is the whole head; with them, one segment (a token sees only its own segment,
+/// so the rest of the T x T matrix is never computed).
+#[derive(Clone, Copy)]
+struct Block {
+    i0: usize,
+    nq: usize,
+    j0: usize,
+    nk: usize,
+}
+
+impl Block {
+    fn all(dims: &Dims, vis: &Visibility) -> Vec<Block> {
+        match &vis.segment {
+            None => vec![Block {
+                i0: 0,
+                nq: dims.tq,
+                j0: 0,
+                nk: dims.tk,
+            }],
+            Some(seg) => {
+                let mut blocks = Vec::new();
+                let mut start = 0;
+                for i in 1..=seg.len() {
+                    if i == seg.len() || seg[i] != seg[start] {
+                        blocks.push(Block {
+                            i0: start,
+                            nq: i - start,
+                            j0: start,
+                            nk: i - start,
+                        });
+                        start = i;
+                    }
+                }
+                blocks
+            }
+        }
+    }
+}
+
+/// S = scale·Q Kᵀ for one block of one head (`q` and `k` are the head's whole [T, D]
+/// slices), masked, with P = softmax rows in place in `p` [nq, nk]; returns lse per row.
+/// `lse_in`: use these (backward, the block's rows) instead of computing them.
 #[allow(clippy::too_many_arguments)]
 fn probs<T: Float>(
     q: &[T],
@@ -79,24 +120,26 @@ fn probs<T: Float>(
     dims: &Dims,
     vis: &Visibility,
     b: usize,
+    blk: Block,
     p: &mut [T],
     lse_in: Option<&[T]>,
 ) -> Vec<T> {
-    let (tq, tk, d) = (dims.tq, dims.tk, dims.d);
+    let Block { i0, nq, j0, nk } = blk;
+    let d = dims.d;
     unsafe {
         cpu::gemm(
-            tq,
-            tk,
+            nq,
+            nk,
             d,
             p.as_mut_ptr(),
             false,
             MatRef {
-                ptr: q.as_ptr(),
+                ptr: q[i0 * d..].as_ptr(),
                 rs: d as isize,
                 cs: 1,
             },
             MatRef {
-                ptr: k.as_ptr(),
+                ptr: k[j0 * d..].as_ptr(),
                 rs: 1,
                 cs: d as isize,
             },
@@ -104,12 +147,12 @@ fn probs<T: Float>(
         );
     }
     let scale = T::c(dims.scale);
-    let mut lse = vec![T::neg_infinity(); tq];
-    for i in 0..tq {
-        let row = &mut p[i * tk..(i + 1) * tk];
+    let mut lse = vec![T::neg_infinity(); nq];
+    for i in 0..nq {
+        let row = &mut p[i * nk..(i + 1) * nk];
         let mut m = T::neg_infinity();
         for (j, e) in row.iter_mut().enumerate() {
-            *e = if vis.visible(b, i, j) {
+            *e = if vis.visible(b, i0 + i, j0 + j) {
                 *e * scale
             } else {
                 T::neg_infinity()
@@ -252,20 +295,27 @@ impl Tensor {
             let mut out = vec![T::zero(); b * hq * tq * dv];
             let mut lse = vec![T::zero(); b * hq * tq];
             let (po, pl) = (SyncPtr::new(out.as_mut_ptr()), SyncPtr::new(lse.as_mut_ptr()));
-            (0..b * hq).into_par_iter().for_each(|bh| {
+            let blocks = Block::all(&dims, &vis);
+            let nb = blocks.len();
+            (0..b * hq * nb).into_par_iter().for_each(|task| {
+                let (bh, blk) = (task / nb, blocks[task % nb]);
                 let (bi, h) = (bh / hq, bh % hq);
                 let kvh = bi * hkv + h / group;
                 let qh = &qv[bh * tq * d..(bh + 1) * tq * d];
                 let kh = &kv[kvh * tk * d..(kvh + 1) * tk * d];
                 let vh = &vv[kvh * tk * dv..(kvh + 1) * tk * dv];
-                let mut p = vec![T::zero(); tq * tk];
-                let l = probs(qh, kh, &dims, &vis, bi, &mut p, None);
+                let mut p = vec![T::zero(); blk.nq * blk.nk];
+                let l = probs(qh, kh, &dims, &vis, bi, blk, &mut p, None);
                 unsafe {
-                    std::ptr::copy_nonoverlapping(l.as_ptr(), pl.get().add(bh * tq), tq);
-                    if tk > 0 {
-                        cpu::gemm(tq, dv, tk, po.get().add(bh * tq * dv), false,
-                            MatRef { ptr: p.as_ptr(), rs: tk as isize, cs: 1 },
-                            MatRef { ptr: vh.as_ptr(), rs: dv as isize, cs: 1 }, false);
+                    // Blocks of one head cover disjoint query rows.
+                    let row0 = bh * tq + blk.i0;
+                    std::ptr::copy_nonoverlapping(l.as_ptr(), pl.get().add(row0), blk.nq);
+                    if blk.nk > 0 {
+                        cpu::gemm(blk.nq, dv, blk.nk, po.get().add(row0 * dv), false,
+                            MatRef { ptr: p.as_ptr(), rs: blk.nk as isize, cs: 1 },
+                            MatRef { ptr: vh[blk.j0 * dv..].as_ptr(), rs: dv as isize, cs: 1 }, false);
+                    } else {
+                        std::ptr::write_bytes(po.get().add(row0 * dv), 0, blk.nq * dv);
                     }
                 }
             });
@@ -282,44 +332,50 @@ impl Tensor {
                 let mut dvv = vec![T::zero(); vv.len()];
                 let (pq, pk, pv) = (SyncPtr::new(dq.as_mut_ptr()), SyncPtr::new(dk.as_mut_ptr()), SyncPtr::new(dvv.as_mut_ptr()));
                 let scale = T::c(dims.scale);
-                // One task per kv head: it owns dK/dV of that head and dQ of its group.
-                (0..b * hkv).into_par_iter().for_each(|bk| {
+                // One task per kv head and block: it owns dK/dV of that head's block rows
+                // (blocks have disjoint keys) and dQ of its group's block rows.
+                let blocks = Block::all(&dims, &vis);
+                let nb = blocks.len();
+                (0..b * hkv * nb).into_par_iter().for_each(|task| {
+                    let (bk, blk) = (task / nb, blocks[task % nb]);
+                    let Block { i0, nq, j0, nk } = blk;
                     let bi = bk / hkv;
                     let kh = &kv[bk * tk * d..(bk + 1) * tk * d];
                     let vh = &vv[bk * tk * dv..(bk + 1) * tk * dv];
-                    let mut p = vec![T::zero(); tq * tk];
-                    let mut dp = vec![T::zero(); tq * tk];
+                    let mut p = vec![T::zero(); nq * nk];
+                    let mut dp = vec![T::zero(); nq * nk];
                     for h in (bk % hkv) * group..(bk % hkv + 1) * group {
                         let bh = bi * hq + h;
                         let qh = &qv[bh * tq * d..(bh + 1) * tq * d];
-                        let oh = &ov[bh * tq * dv..(bh + 1) * tq * dv];
-                        let gh = &gv[bh * tq * dv..(bh + 1) * tq * dv];
-                        probs(qh, kh, &dims, &vis, bi, &mut p, Some(&lv[bh * tq..(bh + 1) * tq]));
+                        let oh = &ov[(bh * tq + i0) * dv..(bh * tq + i0 + nq) * dv];
+                        let gh = &gv[(bh * tq + i0) * dv..(bh * tq + i0 + nq) * dv];
+                        let row0 = bh * tq + i0;
+                        probs(qh, kh, &dims, &vis, bi, blk, &mut p, Some(&lv[row0..row0 + nq]));
                         unsafe {
                             // dV += Pᵀ dO
-                            cpu::gemm(tk, dv, tq, pv.get().add(bk * tk * dv), true,
-                                MatRef { ptr: p.as_ptr(), rs: 1, cs: tk as isize },
+                            cpu::gemm(nk, dv, nq, pv.get().add((bk * tk + j0) * dv), true,
+                                MatRef { ptr: p.as_ptr(), rs: 1, cs: nk as isize },
                                 MatRef { ptr: gh.as_ptr(), rs: dv as isize, cs: 1 }, false);
                             // dP = dO Vᵀ
-                            cpu::gemm(tq, tk, dv, dp.as_mut_ptr(), false,
+                            cpu::gemm(nq, nk, dv, dp.as_mut_ptr(), false,
                                 MatRef { ptr: gh.as_ptr(), rs: dv as isize, cs: 1 },
-                                MatRef { ptr: vh.as_ptr(), rs: 1, cs: dv as isize }, false);
+                                MatRef { ptr: vh[j0 * dv..].as_ptr(), rs: 1, cs: dv as isize }, false);
                         }
-                        for i in 0..tq {
+                        for i in 0..nq {
                             let delta: T = (0..dv).map(|e| gh[i * dv + e] * oh[i * dv + e]).sum();
-                            for j in 0..tk {
-                                let idx = i * tk + j;
+                            for j in 0..nk {
+                                let idx = i * nk + j;
                                 dp[idx] = p[idx] * (dp[idx] - delta) * scale;
                             }
                         }
                         unsafe {
                             // dQ = dS K ; dK += dSᵀ Q
-                            cpu::gemm(tq, d, tk, pq.get().add(bh * tq * d), false,
-                                MatRef { ptr: dp.as_ptr(), rs: tk as isize, cs: 1 },
-                                MatRef { ptr: kh.as_ptr(), rs: d as isize, cs: 1 }, false);
-                            cpu::gemm(tk, d, tq, pk.get().add(bk * tk * d), true,
-                                MatRef { ptr: dp.as_ptr(), rs: 1, cs: tk as isize },
-                                MatRef { ptr: qh.as_ptr(), rs: d as isize, cs: 1 }, false);
+                            cpu::gemm(nq, d, nk, pq.get().add(row0 * d), false,
+                                MatRef { ptr: dp.as_ptr(), rs: nk as isize, cs: 1 },
+                                MatRef { ptr: kh[j0 * d..].as_ptr(), rs: d as isize, cs: 1 }, false);
+                            cpu::gemm(nk, d, nq, pk.get().add((bk * tk + j0) * d), true,
+                                MatRef { ptr: dp.as_ptr(), rs: 1, cs: nk as isize },
+                                MatRef { ptr: qh[i0 * d..].as_ptr(), rs: d as isize, cs: 1 }, false);
                         }
                     }
                 });

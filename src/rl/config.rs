@@ -88,6 +88,11 @@ pub struct LoopConfig {
     pub batch_size: usize,
     /// Micro-batches per optimiser step (SFT).
     pub grad_accum: usize,
+    /// SFT: a micro-batch runs as at most this many sub-batches of similar length, so short
+    /// examples do not pad to the longest; each sub-batch's loss is weighted by its share of
+    /// the answer tokens, so the loss and gradient are the micro-batch's token mean as
+    /// before. 1 = one padded batch.
+    pub length_buckets: usize,
     pub seed: u64,
     /// 0 = never (an evaluation still runs at the end when `eval` is set).
     pub eval_every: u64,
@@ -187,6 +192,7 @@ impl Default for LoopConfig {
             steps: 100,
             batch_size: 16,
             grad_accum: 1,
+            length_buckets: 4,
             seed: 0,
             eval_every: 0,
             save_every: 0,
@@ -277,8 +283,13 @@ impl TrainConfig {
         if self.data.train.is_empty() {
             return bad("data.train is not set (suite:NAME, jigsaw:RxC or a .jsonl file)".into());
         }
-        if self.train.batch_size == 0 || self.train.grad_accum == 0 {
-            return bad("train.batch_size and train.grad_accum must be >= 1".into());
+        if self.train.batch_size == 0
+            || self.train.grad_accum == 0
+            || self.train.length_buckets == 0
+        {
+            return bad(
+                "train.batch_size, train.grad_accum and train.length_buckets must be >= 1".into(),
+            );
         }
         if self.grpo.group_size < 2 || self.grpo.prompts_per_step == 0 || self.grpo.mu == 0 {
             return bad("grpo.group_size must be >= 2, prompts_per_step and mu >= 1".into());

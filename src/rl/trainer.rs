@@ -14,7 +14,8 @@ use crate::qwen2_5_vl::tokenizer::QwenTokenizer;
 use crate::rl::checkpoint::{self, Checkpoint, TrainerState};
 use crate::rl::config::TrainConfig;
 use crate::rl::data::{
-    collate, completion_logits, completion_logprobs, logprobs_of, Collated, Encoded, Encoder,
+    collate, completion_logits, completion_logprobs, length_groups, logprobs_of, Collated, Encoded,
+    Encoder, GROUP_OVERHEAD_TOKENS,
 };
 use crate::rl::task::{Split, Task};
 use crate::rl::{group_advantages, policy_loss, PolicyLossConfig, PolicyLossInputs};
@@ -359,27 +360,52 @@ impl Trainer {
     fn sft_step(&mut self) -> Result<Metrics> {
         let t0 = Instant::now();
         let accum = self.cfg.train.grad_accum;
-        let (mut loss_sum, mut tokens) = (0.0, 0usize);
+        let (mut loss_sum, mut tokens, mut sub_batches) = (0.0, 0usize, 0usize);
         for _ in 0..accum {
             let idx = self.next_indices(self.cfg.train.batch_size);
             let items = idx
                 .iter()
                 .map(|&i| self.encoder.example(&self.task.example(Split::Train, i)?))
                 .collect::<Result<Vec<Encoded>>>()?;
-            let c = self.collate_on_device(&items)?;
             tokens += items.iter().map(|e| e.input_ids.len()).sum::<usize>();
-            let loss = self
-                .model
-                .forward(&c.batch)?
-                .loss
-                .ok_or_else(|| Error::msg("SFT: the model returned no loss"))?;
-            let l = loss.to_f64s()?[0];
-            self.check_finite("loss", l)?;
-            loss_sum += l / accum as f64;
-            loss.mul_scalar(1.0 / accum as f64)?.backward()?;
+            // Sub-batches by length, each weighted by its share of the answer tokens: the sum
+            // is the micro-batch's token-mean loss (docs/training.md).
+            let answer_tokens =
+                |idx: &[usize]| -> usize { idx.iter().map(|&i| items[i].completion().len()).sum() };
+            let all: Vec<usize> = (0..items.len()).collect();
+            let total = answer_tokens(&all);
+            let groups = if total == 0 {
+                vec![all]
+            } else {
+                length_groups(&items, self.cfg.train.length_buckets, GROUP_OVERHEAD_TOKENS)
+            };
+            for group in groups {
+                let share = if total == 0 {
+                    1.0
+                } else {
+                    answer_tokens(&group) as f64 / total as f64
+                };
+                if share == 0.0 {
+                    continue;
+                }
+                sub_batches += 1;
+                let sub: Vec<Encoded> = group.iter().map(|&i| items[i].clone()).collect();
+                let c = self.collate_on_device(&sub)?;
+                let loss = self
+                    .model
+                    .forward(&c.batch)?
+                    .loss
+                    .ok_or_else(|| Error::msg("SFT: the model returned no loss"))?;
+                let l = loss.to_f64s()?[0];
+                self.check_finite("loss", l)?;
+                let w = share / accum as f64;
+                loss_sum += l * w;
+                loss.mul_scalar(w)?.backward()?;
+            }
         }
         let mut m = Metrics::new();
         m.insert("loss".into(), json!(loss_sum));
+        m.insert("sub_batches".into(), json!(sub_batches));
         self.step_optimizer(&mut m)?;
         m.insert(
             "tokens_per_s".into(),
