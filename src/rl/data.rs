@@ -155,12 +155,12 @@ pub fn length_groups(items: &[Encoded], max_groups: usize, overhead: usize) -> V
     });
     // cost[i][j]: padded tokens of the run order[i..j].
     let mut cost = vec![vec![0usize; n + 1]; n + 1];
-    for i in 0..n {
+    for (i, row) in cost.iter_mut().enumerate().take(n) {
         let (mut p, mut c) = (0, 0);
-        for j in i..n {
-            let (pj, cj) = dims(order[j]);
+        for (j, &o) in order.iter().enumerate().skip(i) {
+            let (pj, cj) = dims(o);
             (p, c) = (p.max(pj), c.max(cj));
-            cost[i][j + 1] = (j + 1 - i) * (p + c) + overhead;
+            row[j + 1] = (j + 1 - i) * (p + c) + overhead;
         }
     }
     // best[g][j]: cheapest split of order[..j] into g runs; cut[g][j]: where the last starts.
