@@ -150,6 +150,57 @@ fn sft_length_buckets_give_the_same_loss_and_gradient() {
 }
 
 #[test]
+fn grpo_log_probabilities_are_those_of_the_tempered_sampler() {
+    // TRL's GRPO divides the logits by the sampling temperature before the log-softmax; at
+    // temperature 2 every completion token's log π must be log softmax(logits / 2)[token].
+    use tessera::qwen2_5_vl::config::Config;
+    use tessera::qwen2_5_vl::tokenizer::QwenTokenizer;
+    use tessera::rl::data::{collate, completion_logits, policy_logprobs, Encoder};
+    let dir = root().join("models/tiny");
+    let config = Config::from_file(dir.join("config.json")).unwrap();
+    let model = QwenVl::random(config, DType::F32, &mut tessera::Rng::new(5)).unwrap();
+    let tok = QwenTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let encoder = Encoder::new(tok, &model.config);
+    let ex = |q: &str, a: &str| Example {
+        image: None,
+        question: q.into(),
+        answer: a.into(),
+    };
+    let items = [
+        encoder.example(&ex("what is 2 plus 3?", "5")).unwrap(),
+        encoder
+            .example(&ex("which animal rules vell?", "cat"))
+            .unwrap(),
+    ];
+    let c = collate(&items.iter().collect::<Vec<_>>(), encoder.pad_id()).unwrap();
+    let logits = completion_logits(&model, &c).unwrap();
+    let (b, cols, v) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
+    let x = logits.to_f64s().unwrap();
+    let ids = c.batch.input_ids.as_ref().unwrap().to_f64s().unwrap();
+    let t = c.batch.input_ids.as_ref().unwrap().shape()[1];
+    for (temp, div) in [(2.0, 2.0), (1.0, 1.0), (0.0, 1.0)] {
+        let lp = policy_logprobs(&model, &c, temp)
+            .unwrap()
+            .to_f64s()
+            .unwrap();
+        for r in 0..b {
+            for j in 0..cols {
+                let row = &x[(r * cols + j) * v..(r * cols + j + 1) * v];
+                let m = row.iter().fold(f64::MIN, |a, &y| a.max(y / div));
+                let lse = m + row.iter().map(|&y| (y / div - m).exp()).sum::<f64>().ln();
+                let id = ids[r * t + c.prompt_cols + j] as usize;
+                let want = row[id] / div - lse;
+                let got = lp[r * cols + j];
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "T {temp} ({r}, {j}): {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn grpo_resume_continues_exactly() {
     check_resume(
         Kind::Grpo,

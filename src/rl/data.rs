@@ -275,6 +275,24 @@ pub fn completion_logprobs(model: &QwenVl, c: &Collated) -> Result<Tensor> {
     logprobs_of(&completion_logits(model, c)?, c)
 }
 
+/// log π of the completion tokens under the policy that sampled them at `temperature`: the
+/// logits divided by the temperature before the softmax, as TRL's GRPO computes its per-token
+/// log-probabilities, so that the ratio, the KL and the gradient are those of the
+/// distribution the rollouts came from. Temperature 0 (greedy) or 1: the plain log π.
+/// Differentiable.
+pub fn policy_logprobs(model: &QwenVl, c: &Collated, temperature: f64) -> Result<Tensor> {
+    logprobs_of(&tempered(completion_logits(model, c)?, temperature)?, c)
+}
+
+/// `logits / temperature`, unchanged for temperature 0 (greedy) or 1.
+pub fn tempered(logits: Tensor, temperature: f64) -> Result<Tensor> {
+    if temperature > 0.0 && temperature != 1.0 {
+        logits.mul_scalar(1.0 / temperature)
+    } else {
+        Ok(logits)
+    }
+}
+
 /// log π of the completion tokens from logits `completion_logits` gave for `c`.
 pub fn logprobs_of(logits: &Tensor, c: &Collated) -> Result<Tensor> {
     let ids = c

@@ -14,8 +14,8 @@ use crate::qwen2_5_vl::tokenizer::QwenTokenizer;
 use crate::rl::checkpoint::{self, Checkpoint, TrainerState};
 use crate::rl::config::TrainConfig;
 use crate::rl::data::{
-    collate, completion_logits, completion_logprobs, length_groups, logprobs_of, Collated, Encoded,
-    Encoder, GROUP_OVERHEAD_TOKENS,
+    collate, completion_logits, length_groups, logprobs_of, policy_logprobs, tempered, Collated,
+    Encoded, Encoder, GROUP_OVERHEAD_TOKENS,
 };
 use crate::rl::task::{Split, Task};
 use crate::rl::{group_advantages, policy_loss, PolicyLossConfig, PolicyLossInputs};
@@ -520,7 +520,7 @@ impl Trainer {
         let old: Vec<Option<Tensor>> = if g.mu > 1 {
             collated
                 .iter()
-                .map(|c| no_grad(|| completion_logprobs(&self.model, c)).map(Some))
+                .map(|c| no_grad(|| policy_logprobs(&self.model, c, g.temperature)).map(Some))
                 .collect::<Result<_>>()?
         } else {
             vec![None; collated.len()]
@@ -528,7 +528,7 @@ impl Trainer {
         let refs: Vec<Option<Tensor>> = match &self.reference {
             Some(r) => collated
                 .iter()
-                .map(|c| no_grad(|| completion_logprobs(r, c)).map(Some))
+                .map(|c| no_grad(|| policy_logprobs(r, c, g.temperature)).map(Some))
                 .collect::<Result<_>>()?,
             None => vec![None; collated.len()],
         };
@@ -540,7 +540,8 @@ impl Trainer {
                     continue;
                 }
                 let rows = chunks[k].len();
-                let logits = completion_logits(&self.model, c)?;
+                // Tempered like the sampler (see `policy_logprobs`); the entropy below too.
+                let logits = tempered(completion_logits(&self.model, c)?, g.temperature)?;
                 let logps = logprobs_of(&logits, c)?;
                 let a: Vec<f64> = chunks[k].iter().map(|&i| adv[i]).collect();
                 let a = Tensor::from_f64s(&a, &[rows], DType::F32)?.to_device(logps.device())?;
