@@ -3,7 +3,7 @@
 //!
 //! A sample runs as a batch of one (no padding), in the model's own dtype: with an f64 model
 //! every quantity here is f64 end to end, which the precision tests rely on
-//! (`rl::data::completion_logprobs` casts the logits to f32 and would not do).
+//! (`rl::data::policy_logprobs` casts the logits to f32 and would not do).
 
 use super::select::SelectedParams;
 use crate::qwen2_5_vl::{Batch, QwenVl};

@@ -314,8 +314,6 @@ impl Tensor {
                         cpu::gemm(blk.nq, dv, blk.nk, po.get().add(row0 * dv), false,
                             MatRef { ptr: p.as_ptr(), rs: blk.nk as isize, cs: 1 },
                             MatRef { ptr: vh[blk.j0 * dv..].as_ptr(), rs: dv as isize, cs: 1 }, false);
-                    } else {
-                        std::ptr::write_bytes(po.get().add(row0 * dv), 0, blk.nq * dv);
                     }
                 }
             });

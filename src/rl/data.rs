@@ -270,16 +270,11 @@ pub fn completion_logits(model: &QwenVl, c: &Collated) -> Result<Tensor> {
 }
 
 /// log π(token) of every completion column, `[B, completion_cols]` F32 (padding columns hold
-/// the log-probability of the pad token; mask them with `completion_mask`). Differentiable.
-pub fn completion_logprobs(model: &QwenVl, c: &Collated) -> Result<Tensor> {
-    logprobs_of(&completion_logits(model, c)?, c)
-}
-
-/// log π of the completion tokens under the policy that sampled them at `temperature`: the
-/// logits divided by the temperature before the softmax, as TRL's GRPO computes its per-token
-/// log-probabilities, so that the ratio, the KL and the gradient are those of the
-/// distribution the rollouts came from. Temperature 0 (greedy) or 1: the plain log π.
-/// Differentiable.
+/// the log-probability of the pad token; mask them with `completion_mask`), under the policy
+/// that sampled them at `temperature`: the logits divided by the temperature before the
+/// softmax, as TRL's GRPO computes its per-token log-probabilities, so that the ratio, the KL
+/// and the gradient are those of the distribution the rollouts came from. Temperature 0
+/// (greedy) or 1: the plain log π. Differentiable.
 pub fn policy_logprobs(model: &QwenVl, c: &Collated, temperature: f64) -> Result<Tensor> {
     logprobs_of(&tempered(completion_logits(model, c)?, temperature)?, c)
 }
@@ -299,7 +294,7 @@ pub fn logprobs_of(logits: &Tensor, c: &Collated) -> Result<Tensor> {
         .batch
         .input_ids
         .as_ref()
-        .ok_or_else(|| Error::msg("completion_logprobs: no input_ids"))?;
+        .ok_or_else(|| Error::msg("logprobs_of: no input_ids"))?;
     let targets = ids
         .narrow(1, c.prompt_cols, c.completion_cols)?
         .to_device(logits.device())?;

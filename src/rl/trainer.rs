@@ -389,7 +389,7 @@ impl Trainer {
                     continue;
                 }
                 sub_batches += 1;
-                let sub: Vec<Encoded> = group.iter().map(|&i| items[i].clone()).collect();
+                let sub: Vec<&Encoded> = group.iter().map(|&i| &items[i]).collect();
                 let c = self.collate_on_device(&sub)?;
                 let loss = self
                     .model
@@ -414,9 +414,8 @@ impl Trainer {
         Ok(m)
     }
 
-    fn collate_on_device(&self, items: &[Encoded]) -> Result<Collated> {
-        let refs: Vec<&Encoded> = items.iter().collect();
-        let mut c = collate(&refs, self.encoder.pad_id())?;
+    fn collate_on_device(&self, items: &[&Encoded]) -> Result<Collated> {
+        let mut c = collate(items, self.encoder.pad_id())?;
         let dev = self.model.device();
         if dev != Device::Cpu {
             c.batch.input_ids = c.batch.input_ids.map(|t| t.to_device(dev)).transpose()?;
@@ -512,7 +511,7 @@ impl Trainer {
         let collated = chunks
             .iter()
             .map(|c| {
-                let sel: Vec<Encoded> = c.iter().map(|&i| items[i].clone()).collect();
+                let sel: Vec<&Encoded> = c.iter().map(|&i| &items[i]).collect();
                 self.collate_on_device(&sel)
             })
             .collect::<Result<Vec<_>>>()?;
