@@ -16,25 +16,37 @@
 #define W_B_BYTES (W_BN * W_BK * 2)
 #define W_STAGE_BYTES (W_A_BYTES + W_B_BYTES)
 
-// Matrix descriptor for a K-major tile with 128-byte swizzle: rows of 128 bytes, 8-row groups
-// 1024 bytes apart (stride byte offset), leading byte offset unused (16).
-__device__ __forceinline__ unsigned long long wg_desc(unsigned int saddr) {
+// Matrix descriptor of a 128-byte-swizzled tile: start address, leading byte offset (bits
+// 16-29), stride byte offset (bits 32-45), all in 16-byte units, and the swizzle mode (bit 62).
+// K-major: rows of 64 K elements (128 bytes), 8-row groups 1024 bytes apart (stride), the
+// leading offset unused (16). The next k16 step starts 32 bytes further along the row.
+__device__ __forceinline__ unsigned long long wg_desc_lbo(unsigned int saddr, unsigned int lbo) {
     unsigned long long d = 0;
     d |= (unsigned long long)((saddr & 0x3FFFF) >> 4);
-    d |= (unsigned long long)(16 >> 4) << 16;
+    d |= (unsigned long long)(lbo >> 4) << 16;
     d |= (unsigned long long)(1024 >> 4) << 32;
     d |= 1ull << 62;
     return d;
 }
+__device__ __forceinline__ unsigned long long wg_desc(unsigned int saddr) { return wg_desc_lbo(saddr, 16); }
+// MN-major (the operand stored with M or N contiguous, wgmma's transpose bit set): TMA boxes of
+// 64 K rows x 64 M/N elements (128 bytes, 8 KB), K row r at byte 128·r (swizzled), boxes of
+// consecutive 64-wide M/N chunks 8192 bytes apart (leading byte offset), 8-row K groups 1024
+// apart (stride). The next k16 step starts 16 rows (2048 bytes) further.
+#define WG_MN_BOX_BYTES 8192
+__device__ __forceinline__ unsigned long long wg_desc_mn(unsigned int saddr) {
+    return wg_desc_lbo(saddr, WG_MN_BOX_BYTES);
+}
 
+template <int TA, int TB>
 __device__ __forceinline__ void wgmma_256(float* d, unsigned long long da, unsigned long long db) {
     asm volatile(
         "{\n"
         "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, 1, 1, 1, 0, 0;\n"
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, 1, 1, 1, %130, %131;\n"
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-        : "l"(da), "l"(db));
+        : "l"(da), "l"(db), "n"(TA), "n"(TB));
 }
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -106,7 +118,7 @@ gemm_wgmma_bf16(const bf16_t* A, const bf16_t* B, bf16_t* C, const bf16_t* bias,
         unsigned int sb = base + (unsigned int)(kt % W_STAGES) * W_STAGE_BYTES + W_A_BYTES;
         wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < W_BK / 16; ++kk) wgmma_256(d, wg_desc(sa + kk * 32), wg_desc(sb + kk * 32));
+        for (int kk = 0; kk < W_BK / 16; ++kk) wgmma_256<0, 0>(d, wg_desc(sa + kk * 32), wg_desc(sb + kk * 32));
         wg_commit();
         wg_wait0();
     }
@@ -144,9 +156,13 @@ gemm_wgmma_bf16(const bf16_t* A, const bf16_t* B, bf16_t* C, const bf16_t* bias,
 // Tiles are ordered in groups of WS_GROUP_M M-blocks (M fastest within a group) so CTAs running
 // together share B tiles in L2. The batch is folded into the tile index.
 //
-// Operands live in the tensor maps (the host encodes A as [batch,] M x K and B as [batch,] N x K,
-// box 64 (K) x 128 or BN rows); flags: 1 = bias, 2 = accumulate into C, 4 = A's map has a batch
-// dimension, 8 = B's map has a batch dimension (otherwise shared by every batch).
+// Operands live in the tensor maps. K-major (TA / TB = 0): the host encodes A as [batch,] M x K
+// and B as [batch,] N x K, box 64 (K) x 128 or BN rows. MN-major (TA / TB = 1, the operand's
+// M or N dimension contiguous, as in the backward's W and Gᵀ, X): A as [batch,] K x M, B as
+// [batch,] K x N, box 64 (M or N) x 64 (K), loaded 128 / 64 or BN / 64 times per stage (boxes
+// wholly past M or N are skipped: those rows of the tile are never stored). flags: 1 = bias,
+// 2 = accumulate into C, 4 = A's map has a batch dimension, 8 = B's map has a batch dimension
+// (otherwise shared by every batch).
 
 #define WS_BM 128
 #define WS_BK 64
@@ -161,31 +177,33 @@ struct __align__(64) TmaMap {
     unsigned long long opaque[16];
 };
 
+template <int TA, int TB>
 __device__ __forceinline__ void wgmma_n128(float* d, unsigned long long da, unsigned long long db) {
     asm volatile(
         "{\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, 0, 0;\n"
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, %66, %67;\n"
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db));
+        : "l"(da), "l"(db), "n"(TA), "n"(TB));
 }
 
+template <int TA, int TB>
 __device__ __forceinline__ void wgmma_n64(float* d, unsigned long long da, unsigned long long db) {
     asm volatile(
         "{\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;\n"
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, %34, %35;\n"
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db));
+        : "l"(da), "l"(db), "n"(TA), "n"(TB));
 }
 
-template <int BN>
+template <int BN, int TA, int TB>
 __device__ __forceinline__ void wgmma_bn(float* d, unsigned long long da, unsigned long long db) {
-    if (BN == 256) wgmma_256(d, da, db);
-    else if (BN == 128) wgmma_n128(d, da, db);
-    else wgmma_n64(d, da, db);
+    if (BN == 256) wgmma_256<TA, TB>(d, da, db);
+    else if (BN == 128) wgmma_n128<TA, TB>(d, da, db);
+    else wgmma_n64<TA, TB>(d, da, db);
 }
 
 __device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
@@ -264,7 +282,7 @@ __device__ __forceinline__ void ws_tile(int t, int m_blocks, int n_blocks, int& 
     nb = q / rows;
 }
 
-template <int BN, int STAGES>
+template <int BN, int STAGES, int TA, int TB>
 __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long long map_b, bf16_t* C,
                                         const bf16_t* bias, i64 M, i64 N, i64 K, i64 ldc, i64 batch, i64 batch_c,
                                         i64 flags) {
@@ -312,16 +330,39 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
                 int bz, mb, nb;
                 ws_tile(t, m_blocks, n_blocks, bz, mb, nb);
                 const int row_a = mb * WS_BM, row_b = nb * BN;
+                // MN-major operands: the 64-wide boxes that hold at least one row of M / N.
+                const int boxes_a = TA ? min(WS_BM / 64, (int)((M - row_a + 63) / 64)) : 1;
+                const int boxes_b = TB ? min(BN / 64, (int)((N - row_b + 63) / 64)) : 1;
+                const unsigned int bytes = (TA ? boxes_a * WG_MN_BOX_BYTES : WS_A_BYTES) +
+                                           (TB ? boxes_b * WG_MN_BOX_BYTES : BN * WS_BK * 2);
                 for (int kt = 0; kt < ktiles; ++kt) {
                     // Wait until the consumers freed the slot (passes at once on the first lap).
                     mbar_wait(WS_EMPTY(stage), phase ^ 1u);
                     const unsigned int sa = ring + (unsigned int)stage * STAGE_BYTES;
                     const unsigned int full = WS_FULL(stage);
-                    mbar_arrive_expect_tx(full, STAGE_BYTES);
-                    if (a3) tma_load_3d(sa, map_a, full, kt * WS_BK, row_a, bz);
-                    else tma_load_2d(sa, map_a, full, kt * WS_BK, row_a);
-                    if (b3) tma_load_3d(sa + WS_A_BYTES, map_b, full, kt * WS_BK, row_b, bz);
-                    else tma_load_2d(sa + WS_A_BYTES, map_b, full, kt * WS_BK, row_b);
+                    mbar_arrive_expect_tx(full, bytes);
+                    const int k0 = kt * WS_BK;
+                    if (TA) {
+                        for (int i = 0; i < boxes_a; ++i) {
+                            if (a3) tma_load_3d(sa + i * WG_MN_BOX_BYTES, map_a, full, row_a + 64 * i, k0, bz);
+                            else tma_load_2d(sa + i * WG_MN_BOX_BYTES, map_a, full, row_a + 64 * i, k0);
+                        }
+                    } else if (a3) {
+                        tma_load_3d(sa, map_a, full, k0, row_a, bz);
+                    } else {
+                        tma_load_2d(sa, map_a, full, k0, row_a);
+                    }
+                    const unsigned int sb = sa + WS_A_BYTES;
+                    if (TB) {
+                        for (int i = 0; i < boxes_b; ++i) {
+                            if (b3) tma_load_3d(sb + i * WG_MN_BOX_BYTES, map_b, full, row_b + 64 * i, k0, bz);
+                            else tma_load_2d(sb + i * WG_MN_BOX_BYTES, map_b, full, row_b + 64 * i, k0);
+                        }
+                    } else if (b3) {
+                        tma_load_3d(sb, map_b, full, k0, row_b, bz);
+                    } else {
+                        tma_load_2d(sb, map_b, full, k0, row_b);
+                    }
                     if (++stage == STAGES) {
                         stage = 0;
                         phase ^= 1u;
@@ -348,11 +389,17 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
             int prev = 0;
             for (int kt = 0; kt < ktiles; ++kt) {
                 mbar_wait(WS_FULL(stage), phase);
+                // This consumer's 64 rows of A: rows 64·ci.. (K-major) or the ci-th box (MN-major),
+                // 8192 bytes into the stage either way.
                 const unsigned int sa = ring + (unsigned int)stage * STAGE_BYTES + (unsigned int)ci * (64 * 128);
                 const unsigned int sb = ring + (unsigned int)stage * STAGE_BYTES + WS_A_BYTES;
                 wg_fence();
 #pragma unroll
-                for (int kk = 0; kk < WS_BK / 16; ++kk) wgmma_bn<BN>(d, wg_desc(sa + kk * 32), wg_desc(sb + kk * 32));
+                for (int kk = 0; kk < WS_BK / 16; ++kk) {
+                    const unsigned long long da = TA ? wg_desc_mn(sa + kk * 2048) : wg_desc(sa + kk * 32);
+                    const unsigned long long db = TB ? wg_desc_mn(sb + kk * 2048) : wg_desc(sb + kk * 32);
+                    wgmma_bn<BN, TA, TB>(d, da, db);
+                }
                 wg_commit();
                 // The previous k-tile's group has retired: its stage can be refilled.
                 wg_wait1();
@@ -438,15 +485,21 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
 }
 
 // Kernels per block-tile width: 128 x 256 (4 stages), 128 x 128 (6) and 128 x 64 (8) for
-// products with too few 128 x 256 tiles to fill the GPU. Launch: 384 threads, dynamic shared
-// memory WS_RING_BYTES + 256 + 1024, grid = min(tiles, SMs).
-#define WS_KERNEL(name, BN, STAGES)                                                                              \
+// products with too few 128 x 256 tiles to fill the GPU; per operand layout: K-major both
+// (no suffix), A MN-major (_ta), B MN-major (_tb), both (_tab). Launch: 384 threads, dynamic
+// shared memory WS_RING_BYTES + 256 + 1024, grid = min(tiles, SMs).
+#define WS_KERNEL(name, BN, STAGES, TA, TB)                                                                     \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                         \
         name(const __grid_constant__ TmaMap map_a, const __grid_constant__ TmaMap map_b, bf16_t* C,              \
              const bf16_t* bias, i64 M, i64 N, i64 K, i64 ldc, i64 batch, i64 batch_c, i64 flags) {             \
-        ws_gemm<BN, STAGES>((unsigned long long)&map_a, (unsigned long long)&map_b, C, bias, M, N, K, ldc, batch, \
-                            batch_c, flags);                                                                     \
+        ws_gemm<BN, STAGES, TA, TB>((unsigned long long)&map_a, (unsigned long long)&map_b, C, bias, M, N, K,     \
+                                    ldc, batch, batch_c, flags);                                                 \
     }
-WS_KERNEL(gemm_wgmma_ws_bf16, 256, 4)
-WS_KERNEL(gemm_wgmma_ws_n128_bf16, 128, 6)
-WS_KERNEL(gemm_wgmma_ws_n64_bf16, 64, 8)
+#define WS_KERNELS(name, BN, STAGES)            \
+    WS_KERNEL(name, BN, STAGES, 0, 0)           \
+    WS_KERNEL(name##_ta, BN, STAGES, 1, 0)      \
+    WS_KERNEL(name##_tb, BN, STAGES, 0, 1)      \
+    WS_KERNEL(name##_tab, BN, STAGES, 1, 1)
+WS_KERNELS(gemm_wgmma_ws_bf16, 256, 4)
+WS_KERNELS(gemm_wgmma_ws_n128_bf16, 128, 6)
+WS_KERNELS(gemm_wgmma_ws_n64_bf16, 64, 8)

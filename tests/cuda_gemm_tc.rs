@@ -210,3 +210,172 @@ fn gemm_tc_batched_and_accumulate() {
     batched_case(TcKernel::MmaSync, 3, 130, 300, 96, false, true, false);
     batched_case(TcKernel::MmaSync, 3, 130, 300, 96, true, false, true);
 }
+
+/// Logical [batch, rows, k] operand of `C = A · Bᵀ` stored as the kernel reads it: K-major as
+/// [batch, rows, k]; MN-major as [batch, k, ld] with ld = rows rounded up to 8 (the padding
+/// columns hold values too, which the kernel must not read). Returns (storage, logical, ld,
+/// batch stride).
+fn stored_operand(
+    major: gemm_tc::Major,
+    batch: usize,
+    rows: usize,
+    k: usize,
+    seed: u64,
+) -> (tessera::Tensor, tessera::Tensor, usize, usize) {
+    match major {
+        gemm_tc::Major::K => {
+            let s = bf16_randn(&[batch, rows, k], seed);
+            (s.clone(), s, k, rows * k)
+        }
+        gemm_tc::Major::MN => {
+            let ld = rows.next_multiple_of(8);
+            let s = bf16_randn(&[batch, k, ld], seed);
+            let logical = s
+                .narrow(2, 0, rows)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            (s, logical, ld, k * ld)
+        }
+    }
+}
+
+/// One product through `launch_majors` (the warp-specialised kernel reading each operand as
+/// stored) against the CPU, per batch.
+#[allow(clippy::too_many_arguments)]
+fn majors_case(
+    majors: (gemm_tc::Major, gemm_tc::Major),
+    batch: usize,
+    (m, n, k): (usize, usize, usize),
+    shared_b: bool,
+    bias: bool,
+    accumulate: bool,
+) {
+    let (sa, a, lda, batch_a) = stored_operand(majors.0, batch, m, k, 21);
+    let nb = if shared_b { 1 } else { batch };
+    let (sb, b, ldb, batch_b) = stored_operand(majors.1, nb, n, k, 22);
+    let c0 = bf16_randn(&[batch, m, n], 23);
+    let bias_t = bf16_randn(&[n], 24);
+    let on = |t: &tessera::Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
+    let (ga, gb, gbias, out) = (on(&sa), on(&sb), on(&bias_t), on(&c0));
+    gemm_tc::launch_majors(
+        TcKernel::WgmmaWs,
+        ga.cuda_ptr().unwrap(),
+        gb.cuda_ptr().unwrap(),
+        out.cuda_ptr().unwrap(),
+        bias.then(|| gbias.cuda_ptr().unwrap()),
+        (m, n, k),
+        (lda, ldb, n),
+        batch,
+        (batch_a, if shared_b { 0 } else { batch_b }, m * n),
+        accumulate,
+        majors,
+    )
+    .unwrap();
+    let got = out.to_dtype(DType::F32).unwrap().to_cpu().unwrap();
+    for i in 0..batch {
+        let pick = |t: &tessera::Tensor, j: usize, r: usize| {
+            t.narrow(0, j, 1).unwrap().reshape(&[r, k]).unwrap()
+        };
+        let bi = pick(&b, if shared_b { 0 } else { i }, n);
+        let mut want = pick(&a, i, m).matmul(&bi.t().unwrap()).unwrap();
+        if bias {
+            want = want.add(&bias_t).unwrap();
+        }
+        if accumulate {
+            let ci = c0.narrow(0, i, 1).unwrap().reshape(&[m, n]).unwrap();
+            want = want.add(&ci).unwrap();
+        }
+        let gi = got.narrow(0, i, 1).unwrap().reshape(&[m, n]).unwrap();
+        let e = rel_error(&gi.contiguous().unwrap(), &want).unwrap();
+        let what = format!(
+            "{majors:?} batch {i}/{batch} {m}x{n}x{k} shared_b={shared_b} bias={bias} acc={accumulate}"
+        );
+        println!("{what}: rel {e:.2e}");
+        assert!(e <= 1e-2, "{what}: rel error {e}");
+    }
+}
+
+/// The warp-specialised kernel reading M/N-contiguous operands as stored (wgmma's transpose
+/// mode, TMA boxes of 64 M/N x 64 K): every layout pair, odd sizes, every tile width, boxes
+/// wholly past M or N, K not a multiple of 64 (or of 8, when both are MN-major), batches with B
+/// shared, bias and accumulation.
+#[test]
+fn gemm_wgmma_ws_mn_major_matches_cpu() {
+    use gemm_tc::Major::{K, MN};
+    if !hopper_or_skip("gemm_wgmma_ws_mn_major") {
+        return;
+    }
+    let shapes = [
+        (1, 1, 8),
+        (3, 5, 8),
+        (37, 129, 64),
+        (127, 65, 72),
+        (129, 257, 200),
+        (300, 256, 2048),
+        (1000, 1000, 1000),
+        (4096, 256, 1024),
+        (2048, 2048, 512),
+        (1100, 3000, 136),
+    ];
+    for majors in [(MN, K), (K, MN), (MN, MN)] {
+        for (i, &mnk) in shapes.iter().enumerate() {
+            majors_case(majors, 1, mnk, false, i % 2 == 1, false);
+        }
+        majors_case(majors, 3, (130, 300, 96), false, true, false);
+        majors_case(majors, 3, (130, 300, 96), true, false, true);
+        majors_case(majors, 2, (257, 72, 520), true, true, true);
+    }
+    // Both MN-major: K is the strided dimension, any size (rows past K read as zeros).
+    for mnk in [(130, 300, 37), (64, 40, 1), (200, 136, 1001)] {
+        majors_case((MN, MN), 1, mnk, false, false, false);
+    }
+    majors_case((MN, MN), 2, (96, 80, 13), true, true, true);
+}
+
+/// `Tensor::linear` / `matmul` on CUDA bf16 with the MN-major mode on: the backward's `G · W`
+/// and `Gᵀ · X` and a row-major `A · B` read their operands as stored; outputs and gradients
+/// against the CPU (1e-2).
+#[test]
+fn mn_major_products_match_cpu() {
+    use tessera::testing::cuda::assert_close_to_cpu;
+    if !hopper_or_skip("mn_major_products") {
+        return;
+    }
+    gemm_tc::set_mn_major(Some(true));
+    let x = randn(&[300, 136], 31);
+    let w = randn(&[264, 136], 32);
+    let b = randn(&[264], 33);
+    assert_close_to_cpu(
+        "linear 300x136 -> 264 (MN-major backward)",
+        &[x, w, b],
+        &[true, true, true],
+        DType::BF16,
+        1e-2,
+        |xs| xs[0].linear(&xs[1], Some(&xs[2])),
+    );
+    // Rows not a multiple of 8 (K of the weight gradient), odd output width.
+    let x = randn(&[2, 77, 64], 34);
+    let w = randn(&[40, 64], 35);
+    assert_close_to_cpu(
+        "linear 2x77x64 -> 40 (MN-major backward)",
+        &[x, w],
+        &[true, true],
+        DType::BF16,
+        1e-2,
+        |xs| xs[0].linear(&xs[1], None),
+    );
+    let a = randn(&[200, 72], 36);
+    let bm = randn(&[72, 136], 37);
+    assert_close_to_cpu(
+        "matmul 200x72 @ 72x136 (B MN-major)",
+        &[a, bm],
+        &[true, true],
+        DType::BF16,
+        1e-2,
+        |xs| xs[0].matmul(&xs[1]),
+    );
+    gemm_tc::set_mn_major(None);
+}

@@ -115,6 +115,37 @@ pub fn run(a: BenchArgs) -> Result<()> {
                                 "{{\"op\": \"{label}\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}}}"
                             );
                         }
+                        // `Tensor::matmul` with the GEMM's MN-major mode: B [K, N] read as
+                        // stored (the backward's G · W), then A given as Aᵀ [K, M] too (its
+                        // Gᵀ · X). TESSERA_BENCH_SKIP_MN=1: left out when its test failed.
+                        use crate::backend::cuda::gemm_tc::set_mn_major;
+                        if dev.cc == (9, 0)
+                            && std::env::var_os("TESSERA_BENCH_SKIP_WS").is_none()
+                            && std::env::var_os("TESSERA_BENCH_SKIP_MN").is_none()
+                        {
+                            let xt = x.t()?.contiguous()?;
+                            set_mn_major(Some(true));
+                            let timed = [
+                                (
+                                    "matmul_mn_b",
+                                    super::bench_cuda::time_ms(10, || x.matmul(&y).map(|_| ())),
+                                ),
+                                (
+                                    "matmul_mn_ab",
+                                    super::bench_cuda::time_ms(10, || {
+                                        xt.t()?.matmul(&y).map(|_| ())
+                                    }),
+                                ),
+                            ];
+                            set_mn_major(None);
+                            for (label, ms) in timed {
+                                let ms = ms?;
+                                let tflops = 2.0 * (m * k * n) as f64 / (ms * 1e-3) / 1e12;
+                                println!(
+                                    "{{\"op\": \"{label}\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}}}"
+                                );
+                            }
+                        }
                     }
                     continue;
                 }

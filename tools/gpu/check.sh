@@ -10,7 +10,7 @@
 #
 # Options (environment): ONLY_TESTS=1 (tests alone), SKIP_STEPS=1 (no training-step
 # benchmarks), STEP_GEMMS="mma ws wgmma" (the 3B step per GEMM kernel), PROFILE_STEP=1 with
-# PROFILE_GEMM=... (a per-kernel profile of the 3B step), NCU=1 with NCU_KERNELS="regex ..."
+# PROFILE_GEMM=... and PROFILE_MN=1 (a per-kernel profile of the 3B step, MN-major GEMM mode), NCU=1 with NCU_KERNELS="regex ..."
 # (Nsight Compute), SWEEP="variant ..." (tools/sweep/tiny_base.sh on the spare cores),
 # BIG_STEP_BEFORE_S, TEST_TIMEOUT, WITH_COMPILE_TEST=1.
 set -u
@@ -70,6 +70,23 @@ for t in "$BIN"/tests/*; do
     grep -E "^test |test result|panicked|skipped" "$OUT/test-$name.log" | tee -a "$OUT/tests.log"
     echo "$name exit $rc" | tee -a "$OUT/tests.log"
 done
+# The GEMM's MN-major mode (operands read as stored, no transposes; off by default until it
+# has passed here): its own test above, then the model-level tests again with it on.
+if grep -q "mn_major_products_match_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/dev/null; then
+    MN_OK=1
+    for name in cuda_matmul_attention cuda_qwen; do
+        [ -x "$BIN/tests/$name" ] || continue
+        log "test $name with TESSERA_GEMM_MN=1"
+        TESSERA_GEMM_MN=1 timeout "${TEST_TIMEOUT:-150}" "$BIN/tests/$name" --test-threads 2 --nocapture \
+            >"$OUT/test-$name-mn.log" 2>&1
+        rc=$?
+        grep -E "test result|panicked" "$OUT/test-$name-mn.log" | sed "s/^/[MN] /" | tee -a "$OUT/tests.log"
+        echo "$name (TESSERA_GEMM_MN=1) exit $rc" | tee -a "$OUT/tests.log"
+        [ $rc = 0 ] || MN_OK=
+    done
+else
+    MN_OK=; log "the GEMM's MN-major mode failed (or skipped) its test: left out"
+fi
 tail -n 60 "$OUT"/test-*.log > "$OUT/tests-tail.log" 2>/dev/null
 # ONLY_TESTS=1: the tests alone (a short check of a change).
 if [ -n "${ONLY_TESTS:-}" ]; then
@@ -86,6 +103,7 @@ if grep -q "gemm_wgmma_ws_matches_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/de
 else
     WS_OK=; export TESSERA_BENCH_SKIP_WS=1; log "the ws GEMM failed its test: left out of the benchmarks"
 fi
+[ -z "$MN_OK" ] && export TESSERA_BENCH_SKIP_MN=1
 log "bench matmul"
 timeout 120 "$BIN/tessera" bench matmul --device cuda --dtype bf16 \
     --sizes 1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048 \
@@ -145,11 +163,21 @@ for g in ${STEP_GEMMS:-}; do
     echo "TESSERA_GEMM=$g exit $?: $(tail -c 400 "$OUT/step-gemm-$g.json")" | tee -a "$OUT/step.txt"
     grep -h "host per step" "$OUT/step-gemm-$g.json" | tee -a "$OUT/step.txt"
 done
+# The same 3B step with the GEMM's MN-major mode (no operand transposes), when it passed.
+if [ -z "${SKIP_STEPS:-}" ] && [ -n "$MN_OK" ] && [ -n "$WS_OK" ]; then
+    for mn in 0 1; do
+        log "train step (bench-3b-8layers) tessera, TESSERA_GEMM_MN=$mn"
+        TESSERA_GEMM_MN=$mn timeout 120 "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
+            --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
+            > "$OUT/step-mn-$mn.json" 2>&1
+        echo "TESSERA_GEMM_MN=$mn exit $?: $(tail -c 400 "$OUT/step-mn-$mn.json")" | tee -a "$OUT/step.txt"
+    done
+fi
 if [ -n "${PROFILE_STEP:-}" ]; then
     log "profiled step (bench-3b-8layers)"
     pg=${PROFILE_GEMM:-mma}; [ "$pg" = ws ] && [ -z "$WS_OK" ] && pg=mma
     log "profiled with TESSERA_GEMM=$pg"
-    TESSERA_PROFILE=1 TESSERA_GEMM=$pg timeout 120 "$BIN/tessera" --threads 16 bench step \
+    TESSERA_PROFILE=1 TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} timeout 120 "$BIN/tessera" --threads 16 bench step \
         --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 3 --device cuda \
         --dtype bf16 > "$OUT/profile.txt" 2>&1
     echo "profile exit $?" >> "$OUT/profile.txt"

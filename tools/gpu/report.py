@@ -47,7 +47,9 @@ def main():
             tt = f"{t['tflops']:.1f}" if t else "-"
             ratio = f"{r['tflops'] / t['tflops']:.2f}" if t else "-"
             kern = {"matmul_tc": "mma.sync gemm.cu (A·Bᵀ)", "matmul_wgmma": "wgmma gemm_sm90.cu (A·Bᵀ)",
-                    "matmul_wgmma_ws": "warp-specialised wgmma + TMA (A·Bᵀ)"}.get(
+                    "matmul_wgmma_ws": "warp-specialised wgmma + TMA (A·Bᵀ)",
+                    "matmul_mn_b": "Tensor::matmul, MN-major B read as stored",
+                    "matmul_mn_ab": "Tensor::matmul of Aᵀ-stored A, both MN-major"}.get(
                 r["op"], "Tensor::matmul")
             print(f"| {r['m']}x{r['k']}x{r['n']} ({r['dtype']}) | {kern} | {r['tflops']:.1f} | {tt} | {ratio} |")
     for op, title in [("attention", "forward"), ("attention_fwd_bwd", "forward + backward")]:

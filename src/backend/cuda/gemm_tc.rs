@@ -1,5 +1,6 @@
 //! Launcher of the tensor-core GEMMs (kernels/gemm.cu, kernels/gemm_sm90.cu): bf16 operands,
-//! f32 accumulation, `C = A · Bᵀ (+ bias) (+ C)` with both operands K-contiguous.
+//! f32 accumulation, `C = A · Bᵀ (+ bias) (+ C)` with both operands K-contiguous, or (the
+//! warp-specialised Hopper kernel) either operand M/N-contiguous, read as stored.
 
 use super::{arg, device};
 use crate::{DType, Error, Result, Tensor};
@@ -50,6 +51,39 @@ impl TcKernel {
     }
 }
 
+/// How a GEMM operand is stored. `K`: A as [M, K] (B as [N, K]) rows, K contiguous, `ld`
+/// elements between rows. `MN`: A as [K, M] (B as [K, N]), M (N) contiguous, `ld` elements
+/// between the rows of consecutive k: a transposed view, read without a copy by wgmma's
+/// transpose mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Major {
+    K,
+    MN,
+}
+
+/// Whether products with an M/N-contiguous operand read it as stored (the warp-specialised
+/// kernel's MN-major mode) instead of transposing it first. Off by default until a GPU run has
+/// validated it; `TESSERA_GEMM_MN=1` (or `set_mn_major`) turns it on.
+pub fn mn_major_enabled() -> bool {
+    match MN_MAJOR.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => false,
+        1 => true,
+        _ => std::env::var("TESSERA_GEMM_MN").is_ok_and(|v| v == "1"),
+    }
+}
+
+/// Overrides `TESSERA_GEMM_MN` for this process (`None`: back to the environment).
+pub fn set_mn_major(on: Option<bool>) {
+    let v = match on {
+        Some(false) => 0,
+        Some(true) => 1,
+        None => 2,
+    };
+    MN_MAJOR.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+static MN_MAJOR: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
 /// Raw launch: `batch` products, element strides between products `batch_*` (0 = shared).
 #[allow(clippy::too_many_arguments)]
 pub fn launch(
@@ -93,7 +127,14 @@ pub fn launch_with(
 ) -> Result<()> {
     // A batch stride TMA cannot express (not a multiple of 16 bytes) falls through to the
     // wgmma kernel, which has the same contract.
-    if kernel == TcKernel::WgmmaWs && ws_supported((m, n, k), (lda, ldb), batch, (batch_a, batch_b))
+    if kernel == TcKernel::WgmmaWs
+        && ws_supported(
+            (m, n, k),
+            (lda, ldb),
+            batch,
+            (batch_a, batch_b),
+            (Major::K, Major::K),
+        )
     {
         return launch_ws(
             a,
@@ -105,6 +146,7 @@ pub fn launch_with(
             batch,
             (batch_a, batch_b, batch_c),
             accumulate,
+            (Major::K, Major::K),
         );
     }
     let flags: i64 = bias.is_some() as i64 | ((accumulate as i64) << 1);
@@ -157,6 +199,65 @@ pub fn launch_with(
     )
 }
 
+/// `launch_with` for operands of any `Major`: the warp-specialised kernel (sm_90) reads an
+/// MN-major operand as stored; K-major pairs go through `launch_with`. An MN-major operand
+/// needs its `ld` a multiple of 8 and a 16-byte-aligned address; K itself may be any size when
+/// both are MN-major (rows past K read as zeros), else a multiple of 8.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_majors(
+    kernel: TcKernel,
+    a: u64,
+    b: u64,
+    c: u64,
+    bias: Option<u64>,
+    (m, n, k): (usize, usize, usize),
+    (lda, ldb, ldc): (usize, usize, usize),
+    batch: usize,
+    (batch_a, batch_b, batch_c): (usize, usize, usize),
+    accumulate: bool,
+    majors: (Major, Major),
+) -> Result<()> {
+    if majors == (Major::K, Major::K) {
+        return launch_with(
+            kernel,
+            a,
+            b,
+            c,
+            bias,
+            (m, n, k),
+            (lda, ldb, ldc),
+            batch,
+            (batch_a, batch_b, batch_c),
+            accumulate,
+        );
+    }
+    let k_ok = k.is_multiple_of(8) || majors == (Major::MN, Major::MN);
+    if kernel != TcKernel::WgmmaWs
+        || !k_ok
+        || !a.is_multiple_of(16)
+        || !b.is_multiple_of(16)
+        || !ws_supported((m, n, k), (lda, ldb), batch, (batch_a, batch_b), majors)
+    {
+        return Err(Error::msg(format!(
+            "gemm: operands {majors:?} ({m} x {n} x {k}, ld {lda}/{ldb}, batch {batch} x \
+             {batch_a}/{batch_b}) need the warp-specialised wgmma kernel, ld a multiple of 8 \
+             and 16-byte-aligned operands (got {kernel:?})"
+        )));
+    }
+    launch_ws(
+        a,
+        b,
+        c,
+        bias,
+        (m, n, k),
+        (lda, ldb, ldc),
+        batch,
+        (batch_a, batch_b, batch_c),
+        accumulate,
+        majors,
+    )
+}
+
 /// Shared memory of the warp-specialised kernels: the stage ring (4 x 48 KB at BN = 256, 6 x 32 KB
 /// at 128, 8 x 24 KB at 64), 256 bytes of mbarriers and up to 1 KB lost to 1024-byte alignment.
 const WS_SHARED_BYTES: u32 = 196_608 + 256 + 1024;
@@ -171,7 +272,10 @@ fn ws_supported(
     (lda, ldb): (usize, usize),
     batch: usize,
     (batch_a, batch_b): (usize, usize),
+    (major_a, major_b): (Major, Major),
 ) -> bool {
+    // The dimension `ld` steps over: M (N) for a K-major operand, K for an MN-major one.
+    let outer = |major: Major, rows: usize| if major == Major::K { rows } else { k };
     let small = |v: usize| v < (1 << 31);
     let stride_ok = |s: usize| s.is_multiple_of(8) && s * 2 < (1 << 40);
     let batched = batch > 1;
@@ -181,8 +285,8 @@ fn ws_supported(
         && small(batch)
         && stride_ok(lda)
         && stride_ok(ldb)
-        && (m == 1 || lda > 0)
-        && (n == 1 || ldb > 0)
+        && (outer(major_a, m) == 1 || lda > 0)
+        && (outer(major_b, n) == 1 || ldb > 0)
         && (!batched || batch_a == 0 || stride_ok(batch_a))
         && (!batched || batch_b == 0 || stride_ok(batch_b))
         && small(m.div_ceil(WS_BM) * n.div_ceil(64) * batch)
@@ -201,23 +305,32 @@ fn ws_block_n(m: usize, n: usize, batch: usize, sms: usize) -> (usize, &'static 
     }
 }
 
-/// TMA descriptor of a K-contiguous bf16 operand: `rows` x `k` with row stride `ld` elements,
-/// `batch` copies `batch_stride` apart (rank 3; rank 2 when not batched or shared), loaded in
-/// boxes of 64 (K, 128 bytes) x `box_rows` with 128-byte swizzle; outside the tensor reads as
-/// zeros. Returns the map and whether it has the batch dimension.
+/// TMA descriptor of a bf16 operand of `rows` (M or N) x `k`, `batch` copies `batch_stride`
+/// apart (rank 3; rank 2 when not batched or shared), 128-byte swizzle, outside the tensor read
+/// as zeros. K-major: rows of K, `ld` apart, boxes of 64 (K, 128 bytes) x `box_rows`. MN-major:
+/// rows of M/N (one per k), `ld` apart, boxes of 64 (M/N) x 64 (K). Returns the map and whether
+/// it has the batch dimension.
 fn tensor_map(
     ptr: u64,
     (rows, k, ld): (usize, usize, usize),
     batch: usize,
     batch_stride: usize,
     box_rows: u32,
+    major: Major,
 ) -> Result<(sys::CUtensorMap, bool)> {
     let batched = batch > 1 && batch_stride > 0;
-    // With one row the row stride is never used; keep it a legal value.
-    let ld = if rows == 1 { k } else { ld };
-    let dims: [u64; 3] = [k as u64, rows as u64, batch as u64];
+    let (inner, outer, boxes) = match major {
+        Major::K => (k, rows, [WS_BK, box_rows, 1]),
+        Major::MN => (rows, k, [64, WS_BK, 1]),
+    };
+    // With one outer row the row stride is never used; keep it a legal value.
+    let ld = if outer == 1 {
+        inner.next_multiple_of(8)
+    } else {
+        ld
+    };
+    let dims: [u64; 3] = [inner as u64, outer as u64, batch as u64];
     let strides: [u64; 2] = [ld as u64 * 2, batch_stride as u64 * 2];
-    let boxes: [u32; 3] = [WS_BK, box_rows, 1];
     let element_strides: [u32; 3] = [1, 1, 1];
     let rank: u32 = if batched { 3 } else { 2 };
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
@@ -241,8 +354,8 @@ fn tensor_map(
     };
     if r != sys::CUresult::CUDA_SUCCESS {
         return Err(Error::msg(format!(
-            "gemm: cuTensorMapEncodeTiled failed ({r:?}) for a bf16 operand of {rows} x {k}, \
-             row stride {ld}, batch {batch} x stride {batch_stride}, box 64 x {box_rows}"
+            "gemm: cuTensorMapEncodeTiled failed ({r:?}) for a {major:?}-major bf16 operand of \
+             {rows} x {k}, row stride {ld}, batch {batch} x stride {batch_stride}, box {boxes:?}"
         )));
     }
     Ok((map, batched))
@@ -261,6 +374,7 @@ fn launch_ws(
     batch: usize,
     (batch_a, batch_b, batch_c): (usize, usize, usize),
     accumulate: bool,
+    (major_a, major_b): (Major, Major),
 ) -> Result<()> {
     let dev = device()?;
     if dev.cc != (9, 0) {
@@ -272,9 +386,16 @@ fn launch_ws(
         return Ok(());
     }
     let sms = dev.sm_count.max(1) as usize;
-    let (bn, name) = ws_block_n(m, n, batch, sms);
-    let (map_a, a3) = tensor_map(a, (m, k, lda), batch, batch_a, WS_BM as u32)?;
-    let (map_b, b3) = tensor_map(b, (n, k, ldb), batch, batch_b, bn as u32)?;
+    let (bn, base) = ws_block_n(m, n, batch, sms);
+    let suffix = match (major_a, major_b) {
+        (Major::K, Major::K) => "",
+        (Major::MN, Major::K) => "_ta",
+        (Major::K, Major::MN) => "_tb",
+        (Major::MN, Major::MN) => "_tab",
+    };
+    let name = format!("{base}{suffix}");
+    let (map_a, a3) = tensor_map(a, (m, k, lda), batch, batch_a, WS_BM as u32, major_a)?;
+    let (map_b, b3) = tensor_map(b, (n, k, ldb), batch, batch_b, bn as u32, major_b)?;
     let tiles = m.div_ceil(WS_BM) * n.div_ceil(bn) * batch;
     let flags: i64 = bias.is_some() as i64
         | ((accumulate as i64) << 1)
@@ -284,7 +405,7 @@ fn launch_ws(
     let [m_, n_, k_, ldc_, batch_, bc] = [m, n, k, ldc, batch, batch_c].map(|v| v as i64);
     dev.launch(
         "gemm_sm90.cu",
-        name,
+        &name,
         (tiles.min(sms) as u32, 1, 1),
         (384, 1, 1),
         WS_SHARED_BYTES,

@@ -7,6 +7,7 @@
 
 use super::{arg, device, grid_for, THREADS};
 use crate::autograd::record;
+use crate::backend::cuda::gemm_tc::Major;
 use crate::backend::cuda::kernels::suffix;
 use crate::tensor::{broadcast_shapes, contiguous_strides};
 use crate::{DType, Error, Result, Tensor};
@@ -260,9 +261,79 @@ fn k_contiguous(
     Ok((Some(t), dst, k))
 }
 
+/// The operand seen as element (i, j) at `ptr + i·rs + j·cs` (i < rows, j < k) as the
+/// warp-specialised kernel can read it without a copy: K-major (j contiguous) or MN-major
+/// (i contiguous), with its `ld`; None when it is neither, or misaligned.
+fn as_stored(ptr: u64, rows: usize, k: usize, rs: usize, cs: usize) -> Option<(Major, usize)> {
+    if !ptr.is_multiple_of(16) {
+        return None;
+    }
+    if (cs == 1 || k == 1) && k.is_multiple_of(8) && (rows == 1 || rs.is_multiple_of(8)) {
+        let ld = if rows == 1 { k } else { rs };
+        return Some((Major::K, ld));
+    }
+    if (rs == 1 || rows == 1) && (k == 1 || cs.is_multiple_of(8)) {
+        let ld = if k == 1 { rows.next_multiple_of(8) } else { cs };
+        return Some((Major::MN, ld));
+    }
+    None
+}
+
+/// The tensor-core product with an M/N-contiguous operand read as stored (the warp-specialised
+/// kernel's MN-major mode, `gemm_tc::mn_major_enabled`) instead of transposed into a copy: the
+/// backward's `G · W` (W MN-major) and `Gᵀ · X` (both). None when that mode is off or does not
+/// apply (no MN-major operand, a misaligned or strided one, K not a multiple of 8 beside a
+/// K-major operand): the caller copies as before.
+fn gemm_mn_major(
+    (m, n, k): (usize, usize, usize),
+    a: &Operand,
+    b: &Operand,
+    out_shape: &[usize],
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    use crate::backend::cuda::gemm_tc::{self, TcKernel};
+    if !gemm_tc::mn_major_enabled() || TcKernel::default_for_device() != TcKernel::WgmmaWs {
+        return Ok(None);
+    }
+    // Bᵀ element (j, kk) = B (kk, j) at ptr + kk·rs + j·cs.
+    let (Some((ma, lda)), Some((mb, ldb))) = (
+        as_stored(a.ptr, m, k, a.rs, a.cs),
+        as_stored(b.ptr, n, k, b.cs, b.rs),
+    ) else {
+        return Ok(None);
+    };
+    if (ma, mb) == (Major::K, Major::K) {
+        return Ok(None);
+    }
+    let out = Tensor::empty_cuda(out_shape, DType::BF16)?;
+    let bias = match bias {
+        Some(t) => Some(t.contiguous()?),
+        None => None,
+    };
+    let bias_ptr = match &bias {
+        Some(t) => Some(t.cuda_ptr()?),
+        None => None,
+    };
+    gemm_tc::launch_majors(
+        TcKernel::WgmmaWs,
+        a.ptr,
+        b.ptr,
+        out.cuda_ptr()?,
+        bias_ptr,
+        (m, n, k),
+        (lda, ldb, n),
+        1,
+        (0, 0, 0),
+        false,
+        (ma, mb),
+    )?;
+    Ok(Some(out))
+}
+
 /// C [m, n] = A [m, k] @ B [k, n] (+ bias) on tensor cores: A made K-contiguous ([m, k]), B
-/// made K-contiguous as Bᵀ ([n, k]); copies only when the views are not already so. A K
-/// that is not a multiple of 8 is padded with zero columns in both (the products are equal).
+/// made K-contiguous as Bᵀ ([n, k]); copies only when the views are not already so (or, with
+/// `gemm_mn_major`, read M/N-contiguous operands as they are). A K that is not a multiple of 8
+/// is padded with zero columns in both (the products are equal).
 fn gemm_tensor_cores(
     (m, n, k): (usize, usize, usize),
     a: &Operand,
@@ -270,6 +341,9 @@ fn gemm_tensor_cores(
     out_shape: &[usize],
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
+    if let Some(out) = gemm_mn_major((m, n, k), a, b, out_shape, bias)? {
+        return Ok(out);
+    }
     let kp = k.next_multiple_of(8);
     let (_ka, ap, lda, _kb, bp, ldb);
     if kp != k {
