@@ -211,6 +211,45 @@ __device__ __forceinline__ float ce_batch_max(const uint4* u, bf16_t) {
     return fmaxf(__uint_as_float(a << 16), __uint_as_float(a & 0xffff0000u));
 }
 
+// One lane's running max m and sum s = Σ 2^{(x − m)·log2e} updated with a batch of
+// CE_WARP_U vectors.
+template <typename T>
+__device__ __forceinline__ void ce_batch_add(const uint4* u, float& m, float& s) {
+    constexpr int N = Vec<T>::N;
+    const float bm = ce_batch_max(u, T());
+    if (bm > m) {
+        s = m > NEG_INF ? s * fast_exp2((m - bm) * LOG2E_F) : 0.f;
+        m = bm;
+    }
+    if (m > NEG_INF) {  // else every value so far is −inf: nothing to add
+        const float mlog2e = m * LOG2E_F;
+#pragma unroll
+        for (int k = 0; k < CE_WARP_U; ++k) {
+            float f[N];
+            unpack16<T>(u[k], f);
+#pragma unroll
+            for (int e = 0; e < N; ++e) s += fast_exp2(fmaf(f[e], LOG2E_F, -mlog2e));
+        }
+    }
+}
+
+// The row's lse and picked value from each lane's (m, s) (warp-wide combine), lane 0 writes.
+template <typename T>
+__device__ __forceinline__ void ce_warp_finish(const T* xr, i64 c, float m, float s, float* lse, float* picked,
+                                               i64 row) {
+    // The target's logit (just read by the row: an L2 hit), loaded before the shuffles so its
+    // latency overlaps them; loaded earlier, it would wait for t[row] ahead of the row's loads.
+    const float xt = ld(xr, c >= 0 ? c : 0);  // same address in every lane: one transaction
+    const float wm = warp_max(m);
+    const float sc = m > NEG_INF ? s * fast_exp2((m - wm) * LOG2E_F) : 0.f;
+    const float ws = warp_sum(sc);
+    const float l = wm > NEG_INF ? wm + logf(ws) : NEG_INF;  // all −inf: −inf, as the CPU logsumexp
+    if (threadIdx.x == 0) {
+        lse[row] = l;
+        picked[row] = c >= 0 ? xt - l : (c == CE_IGNORED ? 0.f : CE_NAN);
+    }
+}
+
 template <typename T, typename I>
 __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                               i64 ignore, i64 has_ignore) {
@@ -225,36 +264,62 @@ __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse
     const i64 c = ce_class(t, row, v, ignore, has_ignore);
     float m = NEG_INF, s = 0.f;
     for (int j0 = 0;;) {
-        const float bm = ce_batch_max(u, T());
-        if (bm > m) {
-            s = m > NEG_INF ? s * fast_exp2((m - bm) * LOG2E_F) : 0.f;
-            m = bm;
-        }
-        if (m > NEG_INF) {  // else every value so far is −inf: nothing to add
-            const float mlog2e = m * LOG2E_F;
-#pragma unroll
-            for (int k = 0; k < CE_WARP_U; ++k) {
-                float f[N];
-                unpack16<T>(u[k], f);
-#pragma unroll
-                for (int e = 0; e < N; ++e) s += fast_exp2(fmaf(f[e], LOG2E_F, -mlog2e));
-            }
-        }
+        ce_batch_add<T>(u, m, s);
         j0 += 32 * CE_WARP_U;
         if (j0 >= nv) break;
         ce_warp_load<T>(xv, j0, nv, u);
     }
-    // The target's logit (just read by the row: an L2 hit), loaded before the shuffles so its
-    // latency overlaps them; loaded earlier, it would wait for t[row] ahead of the row's loads.
-    const float xt = ld(xr, c >= 0 ? c : 0);  // same address in every lane: one transaction
-    const float wm = warp_max(m);
-    const float sc = m > NEG_INF ? s * fast_exp2((m - wm) * LOG2E_F) : 0.f;
-    const float ws = warp_sum(sc);
-    const float l = wm > NEG_INF ? wm + logf(ws) : NEG_INF;  // all −inf: −inf, as the CPU logsumexp
-    if (threadIdx.x == 0) {
-        lse[row] = l;
-        picked[row] = c >= 0 ? xt - l : (c == CE_IGNORED ? 0.f : CE_NAN);
+    ce_warp_finish<T>(xr, c, m, s, lse, picked, row);
+}
+
+// lse_pick_warp with the row staged through shared memory by cp.async (an experiment for the
+// forward's bandwidth; `TESSERA_CE_STAGES` = S picks it): each lane copies its CE_WARP_U
+// vectors of a batch into its own slots, S batches in flight, so the loads of the next
+// batches are issued before this batch's exps without holding them in registers
+// (lse_pick_warp holds one batch, so its next loads wait for the exps). A lane reads back only
+// what it copied itself: cp.async.wait_group alone orders them. Dynamic shared memory:
+// blockDim.y · S · CE_WARP_U · 32 · 16 bytes.
+template <typename T, int S>
+__device__ __forceinline__ void ce_stage_issue(uint4* slots, const uint4* xv, int b, int nb, int nv) {
+    if (b < nb) {
+        uint4* dst = slots + (b % S) * (CE_WARP_U * 32);
+#pragma unroll
+        for (int k = 0; k < CE_WARP_U; ++k) {
+            const int j = b * (32 * CE_WARP_U) + (int)threadIdx.x + 32 * k;
+            if (j < nv) cp_async16(dst + 32 * k, xv + j, true);
+            else dst[32 * k] = neg_inf16<T>();  // −inf padding: changes neither max nor sum
+        }
     }
+    cp_async_commit();  // empty groups too: the wait below counts groups
+}
+
+template <typename T, typename I, int S>
+__device__ __forceinline__ void lse_pick_staged(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
+                                                i64 ignore, i64 has_ignore) {
+    extern __shared__ uint4 ce_smem[];
+    constexpr int N = Vec<T>::N;
+    const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= rows) return;  // whole warps
+    uint4* slots = ce_smem + (i64)threadIdx.y * (S * CE_WARP_U * 32) + threadIdx.x;
+    const T* xr = x + row * v;
+    const uint4* xv = reinterpret_cast<const uint4*>(xr);
+    const int nv = (int)(v / N);
+    const int nb = (nv + 32 * CE_WARP_U - 1) / (32 * CE_WARP_U);
+#pragma unroll
+    for (int b = 0; b < S - 1; ++b) ce_stage_issue<T, S>(slots, xv, b, nb, nv);
+    const i64 c = ce_class(t, row, v, ignore, has_ignore);
+    float m = NEG_INF, s = 0.f;
+    for (int b = 0; b < nb; ++b) {
+        // Into the slot batch b − 1 used (read above, in this lane's program order).
+        ce_stage_issue<T, S>(slots, xv, b + S - 1, nb, nv);
+        cp_async_wait<S - 1>();  // batch b has landed
+        uint4 u[CE_WARP_U];
+        const uint4* src = slots + (b % S) * (CE_WARP_U * 32);
+#pragma unroll
+        for (int k = 0; k < CE_WARP_U; ++k) u[k] = src[32 * k];
+        ce_batch_add<T>(u, m, s);
+    }
+    ce_warp_finish<T>(xr, c, m, s, lse, picked, row);
 }
 
 // lse_pick_warp with cross_entropy's mean fused in (one launch instead of two: at 16384 x 4096
@@ -263,13 +328,16 @@ __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse
 // last block to finish (a device counter `done`, zero between launches: the last block resets
 // it) sums the partials in a fixed order and writes out = -sum / max(count, 1) and inv_count.
 // Deterministic. Counts are kept as floats (exact below 2^24 rows; the launcher checks).
-template <typename T, typename I>
+// S > 0: the rows through lse_pick_staged<S> (dynamic shared memory as there).
+template <typename T, typename I, int S>
 __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                              i64 ignore, i64 has_ignore, float* partial, unsigned int* done, T* out,
                                              float* inv_count) {
     __shared__ float scratch[2][8];
     __shared__ unsigned int is_last;
-    lse_pick_warp<T, I>(x, t, lse, picked, rows, v, ignore, has_ignore);  // returns, not exits
+    // Both return, not exit: the block's barriers below need every warp.
+    if (S == 0) lse_pick_warp<T, I>(x, t, lse, picked, rows, v, ignore, has_ignore);
+    else lse_pick_staged<T, I, (S > 0 ? S : 1)>(x, t, lse, picked, rows, v, ignore, has_ignore);
     __syncthreads();  // this block's picked[] are written (and visible to the block)
     const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
     if (threadIdx.y == 0) {
@@ -461,7 +529,17 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
     extern "C" __global__ void __launch_bounds__(256, 4) ce_warp_mean_##ISFX##_##SFX(                            \
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
         float* partial, unsigned int* done, T* out, float* inv_count) {                                          \
-        ce_warp_mean<T, I>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);       \
+        ce_warp_mean<T, I, 0>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) ce_stage2_mean_##ISFX##_##SFX(                             \
+        const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
+        float* partial, unsigned int* done, T* out, float* inv_count) {                                          \
+        ce_warp_mean<T, I, 2>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) ce_stage3_mean_##ISFX##_##SFX(                             \
+        const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
+        float* partial, unsigned int* done, T* out, float* inv_count) {                                          \
+        ce_warp_mean<T, I, 3>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
     }                                                                                                            \
     extern "C" __global__ void ce_mean_##ISFX##_##SFX(const float* picked, const I* t, T* out, float* inv_count, \
                                                       i64 rows, i64 ignore, i64 has_ignore) {                    \

@@ -1007,3 +1007,37 @@ fn cross_entropy_device_targets_errors_and_invalid_ids() {
         "{lp:?}"
     );
 }
+
+/// The cross-entropy forward's cp.async-staged variants (`ce_stage{2,3}_mean`, picked by
+/// `TESSERA_CE_STAGES` for the bandwidth experiment): the fast-path shapes (one batch, several,
+/// a partial last batch, many blocks) against the CPU.
+#[test]
+fn cross_entropy_staged_variants_match_cpu() {
+    use tessera::backend::cuda::ops::loss::set_ce_stages;
+    if tessera::backend::cuda::device_or_skip("cross_entropy_staged").is_none() {
+        return;
+    }
+    for stages in [2, 3] {
+        set_ce_stages(Some(stages)).unwrap();
+        for (i, &(rows, v)) in [
+            (64, 4096),
+            (33, 8192),
+            (7, 1000),
+            (9, 2056),
+            (5, 8),
+            (5000, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = 900 + 10 * i as u64;
+            check(
+                &format!("cross_entropy staged x{stages} {rows}x{v}"),
+                &[randn(&[rows, v], s), labels_with_ignored(rows, v, s + 1)],
+                &[true, false],
+                |x| x[0].cross_entropy(&x[1], -100),
+            );
+        }
+    }
+    set_ce_stages(None).unwrap();
+}

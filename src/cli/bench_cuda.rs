@@ -163,6 +163,20 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         bytes: eb * n as f64,
         ms,
     });
+    // The forward's cp.async-staged variants (2 and 3 batches in flight per lane).
+    for stages in [2, 3] {
+        cuda::ops::loss::set_ce_stages(Some(stages))?;
+        let ms = time_ms(reps, || {
+            no_grad(|| x.cross_entropy(&targets, -100)).map(|_| ())
+        });
+        cuda::ops::loss::set_ce_stages(None)?;
+        out.push(Row {
+            name: format!("cross_entropy fwd (cp.async, {stages} batches in flight)"),
+            shape: shape.clone(),
+            bytes: eb * n as f64,
+            ms: ms?,
+        });
+    }
     let ms = time_ms(reps, || {
         let xr = x.detach().requires_grad_();
         let l = xr.cross_entropy(&targets, -100)?;

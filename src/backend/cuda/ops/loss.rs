@@ -248,6 +248,40 @@ fn warp_rows(v: usize, elem: usize, xp: u64) -> bool {
     v > 0 && v <= WARP_MAX_V && v.is_multiple_of(16 / elem) && xp.is_multiple_of(16)
 }
 
+/// Batches in flight of the cross-entropy forward's cp.async-staged variant
+/// (`ce_stage{2,3}_mean`, an experiment on the forward's bandwidth), 0 for the default
+/// (`ce_warp_mean`, one batch in registers). `TESSERA_CE_STAGES`, or `set_ce_stages`.
+pub fn ce_stages() -> usize {
+    match CE_STAGES.load(std::sync::atomic::Ordering::Relaxed) {
+        usize::MAX => match std::env::var("TESSERA_CE_STAGES").as_deref() {
+            Ok("2") => 2,
+            Ok("3") => 3,
+            _ => 0,
+        },
+        s => s,
+    }
+}
+
+/// Overrides `TESSERA_CE_STAGES` for this process (0, 2 or 3; `None`: the environment again).
+pub fn set_ce_stages(stages: Option<usize>) -> Result<()> {
+    let v = match stages {
+        None => usize::MAX,
+        Some(s @ (0 | 2 | 3)) => s,
+        Some(s) => {
+            return Err(Error::msg(format!(
+                "cross_entropy: {s} stages (want 0, 2 or 3)"
+            )))
+        }
+    };
+    CE_STAGES.store(v, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+static CE_STAGES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Bytes of one lane's batch of ce_warp_mean: CE_WARP_U (8) 16-byte vectors.
+const CE_BATCH_BYTES: usize = 8 * 16;
+
 /// Device address of ce_warp_mean's block counter: one u32, zero between launches (the last
 /// block of each launch resets it). Allocated zeroed once and kept for the process.
 fn done_counter() -> Result<u64> {
@@ -287,12 +321,19 @@ fn cross_entropy_dev(input: &Tensor, x: Tensor, v: usize, tg: Targets) -> Result
         );
         let v64 = v as i64;
         let (grid, _, _) = row_grid(blocks, "cross_entropy")?;
+        let (name, shared) = match ce_stages() {
+            0 => (format!("ce_warp_mean_{}_{sfx}", tg.tag), 0),
+            st => (
+                format!("ce_stage{st}_mean_{}_{sfx}", tg.tag),
+                (WARP_ROWS * st * 32 * CE_BATCH_BYTES) as u32,
+            ),
+        };
         device()?.launch(
             "loss.cu",
-            &format!("ce_warp_mean_{}_{sfx}", tg.tag),
+            &name,
             (grid, 1, 1),
             (32, WARP_ROWS as u32, 1),
-            0,
+            shared,
             &[
                 arg(&xp),
                 arg(&tp),
