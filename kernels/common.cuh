@@ -236,6 +236,16 @@ __device__ __forceinline__ unsigned int pack_bf16_rn(float lo, float hi) {
 #endif
 }
 
+// The A fragment (16 x 16 of an m16n8k16 product, or a warp's 16 rows of a wgmma's register A)
+// made of two adjacent n-blocks of accumulators: lo holds k 0..7, hi k 8..15. One product's
+// output (flash attention's P, dS) feeds the next product straight from registers.
+__device__ __forceinline__ void fa_acc_to_a(unsigned int* a, const float* lo, const float* hi) {
+    a[0] = pack_bf16_rn(lo[0], lo[1]);
+    a[1] = pack_bf16_rn(lo[2], lo[3]);
+    a[2] = pack_bf16_rn(hi[0], hi[1]);
+    a[3] = pack_bf16_rn(hi[2], hi[3]);
+}
+
 // Vec<T>::N floats stored as one 16-byte vector at the 16-byte aligned p (pack_bf16_rn for bf16).
 __device__ __forceinline__ void st16_rn(float* p, const float* f) { st16(p, f); }
 __device__ __forceinline__ void st16_rn(bf16_t* p, const float* f) {

@@ -85,15 +85,6 @@ __device__ __forceinline__ void fa_key_span(const unsigned int* seg_klo, const u
     *kend = e;
 }
 
-// The A fragment (16 x 16 of an m16n8k16 product) made of two adjacent n-blocks of
-// accumulators: lo holds k 0..7, hi k 8..15. One product's output (P, dS) feeds the next
-// product straight from registers.
-__device__ __forceinline__ void fa_acc_to_a(unsigned int* a, const float* lo, const float* hi) {
-    a[0] = pack_bf16_rn(lo[0], lo[1]);
-    a[1] = pack_bf16_rn(lo[2], lo[3]);
-    a[2] = pack_bf16_rn(hi[0], hi[1]);
-    a[3] = pack_bf16_rn(hi[2], hi[3]);
-}
 
 // Forward block: 128 queries x one (batch, head), 4 warps of 32 query rows (MT = 2 m16 tiles
 // each, so every K/V fragment read from shared memory feeds two products). K and V tiles of

@@ -34,6 +34,35 @@ fn segmented_case(
     if cuda::device_or_skip("flash_fwd").is_none() {
         return;
     }
+    let segments = cu_seqlens.map(|c| flash::Segments::from_cu_seqlens(c).unwrap());
+    forward_case(
+        b,
+        hq,
+        hkv,
+        tq,
+        tk,
+        d,
+        causal,
+        cu_seqlens,
+        |q, k, v, causal, scale| {
+            flash::flash_fwd_segments(q, k, v, causal, scale, segments.as_ref())
+        },
+    );
+}
+
+/// `fwd`'s output and logsumexp against the CPU attention on fresh bf16-rounded inputs.
+#[allow(clippy::too_many_arguments)]
+fn forward_case(
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    tq: usize,
+    tk: usize,
+    d: usize,
+    causal: bool,
+    cu_seqlens: Option<&[usize]>,
+    fwd: impl Fn(&Tensor, &Tensor, &Tensor, bool, f64) -> tessera::Result<(Tensor, Tensor)>,
+) {
     let q = round(randn(&[b, hq, tq, d], 1));
     let k = round(randn(&[b, hkv, tk, d], 2));
     let v = round(randn(&[b, hkv, tk, d], 3));
@@ -45,10 +74,7 @@ fn segmented_case(
     };
     let want = Tensor::attention(&q, &k, &v, &opts).unwrap();
     let on = |t: &Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
-    let segments = cu_seqlens.map(|c| flash::Segments::from_cu_seqlens(c).unwrap());
-    let (o, lse) =
-        flash::flash_fwd_segments(&on(&q), &on(&k), &on(&v), causal, scale, segments.as_ref())
-            .unwrap();
+    let (o, lse) = fwd(&on(&q), &on(&k), &on(&v), causal, scale).unwrap();
     let e = rel_error(&o, &want).unwrap();
     // logsumexp on the CPU, from the scores.
     let s = q
@@ -130,6 +156,37 @@ fn flash_fwd_matches_cpu() {
     case(1, 2, 1, 300, 300, 128, true);
     case(1, 2, 2, 257, 513, 64, false);
     case(1, 2, 2, 260, 390, 80, true);
+}
+
+/// The Hopper forward (kernels/flash_sm90.cu: TMA, wgmma, producer and consumer warpgroups)
+/// on the same kinds of cases: D 64 and 128, causal or not, GQA, Tq != Tk, partial query
+/// blocks and key tiles, rows that see no key; where the device is sm_90.
+#[test]
+fn flash_fwd_wgmma_matches_cpu() {
+    let Some(dev) = cuda::device_or_skip("flash_fwd_wgmma") else {
+        return;
+    };
+    if dev.cc != (9, 0) {
+        eprintln!(
+            "skipped flash_fwd_wgmma: device is {}, not sm_90",
+            dev.arch()
+        );
+        return;
+    }
+    for (b, hq, hkv, tq, tk, d, causal) in [
+        (1, 2, 2, 64, 64, 64, false),
+        (2, 4, 2, 37, 37, 64, true),
+        (1, 4, 1, 100, 129, 128, true),
+        (1, 3, 3, 1, 77, 128, true),
+        (1, 2, 2, 70, 50, 64, true), // early rows see no key
+        (1, 2, 1, 300, 300, 128, true),
+        (1, 2, 2, 257, 513, 64, false),
+        (1, 2, 2, 129, 300, 128, false),
+        (2, 4, 4, 384, 384, 128, true),
+        (1, 8, 2, 1024, 1024, 64, true),
+    ] {
+        forward_case(b, hq, hkv, tq, tk, d, causal, None, flash::flash_fwd_wgmma);
+    }
 }
 
 /// The forward's tile variants (benchmarks) against the CPU.

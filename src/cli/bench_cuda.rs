@@ -163,8 +163,14 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         bytes: eb * n as f64,
         ms,
     });
-    // The forward's cp.async-staged variants (2 and 3 batches in flight per lane).
-    for stages in [2, 3] {
+    // The forward's cp.async-staged variants (2 and 3 batches in flight per lane), unless the
+    // GPU check left them out after their test.
+    let staged: &[usize] = if std::env::var_os("TESSERA_BENCH_SKIP_CE_STAGED").is_some() {
+        &[]
+    } else {
+        &[2, 3]
+    };
+    for &stages in staged {
         cuda::ops::loss::set_ce_stages(Some(stages))?;
         let ms = time_ms(reps, || {
             no_grad(|| x.cross_entropy(&targets, -100)).map(|_| ())
@@ -236,6 +242,17 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
                 flops / (ms * 1e-3) / 1e12
             ));
         }
+        // The Hopper forward (TMA + wgmma), unless the GPU check left it out after its test.
+        let wgmma = dev.cc == (9, 0) && std::env::var_os("TESSERA_BENCH_SKIP_FLASH_WG").is_none();
+        if wgmma {
+            let ms = time_ms(5, || {
+                cuda::flash::flash_fwd_wgmma(&q, &q, &q, true, scale).map(|_| ())
+            })?;
+            att.push(format!(
+                "{{\"op\": \"attention\", \"kernel\": \"flash_fwd_wgmma (TMA + wgmma)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+                flops / (ms * 1e-3) / 1e12
+            ));
+        }
         let opts = crate::ops::attention::AttentionOptions {
             causal: true,
             ..Default::default()
@@ -255,6 +272,24 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
             "{{\"op\": \"attention_fwd_bwd\", \"kernel\": \"Tensor::attention (flash fwd+bwd)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
             3.5 * flops / (ms * 1e-3) / 1e12
         ));
+        if wgmma {
+            cuda::flash::set_wgmma(Some(true));
+            let ms = time_ms(5, || {
+                let (qq, kk, vv) = (
+                    q.detach().requires_grad_(),
+                    q.detach().requires_grad_(),
+                    q.detach().requires_grad_(),
+                );
+                let o = Tensor::attention(&qq, &kk, &vv, &opts)?;
+                grad(&o, Some(&g), &[&qq, &kk, &vv]).map(|_| ())
+            });
+            cuda::flash::set_wgmma(None);
+            let ms = ms?;
+            att.push(format!(
+                "{{\"op\": \"attention_fwd_bwd\", \"kernel\": \"Tensor::attention (wgmma fwd + flash bwd)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+                3.5 * flops / (ms * 1e-3) / 1e12
+            ));
+        }
         // The SIMT kernel (what f32, key padding and segments use), for comparison.
         std::env::set_var("TESSERA_ATTENTION", "simple");
         let simple = time_ms(3, || {

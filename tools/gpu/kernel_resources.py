@@ -34,7 +34,11 @@ def main():
     ap.add_argument("--filter", default="")
     a = ap.parse_args()
     name = os.path.basename(a.file)
-    src = open(os.path.join(ROOT, "kernels/common.cuh")).read() + f'\n#line 1 "{name}"\n' + open(a.file).read()
+    body = open(a.file).read()
+    src = open(os.path.join(ROOT, "kernels/common.cuh")).read()
+    if "TESSERA_ARCH_SUFFIX_A" in body:  # as src/backend/cuda/compile.rs: the Hopper helpers too
+        src += '\n#line 1 "hopper.cuh"\n' + open(os.path.join(ROOT, "kernels/hopper.cuh")).read()
+    src += f'\n#line 1 "{name}"\n' + body
     arch = a.arch
     if "TESSERA_ARCH_SUFFIX_A" in src and arch == "sm_90":
         arch = "sm_90a"

@@ -50,7 +50,15 @@ fn no_nvrtc() -> Error {
 pub fn full_source(file: &str) -> Result<String> {
     let src = kernels::source(file)
         .ok_or_else(|| Error::Msg(format!("nvrtc: no kernel file kernels/{file}")))?;
-    Ok(format!("{}\n#line 1 \"{file}\"\n{src}", kernels::COMMON))
+    let hopper = if src.contains(kernels::HOPPER_MARKER) {
+        format!("\n#line 1 \"hopper.cuh\"\n{}", kernels::HOPPER)
+    } else {
+        String::new()
+    };
+    Ok(format!(
+        "{}{hopper}\n#line 1 \"{file}\"\n{src}",
+        kernels::COMMON
+    ))
 }
 
 fn fnv1a(parts: &[&[u8]]) -> u64 {
@@ -128,7 +136,7 @@ pub fn compile(file: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
         .map_err(|e| Error::Msg(format!("nvrtc: create program for kernels/{file}: {e:?}")))?;
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
     // Files using Hopper-only instructions (wgmma) say so and get the arch-specific target.
-    let arch = if src.contains("TESSERA_ARCH_SUFFIX_A") && arch == "sm_90" {
+    let arch = if src.contains(kernels::HOPPER_MARKER) && arch == "sm_90" {
         "sm_90a"
     } else {
         arch

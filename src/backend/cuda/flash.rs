@@ -106,6 +106,10 @@ pub fn flash_fwd_segments(
     segments: Option<&Segments>,
 ) -> Result<(Tensor, Tensor)> {
     let d = q.dims().last().copied().unwrap_or(0);
+    let keys = k.dims().get(2).copied().unwrap_or(0);
+    if segments.is_none() && matches!(d, 64 | 128) && keys > 0 && wgmma_enabled() && hopper() {
+        return flash_fwd_wgmma(q, k, v, causal, scale);
+    }
     let bn = if d == 128 && segments.is_some() {
         32
     } else {
@@ -129,17 +133,120 @@ pub fn flash_fwd_tiles(
     fwd(q, k, v, causal, scale, None, block_q, key_tile)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn fwd(
+/// Whether the forward without segments takes the Hopper kernel (`flash_fwd_wgmma`) on an
+/// sm_90 device. Off by default until a GPU run has validated it: `TESSERA_FLASH_WG=1` (or
+/// `set_wgmma`) turns it on.
+pub fn wgmma_enabled() -> bool {
+    match WGMMA.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => false,
+        1 => true,
+        _ => std::env::var("TESSERA_FLASH_WG").is_ok_and(|v| v == "1"),
+    }
+}
+
+/// Overrides `TESSERA_FLASH_WG` for this process (`None`: back to the environment).
+pub fn set_wgmma(on: Option<bool>) {
+    let v = match on {
+        Some(false) => 0,
+        Some(true) => 1,
+        None => 2,
+    };
+    WGMMA.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+static WGMMA: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+fn hopper() -> bool {
+    device().is_ok_and(|d| d.cc == (9, 0))
+}
+
+/// Queries per block and keys per tile of the Hopper forward (kernels/flash_sm90.cu).
+const WG_BM: usize = 128;
+const WG_BN: usize = 128;
+/// Its K/V stages.
+const WG_STAGES: usize = 2;
+
+/// `flash_fwd` (no segments) through the Hopper kernel (kernels/flash_sm90.cu: TMA, wgmma,
+/// a producer and two consumer warpgroups); sm_90 only, D 64 or 128.
+pub fn flash_fwd_wgmma(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     causal: bool,
     scale: f64,
-    segments: Option<&Segments>,
-    bm: usize,
-    bn: usize,
 ) -> Result<(Tensor, Tensor)> {
+    let (b, hq, tq, d, hkv, tk) = check_fwd(q, k, v)?;
+    if !matches!(d, 64 | 128) || !hopper() {
+        return Err(Error::msg(format!(
+            "flash_fwd_wgmma: needs an sm_90 device and head dim 64 or 128 (got {d})"
+        )));
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    if tk == 0
+        || [&q, &k, &v]
+            .iter()
+            .any(|t| t.cuda_ptr().map_or(true, |p| p % 16 != 0))
+    {
+        // No keys, or an operand TMA cannot address: the mma.sync kernel.
+        return fwd(&q, &k, &v, causal, scale, None, FWD_BM, 64);
+    }
+    let o = Tensor::empty_cuda(&[b, hq, tq, d], DType::BF16)?;
+    let lse = Tensor::empty_cuda(&[b, hq, tq], DType::F32)?;
+    if b * hq * tq == 0 {
+        return Ok((o, lse));
+    }
+    // [B·H, T, D] with boxes of 64 (D) x 128 rows x 1; T = 0 (no keys) still needs a legal map.
+    let map = |t: &Tensor, heads: usize, len: usize, rows: usize| -> Result<_> {
+        let len = len.max(1);
+        let dims = [d as u64, len as u64, (b * heads) as u64];
+        let strides = [(d * 2) as u64, (len * d * 2) as u64];
+        super::gemm_tc::encode_tma_bf16(t.cuda_ptr()?, &dims, &strides, &[64, rows as u32, 1])
+            .map_err(|r| {
+                Error::msg(format!(
+                    "flash_fwd_wgmma: cuTensorMapEncodeTiled failed ({r:?}) for {:?}",
+                    t.shape()
+                ))
+            })
+    };
+    let (mq, mk, mv) = (
+        map(&q, hq, tq, WG_BM)?,
+        map(&k, hkv, tk, WG_BN)?,
+        map(&v, hkv, tk, WG_BN)?,
+    );
+    let (op, lp) = (o.cuda_ptr()?, lse.cuda_ptr()?);
+    let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
+    let (scale, causal) = (scale as f32, causal as i64);
+    // mbarriers, 1024-byte alignment, Q and the K/V stages.
+    let shared = (256 + 1024 + WG_BM * d * 2 + WG_STAGES * 2 * WG_BN * d * 2) as u32;
+    device()?.launch(
+        "flash_sm90.cu",
+        &format!("flash_fwd_wg_d{d}"),
+        (tq.div_ceil(WG_BM) as u32, hq as u32, b as u32),
+        (384, 1, 1),
+        shared,
+        &[
+            arg(&mq),
+            arg(&mk),
+            arg(&mv),
+            arg(&op),
+            arg(&lp),
+            arg(&hq_),
+            arg(&hkv_),
+            arg(&tq_),
+            arg(&tk_),
+            arg(&scale),
+            arg(&causal),
+        ],
+    )?;
+    Ok((o, lse))
+}
+
+/// Validates the forward's q, k, v: (B, Hq, Tq, D, Hkv, Tk).
+fn check_fwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(usize, usize, usize, usize, usize, usize)> {
     for t in [q, k, v] {
         if t.dtype() != DType::BF16 || !t.is_cuda() || t.rank() != 4 {
             return Err(Error::msg(format!(
@@ -171,6 +278,21 @@ fn fwd(
             format!("sequence lengths tq {tq}, tk {tk} (at most 2^30)"),
         ));
     }
+    Ok((b, hq, tq, d, hkv, tk))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+    segments: Option<&Segments>,
+    bm: usize,
+    bn: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, hq, tq, d, hkv, tk) = check_fwd(q, k, v)?;
     let [klo, khi, _, _] = segment_ptrs(segments, "flash_fwd", tq, tk)?;
     let seg = if segments.is_some() { "seg_" } else { "" };
     // Block: bm queries; key tiles of bn keys, double-buffered K and V (kernels/flash.cu:

@@ -331,16 +331,44 @@ fn tensor_map(
     };
     let dims: [u64; 3] = [inner as u64, outer as u64, batch as u64];
     let strides: [u64; 2] = [ld as u64 * 2, batch_stride as u64 * 2];
-    let element_strides: [u32; 3] = [1, 1, 1];
-    let rank: u32 = if batched { 3 } else { 2 };
+    let rank = if batched { 3 } else { 2 };
+    let map =
+        encode_tma_bf16(ptr, &dims[..rank], &strides[..rank - 1], &boxes[..rank]).map_err(|r| {
+            Error::msg(format!(
+                "gemm: cuTensorMapEncodeTiled failed ({r:?}) for a {major:?}-major bf16 operand \
+                 of {rows} x {k}, row stride {ld}, batch {batch} x stride {batch_stride}, box \
+                 {boxes:?}"
+            ))
+        })?;
+    Ok((map, batched))
+}
+
+/// A TMA descriptor of a bf16 tensor at `ptr`: `dims` innermost first (the innermost
+/// contiguous), byte `strides` of the outer dims, `boxes` elements per dim; 128-byte swizzle
+/// (the innermost box is 64 elements), zeros read outside the tensor. The driver's error code
+/// on failure.
+pub(crate) fn encode_tma_bf16(
+    ptr: u64,
+    dims: &[u64],
+    strides: &[u64],
+    boxes: &[u32],
+) -> std::result::Result<sys::CUtensorMap, sys::CUresult> {
+    assert!(
+        (1..=5).contains(&dims.len())
+            && strides.len() + 1 == dims.len()
+            && boxes.len() == dims.len(),
+        "encode_tma_bf16: rank mismatch"
+    );
+    let element_strides = [1u32; 5];
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
-    // SAFETY: every array holds at least `rank` (strides: rank - 1) entries; `map` is a
-    // 64-byte-aligned 128-byte CUtensorMap the driver writes; ptr is a live device address.
+    // SAFETY: dims and boxes hold `rank` entries, strides rank - 1, element_strides 5 >= rank;
+    // `map` is a 64-byte-aligned 128-byte CUtensorMap the driver writes; ptr is a live device
+    // address.
     let r = unsafe {
         sys::cuTensorMapEncodeTiled(
             &mut map,
             sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            rank,
+            dims.len() as u32,
             ptr as *mut std::ffi::c_void,
             dims.as_ptr(),
             strides.as_ptr(),
@@ -353,12 +381,9 @@ fn tensor_map(
         )
     };
     if r != sys::CUresult::CUDA_SUCCESS {
-        return Err(Error::msg(format!(
-            "gemm: cuTensorMapEncodeTiled failed ({r:?}) for a {major:?}-major bf16 operand of \
-             {rows} x {k}, row stride {ld}, batch {batch} x stride {batch_stride}, box {boxes:?}"
-        )));
+        return Err(r);
     }
-    Ok((map, batched))
+    Ok(map)
 }
 
 /// The warp-specialised kernel (kernels/gemm_sm90.cu, `gemm_wgmma_ws_*`): persistent, one

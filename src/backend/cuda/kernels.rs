@@ -4,6 +4,13 @@
 /// Prepended to every file: bf16 helpers, `Strides`, warp/block reductions.
 pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
+/// Prepended after `COMMON` to the files that use Hopper-only instructions (those marked
+/// `TESSERA_ARCH_SUFFIX_A`): descriptors, wgmma wrappers, TMA loads, mbarriers.
+pub const HOPPER: &str = include_str!("../../../kernels/hopper.cuh");
+
+/// The marker of a file compiled for sm_90a (not sm_90) that also gets `HOPPER`.
+pub const HOPPER_MARKER: &str = "TESSERA_ARCH_SUFFIX_A";
+
 macro_rules! sources {
     ($($f:literal),* $(,)?) => {
         /// (file name, source) of every kernel file.
@@ -25,6 +32,7 @@ sources!(
     "gemm.cu",
     "flash.cu",
     "gemm_sm90.cu",
+    "flash_sm90.cu",
 );
 
 /// The source of `kernels/<file>`.
