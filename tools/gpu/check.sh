@@ -10,7 +10,8 @@
 #
 # Options (environment): ONLY_TESTS=1 (tests alone), SKIP_STEPS=1 (no training-step
 # benchmarks), STEP_GEMMS="mma ws wgmma" (the 3B step per GEMM kernel), PROFILE_STEP=1 with
-# PROFILE_GEMM=... and PROFILE_MN=1 (a per-kernel profile of the 3B step, MN-major GEMM mode), NCU=1 with NCU_KERNELS="regex ..."
+# PROFILE_GEMM=..., PROFILE_MN=1, PROFILE_FLASH_WG=1 (a per-kernel profile of the 3B step, with
+# the MN-major GEMM mode / the Hopper flash forward), NCU=1 with NCU_KERNELS="regex ..."
 # (Nsight Compute), SWEEP="variant ..." (tools/sweep/tiny_base.sh on the spare cores),
 # BIG_STEP_BEFORE_S, TEST_TIMEOUT, WITH_COMPILE_TEST=1.
 set -u
@@ -186,21 +187,28 @@ for g in ${STEP_GEMMS:-}; do
     echo "TESSERA_GEMM=$g exit $?: $(tail -c 400 "$OUT/step-gemm-$g.json")" | tee -a "$OUT/step.txt"
     grep -h "host per step" "$OUT/step-gemm-$g.json" | tee -a "$OUT/step.txt"
 done
-# The same 3B step with the GEMM's MN-major mode (no operand transposes), when it passed.
-if [ -z "${SKIP_STEPS:-}" ] && [ -n "$MN_OK" ] && [ -n "$WS_OK" ]; then
-    for mn in 0 1; do
-        log "train step (bench-3b-8layers) tessera, TESSERA_GEMM_MN=$mn"
-        TESSERA_GEMM_MN=$mn timeout 120 "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
-            --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
-            > "$OUT/step-mn-$mn.json" 2>&1
-        echo "TESSERA_GEMM_MN=$mn exit $?: $(tail -c 400 "$OUT/step-mn-$mn.json")" | tee -a "$OUT/step.txt"
+# The same 3B step with the kernels validated above switched on (the GEMM's MN-major mode: no
+# operand transposes; the Hopper flash forward), each alone and together, beside the default.
+FLASH_OK=; [ -z "${TESSERA_BENCH_SKIP_FLASH_WG:-}" ] && FLASH_OK=1
+if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
+    for combo in "0 0" "1 0" "0 1" "1 1"; do
+        set -- $combo
+        { [ "$1" = 1 ] && [ -z "$MN_OK" ]; } && continue
+        { [ "$2" = 1 ] && [ -z "$FLASH_OK" ]; } && continue
+        [ "$combo" = "0 0" ] && [ -z "$MN_OK$FLASH_OK" ] && continue
+        log "train step (bench-3b-8layers) tessera, TESSERA_GEMM_MN=$1 TESSERA_FLASH_WG=$2"
+        TESSERA_GEMM_MN=$1 TESSERA_FLASH_WG=$2 timeout 120 "$BIN/tessera" --threads 16 bench step \
+            --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda \
+            --dtype bf16 --json > "$OUT/step-mn$1-fwg$2.json" 2>&1
+        echo "TESSERA_GEMM_MN=$1 TESSERA_FLASH_WG=$2 exit $?: $(tail -c 400 "$OUT/step-mn$1-fwg$2.json")" \
+            | tee -a "$OUT/step.txt"
     done
 fi
 if [ -n "${PROFILE_STEP:-}" ]; then
     log "profiled step (bench-3b-8layers)"
     pg=${PROFILE_GEMM:-mma}; [ "$pg" = ws ] && [ -z "$WS_OK" ] && pg=mma
     log "profiled with TESSERA_GEMM=$pg"
-    TESSERA_PROFILE=1 TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} timeout 120 "$BIN/tessera" --threads 16 bench step \
+    TESSERA_PROFILE=1 TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} TESSERA_FLASH_WG=${PROFILE_FLASH_WG:-0} timeout 120 "$BIN/tessera" --threads 16 bench step \
         --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 3 --device cuda \
         --dtype bf16 > "$OUT/profile.txt" 2>&1
     echo "profile exit $?" >> "$OUT/profile.txt"
