@@ -9,9 +9,12 @@
 //   p *= decay (decoupled; decay = 1 - lr*wd, skipped when has_decay == 0)
 //   m  = m + (1 - b1) (g - m);   v = v b2 + (1 - b2) g g
 //   p  = p + neg_step * m / (sqrt(v) / sqrt(bc2) + eps)
+// copy (null: none): the bf16 compute copy of p (mixed precision), written as the cast kernel
+// rounds it, so the next forward needs no cast pass.
 extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, i64 n, i64 has_decay,
                                      float decay, float one_minus_beta1, float beta2,
-                                     float one_minus_beta2, float bc2_sqrt, float eps, float neg_step) {
+                                     float one_minus_beta2, float bc2_sqrt, float eps, float neg_step,
+                                     bf16_t* copy) {
     GRID_LOOP(i, n) {
         const float gi = g[i];
         float pi = p[i];
@@ -21,7 +24,9 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
         const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
         m[i] = mi;
         v[i] = vi;
-        p[i] = __fadd_rn(pi, __fdiv_rn(__fmul_rn(neg_step, mi), denom));
+        const float pn = __fadd_rn(pi, __fdiv_rn(__fmul_rn(neg_step, mi), denom));
+        p[i] = pn;
+        if (copy != nullptr) copy[i] = f2bf(pn);
     }
 }
 

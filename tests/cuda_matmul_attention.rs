@@ -486,6 +486,62 @@ fn adamw_steps_match_cpu() {
     assert_same("AdamW after load_state", &pg2, &pc, 1e-6);
 }
 
+/// AdamW's bf16 compute copies (`compute_params`): the gradient reaches the f32 masters
+/// through them; after every step (a parameter without a gradient included) each copy equals
+/// the master cast to bf16 bit for bit, and the masters equal those of an optimiser without
+/// copies fed the same gradients.
+#[test]
+fn adamw_compute_copies_follow_the_masters() {
+    if cuda::device_or_skip("adamw_compute_copies").is_none() {
+        return;
+    }
+    let init = params(7);
+    let (pa, pb) = (on_cuda(&init), on_cuda(&init));
+    let config = AdamWConfig::default();
+    let mut oa = AdamW::new(pa.clone(), config).unwrap();
+    let mut ob = AdamW::new(pb.clone(), config).unwrap();
+    for step in 0..3 {
+        let copies = oa.compute_params(DType::BF16).unwrap();
+        for (i, (c, p)) in copies.iter().zip(&pa).enumerate() {
+            assert_eq!(c.dtype(), DType::BF16);
+            let cast = p.detach().to_dtype(DType::BF16).unwrap();
+            let (c, cast) = (
+                c.to_dtype(DType::F32).unwrap().to_vec::<f32>().unwrap(),
+                cast.to_dtype(DType::F32).unwrap().to_vec::<f32>().unwrap(),
+            );
+            assert_eq!(
+                c, cast,
+                "step {step}: compute copy {i} differs from the cast"
+            );
+        }
+        // loss = Σ_i Σ copy_i · g_i (g_i random), so master i's gradient is g_i (through the
+        // copy's backward cast); parameter 2 gets none at step 1.
+        for (i, (c, pb)) in copies.iter().zip(&pb).enumerate() {
+            pa[i].zero_grad();
+            pb.zero_grad();
+            if step == 1 && i == 2 {
+                continue;
+            }
+            let g = randn(c.shape(), 100 + 10 * step + i as u64)
+                .to_cuda()
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            c.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gf = g.to_dtype(DType::F32).unwrap();
+            pb.backward_with(&gf).unwrap();
+            let e = rel_error(&pa[i].grad().unwrap(), &gf).unwrap();
+            assert!(
+                e == 0.0,
+                "step {step}: gradient of master {i} off by {e:.2e}"
+            );
+        }
+        oa.step(1e-2).unwrap();
+        ob.step(1e-2).unwrap();
+        assert_same(&format!("masters after step {step}"), &pa, &pb, 0.0);
+    }
+}
+
 #[test]
 fn sgd_steps_match_cpu() {
     if cuda::device_or_skip("sgd_steps_match_cpu").is_none() {

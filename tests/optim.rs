@@ -669,3 +669,31 @@ fn schedule_edges() {
     .is_err());
     assert!(LrSchedule::Constant { lr: f64::NAN }.validate().is_err());
 }
+
+/// `Tensor::cast_from_copy` passes the gradient back to the source as `to_dtype` does, and
+/// rejects a copy of another shape; `AdamW::compute_params` on CPU parameters is a plain cast
+/// whose gradient reaches the masters.
+#[test]
+fn compute_casts_reach_the_masters() -> Result<()> {
+    let p = Tensor::from_vec(vec![1.5f32, -2.0, 0.25, 3.0], &[2, 2])?.requires_grad_();
+    let copy = tessera::no_grad(|| p.detach().to_dtype(DType::BF16))?;
+    let y = p.cast_from_copy(&copy)?;
+    assert_eq!(y.dtype(), DType::BF16);
+    let w = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], &[2, 2])?;
+    y.to_dtype(DType::F32)?.mul(&w)?.sum_all()?.backward()?;
+    assert_eq!(p.grad().unwrap().to_vec::<f32>()?, vec![1.0, 2.0, 3.0, 4.0]);
+    let other = Tensor::zeros(&[4], DType::BF16)?;
+    let e = p.cast_from_copy(&other).unwrap_err().to_string();
+    assert!(e.contains("cast_from_copy"), "{e}");
+
+    let q = Tensor::from_vec(vec![0.5f32, -1.0], &[2])?.requires_grad_();
+    let mut opt = AdamW::new(vec![q.clone()], AdamWConfig::default())?;
+    let c = opt.compute_params(DType::F32)?;
+    c[0].mul(&Tensor::from_vec(vec![3.0f32, 5.0], &[2])?)?
+        .sum_all()?
+        .backward()?;
+    assert_eq!(q.grad().unwrap().to_vec::<f32>()?, vec![3.0, 5.0]);
+    opt.step(0.1)?;
+    assert!(q.to_vec::<f32>()?[0] < 0.5, "the step moved the master");
+    Ok(())
+}

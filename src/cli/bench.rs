@@ -368,6 +368,7 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
     let model = QwenVl::random(config.clone(), DType::F32, &mut rng)?.to_device(device)?;
     let batch = synthetic_batch(&config, a.batch, a.seq, h, w, &mut rng)?;
     let mut opt = AdamW::new(model.params.tensors(), AdamWConfig::default())?;
+    let fused_casts = std::env::var("TESSERA_FUSED_CASTS").map_or(true, |v| v != "0");
     let mut last_loss = f64::NAN;
     // CUDA: where the host's time goes (launches, synchronisations and the time blocked in
     // them, and the time to issue the step's work before the final read of the loss).
@@ -377,13 +378,18 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
     let mut step = || -> Result<f64> {
         let t = Instant::now();
         let h_start = host();
+        // bf16: the casts of the masters are AdamW's compute copies, rewritten by its fused
+        // step (`TESSERA_FUSED_CASTS=0`: a cast kernel per parameter in the graph instead).
+        let params = if dtype == DType::F32 {
+            model.params.clone()
+        } else if fused_casts {
+            model.params.with_tensors(opt.compute_params(dtype)?)?
+        } else {
+            model.params.cast(dtype)?
+        };
         let compute = QwenVl {
             config: config.clone(),
-            params: if dtype == DType::F32 {
-                model.params.clone()
-            } else {
-                model.params.cast(dtype)?
-            },
+            params,
         };
         let loss = compute
             .forward(&batch)?

@@ -87,6 +87,22 @@ impl Params {
             }
         })
     }
+    /// The same names in the same order with `tensors` in their place (one per parameter, in
+    /// order: `AdamW::compute_params` of an optimiser built from `tensors()`, say).
+    pub fn with_tensors(&self, tensors: Vec<Tensor>) -> Result<Params> {
+        if tensors.len() != self.len() {
+            return Err(crate::Error::msg(format!(
+                "Params::with_tensors: {} tensors for {} parameters",
+                tensors.len(),
+                self.len()
+            )));
+        }
+        let mut out = Params::default();
+        for ((name, _), t) in self.iter().zip(&tensors) {
+            out.push(name, t);
+        }
+        Ok(out)
+    }
     /// Writes every parameter to a safetensors file (atomically).
     pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let refs: Vec<(&str, &Tensor)> = self.iter().collect();

@@ -303,4 +303,31 @@ impl Tensor {
             Ok(vec![Some(g.to_dtype(from)?)])
         }))
     }
+
+    /// `self.to_dtype(copy.dtype())` from a `copy` that already holds exactly those values
+    /// (an optimiser's mixed-precision compute copy, `AdamW::compute_params`): no kernel, the
+    /// result shares the copy's storage, and the gradient flows back to `self` as through
+    /// `to_dtype`.
+    pub fn cast_from_copy(&self, copy: &Tensor) -> Result<Tensor> {
+        if copy.shape() != self.shape() || copy.device() != self.device() {
+            return Err(Error::shape(
+                "cast_from_copy",
+                format!(
+                    "copy {:?} on {} for a tensor {:?} on {}",
+                    copy.shape(),
+                    copy.device(),
+                    self.shape(),
+                    self.device()
+                ),
+            ));
+        }
+        let from = self.dtype();
+        let out = copy.detach();
+        if !(from.is_float() && copy.dtype().is_float()) {
+            return Ok(out);
+        }
+        Ok(record("to_dtype", out, &[self], move |g| {
+            Ok(vec![Some(g.to_dtype(from)?)])
+        }))
+    }
 }

@@ -23,7 +23,7 @@ use super::{
     check_state_tensor, deep_copy, grad_for_update, state_copy_for, validate_groups, ParamGroup,
     PAR_CHUNK, PAR_THRESHOLD,
 };
-use crate::{float_dispatch, no_grad, Error, Float, Result, Tensor};
+use crate::{float_dispatch, no_grad, DType, Error, Float, Result, Tensor};
 use rayon::prelude::*;
 
 /// Hyper-parameters shared by all groups (the weight decay here is the one [`AdamW::new`]
@@ -70,6 +70,9 @@ pub struct AdamW {
     steps: u64,
     /// One entry per parameter, in construction order.
     state: Vec<Option<AdamWParamState>>,
+    /// bf16 compute copies of CUDA f32 parameters (`compute_params`), rewritten by each step's
+    /// fused kernel; empty until asked for.
+    copies: Vec<Option<Tensor>>,
 }
 
 /// Per-tensor scalars of one update, rounded to the parameter dtype.
@@ -139,6 +142,7 @@ impl AdamW {
             config,
             steps: 0,
             state: vec![None; n],
+            copies: Vec::new(),
         })
     }
 
@@ -167,6 +171,42 @@ impl AdamW {
         }
     }
 
+    /// The parameters (construction order) as differentiable casts to `dtype` for mixed
+    /// precision: gradients flow back to the f32 masters as through `to_dtype`. For a CUDA f32
+    /// parameter cast to bf16 the cast is a copy this optimiser keeps and rewrites in the same
+    /// pass as each update (one fused kernel), so a step's forward needs no cast kernels; the
+    /// copies are made (cast) on the first call. They stay exact while only `step` changes the
+    /// parameters: after writing parameters any other way, call `drop_compute_copies`.
+    pub fn compute_params(&mut self, dtype: DType) -> Result<Vec<Tensor>> {
+        let n = self.state.len();
+        self.copies.resize(n, None);
+        let params: Vec<Tensor> = self.params().cloned().collect();
+        params
+            .iter()
+            .zip(self.copies.iter_mut())
+            .map(|(p, slot)| {
+                let fused = p.is_cuda() && p.dtype() == DType::F32 && dtype == DType::BF16;
+                if !fused {
+                    return p.to_dtype(dtype);
+                }
+                let copy = match slot {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = no_grad(|| p.detach().to_dtype(dtype))?.contiguous()?;
+                        *slot = Some(c.clone());
+                        c
+                    }
+                };
+                p.cast_from_copy(&copy)
+            })
+            .collect()
+    }
+
+    /// Forgets the compute copies (`compute_params` casts afresh on its next call).
+    pub fn drop_compute_copies(&mut self) {
+        self.copies.clear();
+    }
+
     /// One update of every parameter that has a gradient, with learning rate `lr`.
     pub fn step(&mut self, lr: f64) -> Result<()> {
         if !(lr.is_finite() && lr >= 0.0) {
@@ -180,7 +220,8 @@ impl AdamW {
             for group in &self.groups {
                 for p in &group.params {
                     let slot = &mut self.state[index];
-                    update_param(p, index, slot, lr, group.weight_decay, &config)?;
+                    let copy = self.copies.get(index).and_then(|c| c.as_ref());
+                    update_param(p, index, slot, copy, lr, group.weight_decay, &config)?;
                     index += 1;
                 }
             }
@@ -216,6 +257,8 @@ impl AdamW {
     /// Replaces the state with a copy of `state`, which must list one entry per parameter,
     /// each moment matching its parameter's shape and dtype. Nothing changes on error.
     pub fn load_state(&mut self, state: &AdamWState) -> Result<()> {
+        // A resume usually rewrites the parameters too: cast the compute copies afresh.
+        self.copies.clear();
         let params: Vec<&Tensor> = self.params().collect();
         if state.params.len() != params.len() {
             return Err(Error::msg(format!(
@@ -249,6 +292,7 @@ fn update_param(
     p: &Tensor,
     index: usize,
     slot: &mut Option<AdamWParamState>,
+    copy: Option<&Tensor>,
     lr: f64,
     weight_decay: f64,
     config: &AdamWConfig,
@@ -279,7 +323,7 @@ fn update_param(
             eps: config.eps as f32,
             neg_step_size: (-(lr / bc1)) as f32,
         };
-        crate::backend::cuda::ops::optim::adamw_step(p, &g, &st.exp_avg, &st.exp_avg_sq, &k)?;
+        crate::backend::cuda::ops::optim::adamw_step(p, &g, &st.exp_avg, &st.exp_avg_sq, &k, copy)?;
         st.step = t;
         return Ok(());
     }

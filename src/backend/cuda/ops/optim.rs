@@ -43,7 +43,14 @@ fn check_state(op: &'static str, p: &Tensor, others: &[(&str, &Tensor)]) -> Resu
 }
 
 /// One fused AdamW update of `p` in place (m and v updated too). All contiguous f32 on CUDA.
-pub fn adamw_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: &AdamWCoefs) -> Result<()> {
+pub fn adamw_step(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    k: &AdamWCoefs,
+    copy: Option<&Tensor>,
+) -> Result<()> {
     check_state(
         "AdamW::step",
         p,
@@ -53,6 +60,21 @@ pub fn adamw_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: &AdamWCoefs
     if n == 0 {
         return Ok(());
     }
+    let cp = match copy {
+        Some(c) if c.dtype() == DType::BF16 && c.shape() == p.shape() && c.is_contiguous() => {
+            c.cuda_ptr()?
+        }
+        Some(c) => {
+            return Err(Error::msg(format!(
+                "AdamW::step: the compute copy of a {:?} parameter must be a contiguous bf16 \
+                 tensor of its shape, got {:?} {}",
+                p.shape(),
+                c.shape(),
+                c.dtype()
+            )))
+        }
+        None => 0u64,
+    };
     let (pp, gp, mp, vp) = (p.cuda_ptr()?, g.cuda_ptr()?, m.cuda_ptr()?, v.cuda_ptr()?);
     let n64 = n as i64;
     let has_decay = k.decay.is_some() as i64;
@@ -77,6 +99,7 @@ pub fn adamw_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: &AdamWCoefs
             arg(&k.bc2_sqrt),
             arg(&k.eps),
             arg(&k.neg_step_size),
+            arg(&cp),
         ],
     )
 }
