@@ -15,10 +15,11 @@
 //                    16-byte loads, online max/sum per vector: long rows) and lse_pick (one
 //                    block per row, scalar online max/sum: any v and alignment).
 //   ce_mean:         one block (any multiple of 32 threads up to 1024): out[0] = −Σ_rows picked
-//                    · inv, inv = 1 / max(#counted rows, 1) (counted = not ignored),
-//                    inv_count[0] = inv for the backward.
+//                    · inv (f32 whatever T: the loss of bf16 logits keeps f32 precision),
+//                    inv = 1 / max(#counted rows, 1) (counted = not ignored), inv_count[0] =
+//                    inv for the backward.
 //   lse_pick_bwd:    dx_j = (e^{x_j − lse} − [j = t]) · g_r · scale · inv, 0 on ignored rows,
-//                    NaN on invalid rows; g_r = g[row] when g_per_row, else g[0]; inv =
+//                    NaN on invalid rows; g (f32) is g[row] when g_per_row, else g[0]; inv =
 //                    inv_count[0], or 1 when inv_count is null.
 //                    cross_entropy: scale = 1, g scalar, inv_count from ce_mean.
 //                    log_prob_of: scale = −1, g per row, no inv_count.
@@ -331,7 +332,7 @@ __device__ __forceinline__ void lse_pick_staged(const T* x, const I* t, float* l
 // S > 0: the rows through lse_pick_staged<S> (dynamic shared memory as there).
 template <typename T, typename I, int S>
 __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
-                                             i64 ignore, i64 has_ignore, float* partial, unsigned int* done, T* out,
+                                             i64 ignore, i64 has_ignore, float* partial, unsigned int* done, float* out,
                                              float* inv_count) {
     __shared__ float scratch[2][8];
     __shared__ unsigned int is_last;
@@ -379,14 +380,14 @@ __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse,
             n += scratch[1][w];
         }
         const float inv = 1.f / (n > 0.f ? n : 1.f);
-        st(out, 0, 0.f - a * inv);
+        out[0] = 0.f - a * inv;
         inv_count[0] = inv;
         *done = 0u;  // ready for the next launch (kernels of one stream run in order)
     }
 }
 
 template <typename T, typename I>
-__device__ __forceinline__ void ce_mean(const float* picked, const I* t, T* out, float* inv_count, i64 rows,
+__device__ __forceinline__ void ce_mean(const float* picked, const I* t, float* out, float* inv_count, i64 rows,
                                         i64 ignore, i64 has_ignore) {
     __shared__ float scratch[32];
     __shared__ unsigned int count;
@@ -416,20 +417,19 @@ __device__ __forceinline__ void ce_mean(const float* picked, const I* t, T* out,
     __syncthreads();
     if (threadIdx.x == 0) {
         const float inv = 1.f / (float)(count > 0u ? count : 1u);
-        st(out, 0, 0.f - acc * inv);
+        out[0] = 0.f - acc * inv;
         inv_count[0] = inv;
     }
 }
 
-template <typename T>
-__device__ __forceinline__ float ce_grad_scale(const T* g, const float* inv_count, i64 row, float scale,
+__device__ __forceinline__ float ce_grad_scale(const float* g, const float* inv_count, i64 row, float scale,
                                                i64 g_per_row) {
     return ld(g, g_per_row ? row : 0) * scale * (inv_count ? inv_count[0] : 1.f);
 }
 
 // Scalar fallback: one block per row.
 template <typename T, typename I>
-__device__ __forceinline__ void lse_pick_bwd(const T* x, const I* t, const float* lse, const T* g,
+__device__ __forceinline__ void lse_pick_bwd(const T* x, const I* t, const float* lse, const float* g,
                                              const float* inv_count, T* dx, i64 v, i64 ignore, i64 has_ignore,
                                              float scale, i64 g_per_row) {
     const i64 row = blockIdx.x;
@@ -454,7 +454,7 @@ __device__ __forceinline__ void lse_pick_bwd(const T* x, const I* t, const float
 // base + t + k · blockDim.x. The logits are loaded first, together with the row's scalars
 // (target, lse, g, inv_count): one memory latency per block, not three in a row.
 template <typename T, typename I>
-__device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const float* lse, const T* g,
+__device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const float* lse, const float* g,
                                                  const float* inv_count, T* dx, i64 v, i64 ignore, i64 has_ignore,
                                                  float scale, i64 g_per_row) {
     constexpr int N = Vec<T>::N;
@@ -528,30 +528,30 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256, 4) ce_warp_mean_##ISFX##_##SFX(                            \
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
-        float* partial, unsigned int* done, T* out, float* inv_count) {                                          \
+        float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
         ce_warp_mean<T, I, 0>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256) ce_stage2_mean_##ISFX##_##SFX(                             \
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
-        float* partial, unsigned int* done, T* out, float* inv_count) {                                          \
+        float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
         ce_warp_mean<T, I, 2>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256) ce_stage3_mean_##ISFX##_##SFX(                             \
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
-        float* partial, unsigned int* done, T* out, float* inv_count) {                                          \
+        float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
         ce_warp_mean<T, I, 3>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
     }                                                                                                            \
-    extern "C" __global__ void ce_mean_##ISFX##_##SFX(const float* picked, const I* t, T* out, float* inv_count, \
+    extern "C" __global__ void ce_mean_##ISFX##_##SFX(const float* picked, const I* t, float* out, float* inv_count, \
                                                       i64 rows, i64 ignore, i64 has_ignore) {                    \
         ce_mean<T, I>(picked, t, out, inv_count, rows, ignore, has_ignore);                                      \
     }                                                                                                            \
-    extern "C" __global__ void lse_pick_bwd_##ISFX##_##SFX(const T* x, const I* t, const float* lse, const T* g, \
+    extern "C" __global__ void lse_pick_bwd_##ISFX##_##SFX(const T* x, const I* t, const float* lse, const float* g, \
                                                            const float* inv_count, T* dx, i64 v, i64 ignore,     \
                                                            i64 has_ignore, float scale, i64 g_per_row) {         \
         lse_pick_bwd<T, I>(x, t, lse, g, inv_count, dx, v, ignore, has_ignore, scale, g_per_row);                \
     }                                                                                                            \
     extern "C" __global__ void lse_pick_bwd_vec_##ISFX##_##SFX(                                                  \
-        const T* x, const I* t, const float* lse, const T* g, const float* inv_count, T* dx, i64 v, i64 ignore,  \
+        const T* x, const I* t, const float* lse, const float* g, const float* inv_count, T* dx, i64 v, i64 ignore,  \
         i64 has_ignore, float scale, i64 g_per_row) {                                                            \
         lse_pick_bwd_vec<T, I>(x, t, lse, g, inv_count, dx, v, ignore, has_ignore, scale, g_per_row);            \
     }

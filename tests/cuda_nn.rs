@@ -893,7 +893,7 @@ fn cross_entropy_fast_paths_match_cpu() {
 /// Tensor API on the cpu.
 fn ce_dev(x: &Tensor, t: &Tensor, ignore_index: i64) -> Result<Tensor> {
     if x.is_cuda() {
-        tessera::backend::cuda::ops::loss::cross_entropy_targets(x, t, ignore_index)
+        tessera::backend::cuda::ops::loss::cross_entropy_targets(x, t, ignore_index, false)
     } else {
         x.cross_entropy(t, ignore_index)
     }
@@ -985,7 +985,7 @@ fn cross_entropy_device_targets_errors_and_invalid_ids() {
         .unwrap()
         .to_cuda()
         .unwrap();
-    let e = cross_entropy_targets(&x, &bad_shape, -100)
+    let e = cross_entropy_targets(&x, &bad_shape, -100, false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("cross_entropy"), "{e}");
@@ -996,7 +996,7 @@ fn cross_entropy_device_targets_errors_and_invalid_ids() {
         .unwrap()
         .to_cuda()
         .unwrap();
-    let l = cross_entropy_targets(&x, &t, -100)
+    let l = cross_entropy_targets(&x, &t, -100, false)
         .unwrap()
         .to_scalar()
         .unwrap();
@@ -1040,4 +1040,27 @@ fn cross_entropy_staged_variants_match_cpu() {
         }
     }
     set_ce_stages(None).unwrap();
+}
+
+/// `cross_entropy_f32` (the model's loss): from bf16 logits an f32 loss computed without an f32
+/// copy of the logits, its gradient written in bf16; against the CPU (f32), loss and gradient,
+/// with ignored rows, a row of 8192 logits and the Qwen vocabulary.
+#[test]
+fn cross_entropy_f32_matches_cpu() {
+    for (i, &(rows, v)) in [(64, 4096), (9, 8192), (7, 1000), (3, 151936)]
+        .iter()
+        .enumerate()
+    {
+        let s = 950 + 10 * i as u64;
+        check(
+            &format!("cross_entropy_f32 {rows}x{v}"),
+            &[randn(&[rows, v], s), labels_with_ignored(rows, v, s + 1)],
+            &[true, false],
+            |x| {
+                let l = x[0].cross_entropy_f32(&x[1], -100)?;
+                assert_eq!(l.dtype(), DType::F32, "the loss is f32 whatever the logits");
+                Ok(l)
+            },
+        );
+    }
 }

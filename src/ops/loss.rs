@@ -10,7 +10,7 @@
 use crate::autograd::record;
 use crate::backend::cpu;
 use crate::tensor::{Float, Tensor};
-use crate::{float_dispatch, Error, Result};
+use crate::{float_dispatch, DType, Error, Result};
 use num_traits::Zero;
 use rayon::prelude::*;
 
@@ -79,6 +79,29 @@ fn rows_and_targets(
 impl Tensor {
     /// Mean cross-entropy of `targets` under `self` (logits); see the module doc.
     pub fn cross_entropy(&self, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
+        self.cross_entropy_to(targets, ignore_index, false)
+    }
+
+    /// Mean cross-entropy as an f32 scalar whatever the logits' float dtype: the value of
+    /// `self.to_dtype(F32)?.cross_entropy(targets, ignore_index)` (exact: a bf16 -> f32 cast
+    /// loses nothing), as a model's loss is taken. On CUDA bf16 logits are not cast: the
+    /// kernels compute in f32 from them and write their bf16 gradient directly, which saves
+    /// the f32 copies of [tokens, vocab] logits and gradient (and their memory).
+    pub fn cross_entropy_f32(&self, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
+        if self.is_cuda() && self.dtype() == DType::BF16 {
+            return self.cross_entropy_to(targets, ignore_index, true);
+        }
+        self.to_dtype(DType::F32)?
+            .cross_entropy(targets, ignore_index)
+    }
+
+    /// `cross_entropy`, on CUDA with an f32 result when `f32_out`.
+    fn cross_entropy_to(
+        &self,
+        targets: &Tensor,
+        ignore_index: i64,
+        f32_out: bool,
+    ) -> Result<Tensor> {
         // CUDA logits with CUDA targets: validated on the device without a host round trip
         // (an id outside the vocabulary gives NaN there instead of an error).
         if self.is_cuda() && targets.is_cuda() {
@@ -86,11 +109,12 @@ impl Tensor {
                 self,
                 targets,
                 ignore_index,
+                f32_out,
             );
         }
         let (x, v, t) = rows_and_targets("cross_entropy", self, targets, Some(ignore_index))?;
         if x.is_cuda() {
-            return crate::backend::cuda::ops::loss::cross_entropy(self, x, v, &t);
+            return crate::backend::cuda::ops::loss::cross_entropy(self, x, v, &t, f32_out);
         }
         let n = t.iter().filter(|t| t.is_some()).count();
         let (loss, lse) = float_dispatch!(x.dtype(), "cross_entropy", T => {

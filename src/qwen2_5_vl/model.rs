@@ -307,15 +307,16 @@ impl QwenVl {
                 ))
             }
             Some(l) => {
-                // Position t predicts label t+1 (a sequence of one token has no target).
+                // Position t predicts label t+1; the last position has none (-100, ignored), so
+                // the loss reads the logits whole: no narrowed copy of [B, T-1, V] and no
+                // zero-padded gradient for it. The same mean as over the first T-1 positions,
+                // in f32 (from bf16 logits without an f32 copy of them).
                 let n = seq.saturating_sub(1);
-                let shifted = l.to_dtype(DType::I64)?.narrow(1, 1.min(seq), n)?;
-                Some(
-                    logits
-                        .narrow(1, 0, n)?
-                        .to_dtype(DType::F32)?
-                        .cross_entropy(&shifted, -100)?,
-                )
+                let ids = l.to_dtype(DType::I64)?;
+                let last =
+                    Tensor::full_on(&[ids.dim(0)?, seq - n], -100.0, DType::I64, l.device())?;
+                let targets = Tensor::cat(&[&ids.narrow(1, 1.min(seq), n)?, &last], 1)?;
+                Some(logits.cross_entropy_f32(&targets, -100)?)
             }
         };
         Ok(Output {

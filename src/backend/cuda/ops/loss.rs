@@ -178,7 +178,8 @@ fn lse_pick_backward(
 ) -> Result<Tensor> {
     let dtype = x.dtype();
     let sfx = suffix(dtype, "cross_entropy_backward")?;
-    let g = upstream(g, dtype)?;
+    // The kernels read the upstream gradient in f32 (an f32 loss of bf16 logits stays exact).
+    let g = upstream(g, DType::F32)?;
     let dx = Tensor::empty_cuda(x.shape(), dtype)?;
     let rows = tg.rows();
     if rows == 0 || v == 0 {
@@ -297,13 +298,20 @@ fn done_counter() -> Result<u64> {
 }
 
 /// Mean cross-entropy of the contiguous detached cuda logits `x` [rows, v] against `tg`,
-/// recorded for `input`.
-fn cross_entropy_dev(input: &Tensor, x: Tensor, v: usize, tg: Targets) -> Result<Tensor> {
+/// recorded for `input`: a scalar of the logits' dtype, or f32 when `f32_out` (the kernels
+/// compute it in f32 either way).
+fn cross_entropy_dev(
+    input: &Tensor,
+    x: Tensor,
+    v: usize,
+    tg: Targets,
+    f32_out: bool,
+) -> Result<Tensor> {
     let dtype = x.dtype();
     let sfx = suffix(dtype, "cross_entropy")?;
     let rows = tg.rows();
     let xp = x.cuda_ptr()?;
-    let out = Tensor::empty_cuda(&[], dtype)?;
+    let out = Tensor::empty_cuda(&[], DType::F32)?;
     let inv_count = Tensor::empty_cuda(&[1], DType::F32)?;
     let (tp, op, ip) = (tg.t.cuda_ptr()?, out.cuda_ptr()?, inv_count.cuda_ptr()?);
     let rows64 = rows as i64;
@@ -372,6 +380,11 @@ fn cross_entropy_dev(input: &Tensor, x: Tensor, v: usize, tg: Targets) -> Result
         )?;
         lse
     };
+    let out = if f32_out || dtype == DType::F32 {
+        out
+    } else {
+        super::cast(&out, dtype)?
+    };
     Ok(record("cross_entropy", out, &[input], move |g| {
         Ok(vec![Some(lse_pick_backward(
             &x,
@@ -412,14 +425,16 @@ fn log_prob_of_dev(
 
 /// Mean cross-entropy for the contiguous detached cuda logits `x` [..., v] of `input` (the
 /// tensor to record the gradient for) and targets validated on the host (None = ignore_index).
+/// The result is f32 when `f32_out`, else of the logits' dtype.
 pub fn cross_entropy(
     input: &Tensor,
     x: Tensor,
     v: usize,
     targets: &[Option<usize>],
+    f32_out: bool,
 ) -> Result<Tensor> {
     suffix(x.dtype(), "cross_entropy")?;
-    cross_entropy_dev(input, x, v, Targets::from_host(targets)?)
+    cross_entropy_dev(input, x, v, Targets::from_host(targets)?, f32_out)
 }
 
 /// log softmax(x)[id] per row, shaped like `ids_shape` (= the logits' leading dims), for ids
@@ -439,10 +454,12 @@ pub fn log_prob_of(
 /// `logits.cross_entropy(targets, ignore_index)` for cuda logits [..., V] and i64 / u32
 /// targets [...] on any device, read by the kernels without a host round trip when they are
 /// on cuda. Ids outside 0..V (other than `ignore_index`) make the loss NaN instead of an error.
+/// The result is f32 when `f32_out`, else of the logits' dtype.
 pub fn cross_entropy_targets(
     logits: &Tensor,
     targets: &Tensor,
     ignore_index: i64,
+    f32_out: bool,
 ) -> Result<Tensor> {
     let (x, v) = logits_for("cross_entropy", logits, targets)?;
     let (t, tag) = device_ids(targets, "cross_entropy")?;
@@ -452,7 +469,7 @@ pub fn cross_entropy_targets(
         ignore: ignore_index,
         has_ignore: 1,
     };
-    cross_entropy_dev(logits, x, v, tg)
+    cross_entropy_dev(logits, x, v, tg, f32_out)
 }
 
 /// `logits.log_prob_of(ids)` for cuda logits [..., V] and i64 / u32 ids [...] on any device,
