@@ -158,8 +158,8 @@ fn flash_fwd_matches_cpu() {
     case(1, 2, 2, 260, 390, 80, true);
 }
 
-/// The Hopper forward (kernels/flash_sm90.cu: TMA, wgmma, producer and consumer warpgroups)
-/// on the same kinds of cases: D 64 and 128, causal or not, GQA, Tq != Tk, partial query
+/// The Hopper forward (kernels/flash_sm90.cu: TMA, wgmma, producer and consumer warpgroups),
+/// plain and with the intra-warpgroup overlap, on the same kinds of cases: D 64 and 128, causal or not, GQA, Tq != Tk, partial query
 /// blocks and key tiles, rows that see no key; where the device is sm_90.
 #[test]
 fn flash_fwd_wgmma_matches_cpu() {
@@ -185,7 +185,11 @@ fn flash_fwd_wgmma_matches_cpu() {
         (2, 4, 4, 384, 384, 128, true),
         (1, 8, 2, 1024, 1024, 64, true),
     ] {
-        forward_case(b, hq, hkv, tq, tk, d, causal, None, flash::flash_fwd_wgmma);
+        for overlap in [false, true] {
+            forward_case(b, hq, hkv, tq, tk, d, causal, None, |q, k, v, c, sc| {
+                flash::flash_fwd_wgmma_with(q, k, v, c, sc, overlap)
+            });
+        }
     }
 }
 

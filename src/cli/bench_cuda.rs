@@ -244,12 +244,18 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         }
         // The Hopper forward (TMA + wgmma), unless the GPU check left it out after its test.
         let wgmma = dev.cc == (9, 0) && std::env::var_os("TESSERA_BENCH_SKIP_FLASH_WG").is_none();
-        if wgmma {
+        for (overlap, label) in [
+            (false, "TMA + wgmma"),
+            (true, "TMA + wgmma, intra-warpgroup overlap"),
+        ] {
+            if !wgmma {
+                break;
+            }
             let ms = time_ms(5, || {
-                cuda::flash::flash_fwd_wgmma(&q, &q, &q, true, scale).map(|_| ())
+                cuda::flash::flash_fwd_wgmma_with(&q, &q, &q, true, scale, overlap).map(|_| ())
             })?;
             att.push(format!(
-                "{{\"op\": \"attention\", \"kernel\": \"flash_fwd_wgmma (TMA + wgmma)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+                "{{\"op\": \"attention\", \"kernel\": \"flash_fwd_wgmma ({label})\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
                 flops / (ms * 1e-3) / 1e12
             ));
         }
@@ -273,7 +279,7 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
             3.5 * flops / (ms * 1e-3) / 1e12
         ));
         if wgmma {
-            cuda::flash::set_wgmma(Some(true));
+            cuda::flash::set_wgmma(Some(1));
             let ms = time_ms(5, || {
                 let (qq, kk, vv) = (
                     q.detach().requires_grad_(),

@@ -107,8 +107,8 @@ pub fn flash_fwd_segments(
 ) -> Result<(Tensor, Tensor)> {
     let d = q.dims().last().copied().unwrap_or(0);
     let keys = k.dims().get(2).copied().unwrap_or(0);
-    if segments.is_none() && matches!(d, 64 | 128) && keys > 0 && wgmma_enabled() && hopper() {
-        return flash_fwd_wgmma(q, k, v, causal, scale);
+    if segments.is_none() && matches!(d, 64 | 128) && keys > 0 && wgmma_mode() > 0 && hopper() {
+        return flash_fwd_wgmma_with(q, k, v, causal, scale, wgmma_mode() == 2);
     }
     let bn = if d == 128 && segments.is_some() {
         32
@@ -133,38 +133,38 @@ pub fn flash_fwd_tiles(
     fwd(q, k, v, causal, scale, None, block_q, key_tile)
 }
 
-/// Whether the forward without segments takes the Hopper kernel (`flash_fwd_wgmma`) on an
-/// sm_90 device. Off by default until a GPU run has validated it: `TESSERA_FLASH_WG=1` (or
-/// `set_wgmma`) turns it on.
-pub fn wgmma_enabled() -> bool {
+/// Which forward without segments runs on an sm_90 device: 0 the mma.sync kernel, 1 the
+/// Hopper kernel (`flash_fwd_wgmma`), 2 the Hopper kernel with FlashAttention-3's
+/// intra-warpgroup overlap. 0 by default until a GPU run has validated the others:
+/// `TESSERA_FLASH_WG=1` or `2` (or `set_wgmma`) picks them.
+pub fn wgmma_mode() -> u8 {
     match WGMMA.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => false,
-        1 => true,
-        _ => std::env::var("TESSERA_FLASH_WG").is_ok_and(|v| v == "1"),
+        u8::MAX => match std::env::var("TESSERA_FLASH_WG").as_deref() {
+            Ok("1") => 1,
+            Ok("2") => 2,
+            _ => 0,
+        },
+        m => m,
     }
 }
 
-/// Overrides `TESSERA_FLASH_WG` for this process (`None`: back to the environment).
-pub fn set_wgmma(on: Option<bool>) {
-    let v = match on {
-        Some(false) => 0,
-        Some(true) => 1,
-        None => 2,
-    };
-    WGMMA.store(v, std::sync::atomic::Ordering::Relaxed);
+/// Overrides `TESSERA_FLASH_WG` for this process (0, 1 or 2 as `wgmma_mode`; `None`: back to
+/// the environment).
+pub fn set_wgmma(mode: Option<u8>) {
+    WGMMA.store(
+        mode.map_or(u8::MAX, |m| m.min(2)),
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
-static WGMMA: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+static WGMMA: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
 
 fn hopper() -> bool {
     device().is_ok_and(|d| d.cc == (9, 0))
 }
 
-/// Queries per block and keys per tile of the Hopper forward (kernels/flash_sm90.cu).
+/// Queries per block of the Hopper forward (kernels/flash_sm90.cu).
 const WG_BM: usize = 128;
-const WG_BN: usize = 128;
-/// Its K/V stages.
-const WG_STAGES: usize = 2;
 
 /// `flash_fwd` (no segments) through the Hopper kernel (kernels/flash_sm90.cu: TMA, wgmma,
 /// a producer and two consumer warpgroups); sm_90 only, D 64 or 128.
@@ -174,6 +174,19 @@ pub fn flash_fwd_wgmma(
     v: &Tensor,
     causal: bool,
     scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    flash_fwd_wgmma_with(q, k, v, causal, scale, false)
+}
+
+/// `flash_fwd_wgmma`, with FlashAttention-3's intra-warpgroup overlap when `overlap`
+/// (`flash_fwd_wgo_d*`: the softmax of a key tile runs while the previous tile's P V does).
+pub fn flash_fwd_wgmma_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+    overlap: bool,
 ) -> Result<(Tensor, Tensor)> {
     let (b, hq, tq, d, hkv, tk) = check_fwd(q, k, v)?;
     if !matches!(d, 64 | 128) || !hopper() {
@@ -208,19 +221,25 @@ pub fn flash_fwd_wgmma(
                 ))
             })
     };
+    // Keys per tile and K/V stages (FLASH_FWD_WG in the kernel file).
+    let (bn, stages, kernel) = match (overlap, d) {
+        (false, _) => (128, 2, "wg"),
+        (true, 64) => (128, 3, "wgo"),
+        (true, _) => (64, 3, "wgo"),
+    };
     let (mq, mk, mv) = (
         map(&q, hq, tq, WG_BM)?,
-        map(&k, hkv, tk, WG_BN)?,
-        map(&v, hkv, tk, WG_BN)?,
+        map(&k, hkv, tk, bn)?,
+        map(&v, hkv, tk, bn)?,
     );
     let (op, lp) = (o.cuda_ptr()?, lse.cuda_ptr()?);
     let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
     let (scale, causal) = (scale as f32, causal as i64);
     // mbarriers, 1024-byte alignment, Q and the K/V stages.
-    let shared = (256 + 1024 + WG_BM * d * 2 + WG_STAGES * 2 * WG_BN * d * 2) as u32;
+    let shared = (256 + 1024 + WG_BM * d * 2 + stages * 2 * bn * d * 2) as u32;
     device()?.launch(
         "flash_sm90.cu",
-        &format!("flash_fwd_wg_d{d}"),
+        &format!("flash_fwd_{kernel}_d{d}"),
         (tq.div_ceil(WG_BM) as u32, hq as u32, b as u32),
         (384, 1, 1),
         shared,
