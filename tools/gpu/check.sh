@@ -13,7 +13,8 @@
 # PROFILE_GEMM=..., PROFILE_MN=1, PROFILE_FLASH_WG=1 (a per-kernel profile of the 3B step, with
 # the MN-major GEMM mode / the Hopper flash forward), NCU=1 with NCU_KERNELS="regex ..."
 # (Nsight Compute), SWEEP="variant ..." (tools/sweep/tiny_base.sh on the spare cores),
-# BIG_STEP_BEFORE_S, TEST_TIMEOUT, WITH_COMPILE_TEST=1.
+# BIG_STEP_BEFORE_S and STEP_COMBOS_BEFORE_S (skip those steps once the check has run that many
+# seconds), TEST_TIMEOUT, WITH_COMPILE_TEST=1.
 set -u
 BIN=${1:-.gpu}
 FINAL=${OUT:-}
@@ -199,8 +200,10 @@ done
 # operand transposes; the Hopper flash forward), each alone and together, beside the default.
 FLASH_OK=; [ -z "${TESSERA_BENCH_SKIP_FLASH_WG:-}" ] && FLASH_OK=1
 if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
-    # TESSERA_FLASH_WG=2: the Hopper forward with the intra-warpgroup overlap.
-    for combo in "0 0" "1 0" "0 1" "1 1" "1 2"; do
+    # TESSERA_FLASH_WG=2: the Hopper forward with the intra-warpgroup overlap. Most telling
+    # first; the rest only while the check is short (STEP_COMBOS_BEFORE_S).
+    for combo in "1 1" "1 2" "0 0" "1 0" "0 1"; do
+        [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-420} ] || { log "step combos: out of time"; break; }
         set -- $combo
         { [ "$1" = 1 ] && [ -z "$MN_OK" ]; } && continue
         { [ "$2" != 0 ] && [ -z "$FLASH_OK" ]; } && continue
@@ -214,7 +217,7 @@ if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
     done
 fi
 # The step with a cast kernel per parameter instead of AdamW's fused compute copies.
-if [ -z "${SKIP_STEPS:-}" ] && [ -n "$FUSED_OK" ]; then
+if [ -z "${SKIP_STEPS:-}" ] && [ -n "$FUSED_OK" ] && [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-420} ]; then
     log "train step (bench-3b-8layers) tessera, TESSERA_FUSED_CASTS=0"
     TESSERA_FUSED_CASTS=0 timeout 120 "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
         --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
