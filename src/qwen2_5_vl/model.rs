@@ -313,8 +313,9 @@ impl QwenVl {
                 // in f32 (from bf16 logits without an f32 copy of them).
                 let n = seq.saturating_sub(1);
                 let ids = l.to_dtype(DType::I64)?;
-                let last =
-                    Tensor::full_on(&[ids.dim(0)?, seq - n], -100.0, DType::I64, l.device())?;
+                // Made on the host (B values): the device fill kernels are float-only.
+                let last = Tensor::full(&[ids.dim(0)?, seq - n], -100.0, DType::I64)?
+                    .to_device(l.device())?;
                 let targets = Tensor::cat(&[&ids.narrow(1, 1.min(seq), n)?, &last], 1)?;
                 Some(logits.cross_entropy_f32(&targets, -100)?)
             }
