@@ -67,6 +67,37 @@ def main():
             ref = sd.get((r["b"], r["h"], r["t"], r["d"]))
             frac = f"{100 * ref['ms'] / r['ms']:.0f}%" if ref else "-"
             print(f"| {r['b']},{r['h']},{r['t']},{r['d']} | tessera {r['kernel']} | {r['ms']:.3f} | {r['tflops']:.1f} | {frac} |")
+    steps(d)
+
+
+def steps(d):
+    """The 3B training steps check.sh ran with `bench step --json` under different switches
+    (step-mn{0,1}-fwg{0,1,2}.json, step-unfused.json, step-gemm-*.json): one row each."""
+    import glob
+    import re
+    rows = []
+    for path in sorted(glob.glob(os.path.join(d, "step-*.json"))):
+        name = os.path.basename(path)[len("step-"):-len(".json")]
+        r = load(path)
+        r = [x for x in r if "step_ms_median" in x]
+        m = re.fullmatch(r"mn(\d)-fwg(\d)", name)
+        if m:
+            label = f"TESSERA_GEMM_MN={m.group(1)} TESSERA_FLASH_WG={m.group(2)}"
+        elif name == "unfused":
+            label = "TESSERA_FUSED_CASTS=0"
+        else:
+            label = name
+        rows.append((label, r[-1] if r else None))
+    if not rows:
+        return
+    print()
+    print("| 3B step (bench-3b-8layers, bf16, 4 x 1024 + 448² images) | ms | tokens/s | peak GiB | loss |")
+    print("|---|---:|---:|---:|---:|")
+    for label, r in rows:
+        if r is None:
+            print(f"| {label} | failed (see its json) | | | |")
+        else:
+            print(f"| {label} | {r['step_ms_median']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} | {r['loss']:.4f} |")
 
 
 if __name__ == "__main__":
