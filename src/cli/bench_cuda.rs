@@ -265,7 +265,7 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         };
         let g = rand(&[b, h, t, d], &mut rng)?;
         // Forward + backward through the op (bf16: flash forward and flash backward).
-        let ms = time_ms(5, || {
+        let fwd_bwd = || {
             let (qq, kk, vv) = (
                 q.detach().requires_grad_(),
                 q.detach().requires_grad_(),
@@ -273,22 +273,15 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
             );
             let o = Tensor::attention(&qq, &kk, &vv, &opts)?;
             grad(&o, Some(&g), &[&qq, &kk, &vv]).map(|_| ())
-        })?;
+        };
+        let ms = time_ms(5, fwd_bwd)?;
         att.push(format!(
             "{{\"op\": \"attention_fwd_bwd\", \"kernel\": \"Tensor::attention (flash fwd+bwd)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
             3.5 * flops / (ms * 1e-3) / 1e12
         ));
         if wgmma {
             cuda::flash::set_wgmma(Some(1));
-            let ms = time_ms(5, || {
-                let (qq, kk, vv) = (
-                    q.detach().requires_grad_(),
-                    q.detach().requires_grad_(),
-                    q.detach().requires_grad_(),
-                );
-                let o = Tensor::attention(&qq, &kk, &vv, &opts)?;
-                grad(&o, Some(&g), &[&qq, &kk, &vv]).map(|_| ())
-            });
+            let ms = time_ms(5, fwd_bwd);
             cuda::flash::set_wgmma(None);
             let ms = ms?;
             att.push(format!(

@@ -138,26 +138,16 @@ pub fn flash_fwd_tiles(
 /// intra-warpgroup overlap. 0 by default until a GPU run has validated the others:
 /// `TESSERA_FLASH_WG=1` or `2` (or `set_wgmma`) picks them.
 pub fn wgmma_mode() -> u8 {
-    match WGMMA.load(std::sync::atomic::Ordering::Relaxed) {
-        u8::MAX => match std::env::var("TESSERA_FLASH_WG").as_deref() {
-            Ok("1") => 1,
-            Ok("2") => 2,
-            _ => 0,
-        },
-        m => m,
-    }
+    WGMMA.get().filter(|m| (1..=2).contains(m)).unwrap_or(0)
 }
 
 /// Overrides `TESSERA_FLASH_WG` for this process (0, 1 or 2 as `wgmma_mode`; `None`: back to
 /// the environment).
 pub fn set_wgmma(mode: Option<u8>) {
-    WGMMA.store(
-        mode.map_or(u8::MAX, |m| m.min(2)),
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    WGMMA.set(mode.map(|m| m.min(2)));
 }
 
-static WGMMA: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+static WGMMA: super::Switch = super::Switch::new("TESSERA_FLASH_WG");
 
 fn hopper() -> bool {
     device().is_ok_and(|d| d.cc == (9, 0))

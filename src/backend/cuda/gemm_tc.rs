@@ -65,24 +65,26 @@ pub enum Major {
 /// kernel's MN-major mode) instead of transposing it first. Off by default until a GPU run has
 /// validated it; `TESSERA_GEMM_MN=1` (or `set_mn_major`) turns it on.
 pub fn mn_major_enabled() -> bool {
-    match MN_MAJOR.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => false,
-        1 => true,
-        _ => std::env::var("TESSERA_GEMM_MN").is_ok_and(|v| v == "1"),
-    }
+    MN_MAJOR.get() == Some(1)
 }
 
 /// Overrides `TESSERA_GEMM_MN` for this process (`None`: back to the environment).
 pub fn set_mn_major(on: Option<bool>) {
-    let v = match on {
-        Some(false) => 0,
-        Some(true) => 1,
-        None => 2,
-    };
-    MN_MAJOR.store(v, std::sync::atomic::Ordering::Relaxed);
+    MN_MAJOR.set(on.map(u8::from));
 }
 
-static MN_MAJOR: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+static MN_MAJOR: super::Switch = super::Switch::new("TESSERA_GEMM_MN");
+
+/// A bias for the GEMM epilogue: a contiguous copy when the view is not (kept alive by the
+/// caller while the product runs) and its device address.
+pub(crate) fn contiguous_bias(bias: Option<&Tensor>) -> Result<(Option<Tensor>, Option<u64>)> {
+    let Some(t) = bias else {
+        return Ok((None, None));
+    };
+    let t = t.contiguous()?;
+    let p = t.cuda_ptr()?;
+    Ok((Some(t), Some(p)))
+}
 
 /// Raw launch: `batch` products, element strides between products `batch_*` (0 = shared).
 #[allow(clippy::too_many_arguments)]
@@ -484,14 +486,7 @@ pub fn matmul_bt_with(
     let mut shape = a.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = n;
     let out = Tensor::empty_cuda(&shape, DType::BF16)?;
-    let bias = match bias {
-        Some(t) => Some(t.contiguous()?),
-        None => None,
-    };
-    let bias_ptr = match &bias {
-        Some(t) => Some(t.cuda_ptr()?),
-        None => None,
-    };
+    let (_bias, bias_ptr) = contiguous_bias(bias)?;
     launch_with(
         kernel,
         a.cuda_ptr()?,

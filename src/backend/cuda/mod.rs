@@ -53,6 +53,39 @@ unsafe impl Sync for CudaDevice {}
 
 static DEVICE: OnceLock<std::result::Result<CudaDevice, String>> = OnceLock::new();
 
+/// A measurement switch: a value set for the process (`set`, tests and benchmarks), else its
+/// environment variable's (a small number), else none.
+pub(crate) struct Switch {
+    var: &'static str,
+    /// The process value; `UNSET` defers to the environment.
+    value: std::sync::atomic::AtomicU8,
+}
+
+impl Switch {
+    const UNSET: u8 = u8::MAX;
+
+    pub(crate) const fn new(var: &'static str) -> Switch {
+        Switch {
+            var,
+            value: std::sync::atomic::AtomicU8::new(Self::UNSET),
+        }
+    }
+
+    /// The process value, else the environment variable read as a number.
+    pub(crate) fn get(&self) -> Option<u8> {
+        match self.value.load(Ordering::Relaxed) {
+            Self::UNSET => std::env::var(self.var).ok()?.parse().ok(),
+            v => Some(v),
+        }
+    }
+
+    /// Sets the process value (`None`: back to the environment).
+    pub(crate) fn set(&self, v: Option<u8>) {
+        let v = v.map_or(Self::UNSET, |v| v.min(Self::UNSET - 1));
+        self.value.store(v, Ordering::Relaxed);
+    }
+}
+
 /// Kernel profiling (`TESSERA_PROFILE=1`): every launch is bracketed by two events; the
 /// report sums the GPU time per kernel name.
 struct Profile {
@@ -470,4 +503,21 @@ impl CudaDevice {
 /// Blocks of `threads` covering `n` items (at least one block is never launched for n = 0).
 pub fn blocks_for(n: usize, threads: usize) -> u32 {
     n.div_ceil(threads).min(u32::MAX as usize) as u32
+}
+
+#[cfg(test)]
+mod switch_tests {
+    use super::Switch;
+
+    #[test]
+    fn a_process_value_overrides_the_environment() {
+        static S: Switch = Switch::new("TESSERA_TEST_SWITCH_UNUSED");
+        assert_eq!(S.get(), None, "unset variable");
+        S.set(Some(2));
+        assert_eq!(S.get(), Some(2));
+        S.set(Some(0));
+        assert_eq!(S.get(), Some(0));
+        S.set(None);
+        assert_eq!(S.get(), None, "back to the (unset) environment");
+    }
 }

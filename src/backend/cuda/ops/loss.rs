@@ -253,32 +253,27 @@ fn warp_rows(v: usize, elem: usize, xp: u64) -> bool {
 /// (`ce_stage{2,3}_mean`, an experiment on the forward's bandwidth), 0 for the default
 /// (`ce_warp_mean`, one batch in registers). `TESSERA_CE_STAGES`, or `set_ce_stages`.
 pub fn ce_stages() -> usize {
-    match CE_STAGES.load(std::sync::atomic::Ordering::Relaxed) {
-        usize::MAX => match std::env::var("TESSERA_CE_STAGES").as_deref() {
-            Ok("2") => 2,
-            Ok("3") => 3,
-            _ => 0,
-        },
-        s => s,
+    match CE_STAGES.get() {
+        Some(s @ (2 | 3)) => s as usize,
+        _ => 0,
     }
 }
 
 /// Overrides `TESSERA_CE_STAGES` for this process (0, 2 or 3; `None`: the environment again).
 pub fn set_ce_stages(stages: Option<usize>) -> Result<()> {
-    let v = match stages {
-        None => usize::MAX,
-        Some(s @ (0 | 2 | 3)) => s,
-        Some(s) => {
-            return Err(Error::msg(format!(
-                "cross_entropy: {s} stages (want 0, 2 or 3)"
-            )))
+    match stages {
+        None | Some(0 | 2 | 3) => {
+            CE_STAGES.set(stages.map(|s| s as u8));
+            Ok(())
         }
-    };
-    CE_STAGES.store(v, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
+        Some(s) => Err(Error::msg(format!(
+            "cross_entropy: {s} stages (want 0, 2 or 3)"
+        ))),
+    }
 }
 
-static CE_STAGES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+static CE_STAGES: crate::backend::cuda::Switch =
+    crate::backend::cuda::Switch::new("TESSERA_CE_STAGES");
 
 /// Bytes of one lane's batch of ce_warp_mean: CE_WARP_U (8) 16-byte vectors.
 const CE_BATCH_BYTES: usize = 8 * 16;

@@ -306,14 +306,7 @@ fn gemm_mn_major(
         return Ok(None);
     }
     let out = Tensor::empty_cuda(out_shape, DType::BF16)?;
-    let bias = match bias {
-        Some(t) => Some(t.contiguous()?),
-        None => None,
-    };
-    let bias_ptr = match &bias {
-        Some(t) => Some(t.cuda_ptr()?),
-        None => None,
-    };
+    let (_bias, bias_ptr) = crate::backend::cuda::gemm_tc::contiguous_bias(bias)?;
     gemm_tc::launch_majors(
         TcKernel::WgmmaWs,
         a.ptr,
@@ -358,14 +351,7 @@ fn gemm_tensor_cores(
         (_kb, bp, ldb) = k_contiguous(b.ptr, n, k, b.cs, b.rs)?;
     }
     let out = Tensor::empty_cuda(out_shape, DType::BF16)?;
-    let bias = match bias {
-        Some(t) => Some(t.contiguous()?),
-        None => None,
-    };
-    let bias_ptr = match &bias {
-        Some(t) => Some(t.cuda_ptr()?),
-        None => None,
-    };
+    let (_bias, bias_ptr) = crate::backend::cuda::gemm_tc::contiguous_bias(bias)?;
     crate::backend::cuda::gemm_tc::launch(
         ap,
         bp,
