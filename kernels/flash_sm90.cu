@@ -145,6 +145,7 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
 #define FH_KFULL(s) (bars + 8u + 8u * (unsigned int)(s))
 #define FH_VFULL(s) (bars + 8u + 8u * (unsigned int)(STAGES + (s)))
 #define FH_EMPTY(s) (bars + 8u + 8u * (unsigned int)(2 * STAGES + (s)))
+#define FH_FAULT (bars + 252u)  // the soft waits' fault word (hopper.cuh)
 #define FH_K(s) (skv + (unsigned int)(s) * 2u * KV_BYTES)
 #define FH_V(s) (FH_K(s) + KV_BYTES)
 
@@ -157,6 +158,7 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
             mbar_init(FH_VFULL(s), 1);
             mbar_init(FH_EMPTY(s), FH_CONSUMER_WARPS);
         }
+        asm volatile("st.shared.u32 [%0], 0;\n" ::"r"(FH_FAULT) : "memory");
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
         fence_proxy_async();
     }
@@ -224,12 +226,12 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
     const unsigned int sqa = sq + (unsigned int)ci * (64 * 128);  // this warpgroup's rows in each chunk
     float s[BN / 2], corr[2];
     unsigned int pa[BN / 16][4];
-    mbar_wait(FH_QFULL, 0u);
+    mbar_wait_soft(FH_QFULL, 0u, FH_FAULT);
     if (!OVERLAP) {
         int stage = 0;
         unsigned int phase = 0;
         for (int i = 0; i < ntiles; ++i) {
-            mbar_wait(FH_KFULL(stage), phase);
+            mbar_wait_soft(FH_KFULL(stage), phase, FH_FAULT);
             fh_issue_scores<D, BN>(s, sqa, FH_K(stage));
             wg_commit();
             wg_wait0();
@@ -238,7 +240,7 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
             fh_softmax<BN>(s, m, l, corr, i * BN, tk32, causal32, warp_row, row0, off32, t, sl2);
             fh_pack<BN>(s, pa);
             fh_rescale<D>(acc, corr);
-            mbar_wait(FH_VFULL(stage), phase);
+            mbar_wait_soft(FH_VFULL(stage), phase, FH_FAULT);
             fh_issue_pv<D, BN>(acc, pa, FH_V(stage));
             wg_commit();
             wg_wait0();
@@ -254,7 +256,7 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
         // Tile 0's scores and softmax, then per tile i >= 1: issue S_i and P_{i-1} V_{i-1},
         // wait for S_i only, its softmax while P_{i-1} V_{i-1} runs, then wait for that, release
         // stage i - 1, rescale the output; P_{last} V_{last} at the end.
-        mbar_wait(FH_KFULL(0), 0u);
+        mbar_wait_soft(FH_KFULL(0), 0u, FH_FAULT);
         fh_issue_scores<D, BN>(s, sqa, FH_K(0));
         wg_commit();
         wg_wait0();
@@ -269,10 +271,10 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
                 stage = 0;
                 phase ^= 1u;
             }
-            mbar_wait(FH_KFULL(stage), phase);
+            mbar_wait_soft(FH_KFULL(stage), phase, FH_FAULT);
             fh_issue_scores<D, BN>(s, sqa, FH_K(stage));
             wg_commit();
-            mbar_wait(FH_VFULL(prev), prev_phase);
+            mbar_wait_soft(FH_VFULL(prev), prev_phase, FH_FAULT);
             fh_issue_pv<D, BN>(acc, pa, FH_V(prev));
             wg_commit();
             wg_wait1();  // S_i is ready; P_{i-1} V_{i-1} may still run
@@ -288,7 +290,7 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
             prev = stage;
             prev_phase = phase;
         }
-        mbar_wait(FH_VFULL(prev), prev_phase);
+        mbar_wait_soft(FH_VFULL(prev), prev_phase, FH_FAULT);
         fh_issue_pv<D, BN>(acc, pa, FH_V(prev));
         wg_commit();
         wg_wait0();
@@ -297,36 +299,42 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
         if (lane == 0) mbar_arrive(FH_EMPTY(prev));
     }
 
-    // Epilogue: the row sums across the quad, normalise, write o (bf16 pairs) and lse.
+    // Epilogue: the row sums across the quad, normalise, write o (bf16 pairs) and lse (NaN
+    // everywhere if a wait gave up).
+    const bool fault = mbar_faulted(FH_FAULT);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        if (fault) l[r] = __int_as_float(0x7fc00000);
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const i64 row = row0 + 8 * r;
         if (row >= tq) continue;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : (fault ? l[r] : 0.f);
         bf16_t* orow = o + ((i64)bh_q * tq + row) * D + 2 * t;
 #pragma unroll
         for (int j = 0; j < D / 8; ++j)
             *reinterpret_cast<unsigned int*>(orow + 8 * j) =
                 pack_bf16_rn(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
-        if (t == 0) lse[(i64)bh_q * tq + row] = l[r] > 0.f ? m[r] * scale + logf(l[r]) : NEG_INF;
+        if (t == 0) lse[(i64)bh_q * tq + row] = l[r] > 0.f ? m[r] * scale + logf(l[r]) : (fault ? l[r] : NEG_INF);
     }
 #undef FH_QFULL
 #undef FH_KFULL
 #undef FH_VFULL
 #undef FH_EMPTY
+#undef FH_FAULT
 #undef FH_K
 #undef FH_V
 #endif
 }
 
 // Launch: grid (ceil(Tq / 128), Hq, B), 384 threads, dynamic shared memory
-// 256 + 1024 + 2 D (128 + 2 stages BN) bytes, K/V boxes of BN rows (stages: 2 for _wg_, 3 for
-// _wgo_; BN: 128, except 64 for _wgo_d128; src/backend/cuda/flash.rs).
+// 256 + 1024 + 2 D (128 + 2 stages BN) bytes, K/V boxes of BN = 128 rows (stages: 2 for _wg_,
+// 3 for _wgo_: 225 KB at D 128; src/backend/cuda/flash.rs). The consumers' waits are soft
+// (hopper.cuh) so ptxas compiles them to setmaxnreg's 240 registers: _wgo_d128 holds a 64 x 128
+// score tile, the previous tile's packed P and the 64 x 128 output in 184.
 #define FLASH_FWD_WG(NAME, D, BN, OVERLAP)                                                                       \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                     \
         NAME(const __grid_constant__ TmaMap map_q, const __grid_constant__ TmaMap map_k,                     \
@@ -338,4 +346,286 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
 FLASH_FWD_WG(flash_fwd_wg_d64, 64, 128, false)
 FLASH_FWD_WG(flash_fwd_wg_d128, 128, 128, false)
 FLASH_FWD_WG(flash_fwd_wgo_d64, 64, 128, true)
-FLASH_FWD_WG(flash_fwd_wgo_d128, 128, 64, true)  // 64-key tiles: two score tiles fit in registers
+FLASH_FWD_WG(flash_fwd_wgo_d128, 128, 128, true)
+
+// ---------------------------------------------------------------------------------------------
+// Hopper flash attention backward, dK and dV (sm_90a): the FlashAttention-2 scheme of
+// flash_bwd_dkdv in kernels/flash.cu (P = exp(S scale - lse), dS = P o (dP - delta), dV = Pᵀ dO,
+// dK = scale dSᵀ Q) on FlashAttention-3's data path. A block owns 128 keys of one kv head (K and
+// V resident, one TMA load), a producer warpgroup streams 64-query tiles of Q, dO, lse and delta
+// through STAGES buffers, and each of two consumer warpgroups owns 64 of the keys:
+//   Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: wgmma from shared memory (A = the warpgroup's K / V rows, B = the
+//   Q / dO tile, both K-major: rows of D), m64n64k16, D / 16 steps;
+//   Pᵀ, dSᵀ in registers (lse / delta of the tile's 64 queries from shared memory);
+//   dV += Pᵀ dO and dK += dSᵀ Q: wgmma with A from registers (the accumulators packed as in the
+//   forward's P V) and B = the dO / Q tile read MN-major (16-query steps 2048 bytes apart, D
+//   chunks 8192 apart).
+// dK and dV stay in registers over the whole query loop (2 x D/2 floats per thread, beside the
+// 2 x 32 of Sᵀ and dPᵀ: 240 registers through setmaxnreg, which is why every consumer wait is
+// soft). dQ comes from flash_bwd_dq (kernels/flash.cu).
+// GQA: a block sums the group's query heads over one flat (head, query tile) sequence; with
+// SPLIT it takes one query head (grid.y = Hq: more blocks when B Hkv Tk / 128 would not fill the
+// GPU) and writes f32 partials dk_part / dv_part [B, Hq, Tk, D] that flash_dkdv_group_sum adds.
+// Operands: 3-d tensor maps over [B·H, T, D] bf16 (boxes 64 x 64 rows for Q / dO, 64 x 128 for
+// K / V, 128-byte swizzle), 1-d maps over lse and delta [B·Hq·Tq] f32 (boxes of 64, no swizzle;
+// a tile's queries past Tq read the next head's values or zeros and are masked).
+// TESSERA_ARCH_SUFFIX_A
+
+#define FB_BK 128  // keys per block: two consumer warpgroups of 64
+#define FB_BQ 64   // queries per streamed tile
+
+template <int D, int STAGES, bool SPLIT>
+__device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsigned long long map_k,
+                                                  unsigned long long map_v, unsigned long long map_g,
+                                                  unsigned long long map_lse, unsigned long long map_delta,
+                                                  void* __restrict__ dk_out, void* __restrict__ dv_out, i64 hq,
+                                                  i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    static_assert(D == 64 || D == 128, "head dim 64 or 128");
+    constexpr int DC = D / 64;
+    constexpr unsigned int KV_CHUNK = FB_BK * 128, KV_BYTES = DC * KV_CHUNK;
+    constexpr unsigned int Q_CHUNK = FB_BQ * 128, Q_BYTES = DC * Q_CHUNK;
+    // A stage: Q, dO, then lse and delta (64 floats each), padded to the 1024-byte swizzle period.
+    constexpr unsigned int STAGE_BYTES = (2 * Q_BYTES + 512 + 1023) & ~1023u;
+    static_assert(2 * STAGES * 8 + 8 <= 252, "barriers fit before the fault word");
+    extern __shared__ __align__(1024) unsigned char fb_wg_smem[];
+    const unsigned int bars = smem_addr(fb_wg_smem);
+    const unsigned int sk = (bars + 256u + 1023u) & ~1023u, sv = sk + KV_BYTES, sst = sv + KV_BYTES;
+#define FB_KVFULL (bars)
+#define FB_FULL(s) (bars + 8u + 8u * (unsigned int)(s))
+#define FB_EMPTY(s) (bars + 8u + 8u * (unsigned int)(STAGES + (s)))
+#define FB_FAULT (bars + 252u)
+#define FB_Q(s) (sst + (unsigned int)(s) * STAGE_BYTES)
+#define FB_G(s) (FB_Q(s) + Q_BYTES)
+#define FB_L(s) (FB_Q(s) + 2 * Q_BYTES)
+
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        mbar_init(FB_KVFULL, 1);
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(FB_FULL(s), 1);
+            mbar_init(FB_EMPTY(s), FH_CONSUMER_WARPS);
+        }
+        asm volatile("st.shared.u32 [%0], 0;\n" ::"r"(FB_FAULT) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fence_proxy_async();
+    }
+    __syncthreads();
+
+    const i64 b = blockIdx.z, k0 = (i64)blockIdx.x * FB_BK, group = hq / hkv;
+    const i64 hk = SPLIT ? (i64)blockIdx.y / group : (i64)blockIdx.y;
+    const i64 g0 = SPLIT ? (i64)blockIdx.y % group : 0, g1 = SPLIT ? g0 + 1 : group;  // query heads hk·group + [g0, g1)
+    const i64 off = tk - tq;  // causal: query i sees keys <= i + off
+    i64 qstart = 0;
+    if (causal) {
+        const i64 first = k0 - off;  // the first query that sees key k0
+        qstart = first > 0 ? (first / FB_BQ) * FB_BQ : 0;
+    }
+    const int nq = tq > qstart ? (int)((tq - qstart + FB_BQ - 1) / FB_BQ) : 0;
+    const int n = (int)(g1 - g0) * nq;  // (head, query tile) pairs, head-major
+
+    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (tid == 0) {
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(map_q) : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(map_g) : "memory");
+            const int bh_kv = (int)(b * hkv + hk);
+            mbar_arrive_expect_tx(FB_KVFULL, 2 * KV_BYTES);
+#pragma unroll
+            for (int c = 0; c < DC; ++c) {
+                tma_load_3d(sk + c * KV_CHUNK, map_k, FB_KVFULL, 64 * c, (int)k0, bh_kv);
+                tma_load_3d(sv + c * KV_CHUNK, map_v, FB_KVFULL, 64 * c, (int)k0, bh_kv);
+            }
+            int stage = 0;
+            unsigned int phase = 0;
+            for (int i = 0; i < n; ++i) {
+                const int bh = (int)(b * hq + hk * group + g0 + i / nq);
+                const int q0 = (int)qstart + (i % nq) * FB_BQ;
+                mbar_wait(FB_EMPTY(stage), phase ^ 1u);
+                mbar_arrive_expect_tx(FB_FULL(stage), 2 * Q_BYTES + 512);
+#pragma unroll
+                for (int c = 0; c < DC; ++c) {
+                    tma_load_3d(FB_Q(stage) + c * Q_CHUNK, map_q, FB_FULL(stage), 64 * c, q0, bh);
+                    tma_load_3d(FB_G(stage) + c * Q_CHUNK, map_g, FB_FULL(stage), 64 * c, q0, bh);
+                }
+                const int row = bh * (int)tq + q0;
+                tma_load_1d(FB_L(stage), map_lse, FB_FULL(stage), row);
+                tma_load_1d(FB_L(stage) + 256u, map_delta, FB_FULL(stage), row);
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1u;
+                }
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    const int ci = wg - 1;  // consumer: keys k0 + 64 ci .. + 63
+    const int warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    // This thread's keys: key0 and key0 + 8 (accumulator element e: row + 8 (e >> 1), column
+    // 8 j + 2 t + (e & 1) of n-block j). Positions fit in 32 bits (the launcher checks).
+    const int key0 = (int)k0 + ci * 64 + warp * 16 + g;
+    const int tk32 = (int)tk, tq32 = (int)tq, off32 = (int)off, causal32 = (int)causal;
+    const float sl2 = scale * LOG2E_F;
+    float dv[D / 2], dk[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dv[i] = dk[i] = 0.f;
+    const unsigned int ska = sk + (unsigned int)ci * (64 * 128), sva = sv + (unsigned int)ci * (64 * 128);
+    mbar_wait_soft(FB_KVFULL, 0u, FB_FAULT);
+    int stage = 0;
+    unsigned int phase = 0;
+    for (int i = 0; i < n; ++i) {
+        const int q0 = (int)qstart + (i % nq) * FB_BQ;
+        mbar_wait_soft(FB_FULL(stage), phase, FB_FAULT);
+        // Sᵀ and dPᵀ, one group.
+        float st[32], dp[32];
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            st[j] = dp[j] = 0.f;
+            fence_operand(st[j]);
+            fence_operand(dp[j]);
+        }
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const unsigned int ch = (unsigned int)(kk >> 2), in = (unsigned int)(kk & 3) * 32u;
+            wgmma_n64<0, 0>(st, wg_desc(ska + ch * KV_CHUNK + in), wg_desc(FB_Q(stage) + ch * Q_CHUNK + in));
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const unsigned int ch = (unsigned int)(kk >> 2), in = (unsigned int)(kk & 3) * 32u;
+            wgmma_n64<0, 0>(dp, wg_desc(sva + ch * KV_CHUNK + in), wg_desc(FB_G(stage) + ch * Q_CHUNK + in));
+        }
+        wg_commit();
+        wg_wait0();
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            fence_operand(st[j]);
+            fence_operand(dp[j]);
+        }
+        // Pᵀ = exp2(Sᵀ sl2 - lse log2 e) (0 for a query that saw no key: lse = -inf), masked on
+        // edge tiles; then dSᵀ = Pᵀ o (dPᵀ - delta) in place of dPᵀ.
+        const float* sl = reinterpret_cast<const float*>(fb_wg_smem + (FB_L(stage) - bars));
+        const bool edge = q0 + FB_BQ > tq32 || (int)k0 + FB_BK > tk32 || (causal32 && (int)k0 + FB_BK - 1 > q0 + off32);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float2 l = *reinterpret_cast<const float2*>(sl + 8 * j + 2 * t);
+            const float2 dd = *reinterpret_cast<const float2*>(sl + 64 + 8 * j + 2 * t);
+            const float lx = l.x == NEG_INF ? POS_INF : l.x * LOG2E_F;
+            const float ly = l.y == NEG_INF ? POS_INF : l.y * LOG2E_F;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float p = fast_exp2(fmaf(st[4 * j + e], sl2, -((e & 1) ? ly : lx)));
+                if (edge) {
+                    const int key = key0 + 8 * (e >> 1), qi = q0 + 8 * j + 2 * t + (e & 1);
+                    if (key >= tk32 || qi >= tq32 || (causal32 && key > qi + off32)) p = 0.f;
+                }
+                st[4 * j + e] = p;
+                dp[4 * j + e] = p * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
+            }
+        }
+        unsigned int pa[4][4], pd[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            fa_acc_to_a(pa[kk], &st[8 * kk], &st[8 * kk + 4]);
+            fa_acc_to_a(pd[kk], &dp[8 * kk], &dp[8 * kk + 4]);
+        }
+        // dV += Pᵀ dO, dK += dSᵀ Q: one group.
+#pragma unroll
+        for (int j = 0; j < D / 2; ++j) {
+            fence_operand(dv[j]);
+            fence_operand(dk[j]);
+        }
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_pv<D>(dv, pa[kk], wg_desc_lbo(FB_G(stage) + (unsigned int)kk * 2048u, Q_CHUNK));
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_pv<D>(dk, pd[kk], wg_desc_lbo(FB_Q(stage) + (unsigned int)kk * 2048u, Q_CHUNK));
+        wg_commit();
+        wg_wait0();
+#pragma unroll
+        for (int j = 0; j < D / 2; ++j) {
+            fence_operand(dv[j]);
+            fence_operand(dk[j]);
+        }
+        if (lane == 0) mbar_arrive(FB_EMPTY(stage));
+        if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1u;
+        }
+    }
+
+    // Epilogue: rows key0, key0 + 8; NaN everywhere if a wait gave up.
+    const bool fault = mbar_faulted(FB_FAULT);
+    const float nan = __int_as_float(0x7fc00000);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const i64 key = key0 + 8 * r;
+        if (key >= tk) continue;
+        const i64 row = ((SPLIT ? b * hq + (i64)blockIdx.y : b * hkv + hk) * tk + key) * D + 2 * t;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            float k_0 = dk[4 * j + 2 * r] * scale, k_1 = dk[4 * j + 2 * r + 1] * scale;
+            float v_0 = dv[4 * j + 2 * r], v_1 = dv[4 * j + 2 * r + 1];
+            if (fault) k_0 = k_1 = v_0 = v_1 = nan;
+            if (SPLIT) {
+                *reinterpret_cast<float2*>(static_cast<float*>(dk_out) + row + 8 * j) = make_float2(k_0, k_1);
+                *reinterpret_cast<float2*>(static_cast<float*>(dv_out) + row + 8 * j) = make_float2(v_0, v_1);
+            } else {
+                *reinterpret_cast<unsigned int*>(static_cast<bf16_t*>(dk_out) + row + 8 * j) = pack_bf16_rn(k_0, k_1);
+                *reinterpret_cast<unsigned int*>(static_cast<bf16_t*>(dv_out) + row + 8 * j) = pack_bf16_rn(v_0, v_1);
+            }
+        }
+    }
+#undef FB_KVFULL
+#undef FB_FULL
+#undef FB_EMPTY
+#undef FB_FAULT
+#undef FB_Q
+#undef FB_G
+#undef FB_L
+#endif
+}
+
+// Launch: grid (ceil(Tk / 128), Hkv (Hq with _split), B), 384 threads, dynamic shared memory
+// 256 + 1024 + 2 · 128 · D · 2 + 2 stages · roundup1024(2 · 64 · D · 2 + 512) bytes
+// (src/backend/cuda/flash.rs). dk / dv: bf16 [B, Hkv, Tk, D]; with _split f32 [B, Hq, Tk, D].
+#define FLASH_BWD_WG(NAME, D, SPLIT)                                                                               \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                         \
+        NAME(const __grid_constant__ TmaMap map_q, const __grid_constant__ TmaMap map_k,                         \
+             const __grid_constant__ TmaMap map_v, const __grid_constant__ TmaMap map_g,                         \
+             const __grid_constant__ TmaMap map_lse, const __grid_constant__ TmaMap map_delta, void* dk, void* dv, \
+             i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {                                         \
+        flash_bwd_dkdv_wg<D, 2, SPLIT>((unsigned long long)&map_q, (unsigned long long)&map_k,                      \
+                                       (unsigned long long)&map_v, (unsigned long long)&map_g,                      \
+                                       (unsigned long long)&map_lse, (unsigned long long)&map_delta, dk, dv, hq,    \
+                                       hkv, tq, tk, scale, causal);                                              \
+    }
+FLASH_BWD_WG(flash_bwd_dkdv_wg_d64, 64, false)
+FLASH_BWD_WG(flash_bwd_dkdv_wg_d128, 128, false)
+FLASH_BWD_WG(flash_bwd_dkdv_wg_split_d64, 64, true)
+FLASH_BWD_WG(flash_bwd_dkdv_wg_split_d128, 128, true)
+
+// The GQA sum of _split's partials: out [B, Hkv, inner] bf16 = Σ over the group of part
+// [B, Hkv · group, inner] f32 (inner = Tk · D, a multiple of 4). Grid-stride, 4 floats a thread.
+extern "C" __global__ void flash_dkdv_group_sum(const float* __restrict__ part, bf16_t* __restrict__ out, i64 group,
+                                                i64 inner, i64 total) {
+    for (i64 i = 4 * ((i64)blockIdx.x * blockDim.x + threadIdx.x); i < total; i += 4 * (i64)gridDim.x * blockDim.x) {
+        const i64 bk = i / inner, r = i - bk * inner;
+        const float* src = part + bk * group * inner + r;
+        float4 acc = *reinterpret_cast<const float4*>(src);
+        for (i64 gi = 1; gi < group; ++gi) {
+            const float4 x = *reinterpret_cast<const float4*>(src + gi * inner);
+            acc.x += x.x;
+            acc.y += x.y;
+            acc.z += x.z;
+            acc.w += x.w;
+        }
+        uint2 o;
+        o.x = pack_bf16_rn(acc.x, acc.y);
+        o.y = pack_bf16_rn(acc.z, acc.w);
+        *reinterpret_cast<uint2*>(out + i) = o;
+    }
+}

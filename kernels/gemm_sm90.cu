@@ -155,7 +155,7 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr unsigned int STAGE_BYTES = WS_A_BYTES + BN * WS_BK * 2;
     static_assert(STAGES * STAGE_BYTES == WS_RING_BYTES, "ring size");
-    static_assert(2 * STAGES * 8 <= 256, "barriers fit in the first 256 bytes");
+    static_assert(2 * STAGES * 8 <= 252, "barriers fit in the first 256 bytes, before the fault word");
     // Dynamic shared memory: 2·STAGES mbarriers, then the ring at the next 1024-byte boundary
     // (128-byte swizzle repeats every 1024 bytes; TMA and the wgmma descriptors agree on it
     // only from such a boundary). Host size: WS_RING_BYTES + 256 + 1024.
@@ -164,6 +164,7 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
     const unsigned int ring = (bars + 256u + 1023u) & ~1023u;
 #define WS_FULL(s) (bars + 8u * (unsigned int)(s))
 #define WS_EMPTY(s) (bars + 8u * (unsigned int)(STAGES + (s)))
+#define WS_FAULT (bars + 252u)  // the soft waits' fault word (hopper.cuh)
 
     const int tid = threadIdx.x;
     if (tid == 0) {
@@ -172,6 +173,7 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
             mbar_init(WS_FULL(s), 1);
             mbar_init(WS_EMPTY(s), WS_CONSUMER_WARPS);
         }
+        asm volatile("st.shared.u32 [%0], 0;\n" ::"r"(WS_FAULT) : "memory");
         // Make the initialised barriers visible to the async proxy (TMA complete_tx).
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
         fence_proxy_async();
@@ -254,7 +256,7 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
             }
             int prev = 0;
             for (int kt = 0; kt < ktiles; ++kt) {
-                mbar_wait(WS_FULL(stage), phase);
+                mbar_wait_soft(WS_FULL(stage), phase, WS_FAULT);
                 // This consumer's 64 rows of A: rows 64·ci.. (K-major) or the ci-th box (MN-major),
                 // 8192 bytes into the stage either way.
                 const unsigned int sa = ring + (unsigned int)stage * STAGE_BYTES + (unsigned int)ci * (64 * 128);
@@ -280,6 +282,10 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) fence_operand(d[i]);
             if (lane == 0) mbar_arrive(WS_EMPTY(prev));
+            if (mbar_faulted(WS_FAULT)) {  // a wait gave up: NaN, not a silently wrong tile
+#pragma unroll
+                for (int i = 0; i < BN / 2; ++i) d[i] = __int_as_float(0x7fc00000);
+            }
 
             // Epilogue straight from registers. d[4j + r]: row 16·warp + g + 8·(r >= 2),
             // column 8j + 2·tq + (r & 1) of this consumer's 64 x BN tile.
@@ -347,6 +353,7 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
     }
 #undef WS_FULL
 #undef WS_EMPTY
+#undef WS_FAULT
 #endif
 }
 

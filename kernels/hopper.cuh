@@ -106,11 +106,38 @@ __device__ __forceinline__ bool mbar_try_wait(unsigned int bar, unsigned int par
 }
 // Spins until the phase has completed. A phase that never completes (a lost TMA transaction, a
 // wrong byte count) traps after ~2^34 cycles (several seconds): a launch error, not a hang.
+// For producer code only: a trap anywhere in a region that raised its registers with
+// `setmaxnreg.inc` makes ptxas compile that region to the launch-bound budget (168 registers at
+// 384 threads) instead of the raised one (checked on ptxas 13.0's SASS); consumers use
+// mbar_wait_soft.
 __device__ __forceinline__ void mbar_wait(unsigned int bar, unsigned int parity) {
     if (mbar_try_wait(bar, parity)) return;
     const long long start = clock64();
     while (!mbar_try_wait(bar, parity)) {
         if (clock64() - start > (1ll << 34)) __trap();
+    }
+}
+
+// The block's fault word (a shared u32, zeroed before the first wait): set by a soft wait that
+// gave up.
+__device__ __forceinline__ bool mbar_faulted(unsigned int fault) {
+    unsigned int f;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(f) : "r"(fault) : "memory");
+    return f != 0;
+}
+// mbar_wait without a trap, for code that runs on setmaxnreg's raised budget: after ~2^34 cycles
+// it sets the fault word and returns, and once the word is set every later wait that would
+// block returns at once. The kernel then writes NaN where its output would be (the caller checks
+// mbar_faulted), so a lost transaction is a loud wrong result within seconds, not a hang.
+__device__ __forceinline__ void mbar_wait_soft(unsigned int bar, unsigned int parity, unsigned int fault) {
+    if (mbar_try_wait(bar, parity)) return;
+    if (mbar_faulted(fault)) return;
+    const long long start = clock64();
+    while (!mbar_try_wait(bar, parity)) {
+        if (clock64() - start > (1ll << 34)) {
+            asm volatile("st.shared.u32 [%0], 1;\n" ::"r"(fault) : "memory");
+            return;
+        }
     }
 }
 
@@ -121,6 +148,13 @@ __device__ __forceinline__ void tma_load_2d(unsigned int dst, unsigned long long
         "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
             dst),
         "l"(map), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void tma_load_1d(unsigned int dst, unsigned long long map, unsigned int bar, int c0) {
+    asm volatile(
+        "cp.async.bulk.tensor.1d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2}], [%3];\n" ::"r"(
+            dst),
+        "l"(map), "r"(c0), "r"(bar)
         : "memory");
 }
 __device__ __forceinline__ void tma_load_3d(unsigned int dst, unsigned long long map, unsigned int bar, int c0, int c1,

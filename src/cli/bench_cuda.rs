@@ -289,6 +289,45 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
                 3.5 * flops / (ms * 1e-3) / 1e12
             ));
         }
+        // The backward alone (2.5 forwards of work): the mma.sync kernels, then dK/dV from the
+        // Hopper kernel (unless the GPU check left it out after its test), whole and split per
+        // query head; and the op with both Hopper kernels on.
+        let (o, lse) = cuda::flash::flash_fwd(&q, &q, &q, true, scale)?;
+        let ms = time_ms(5, || {
+            cuda::flash::flash_bwd(&q, &q, &q, &o, &lse, &g, true, scale, None).map(|_| ())
+        })?;
+        att.push(format!(
+            "{{\"op\": \"attention_bwd\", \"kernel\": \"flash_bwd (mma.sync dK/dV + dQ)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+            2.5 * flops / (ms * 1e-3) / 1e12
+        ));
+        let wgmma_bwd =
+            dev.cc == (9, 0) && std::env::var_os("TESSERA_BENCH_SKIP_FLASH_WG_BWD").is_none();
+        for (split, label) in [(false, ""), (true, ", split per query head")] {
+            if !wgmma_bwd {
+                break;
+            }
+            let ms = time_ms(5, || {
+                cuda::flash::flash_bwd_wgmma(&q, &q, &q, &o, &lse, &g, true, scale, Some(split))
+                    .map(|_| ())
+            })?;
+            att.push(format!(
+                "{{\"op\": \"attention_bwd\", \"kernel\": \"flash_bwd_wgmma (TMA + wgmma dK/dV{label}, mma.sync dQ)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+                2.5 * flops / (ms * 1e-3) / 1e12
+            ));
+        }
+        if wgmma && wgmma_bwd {
+            cuda::flash::set_wgmma(Some(2));
+            cuda::flash::set_wgmma_bwd(Some(true));
+            let ms = time_ms(5, fwd_bwd);
+            cuda::flash::set_wgmma(None);
+            cuda::flash::set_wgmma_bwd(None);
+            let ms = ms?;
+            att.push(format!(
+                "{{\"op\": \"attention_fwd_bwd\", \"kernel\": \"Tensor::attention (wgmma fwd with overlap + wgmma dK/dV + flash dQ)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+                3.5 * flops / (ms * 1e-3) / 1e12
+            ));
+        }
+        drop((o, lse));
         // The SIMT kernel (what f32, key padding and segments use), for comparison.
         std::env::set_var("TESSERA_ATTENTION", "simple");
         let simple = time_ms(3, || {

@@ -10,8 +10,8 @@
 #
 # Options (environment): ONLY_TESTS=1 (tests alone), SKIP_STEPS=1 (no training-step
 # benchmarks), STEP_GEMMS="mma ws wgmma" (the 3B step per GEMM kernel), PROFILE_STEP=1 with
-# PROFILE_GEMM=..., PROFILE_MN=1, PROFILE_FLASH_WG=1 (a per-kernel profile of the 3B step, with
-# the MN-major GEMM mode / the Hopper flash forward), NCU=1 with NCU_KERNELS="regex ..."
+# PROFILE_GEMM=..., PROFILE_MN=1, PROFILE_FLASH_WG=1, PROFILE_FLASH_WG_BWD=1 (a per-kernel
+# profile of the 3B step, with the MN-major GEMM mode / the Hopper flash forward / backward), NCU=1 with NCU_KERNELS="regex ..."
 # (Nsight Compute), SWEEP="variant ..." (tools/sweep/tiny_base.sh on the spare cores),
 # BIG_STEP_BEFORE_S and STEP_COMBOS_BEFORE_S (skip those steps once the check has run that many
 # seconds), TEST_TIMEOUT, WITH_COMPILE_TEST=1.
@@ -66,7 +66,8 @@ log "tests"
 # faulting kernel (a sticky CUDA error) cannot fail the other tests of its binary:
 # "binary:test" pairs.
 EXPERIMENTS="cuda_gemm_tc:gemm_wgmma_ws_mn_major_matches_cpu cuda_gemm_tc:mn_major_products_match_cpu
-cuda_flash:flash_fwd_wgmma_matches_cpu cuda_nn:cross_entropy_staged_variants_match_cpu
+cuda_flash:flash_fwd_wgmma_matches_cpu cuda_flash:flash_bwd_wgmma_matches_cpu
+cuda_nn:cross_entropy_staged_variants_match_cpu
 cuda_matmul_attention:adamw_compute_copies_follow_the_masters"
 for t in "$BIN"/tests/*; do
     name=$(basename "$t")
@@ -94,6 +95,8 @@ done
 # The Hopper flash forward is timed only if its test passed.
 grep -q "flash_fwd_wgmma_matches_cpu ... ok" "$OUT/test-cuda_flash.log" 2>/dev/null \
     || export TESSERA_BENCH_SKIP_FLASH_WG=1
+grep -q "flash_bwd_wgmma_matches_cpu ... ok" "$OUT/test-cuda_flash.log" 2>/dev/null \
+    || export TESSERA_BENCH_SKIP_FLASH_WG_BWD=1
 grep -q "cross_entropy_staged_variants_match_cpu ... ok" "$OUT/test-cuda_nn.log" 2>/dev/null \
     || export TESSERA_BENCH_SKIP_CE_STAGED=1
 # AdamW's fused bf16 compute copies (the default of `bench step`): the cast kernels instead if
@@ -197,22 +200,29 @@ for g in ${STEP_GEMMS:-}; do
     grep -h "host per step" "$OUT/step-gemm-$g.json" | tee -a "$OUT/step.txt"
 done
 # The same 3B step with the kernels validated above switched on (the GEMM's MN-major mode: no
-# operand transposes; the Hopper flash forward), each alone and together, beside the default.
+# operand transposes; the Hopper flash forward; the Hopper dK/dV backward): all of them, then
+# each left out in turn (its effect), beside the default (step_torch.py's tessera row).
 FLASH_OK=; [ -z "${TESSERA_BENCH_SKIP_FLASH_WG:-}" ] && FLASH_OK=1
+BWD_OK=; [ -z "${TESSERA_BENCH_SKIP_FLASH_WG_BWD:-}" ] && BWD_OK=1
 if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
-    # TESSERA_FLASH_WG=2: the Hopper forward with the intra-warpgroup overlap. Most telling
-    # first; the rest only while the check is short (STEP_COMBOS_BEFORE_S).
-    for combo in "1 1" "1 2" "0 0" "1 0" "0 1"; do
+    # "MN FLASH_WG FLASH_WG_BWD"; TESSERA_FLASH_WG=2: the forward with the intra-warpgroup
+    # overlap. Switches that failed their tests are 0; combinations only while the check is
+    # short (STEP_COMBOS_BEFORE_S).
+    seen=" 0-0-0 "
+    for combo in "1 2 1" "1 2 0" "1 0 1" "0 2 1" "1 1 1"; do
         [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-420} ] || { log "step combos: out of time"; break; }
         set -- $combo
-        { [ "$1" = 1 ] && [ -z "$MN_OK" ]; } && continue
-        { [ "$2" != 0 ] && [ -z "$FLASH_OK" ]; } && continue
-        [ "$combo" = "0 0" ] && [ -z "$MN_OK$FLASH_OK" ] && continue
-        log "train step (bench-3b-8layers) tessera, TESSERA_GEMM_MN=$1 TESSERA_FLASH_WG=$2"
-        TESSERA_GEMM_MN=$1 TESSERA_FLASH_WG=$2 timeout 120 "$BIN/tessera" --threads 16 bench step \
-            --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda \
-            --dtype bf16 --json > "$OUT/step-mn$1-fwg$2.json" 2>&1
-        echo "TESSERA_GEMM_MN=$1 TESSERA_FLASH_WG=$2 exit $?: $(tail -c 400 "$OUT/step-mn$1-fwg$2.json")" \
+        mn=$1; fw=$2; bw=$3
+        [ -z "$MN_OK" ] && mn=0
+        [ -z "$FLASH_OK" ] && fw=0
+        [ -z "$BWD_OK" ] && bw=0
+        case "$seen" in *" $mn-$fw-$bw "*) continue ;; esac
+        seen="$seen $mn-$fw-$bw "
+        log "train step (bench-3b-8layers) tessera, TESSERA_GEMM_MN=$mn TESSERA_FLASH_WG=$fw TESSERA_FLASH_WG_BWD=$bw"
+        TESSERA_GEMM_MN=$mn TESSERA_FLASH_WG=$fw TESSERA_FLASH_WG_BWD=$bw timeout 120 "$BIN/tessera" --threads 16 \
+            bench step --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 5 \
+            --device cuda --dtype bf16 --json > "$OUT/step-mn$mn-fwg$fw-bwd$bw.json" 2>&1
+        echo "TESSERA_GEMM_MN=$mn TESSERA_FLASH_WG=$fw TESSERA_FLASH_WG_BWD=$bw exit $?: $(tail -c 400 "$OUT/step-mn$mn-fwg$fw-bwd$bw.json")" \
             | tee -a "$OUT/step.txt"
     done
 fi
@@ -228,7 +238,7 @@ if [ -n "${PROFILE_STEP:-}" ]; then
     log "profiled step (bench-3b-8layers)"
     pg=${PROFILE_GEMM:-mma}; [ "$pg" = ws ] && [ -z "$WS_OK" ] && pg=mma
     log "profiled with TESSERA_GEMM=$pg"
-    TESSERA_PROFILE=1 TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} TESSERA_FLASH_WG=${PROFILE_FLASH_WG:-0} timeout 120 "$BIN/tessera" --threads 16 bench step \
+    TESSERA_PROFILE=1 TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} TESSERA_FLASH_WG=${PROFILE_FLASH_WG:-0} TESSERA_FLASH_WG_BWD=${PROFILE_FLASH_WG_BWD:-0} timeout 120 "$BIN/tessera" --threads 16 bench step \
         --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 3 --device cuda \
         --dtype bf16 > "$OUT/profile.txt" 2>&1
     echo "profile exit $?" >> "$OUT/profile.txt"

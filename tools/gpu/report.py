@@ -52,7 +52,8 @@ def main():
                     "matmul_mn_ab": "Tensor::matmul of Aᵀ-stored A, both MN-major"}.get(
                 r["op"], "Tensor::matmul")
             print(f"| {r['m']}x{r['k']}x{r['n']} ({r['dtype']}) | {kern} | {r['tflops']:.1f} | {tt} | {ratio} |")
-    for op, title in [("attention", "forward"), ("attention_fwd_bwd", "forward + backward")]:
+    for op, title in [("attention", "forward"), ("attention_fwd_bwd", "forward + backward"),
+                      ("attention_bwd", "backward")]:
         att = [r for r in torch if r.get("op") == op]
         ours_att = [r for r in allours if r.get("op") == op]
         if not (att or ours_att):
@@ -72,7 +73,7 @@ def main():
 
 def steps(d):
     """The 3B training steps check.sh ran with `bench step --json` under different switches
-    (step-mn{0,1}-fwg{0,1,2}.json, step-unfused.json, step-gemm-*.json): one row each."""
+    (step-mn{0,1}-fwg{0,1,2}-bwd{0,1}.json, step-unfused.json, step-gemm-*.json): one row each."""
     import glob
     import re
     rows = []
@@ -80,9 +81,9 @@ def steps(d):
         name = os.path.basename(path)[len("step-"):-len(".json")]
         r = load(path)
         r = [x for x in r if "step_ms_median" in x]
-        m = re.fullmatch(r"mn(\d)-fwg(\d)", name)
+        m = re.fullmatch(r"mn(\d)-fwg(\d)(?:-bwd(\d))?", name)
         if m:
-            label = f"TESSERA_GEMM_MN={m.group(1)} TESSERA_FLASH_WG={m.group(2)}"
+            label = f"TESSERA_GEMM_MN={m.group(1)} TESSERA_FLASH_WG={m.group(2)} TESSERA_FLASH_WG_BWD={m.group(3) or 0}"
         elif name == "unfused":
             label = "TESSERA_FUSED_CASTS=0"
         else:

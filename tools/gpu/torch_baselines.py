@@ -112,6 +112,13 @@ def main():
         ms = time_ms(fb)
         emit(op="attention_fwd_bwd", device="torch", b=b, h=hh, t=tt, d=dd, ms=ms,
              tflops=3.5 * 4 * b * hh * tt * tt * dd / 2 / ms / 1e9)
+        # The backward alone: one forward kept, its graph reused.
+        q_, k_, v_ = (qq.detach().requires_grad_() for _ in range(3))
+        o_ = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
+        ms = time_ms(lambda: torch.autograd.grad(o_, [q_, k_, v_], go, retain_graph=True))
+        emit(op="attention_bwd", device="torch", b=b, h=hh, t=tt, d=dd, ms=ms,
+             tflops=2.5 * 4 * b * hh * tt * tt * dd / 2 / ms / 1e9)
+        del q_, k_, v_, o_
 
 
 if __name__ == "__main__":

@@ -149,12 +149,28 @@ pub fn set_wgmma(mode: Option<u8>) {
 
 static WGMMA: super::Switch = super::Switch::new("TESSERA_FLASH_WG");
 
+/// Whether `flash_bwd` (no segments, D 64 or 128, on an sm_90 device) takes dK and dV from the
+/// Hopper kernel (`flash_bwd_dkdv_wgmma`); dQ stays with the mma.sync kernel. Off by default
+/// until a GPU run has validated it: `TESSERA_FLASH_WG_BWD=1` (or `set_wgmma_bwd`).
+pub fn wgmma_bwd() -> bool {
+    WGMMA_BWD.get() == Some(1)
+}
+
+/// Overrides `TESSERA_FLASH_WG_BWD` for this process (`None`: back to the environment).
+pub fn set_wgmma_bwd(on: Option<bool>) {
+    WGMMA_BWD.set(on.map(u8::from));
+}
+
+static WGMMA_BWD: super::Switch = super::Switch::new("TESSERA_FLASH_WG_BWD");
+
 fn hopper() -> bool {
     device().is_ok_and(|d| d.cc == (9, 0))
 }
 
 /// Queries per block of the Hopper forward (kernels/flash_sm90.cu).
 const WG_BM: usize = 128;
+/// Keys per block of the Hopper dK/dV kernel (FB_BK in kernels/flash_sm90.cu).
+const WG_BK: usize = 128;
 
 /// `flash_fwd` (no segments) through the Hopper kernel (kernels/flash_sm90.cu: TMA, wgmma,
 /// a producer and two consumer warpgroups); sm_90 only, D 64 or 128.
@@ -212,10 +228,11 @@ pub fn flash_fwd_wgmma_with(
             })
     };
     // Keys per tile and K/V stages (FLASH_FWD_WG in the kernel file).
-    let (bn, stages, kernel) = match (overlap, d) {
-        (false, _) => (128, 2, "wg"),
-        (true, 64) => (128, 3, "wgo"),
-        (true, _) => (64, 3, "wgo"),
+    // 128 keys throughout: 3 stages at D 128 take 225 KB of the 227 KB.
+    let (bn, stages, kernel) = if overlap {
+        (128, 3, "wgo")
+    } else {
+        (128, 2, "wg")
     };
     let (mq, mk, mv) = (
         map(&q, hq, tq, WG_BM)?,
@@ -362,7 +379,8 @@ fn fwd(
 }
 
 /// Gradients of `flash_fwd` for upstream `g` [B, Hq, Tq, D]: (dq, dk, dv), deterministic (no
-/// atomics): dK/dV per key tile summing the GQA group, dQ per query tile (kernels/flash.cu).
+/// atomics): dK/dV per key tile summing the GQA group, dQ per query tile (kernels/flash.cu;
+/// dK/dV from the Hopper kernel under `wgmma_bwd`).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_bwd(
     q: &Tensor,
@@ -374,6 +392,51 @@ pub fn flash_bwd(
     causal: bool,
     scale: f64,
     segments: Option<&Segments>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let wg = (segments.is_none() && matches!(q.dim(3)?, 64 | 128) && wgmma_bwd() && hopper())
+        .then_some(None);
+    bwd(q, k, v, o, lse, g, causal, scale, segments, wg)
+}
+
+/// `flash_bwd` (no segments) with dK and dV from the Hopper kernel (kernels/flash_sm90.cu:
+/// TMA, wgmma for all four products, K/V resident, Q/dO tiles streamed by a producer
+/// warpgroup); sm_90 only, D 64 or 128. `split`: one block per query head with f32 partials
+/// summed over the GQA group afterwards (`None`: when B · Hkv · Tk / 128 blocks would not fill
+/// the GPU). Deterministic too.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_bwd_wgmma(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+    causal: bool,
+    scale: f64,
+    split: Option<bool>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = q.dim(3)?;
+    if !matches!(d, 64 | 128) || !hopper() {
+        return Err(Error::msg(format!(
+            "flash_bwd_wgmma: needs an sm_90 device and head dim 64 or 128 (got {d})"
+        )));
+    }
+    bwd(q, k, v, o, lse, g, causal, scale, None, Some(split))
+}
+
+/// `flash_bwd`; `wg`: dK/dV through `dkdv_wgmma` with its `split`.
+#[allow(clippy::too_many_arguments)]
+fn bwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+    causal: bool,
+    scale: f64,
+    segments: Option<&Segments>,
+    wg: Option<Option<bool>>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, hq, tq, d) = (q.dim(0)?, q.dim(1)?, q.dim(2)?, q.dim(3)?);
     let (hkv, tk) = (k.dim(1)?, k.dim(2)?);
@@ -398,40 +461,49 @@ pub fn flash_bwd(
     let (op, gp, dp) = (o.cuda_ptr()?, g.cuda_ptr()?, delta.cuda_ptr()?);
     crate::backend::cuda::ops::attention::launch_delta(DType::BF16, gp, op, dp, rows, d)?;
     let dq = Tensor::empty_cuda(q.shape(), DType::BF16)?;
-    let dk = Tensor::empty_cuda(k.shape(), DType::BF16)?;
-    let dv = Tensor::empty_cuda(v.shape(), DType::BF16)?;
+    let dqp = dq.cuda_ptr()?;
+    let lse = lse.contiguous()?;
     let (qp, kp, vp, lp) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, lse.cuda_ptr()?);
-    let (dqp, dkp, dvp) = (dq.cuda_ptr()?, dk.cuda_ptr()?, dv.cuda_ptr()?);
+    let (dk, dv) = match wg {
+        Some(split) => dkdv_wgmma(&q, &k, &v, &g, &lse, &delta, causal, scale, split)?,
+        None => (
+            Tensor::empty_cuda(k.shape(), DType::BF16)?,
+            Tensor::empty_cuda(v.shape(), DType::BF16)?,
+        ),
+    };
     let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
     let (scale, causal) = (scale as f32, causal as i64);
     // Shared memory: 64 x (D + 8) bf16 tiles. dK/dV: K, V and two buffers of (Q, dO), plus two
     // buffers of 64 lse and 64 delta floats; dQ: Q, dO and two buffers of (K, V).
     let tile = (64 * (d + 8) * 2) as u32;
-    dev.launch(
-        "flash.cu",
-        &format!("flash_bwd_dkdv_{seg}d{d}"),
-        (tk.div_ceil(64) as u32, hkv as u32, b as u32),
-        (128, 1, 1),
-        6 * tile + 2 * 128 * 4,
-        &[
-            arg(&qp),
-            arg(&kp),
-            arg(&vp),
-            arg(&gp),
-            arg(&lp),
-            arg(&dp),
-            arg(&dkp),
-            arg(&dvp),
-            arg(&qlo),
-            arg(&qhi),
-            arg(&hq_),
-            arg(&hkv_),
-            arg(&tq_),
-            arg(&tk_),
-            arg(&scale),
-            arg(&causal),
-        ],
-    )?;
+    if wg.is_none() {
+        let (dkp, dvp) = (dk.cuda_ptr()?, dv.cuda_ptr()?);
+        dev.launch(
+            "flash.cu",
+            &format!("flash_bwd_dkdv_{seg}d{d}"),
+            (tk.div_ceil(64) as u32, hkv as u32, b as u32),
+            (128, 1, 1),
+            6 * tile + 2 * 128 * 4,
+            &[
+                arg(&qp),
+                arg(&kp),
+                arg(&vp),
+                arg(&gp),
+                arg(&lp),
+                arg(&dp),
+                arg(&dkp),
+                arg(&dvp),
+                arg(&qlo),
+                arg(&qhi),
+                arg(&hq_),
+                arg(&hkv_),
+                arg(&tq_),
+                arg(&tk_),
+                arg(&scale),
+                arg(&causal),
+            ],
+        )?;
+    }
     dev.launch(
         "flash.cu",
         &format!("flash_bwd_dq_{seg}d{d}"),
@@ -457,4 +529,141 @@ pub fn flash_bwd(
         ],
     )?;
     Ok((dq, dk, dv))
+}
+
+/// dK and dV by the Hopper kernel (`flash_bwd_dkdv_wg[_split]_d*`), from contiguous bf16 q, k,
+/// v, g and f32 lse, delta.
+#[allow(clippy::too_many_arguments)]
+fn dkdv_wgmma(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    lse: &Tensor,
+    delta: &Tensor,
+    causal: bool,
+    scale: f64,
+    split: Option<bool>,
+) -> Result<(Tensor, Tensor)> {
+    let (b, hq, tq, d) = (q.dim(0)?, q.dim(1)?, q.dim(2)?, q.dim(3)?);
+    let (hkv, tk) = (k.dim(1)?, k.dim(2)?);
+    if b * hkv * tk * d == 0 || tq == 0 {
+        // No key, or no query to see one: zero gradients.
+        let zeros = || Tensor::zeros_on(k.shape(), DType::BF16, Device::Cuda);
+        return Ok((zeros()?, zeros()?));
+    }
+    let dk = Tensor::empty_cuda(k.shape(), DType::BF16)?;
+    let dv = Tensor::empty_cuda(v.shape(), DType::BF16)?;
+    if [q, k, v, g]
+        .iter()
+        .any(|t| t.cuda_ptr().map_or(true, |p| p % 16 != 0))
+        || lse.cuda_ptr()? % 16 != 0
+        || delta.cuda_ptr()? % 16 != 0
+        || b * hq * tq + 64 > i32::MAX as usize
+        || tk + 128 > i32::MAX as usize
+    {
+        return Err(Error::msg(format!(
+            "flash_bwd_wgmma: operands TMA cannot address (q {:?}, k {:?})",
+            q.shape(),
+            k.shape()
+        )));
+    }
+    let dev = device()?;
+    let sms = dev.sm_count.max(1) as usize;
+    let key_blocks = tk.div_ceil(WG_BK);
+    let group = hq / hkv;
+    let split = split.unwrap_or(group > 1 && b * hkv * key_blocks < sms);
+    let map3 = |t: &Tensor, heads: usize, len: usize, rows: u32| -> Result<_> {
+        let dims = [d as u64, len as u64, (b * heads) as u64];
+        let strides = [(d * 2) as u64, (len * d * 2) as u64];
+        super::gemm_tc::encode_tma_bf16(t.cuda_ptr()?, &dims, &strides, &[64, rows, 1])
+            .map_err(|r| tma_error(r, t))
+    };
+    let map1 = |t: &Tensor| -> Result<_> {
+        super::gemm_tc::encode_tma_f32_1d(t.cuda_ptr()?, t.numel() as u64, 64)
+            .map_err(|r| tma_error(r, t))
+    };
+    let maps = [
+        map3(q, hq, tq, 64)?,
+        map3(k, hkv, tk, WG_BK as u32)?,
+        map3(v, hkv, tk, WG_BK as u32)?,
+        map3(g, hq, tq, 64)?,
+        map1(lse)?,
+        map1(delta)?,
+    ];
+    // f32 partials per query head when split, summed into dk / dv afterwards.
+    let parts = if split {
+        let shape = [b, hq, tk, d];
+        Some((
+            Tensor::empty_cuda(&shape, DType::F32)?,
+            Tensor::empty_cuda(&shape, DType::F32)?,
+        ))
+    } else {
+        None
+    };
+    let (dkp, dvp) = match &parts {
+        Some((pk, pv)) => (pk.cuda_ptr()?, pv.cuda_ptr()?),
+        None => (dk.cuda_ptr()?, dv.cuda_ptr()?),
+    };
+    let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
+    let (scale, causal) = (scale as f32, causal as i64);
+    // mbarriers, 1024-byte alignment, K and V, 2 stages of (Q, dO, lse, delta).
+    let stage = (2 * 64 * d * 2 + 512).next_multiple_of(1024);
+    let shared = (256 + 1024 + 2 * WG_BK * d * 2 + 2 * stage) as u32;
+    let kernel = format!(
+        "flash_bwd_dkdv_wg_{}d{d}",
+        if split { "split_" } else { "" }
+    );
+    dev.launch(
+        "flash_sm90.cu",
+        &kernel,
+        (
+            key_blocks as u32,
+            if split { hq } else { hkv } as u32,
+            b as u32,
+        ),
+        (384, 1, 1),
+        shared,
+        &[
+            arg(&maps[0]),
+            arg(&maps[1]),
+            arg(&maps[2]),
+            arg(&maps[3]),
+            arg(&maps[4]),
+            arg(&maps[5]),
+            arg(&dkp),
+            arg(&dvp),
+            arg(&hq_),
+            arg(&hkv_),
+            arg(&tq_),
+            arg(&tk_),
+            arg(&scale),
+            arg(&causal),
+        ],
+    )?;
+    if let Some((pk, pv)) = &parts {
+        let inner = (tk * d) as i64;
+        let total = (b * hkv * tk * d) as i64;
+        let group = group as i64;
+        let blocks = (total as usize / 4).div_ceil(256).min(sms * 8) as u32;
+        for (part, out) in [(pk, &dk), (pv, &dv)] {
+            let (pp, op) = (part.cuda_ptr()?, out.cuda_ptr()?);
+            dev.launch(
+                "flash_sm90.cu",
+                "flash_dkdv_group_sum",
+                (blocks, 1, 1),
+                (256, 1, 1),
+                0,
+                &[arg(&pp), arg(&op), arg(&group), arg(&inner), arg(&total)],
+            )?;
+        }
+    }
+    Ok((dk, dv))
+}
+
+fn tma_error(r: cudarc::driver::sys::CUresult, t: &Tensor) -> Error {
+    Error::msg(format!(
+        "flash_bwd_wgmma: cuTensorMapEncodeTiled failed ({r:?}) for {:?}",
+        t.shape()
+    ))
 }

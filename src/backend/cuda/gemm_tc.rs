@@ -355,11 +355,46 @@ pub(crate) fn encode_tma_bf16(
     strides: &[u64],
     boxes: &[u32],
 ) -> std::result::Result<sys::CUtensorMap, sys::CUresult> {
+    encode_tma(
+        ptr,
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        dims,
+        strides,
+        boxes,
+    )
+}
+
+/// A TMA descriptor of a flat f32 vector of `len` elements at `ptr`, boxes of `bx` elements
+/// (at most 256), no swizzle, zeros read past the end.
+pub(crate) fn encode_tma_f32_1d(
+    ptr: u64,
+    len: u64,
+    bx: u32,
+) -> std::result::Result<sys::CUtensorMap, sys::CUresult> {
+    encode_tma(
+        ptr,
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+        sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+        &[len],
+        &[],
+        &[bx],
+    )
+}
+
+fn encode_tma(
+    ptr: u64,
+    dtype: sys::CUtensorMapDataType,
+    swizzle: sys::CUtensorMapSwizzle,
+    dims: &[u64],
+    strides: &[u64],
+    boxes: &[u32],
+) -> std::result::Result<sys::CUtensorMap, sys::CUresult> {
     assert!(
         (1..=5).contains(&dims.len())
             && strides.len() + 1 == dims.len()
             && boxes.len() == dims.len(),
-        "encode_tma_bf16: rank mismatch"
+        "encode_tma: rank mismatch"
     );
     let element_strides = [1u32; 5];
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
@@ -369,7 +404,7 @@ pub(crate) fn encode_tma_bf16(
     let r = unsafe {
         sys::cuTensorMapEncodeTiled(
             &mut map,
-            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            dtype,
             dims.len() as u32,
             ptr as *mut std::ffi::c_void,
             dims.as_ptr(),
@@ -377,7 +412,7 @@ pub(crate) fn encode_tma_bf16(
             boxes.as_ptr(),
             element_strides.as_ptr(),
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            swizzle,
             sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
