@@ -608,6 +608,202 @@ FLASH_BWD_WG(flash_bwd_dkdv_wg_d128, 128, false)
 FLASH_BWD_WG(flash_bwd_dkdv_wg_split_d64, 64, true)
 FLASH_BWD_WG(flash_bwd_dkdv_wg_split_d128, 128, true)
 
+// ---------------------------------------------------------------------------------------------
+// Hopper flash attention backward, dQ (sm_90a): flash_bwd_dq of kernels/flash.cu (dQ = scale
+// dS K, S and dP recomputed per key tile) on the forward's data path. A block owns 128 queries
+// of one head (Q and dO resident, one TMA load; lse and delta of the thread's two rows read
+// once), a producer warpgroup streams BN-key tiles of K and V through 2 stages, and each of two
+// consumer warpgroups owns 64 of the queries:
+//   S = Q Kᵀ and dP = dO Vᵀ: wgmma from shared memory (fh_issue_scores), one group;
+//   dS = P o (dP - delta) in registers, P = exp2(S scale log2 e - lse log2 e), masked on edge tiles;
+//   dQ += dS K: wgmma with A = dS from registers, B = the K tile read MN-major (fh_issue_pv).
+// Deterministic (no atomics), like the mma.sync kernel it replaces.
+
+template <int D, int BN>
+__device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsigned long long map_k,
+                                                unsigned long long map_v, unsigned long long map_g,
+                                                const float* __restrict__ lse, const float* __restrict__ delta,
+                                                bf16_t* __restrict__ dq, i64 hq, i64 hkv, i64 tq, i64 tk, float scale,
+                                                i64 causal) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    static_assert(D == 64 || D == 128, "head dim 64 or 128");
+    constexpr int STAGES = 2;
+    constexpr int DC = D / 64;
+    constexpr unsigned int Q_CHUNK = FH_BM * 128, Q_BYTES = DC * Q_CHUNK;
+    constexpr unsigned int KV_CHUNK = BN * 128, KV_BYTES = DC * KV_CHUNK;
+    extern __shared__ __align__(1024) unsigned char fq_smem[];
+    const unsigned int bars = smem_addr(fq_smem);
+    const unsigned int sq = (bars + 256u + 1023u) & ~1023u, sg = sq + Q_BYTES, skv = sg + Q_BYTES;
+#define FQ_QFULL (bars)
+#define FQ_KFULL(s) (bars + 8u + 8u * (unsigned int)(s))
+#define FQ_VFULL(s) (bars + 8u + 8u * (unsigned int)(STAGES + (s)))
+#define FQ_EMPTY(s) (bars + 8u + 8u * (unsigned int)(2 * STAGES + (s)))
+#define FQ_FAULT (bars + 252u)
+#define FQ_K(s) (skv + (unsigned int)(s) * 2u * KV_BYTES)
+#define FQ_V(s) (FQ_K(s) + KV_BYTES)
+
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        mbar_init(FQ_QFULL, 1);
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(FQ_KFULL(s), 1);
+            mbar_init(FQ_VFULL(s), 1);
+            mbar_init(FQ_EMPTY(s), FH_CONSUMER_WARPS);
+        }
+        asm volatile("st.shared.u32 [%0], 0;\n" ::"r"(FQ_FAULT) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fence_proxy_async();
+    }
+    __syncthreads();
+
+    // Causal blocks in reverse order: the longest (last) query tiles start first.
+    const i64 qt = causal ? (i64)(gridDim.x - 1 - blockIdx.x) : (i64)blockIdx.x;
+    const i64 b = blockIdx.z, h = blockIdx.y, q0 = qt * FH_BM;
+    const int bh_q = (int)(b * hq + h), bh_kv = (int)(b * hkv + h / (hq / hkv));
+    const i64 off = tk - tq;
+    i64 kend = tk;
+    if (causal) {
+        const i64 last = q0 + FH_BM + off;  // one past the keys the tile's last query sees
+        kend = last < kend ? last : kend;
+    }
+    const int ntiles = kend > 0 ? (int)((kend + BN - 1) / BN) : 0;
+
+    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (tid == 0) {
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(map_k) : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(map_v) : "memory");
+            mbar_arrive_expect_tx(FQ_QFULL, 2 * Q_BYTES);
+#pragma unroll
+            for (int c = 0; c < DC; ++c) {
+                tma_load_3d(sq + c * Q_CHUNK, map_q, FQ_QFULL, 64 * c, (int)q0, bh_q);
+                tma_load_3d(sg + c * Q_CHUNK, map_g, FQ_QFULL, 64 * c, (int)q0, bh_q);
+            }
+            int stage = 0;
+            unsigned int phase = 0;
+            for (int i = 0; i < ntiles; ++i) {
+                const int k0 = i * BN;
+                mbar_wait(FQ_EMPTY(stage), phase ^ 1u);
+                mbar_arrive_expect_tx(FQ_KFULL(stage), KV_BYTES);
+#pragma unroll
+                for (int c = 0; c < DC; ++c)
+                    tma_load_3d(FQ_K(stage) + c * KV_CHUNK, map_k, FQ_KFULL(stage), 64 * c, k0, bh_kv);
+                mbar_arrive_expect_tx(FQ_VFULL(stage), KV_BYTES);
+#pragma unroll
+                for (int c = 0; c < DC; ++c)
+                    tma_load_3d(FQ_V(stage) + c * KV_CHUNK, map_v, FQ_VFULL(stage), 64 * c, k0, bh_kv);
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1u;
+                }
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    const int ci = wg - 1;
+    const int warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int warp_row = (int)q0 + ci * 64 + warp * 16;
+    const int row0 = warp_row + g;  // this thread's rows: row0, row0 + 8
+    const int off32 = (int)off, tk32 = (int)tk, causal32 = (int)causal;
+    const float sl2 = scale * LOG2E_F;
+    // lse (log2 domain; +inf for a row that saw no key or lies past Tq: P = 0) and delta.
+    float nl[2], dl[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const i64 row = row0 + 8 * r;
+        const float l = row < tq ? lse[(i64)bh_q * tq + row] : NEG_INF;
+        nl[r] = l == NEG_INF ? NEG_INF : -l * LOG2E_F;
+        dl[r] = row < tq ? delta[(i64)bh_q * tq + row] : 0.f;
+    }
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+    const unsigned int sqa = sq + (unsigned int)ci * (64 * 128), sga = sg + (unsigned int)ci * (64 * 128);
+    float s[BN / 2], dp[BN / 2];
+    unsigned int pa[BN / 16][4];
+    mbar_wait_soft(FQ_QFULL, 0u, FQ_FAULT);
+    int stage = 0;
+    unsigned int phase = 0;
+    for (int i = 0; i < ntiles; ++i) {
+        const int k0 = i * BN;
+        mbar_wait_soft(FQ_KFULL(stage), phase, FQ_FAULT);
+        mbar_wait_soft(FQ_VFULL(stage), phase, FQ_FAULT);
+        fh_issue_scores<D, BN>(s, sqa, FQ_K(stage));
+        fh_issue_scores<D, BN>(dp, sga, FQ_V(stage));
+        wg_commit();
+        wg_wait0();
+#pragma unroll
+        for (int j = 0; j < BN / 2; ++j) {
+            fence_operand(s[j]);
+            fence_operand(dp[j]);
+        }
+        const bool edge = k0 + BN > tk32 || (causal32 && k0 + BN - 1 > warp_row + off32);
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1;
+                // nl = -inf (no key seen): exp2(-inf) = 0 whatever the score.
+                float p = fast_exp2(fmaf(s[4 * j + e], sl2, nl[r]));
+                if (nl[r] == NEG_INF) p = 0.f;
+                if (edge) {
+                    const int key = k0 + 8 * j + 2 * t + (e & 1);
+                    if (key >= tk32 || (causal32 && key > row0 + 8 * r + off32)) p = 0.f;
+                }
+                dp[4 * j + e] = p * (dp[4 * j + e] - dl[r]);
+            }
+        fh_pack<BN>(dp, pa);
+        fh_issue_pv<D, BN>(acc, pa, FQ_K(stage));
+        wg_commit();
+        wg_wait0();
+#pragma unroll
+        for (int j = 0; j < D / 2; ++j) fence_operand(acc[j]);
+        if (lane == 0) mbar_arrive(FQ_EMPTY(stage));
+        if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1u;
+        }
+    }
+
+    const bool fault = mbar_faulted(FQ_FAULT);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const i64 row = row0 + 8 * r;
+        if (row >= tq) continue;
+        bf16_t* out = dq + ((i64)bh_q * tq + row) * D + 2 * t;
+        const float sc = fault ? __int_as_float(0x7fc00000) : scale;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+            *reinterpret_cast<unsigned int*>(out + 8 * j) =
+                pack_bf16_rn(acc[4 * j + 2 * r] * sc, acc[4 * j + 2 * r + 1] * sc);
+    }
+#undef FQ_QFULL
+#undef FQ_KFULL
+#undef FQ_VFULL
+#undef FQ_EMPTY
+#undef FQ_FAULT
+#undef FQ_K
+#undef FQ_V
+#endif
+}
+
+// Launch: grid (ceil(Tq / 128), Hq, B), 384 threads, dynamic shared memory
+// 256 + 1024 + 2 · 128 · D · 2 + 2 stages · 2 · BN · D · 2 bytes, K/V boxes of BN = 128 rows
+// (src/backend/cuda/flash.rs). lse, delta: [B, Hq, Tq] f32; dq: bf16 [B, Hq, Tq, D].
+#define FLASH_BWD_DQ_WG(NAME, D, BN)                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                         \
+        NAME(const __grid_constant__ TmaMap map_q, const __grid_constant__ TmaMap map_k,                         \
+             const __grid_constant__ TmaMap map_v, const __grid_constant__ TmaMap map_g, const float* lse,       \
+             const float* delta, bf16_t* dq, i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {         \
+        flash_bwd_dq_wg<D, BN>((unsigned long long)&map_q, (unsigned long long)&map_k, (unsigned long long)&map_v, \
+                               (unsigned long long)&map_g, lse, delta, dq, hq, hkv, tq, tk, scale, causal);        \
+    }
+FLASH_BWD_DQ_WG(flash_bwd_dq_wg_d64, 64, 128)
+FLASH_BWD_DQ_WG(flash_bwd_dq_wg_d128, 128, 128)
+
 // The GQA sum of _split's partials: out [B, Hkv, inner] bf16 = Σ over the group of part
 // [B, Hkv · group, inner] f32 (inner = Tk · D, a multiple of 4). Grid-stride, 4 floats a thread.
 extern "C" __global__ void flash_dkdv_group_sum(const float* __restrict__ part, bf16_t* __restrict__ out, i64 group,

@@ -193,8 +193,8 @@ fn flash_fwd_wgmma_matches_cpu() {
     }
 }
 
-/// The Hopper dK/dV kernel (kernels/flash_sm90.cu) inside `flash_bwd_wgmma`, whole and split
-/// per query head (f32 partials summed over the GQA group), against the CPU's gradients of the
+/// The Hopper backward (kernels/flash_sm90.cu: the dQ kernel, and the dK/dV kernel whole and
+/// split per query head with f32 partials summed over the GQA group), against the CPU's gradients of the
 /// attention for the same upstream gradient: D 64 and 128, causal or not, GQA 1:1 to 8:1,
 /// Tq != Tk both ways, partial key blocks and query tiles, rows that see no key, heads that span
 /// several key blocks; where the device is sm_90.

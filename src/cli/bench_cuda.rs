@@ -289,9 +289,9 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
                 3.5 * flops / (ms * 1e-3) / 1e12
             ));
         }
-        // The backward alone (2.5 forwards of work): the mma.sync kernels, then dK/dV from the
-        // Hopper kernel (unless the GPU check left it out after its test), whole and split per
-        // query head; and the op with both Hopper kernels on.
+        // The backward alone (2.5 forwards of work): the mma.sync kernels, then the Hopper
+        // kernels (unless the GPU check left them out after their test), dK/dV whole and split
+        // per query head; and the op with the Hopper forward and backward on.
         let (o, lse) = cuda::flash::flash_fwd(&q, &q, &q, true, scale)?;
         let ms = time_ms(5, || {
             cuda::flash::flash_bwd(&q, &q, &q, &o, &lse, &g, true, scale, None).map(|_| ())
@@ -311,7 +311,7 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
                     .map(|_| ())
             })?;
             att.push(format!(
-                "{{\"op\": \"attention_bwd\", \"kernel\": \"flash_bwd_wgmma (TMA + wgmma dK/dV{label}, mma.sync dQ)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+                "{{\"op\": \"attention_bwd\", \"kernel\": \"flash_bwd_wgmma (TMA + wgmma dK/dV{label} and dQ)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
                 2.5 * flops / (ms * 1e-3) / 1e12
             ));
         }
@@ -323,7 +323,7 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
             cuda::flash::set_wgmma_bwd(None);
             let ms = ms?;
             att.push(format!(
-                "{{\"op\": \"attention_fwd_bwd\", \"kernel\": \"Tensor::attention (wgmma fwd with overlap + wgmma dK/dV + flash dQ)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+                "{{\"op\": \"attention_fwd_bwd\", \"kernel\": \"Tensor::attention (wgmma fwd with overlap + wgmma bwd)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
                 3.5 * flops / (ms * 1e-3) / 1e12
             ));
         }

@@ -123,6 +123,19 @@ if grep -q "mn_major_products_match_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/
 else
     MN_OK=; log "the GEMM's MN-major mode failed (or skipped) its test: left out"
 fi
+# The Hopper flash forward (with its overlap) and backward, once both passed their tests: the
+# op-level attention tests and the model again with them on.
+if [ -z "${TESSERA_BENCH_SKIP_FLASH_WG:-}${TESSERA_BENCH_SKIP_FLASH_WG_BWD:-}" ]; then
+    for name in cuda_flash cuda_qwen; do
+        [ -x "$BIN/tests/$name" ] || continue
+        log "test $name with TESSERA_FLASH_WG=2 TESSERA_FLASH_WG_BWD=1"
+        TESSERA_FLASH_WG=2 TESSERA_FLASH_WG_BWD=1 timeout "${TEST_TIMEOUT:-150}" "$BIN/tests/$name" \
+            --test-threads 2 --nocapture >"$OUT/test-$name-fwg.log" 2>&1
+        rc=$?
+        grep -E "test result|panicked" "$OUT/test-$name-fwg.log" | sed "s/^/[FLASH_WG] /" | tee -a "$OUT/tests.log"
+        echo "$name (TESSERA_FLASH_WG=2 TESSERA_FLASH_WG_BWD=1) exit $rc" | tee -a "$OUT/tests.log"
+    done
+fi
 tail -n 60 "$OUT"/test-*.log > "$OUT/tests-tail.log" 2>/dev/null
 # ONLY_TESTS=1: the tests alone (a short check of a change).
 if [ -n "${ONLY_TESTS:-}" ]; then
@@ -200,7 +213,7 @@ for g in ${STEP_GEMMS:-}; do
     grep -h "host per step" "$OUT/step-gemm-$g.json" | tee -a "$OUT/step.txt"
 done
 # The same 3B step with the kernels validated above switched on (the GEMM's MN-major mode: no
-# operand transposes; the Hopper flash forward; the Hopper dK/dV backward): all of them, then
+# operand transposes; the Hopper flash forward; the Hopper backward): all of them, then
 # each left out in turn (its effect), beside the default (step_torch.py's tessera row).
 FLASH_OK=; [ -z "${TESSERA_BENCH_SKIP_FLASH_WG:-}" ] && FLASH_OK=1
 BWD_OK=; [ -z "${TESSERA_BENCH_SKIP_FLASH_WG_BWD:-}" ] && BWD_OK=1

@@ -7,6 +7,11 @@ spills and shared memory. For kernel work without a GPU or a cargo build:
 Needs libnvrtc.so.13 (LD_LIBRARY_PATH or target/nvrtc/...) and ptxas (PATH or target/nvcc/...),
 both installable from PyPI: pip install --target target/nvrtc nvidia-cuda-nvrtc; pip install
 --target target/nvcc nvidia-cuda-nvcc.
+
+--sass also disassembles the cubin (nvdisasm: PATH or target/nvdisasm/..., pip install --target
+target/nvdisasm nvidia-cuda-nvdisasm) and prints, per kernel, the highest register its SASS
+uses. ptxas's "Used N registers" is the count at launch; a warp-specialised kernel's consumer
+branch may use more after `setmaxnreg.inc` (or be held to N: a trap in that branch does it).
 """
 import argparse
 import ctypes
@@ -32,6 +37,7 @@ def main():
     ap.add_argument("file")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--filter", default="")
+    ap.add_argument("--sass", action="store_true")
     a = ap.parse_args()
     name = os.path.basename(a.file)
     body = open(a.file).read()
@@ -77,6 +83,32 @@ def main():
             continue
         if kern and a.filter in kern and ("Used" in line or "spill" in line):
             print(f"{kern:40s} {line.split('info    :')[-1].strip()}")
+    if a.sass:
+        sass_registers(path + ".cubin", a.filter)
+
+
+def sass_registers(cubin, filt):
+    nvdisasm = "nvdisasm"
+    local = os.path.join(ROOT, "target/nvdisasm/nvidia/cu13/bin/nvdisasm")
+    if os.path.exists(local):
+        nvdisasm = local
+    out = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(out.stderr)
+    top, kern = {}, None
+    for line in out.stdout.splitlines():
+        m = re.match(r"\.text\.(\w+):", line)
+        if m:
+            kern = m.group(1)
+            top[kern] = -1
+            continue
+        if kern:
+            regs = [int(r) for r in re.findall(r"\bR(\d+)\b", line)]
+            if regs:
+                top[kern] = max(top[kern], max(regs))
+    for kern, r in sorted(top.items()):
+        if filt in kern:
+            print(f"{kern:40s} SASS uses R0..R{r} ({r + 1} registers)")
 
 
 if __name__ == "__main__":

@@ -149,8 +149,8 @@ pub fn set_wgmma(mode: Option<u8>) {
 
 static WGMMA: super::Switch = super::Switch::new("TESSERA_FLASH_WG");
 
-/// Whether `flash_bwd` (no segments, D 64 or 128, on an sm_90 device) takes dK and dV from the
-/// Hopper kernel (`flash_bwd_dkdv_wgmma`); dQ stays with the mma.sync kernel. Off by default
+/// Whether `flash_bwd` (no segments, D 64 or 128, on an sm_90 device) takes its gradients from
+/// the Hopper kernels (`flash_bwd_wgmma`). Off by default
 /// until a GPU run has validated it: `TESSERA_FLASH_WG_BWD=1` (or `set_wgmma_bwd`).
 pub fn wgmma_bwd() -> bool {
     WGMMA_BWD.get() == Some(1)
@@ -169,7 +169,8 @@ fn hopper() -> bool {
 
 /// Queries per block of the Hopper forward (kernels/flash_sm90.cu).
 const WG_BM: usize = 128;
-/// Keys per block of the Hopper dK/dV kernel (FB_BK in kernels/flash_sm90.cu).
+/// Keys per block of the Hopper dK/dV kernel (FB_BK in kernels/flash_sm90.cu), and per tile of
+/// its dQ kernel.
 const WG_BK: usize = 128;
 
 /// `flash_fwd` (no segments) through the Hopper kernel (kernels/flash_sm90.cu: TMA, wgmma,
@@ -398,9 +399,9 @@ pub fn flash_bwd(
     bwd(q, k, v, o, lse, g, causal, scale, segments, wg)
 }
 
-/// `flash_bwd` (no segments) with dK and dV from the Hopper kernel (kernels/flash_sm90.cu:
-/// TMA, wgmma for all four products, K/V resident, Q/dO tiles streamed by a producer
-/// warpgroup); sm_90 only, D 64 or 128. `split`: one block per query head with f32 partials
+/// `flash_bwd` (no segments) by the Hopper kernels (kernels/flash_sm90.cu: TMA loads by a
+/// producer warpgroup, every product by wgmma): dK/dV with K/V resident and Q/dO tiles
+/// streamed, dQ with Q/dO resident and K/V tiles streamed; sm_90 only, D 64 or 128. `split`: one block per query head with f32 partials
 /// summed over the GQA group afterwards (`None`: when B · Hkv · Tk / 128 blocks would not fill
 /// the GPU). Deterministic too.
 #[allow(clippy::too_many_arguments)]
@@ -464,19 +465,17 @@ fn bwd(
     let dqp = dq.cuda_ptr()?;
     let lse = lse.contiguous()?;
     let (qp, kp, vp, lp) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, lse.cuda_ptr()?);
-    let (dk, dv) = match wg {
-        Some(split) => dkdv_wgmma(&q, &k, &v, &g, &lse, &delta, causal, scale, split)?,
-        None => (
-            Tensor::empty_cuda(k.shape(), DType::BF16)?,
-            Tensor::empty_cuda(v.shape(), DType::BF16)?,
-        ),
-    };
+    if let Some(split) = wg {
+        return grads_wgmma(&q, &k, &v, &g, &lse, &delta, causal, scale, split);
+    }
+    let dk = Tensor::empty_cuda(k.shape(), DType::BF16)?;
+    let dv = Tensor::empty_cuda(v.shape(), DType::BF16)?;
     let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
     let (scale, causal) = (scale as f32, causal as i64);
     // Shared memory: 64 x (D + 8) bf16 tiles. dK/dV: K, V and two buffers of (Q, dO), plus two
     // buffers of 64 lse and 64 delta floats; dQ: Q, dO and two buffers of (K, V).
     let tile = (64 * (d + 8) * 2) as u32;
-    if wg.is_none() {
+    {
         let (dkp, dvp) = (dk.cuda_ptr()?, dv.cuda_ptr()?);
         dev.launch(
             "flash.cu",
@@ -531,10 +530,10 @@ fn bwd(
     Ok((dq, dk, dv))
 }
 
-/// dK and dV by the Hopper kernel (`flash_bwd_dkdv_wg[_split]_d*`), from contiguous bf16 q, k,
-/// v, g and f32 lse, delta.
+/// (dq, dk, dv) by the Hopper kernels (`flash_bwd_dkdv_wg[_split]_d*`, `flash_bwd_dq_wg_d*`),
+/// from contiguous bf16 q, k, v, g and f32 lse, delta.
 #[allow(clippy::too_many_arguments)]
-fn dkdv_wgmma(
+fn grads_wgmma(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -544,13 +543,13 @@ fn dkdv_wgmma(
     causal: bool,
     scale: f64,
     split: Option<bool>,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, hq, tq, d) = (q.dim(0)?, q.dim(1)?, q.dim(2)?, q.dim(3)?);
     let (hkv, tk) = (k.dim(1)?, k.dim(2)?);
-    if b * hkv * tk * d == 0 || tq == 0 {
-        // No key, or no query to see one: zero gradients.
-        let zeros = || Tensor::zeros_on(k.shape(), DType::BF16, Device::Cuda);
-        return Ok((zeros()?, zeros()?));
+    let zeros = |shape: &[usize]| Tensor::zeros_on(shape, DType::BF16, Device::Cuda);
+    if b * hq * tq * d == 0 || tk == 0 {
+        // No query, or no key to see: zero gradients.
+        return Ok((zeros(q.shape())?, zeros(k.shape())?, zeros(v.shape())?));
     }
     let dk = Tensor::empty_cuda(k.shape(), DType::BF16)?;
     let dv = Tensor::empty_cuda(v.shape(), DType::BF16)?;
@@ -583,6 +582,8 @@ fn dkdv_wgmma(
         super::gemm_tc::encode_tma_f32_1d(t.cuda_ptr()?, t.numel() as u64, 64)
             .map_err(|r| tma_error(r, t))
     };
+    // K/V boxes of 128 rows serve both kernels; Q/dO boxes of 64 (dK/dV's query tiles) and 128
+    // (dQ's query blocks).
     let maps = [
         map3(q, hq, tq, 64)?,
         map3(k, hkv, tk, WG_BK as u32)?,
@@ -590,6 +591,8 @@ fn dkdv_wgmma(
         map3(g, hq, tq, 64)?,
         map1(lse)?,
         map1(delta)?,
+        map3(q, hq, tq, WG_BM as u32)?,
+        map3(g, hq, tq, WG_BM as u32)?,
     ];
     // f32 partials per query head when split, summed into dk / dv afterwards.
     let parts = if split {
@@ -658,7 +661,33 @@ fn dkdv_wgmma(
             )?;
         }
     }
-    Ok((dk, dv))
+    let dq = Tensor::empty_cuda(q.shape(), DType::BF16)?;
+    let (lp, dp, dqp) = (lse.cuda_ptr()?, delta.cuda_ptr()?, dq.cuda_ptr()?);
+    // mbarriers, 1024-byte alignment, Q and dO, 2 stages of K and V (128-key tiles).
+    let shared = (256 + 1024 + 2 * WG_BM * d * 2 + 2 * 2 * WG_BK * d * 2) as u32;
+    dev.launch(
+        "flash_sm90.cu",
+        &format!("flash_bwd_dq_wg_d{d}"),
+        (tq.div_ceil(WG_BM) as u32, hq as u32, b as u32),
+        (384, 1, 1),
+        shared,
+        &[
+            arg(&maps[6]),
+            arg(&maps[1]),
+            arg(&maps[2]),
+            arg(&maps[7]),
+            arg(&lp),
+            arg(&dp),
+            arg(&dqp),
+            arg(&hq_),
+            arg(&hkv_),
+            arg(&tq_),
+            arg(&tk_),
+            arg(&scale),
+            arg(&causal),
+        ],
+    )?;
+    Ok((dq, dk, dv))
 }
 
 fn tma_error(r: cudarc::driver::sys::CUresult, t: &Tensor) -> Error {
