@@ -130,6 +130,7 @@ gemm_wgmma_bf16(const bf16_t* A, const bf16_t* B, bf16_t* C, const bf16_t* bias,
 #define WS_BK 64
 #define WS_A_BYTES (WS_BM * WS_BK * 2)
 #define WS_RING_BYTES 196608  // stages x (128 + BN) x 64 bf16: 4 x 48 KB for BN = 256
+#define WS_EPI_BYTES 16384    // per consumer warpgroup: the TMA-store epilogue's buffer (_ts kernels)
 #define WS_GROUP_M 16
 #define WS_CONSUMER_WARPS 8
 
@@ -148,8 +149,9 @@ __device__ __forceinline__ void ws_tile(int t, int m_blocks, int n_blocks, int& 
     nb = q / rows;
 }
 
-template <int BN, int STAGES, int TA, int TB>
-__device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long long map_b, bf16_t* C,
+template <int BN, int STAGES, int TA, int TB, int TS>
+__device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long long map_b, unsigned long long map_c,
+                                        bf16_t* C,
                                         const bf16_t* bias, i64 M, i64 N, i64 K, i64 ldc, i64 batch, i64 batch_c,
                                         i64 flags) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -286,6 +288,54 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
 #pragma unroll
                 for (int i = 0; i < BN / 2; ++i) d[i] = __int_as_float(0x7fc00000);
             }
+            if (flags & 16) continue;  // benchmark diagnostic: the mainloop without the stores
+
+            if constexpr (TS != 0) {
+                // TMA-store epilogue: this warpgroup's 64 x BN tile, 128 columns a round, into its
+                // 16 KB buffer as two 64 x 64 boxes in the 128-byte-swizzled layout (row r's
+                // 16-byte chunk c at r·128 + ((c ^ r % 8) · 16): conflict-free 4-byte stores), then
+                // one thread hands them to the TMA engine, which clips the edges. The next round
+                // (or tile) waits only until the engine has read the buffer.
+                const unsigned int ebuf = ring + WS_RING_BYTES + (unsigned int)ci * WS_EPI_BYTES;
+                const bool issuer = (tid & 127) == 0;
+                constexpr int JR = (BN < 128 ? BN : 128) / 8;  // n-blocks of 8 columns per round
+#pragma unroll
+                for (int rnd = 0; rnd < (BN + 127) / 128; ++rnd) {
+                    if (issuer) bulk_wait_read0();
+                    named_bar_sync(1 + ci, 128);
+#pragma unroll
+                    for (int jj = 0; jj < JR; ++jj) {
+                        const int j = rnd * 16 + jj;
+                        const i64 col = (i64)nb * BN + 8 * j + 2 * tq;
+                        float b0 = 0.f, b1 = 0.f;
+                        if (flags & 1) {
+                            if (col < N) b0 = bf2f(bias[col]);
+                            if (col + 1 < N) b1 = bf2f(bias[col + 1]);
+                        }
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const unsigned int row = (unsigned int)(16 * warp + g + 8 * h);
+                            const unsigned int at = ebuf + (unsigned int)(jj >> 3) * 8192u + row * 128u +
+                                                    ((((unsigned int)jj & 7u) ^ (row & 7u)) << 4) + 4u * (unsigned int)tq;
+                            st_shared_u32(at, ws_pack(d[4 * j + 2 * h] + b0, d[4 * j + 2 * h + 1] + b1));
+                        }
+                    }
+                    fence_proxy_async();  // the generic-proxy writes, visible to the TMA engine
+                    named_bar_sync(1 + ci, 128);
+                    if (issuer) {
+                        const int row = mb * WS_BM + ci * 64;
+#pragma unroll
+                        for (int box = 0; box < JR / 8; ++box) {
+                            const int col = nb * BN + rnd * 128 + box * 64;
+                            if (col >= N || row >= M) continue;
+                            if (flags & 32) tma_store_3d(map_c, ebuf + box * 8192u, col, row, bz);
+                            else tma_store_2d(map_c, ebuf + box * 8192u, col, row);
+                        }
+                        bulk_commit();
+                    }
+                }
+                continue;
+            }
 
             // Epilogue straight from registers. d[4j + r]: row 16·warp + g + 8·(r >= 2),
             // column 8j + 2·tq + (r & 1) of this consumer's 64 x BN tile.
@@ -350,6 +400,8 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
                 }
             }
         }
+        // The TMA stores must have read shared memory before the block exits.
+        if (TS != 0 && (tid & 127) == 0) bulk_wait0();
     }
 #undef WS_FULL
 #undef WS_EMPTY
@@ -359,20 +411,27 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
 
 // Kernels per block-tile width: 128 x 256 (4 stages), 128 x 128 (6) and 128 x 64 (8) for
 // products with too few 128 x 256 tiles to fill the GPU; per operand layout: K-major both
-// (no suffix), A MN-major (_ta), B MN-major (_tb), both (_tab). Launch: 384 threads, dynamic
-// shared memory WS_RING_BYTES + 256 + 1024, grid = min(tiles, SMs).
-#define WS_KERNEL(name, BN, STAGES, TA, TB)                                                                     \
+// (no suffix), A MN-major (_ta), B MN-major (_tb), both (_tab); per epilogue: stores from
+// registers (no suffix) or through shared memory and the TMA engine (_ts; not with flags & 2,
+// C's map in map_c, flags 32 when it has a batch dimension). Launch: 384 threads, dynamic shared
+// memory WS_RING_BYTES + 256 + 1024 (+ 2 WS_EPI_BYTES for _ts), grid = min(tiles, SMs).
+// flags 16 skips the stores (a benchmark's ceiling).
+#define WS_KERNEL(name, BN, STAGES, TA, TB, TS)                                                                 \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                         \
-        name(const __grid_constant__ TmaMap map_a, const __grid_constant__ TmaMap map_b, bf16_t* C,              \
-             const bf16_t* bias, i64 M, i64 N, i64 K, i64 ldc, i64 batch, i64 batch_c, i64 flags) {             \
-        ws_gemm<BN, STAGES, TA, TB>((unsigned long long)&map_a, (unsigned long long)&map_b, C, bias, M, N, K,     \
-                                    ldc, batch, batch_c, flags);                                                 \
+        name(const __grid_constant__ TmaMap map_a, const __grid_constant__ TmaMap map_b,                         \
+             const __grid_constant__ TmaMap map_c, bf16_t* C, const bf16_t* bias, i64 M, i64 N, i64 K, i64 ldc,  \
+             i64 batch, i64 batch_c, i64 flags) {                                                                \
+        ws_gemm<BN, STAGES, TA, TB, TS>((unsigned long long)&map_a, (unsigned long long)&map_b,                  \
+                                        (unsigned long long)&map_c, C, bias, M, N, K, ldc, batch, batch_c, flags); \
     }
-#define WS_KERNELS(name, BN, STAGES)            \
-    WS_KERNEL(name, BN, STAGES, 0, 0)           \
-    WS_KERNEL(name##_ta, BN, STAGES, 1, 0)      \
-    WS_KERNEL(name##_tb, BN, STAGES, 0, 1)      \
-    WS_KERNEL(name##_tab, BN, STAGES, 1, 1)
+#define WS_KERNELS_EPI(name, BN, STAGES, TS)    \
+    WS_KERNEL(name, BN, STAGES, 0, 0, TS)       \
+    WS_KERNEL(name##_ta, BN, STAGES, 1, 0, TS)  \
+    WS_KERNEL(name##_tb, BN, STAGES, 0, 1, TS)  \
+    WS_KERNEL(name##_tab, BN, STAGES, 1, 1, TS)
+#define WS_KERNELS(name, BN, STAGES)          \
+    WS_KERNELS_EPI(name, BN, STAGES, 0)       \
+    WS_KERNELS_EPI(name##_ts, BN, STAGES, 1)
 WS_KERNELS(gemm_wgmma_ws_bf16, 256, 4)
 WS_KERNELS(gemm_wgmma_ws_n128_bf16, 128, 6)
 WS_KERNELS(gemm_wgmma_ws_n64_bf16, 64, 8)

@@ -166,6 +166,31 @@ __device__ __forceinline__ void tma_load_3d(unsigned int dst, unsigned long long
         : "memory");
 }
 
+// TMA box store from shared memory at `src` (128-byte-swizzled like the loads) to the tensor at
+// element coordinates (innermost first); the engine clips what lies outside the tensor. Stores
+// join the thread's bulk group (bulk_commit); bulk_wait_read0 waits until every committed
+// group has read its shared memory, bulk_wait0 until the writes are done.
+__device__ __forceinline__ void tma_store_2d(unsigned long long map, unsigned int src, int c0, int c1) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(map), "r"(c0),
+                 "r"(c1), "r"(src)
+                 : "memory");
+}
+__device__ __forceinline__ void tma_store_3d(unsigned long long map, unsigned int src, int c0, int c1, int c2) {
+    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];\n" ::"l"(map),
+                 "r"(c0), "r"(c1), "r"(c2), "r"(src)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read0() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Barrier `id` (1..15; 0 is __syncthreads) over `count` threads, here one warpgroup's.
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void st_shared_u32(unsigned int addr, unsigned int v) {
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
 // Packs two floats as bf16 (round to nearest even), `lo` in the low half.
 __device__ __forceinline__ unsigned int ws_pack(float lo, float hi) {
     unsigned int r;

@@ -200,6 +200,52 @@ fn gemm_wgmma_ws_matches_cpu() {
     batched_case(TcKernel::WgmmaWs, 1, 64, 40, 16, false, false, true);
 }
 
+/// The warp-specialised kernel with the TMA-store epilogue (the `_ts` kernels: the tile through
+/// shared memory to the TMA engine, which clips the edges): odd sizes, every tile width, bias,
+/// batches with C as a 3-d map, every operand layout pair. Products that accumulate, or whose C
+/// rows are not a multiple of 8 elements, take the default epilogue (covered too).
+#[test]
+fn gemm_wgmma_ws_tma_store_matches_cpu() {
+    use gemm_tc::Major::{K, MN};
+    if !hopper_or_skip("gemm_wgmma_ws_tma_store") {
+        return;
+    }
+    let extra = [
+        (4096, 256, 1024, false),
+        (2048, 2048, 512, true),
+        (1100, 3000, 136, false),
+        (4096, 2048, 2048, true),
+        (200, 72, 64, true),
+    ];
+    for (m, n, k, bias) in HOPPER_CASES.into_iter().chain(extra) {
+        case_with(TcKernel::WgmmaWsTma, m, n, k, bias);
+    }
+    batched_case(TcKernel::WgmmaWsTma, 3, 130, 304, 96, false, true, false);
+    batched_case(TcKernel::WgmmaWsTma, 2, 257, 72, 520, true, true, false);
+    batched_case(TcKernel::WgmmaWsTma, 3, 130, 300, 96, false, true, false);
+    batched_case(TcKernel::WgmmaWsTma, 2, 257, 72, 520, true, true, true);
+    for majors in [(MN, K), (K, MN), (MN, MN)] {
+        majors_case_with(
+            TcKernel::WgmmaWsTma,
+            majors,
+            1,
+            (129, 256, 200),
+            false,
+            true,
+            false,
+        );
+        majors_case_with(
+            TcKernel::WgmmaWsTma,
+            majors,
+            2,
+            (257, 72, 520),
+            true,
+            false,
+            false,
+        );
+    }
+}
+
 /// The accumulate and batched paths of the other kernels, so the warp-specialised one is
 /// checked against the same contract.
 #[test]
@@ -244,8 +290,29 @@ fn stored_operand(
 
 /// One product through `launch_majors` (the warp-specialised kernel reading each operand as
 /// stored) against the CPU, per batch.
-#[allow(clippy::too_many_arguments)]
 fn majors_case(
+    majors: (gemm_tc::Major, gemm_tc::Major),
+    batch: usize,
+    mnk: (usize, usize, usize),
+    shared_b: bool,
+    bias: bool,
+    accumulate: bool,
+) {
+    majors_case_with(
+        TcKernel::WgmmaWs,
+        majors,
+        batch,
+        mnk,
+        shared_b,
+        bias,
+        accumulate,
+    );
+}
+
+/// `majors_case` through either epilogue of the warp-specialised kernel.
+#[allow(clippy::too_many_arguments)]
+fn majors_case_with(
+    kernel: TcKernel,
     majors: (gemm_tc::Major, gemm_tc::Major),
     batch: usize,
     (m, n, k): (usize, usize, usize),
@@ -261,7 +328,7 @@ fn majors_case(
     let on = |t: &tessera::Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
     let (ga, gb, gbias, out) = (on(&sa), on(&sb), on(&bias_t), on(&c0));
     gemm_tc::launch_majors(
-        TcKernel::WgmmaWs,
+        kernel,
         ga.cuda_ptr().unwrap(),
         gb.cuda_ptr().unwrap(),
         out.cuda_ptr().unwrap(),
@@ -291,7 +358,7 @@ fn majors_case(
         let gi = got.narrow(0, i, 1).unwrap().reshape(&[m, n]).unwrap();
         let e = rel_error(&gi.contiguous().unwrap(), &want).unwrap();
         let what = format!(
-            "{majors:?} batch {i}/{batch} {m}x{n}x{k} shared_b={shared_b} bias={bias} acc={accumulate}"
+            "{kernel:?} {majors:?} batch {i}/{batch} {m}x{n}x{k} shared_b={shared_b} bias={bias} acc={accumulate}"
         );
         println!("{what}: rel {e:.2e}");
         assert!(e <= 1e-2, "{what}: rel error {e}");

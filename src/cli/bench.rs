@@ -104,12 +104,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
                             // that failed its tests.
                             if std::env::var_os("TESSERA_BENCH_SKIP_WS").is_none() {
                                 kernels.push(("matmul_wgmma_ws", TcKernel::WgmmaWs));
+                                // The TMA-store epilogue (TESSERA_BENCH_SKIP_TS=1: left out
+                                // when its test failed), and the mainloop without stores.
+                                if std::env::var_os("TESSERA_BENCH_SKIP_TS").is_none() {
+                                    kernels.push(("matmul_wgmma_ws_ts", TcKernel::WgmmaWsTma));
+                                }
+                                kernels.push(("matmul_wgmma_ws_nostore", TcKernel::WgmmaWs));
                             }
                         }
+                        use crate::backend::cuda::gemm_tc::set_skip_stores_for_benchmark;
                         for (label, kernel) in kernels {
+                            let skip = label.ends_with("_nostore");
+                            set_skip_stores_for_benchmark(skip);
                             let ms = super::bench_cuda::time_ms(10, || {
                                 matmul_bt_with(kernel, &x, &bt, None).map(|_| ())
-                            })?;
+                            });
+                            set_skip_stores_for_benchmark(false);
+                            let ms = ms?;
                             let tflops = 2.0 * (m * k * n) as f64 / (ms * 1e-3) / 1e12;
                             println!(
                                 "{{\"op\": \"{label}\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}}}"

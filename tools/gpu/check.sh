@@ -10,8 +10,9 @@
 #
 # Options (environment): ONLY_TESTS=1 (tests alone), SKIP_STEPS=1 (no training-step
 # benchmarks), STEP_GEMMS="mma ws wgmma" (the 3B step per GEMM kernel), PROFILE_STEP=1 with
-# PROFILE_GEMM=..., PROFILE_MN=1, PROFILE_FLASH_WG=1, PROFILE_FLASH_WG_BWD=1 (a per-kernel
-# profile of the 3B step, with the MN-major GEMM mode / the Hopper flash forward / backward), NCU=1 with NCU_KERNELS="regex ..."
+# PROFILE_GEMM=..., PROFILE_MN=1, PROFILE_FLASH_WG=1, PROFILE_FLASH_WG_BWD=1, PROFILE_TS=1 (a
+# per-kernel profile of the 3B step, with the MN-major GEMM mode / the Hopper flash forward /
+# backward / the GEMM's TMA-store epilogue), NCU=1 with NCU_KERNELS="regex ..."
 # (Nsight Compute), SWEEP="variant ..." (tools/sweep/tiny_base.sh on the spare cores),
 # BIG_STEP_BEFORE_S and STEP_COMBOS_BEFORE_S (skip those steps once the check has run that many
 # seconds), TEST_TIMEOUT, WITH_COMPILE_TEST=1.
@@ -66,6 +67,7 @@ log "tests"
 # faulting kernel (a sticky CUDA error) cannot fail the other tests of its binary:
 # "binary:test" pairs.
 EXPERIMENTS="cuda_gemm_tc:gemm_wgmma_ws_mn_major_matches_cpu cuda_gemm_tc:mn_major_products_match_cpu
+cuda_gemm_tc:gemm_wgmma_ws_tma_store_matches_cpu
 cuda_flash:flash_fwd_wgmma_matches_cpu cuda_flash:flash_bwd_wgmma_matches_cpu
 cuda_nn:cross_entropy_staged_variants_match_cpu
 cuda_matmul_attention:adamw_compute_copies_follow_the_masters"
@@ -97,6 +99,8 @@ grep -q "flash_fwd_wgmma_matches_cpu ... ok" "$OUT/test-cuda_flash.log" 2>/dev/n
     || export TESSERA_BENCH_SKIP_FLASH_WG=1
 grep -q "flash_bwd_wgmma_matches_cpu ... ok" "$OUT/test-cuda_flash.log" 2>/dev/null \
     || export TESSERA_BENCH_SKIP_FLASH_WG_BWD=1
+grep -q "gemm_wgmma_ws_tma_store_matches_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/dev/null \
+    || export TESSERA_BENCH_SKIP_TS=1
 grep -q "cross_entropy_staged_variants_match_cpu ... ok" "$OUT/test-cuda_nn.log" 2>/dev/null \
     || export TESSERA_BENCH_SKIP_CE_STAGED=1
 # AdamW's fused bf16 compute copies (the default of `bench step`): the cast kernels instead if
@@ -213,30 +217,32 @@ for g in ${STEP_GEMMS:-}; do
     grep -h "host per step" "$OUT/step-gemm-$g.json" | tee -a "$OUT/step.txt"
 done
 # The same 3B step with the kernels validated above switched on (the GEMM's MN-major mode: no
-# operand transposes; the Hopper flash forward; the Hopper backward): all of them, then
-# each left out in turn (its effect), beside the default (step_torch.py's tessera row).
-FLASH_OK=; [ -z "${TESSERA_BENCH_SKIP_FLASH_WG:-}" ] && FLASH_OK=1
-BWD_OK=; [ -z "${TESSERA_BENCH_SKIP_FLASH_WG_BWD:-}" ] && BWD_OK=1
-if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
-    # "MN FLASH_WG FLASH_WG_BWD"; TESSERA_FLASH_WG=2: the forward with the intra-warpgroup
-    # overlap. Switches that failed their tests are 0; combinations only while the check is
-    # short (STEP_COMBOS_BEFORE_S).
-    seen=" 0-0-0 "
-    for combo in "1 2 1" "1 2 0" "1 0 1" "0 2 1" "1 1 1"; do
+# operand transposes; the Hopper flash forward with its overlap; the Hopper backward; the GEMM's
+# TMA-store epilogue): all of them, then each left out in turn (its effect), beside the default
+# (step_torch.py's tessera row). Switches that failed their tests stay off; combinations only
+# while the check is short (STEP_COMBOS_BEFORE_S).
+ON=""
+[ -n "$MN_OK" ] && ON="$ON TESSERA_GEMM_MN=1"
+[ -z "${TESSERA_BENCH_SKIP_FLASH_WG:-}" ] && ON="$ON TESSERA_FLASH_WG=2"
+[ -z "${TESSERA_BENCH_SKIP_FLASH_WG_BWD:-}" ] && ON="$ON TESSERA_FLASH_WG_BWD=1"
+[ -z "${TESSERA_BENCH_SKIP_TS:-}" ] && ON="$ON TESSERA_GEMM_TS=1"
+if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ] && [ -n "$ON" ]; then
+    combos=("$ON")
+    for sw in $ON; do
+        rest=$(echo " $ON " | sed "s| $sw | |; s|^ *||; s| *$||")
+        [ -n "$rest" ] && combos+=("$rest")
+    done
+    i=0
+    for combo in "${combos[@]}"; do
         [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-420} ] || { log "step combos: out of time"; break; }
-        set -- $combo
-        mn=$1; fw=$2; bw=$3
-        [ -z "$MN_OK" ] && mn=0
-        [ -z "$FLASH_OK" ] && fw=0
-        [ -z "$BWD_OK" ] && bw=0
-        case "$seen" in *" $mn-$fw-$bw "*) continue ;; esac
-        seen="$seen $mn-$fw-$bw "
-        log "train step (bench-3b-8layers) tessera, TESSERA_GEMM_MN=$mn TESSERA_FLASH_WG=$fw TESSERA_FLASH_WG_BWD=$bw"
-        TESSERA_GEMM_MN=$mn TESSERA_FLASH_WG=$fw TESSERA_FLASH_WG_BWD=$bw timeout 120 "$BIN/tessera" --threads 16 \
-            bench step --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 5 \
-            --device cuda --dtype bf16 --json > "$OUT/step-mn$mn-fwg$fw-bwd$bw.json" 2>&1
-        echo "TESSERA_GEMM_MN=$mn TESSERA_FLASH_WG=$fw TESSERA_FLASH_WG_BWD=$bw exit $?: $(tail -c 400 "$OUT/step-mn$mn-fwg$fw-bwd$bw.json")" \
-            | tee -a "$OUT/step.txt"
+        i=$((i + 1))
+        log "train step (bench-3b-8layers) tessera, $combo"
+        # shellcheck disable=SC2086
+        env $combo timeout 120 "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
+            --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
+            > "$OUT/step-combo$i.json" 2>&1
+        echo "$combo exit $?: $(tail -c 400 "$OUT/step-combo$i.json")" | tee -a "$OUT/step.txt"
+        echo "$combo" > "$OUT/step-combo$i.label"
     done
 fi
 # The step with a cast kernel per parameter instead of AdamW's fused compute copies.
@@ -251,7 +257,7 @@ if [ -n "${PROFILE_STEP:-}" ]; then
     log "profiled step (bench-3b-8layers)"
     pg=${PROFILE_GEMM:-mma}; [ "$pg" = ws ] && [ -z "$WS_OK" ] && pg=mma
     log "profiled with TESSERA_GEMM=$pg"
-    TESSERA_PROFILE=1 TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} TESSERA_FLASH_WG=${PROFILE_FLASH_WG:-0} TESSERA_FLASH_WG_BWD=${PROFILE_FLASH_WG_BWD:-0} timeout 120 "$BIN/tessera" --threads 16 bench step \
+    TESSERA_PROFILE=1 TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} TESSERA_FLASH_WG=${PROFILE_FLASH_WG:-0} TESSERA_FLASH_WG_BWD=${PROFILE_FLASH_WG_BWD:-0} TESSERA_GEMM_TS=${PROFILE_TS:-0} timeout 120 "$BIN/tessera" --threads 16 bench step \
         --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 3 --device cuda \
         --dtype bf16 > "$OUT/profile.txt" 2>&1
     echo "profile exit $?" >> "$OUT/profile.txt"

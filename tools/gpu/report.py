@@ -48,6 +48,8 @@ def main():
             ratio = f"{r['tflops'] / t['tflops']:.2f}" if t else "-"
             kern = {"matmul_tc": "mma.sync gemm.cu (A·Bᵀ)", "matmul_wgmma": "wgmma gemm_sm90.cu (A·Bᵀ)",
                     "matmul_wgmma_ws": "warp-specialised wgmma + TMA (A·Bᵀ)",
+                    "matmul_wgmma_ws_ts": "warp-specialised, TMA-store epilogue (A·Bᵀ)",
+                    "matmul_wgmma_ws_nostore": "warp-specialised, stores skipped (the mainloop's ceiling)",
                     "matmul_mn_b": "Tensor::matmul, MN-major B read as stored",
                     "matmul_mn_ab": "Tensor::matmul of Aᵀ-stored A, both MN-major"}.get(
                 r["op"], "Tensor::matmul")
@@ -73,7 +75,8 @@ def main():
 
 def steps(d):
     """The 3B training steps check.sh ran with `bench step --json` under different switches
-    (step-mn{0,1}-fwg{0,1,2}-bwd{0,1}.json, step-unfused.json, step-gemm-*.json): one row each."""
+    (step-combo*.json with the switches in step-combo*.label, step-unfused.json,
+    step-gemm-*.json): one row each."""
     import glob
     import re
     rows = []
@@ -81,9 +84,12 @@ def steps(d):
         name = os.path.basename(path)[len("step-"):-len(".json")]
         r = load(path)
         r = [x for x in r if "step_ms_median" in x]
-        m = re.fullmatch(r"mn(\d)-fwg(\d)(?:-bwd(\d))?", name)
+        m = re.fullmatch(r"mn(\d)-fwg(\d)", name)
+        lab = os.path.join(d, f"step-{name}.label")
         if m:
-            label = f"TESSERA_GEMM_MN={m.group(1)} TESSERA_FLASH_WG={m.group(2)} TESSERA_FLASH_WG_BWD={m.group(3) or 0}"
+            label = f"TESSERA_GEMM_MN={m.group(1)} TESSERA_FLASH_WG={m.group(2)}"
+        elif os.path.exists(lab):
+            label = open(lab).read().strip()
         elif name == "unfused":
             label = "TESSERA_FUSED_CASTS=0"
         else:

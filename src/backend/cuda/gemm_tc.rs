@@ -32,12 +32,17 @@ pub enum TcKernel {
     /// kernels/gemm_sm90.cu: warp-specialised persistent wgmma (sm_90a only), operands by TMA,
     /// 128x256x64 tiles (128x128 or 128x64 when there are too few tiles to fill the GPU).
     WgmmaWs,
+    /// `WgmmaWs` with the TMA-store epilogue (`_ts` kernels: the tile through shared memory to
+    /// the TMA engine instead of 4-byte stores from registers); `WgmmaWs`'s epilogue where it
+    /// cannot apply (accumulating into C, C's row stride not a multiple of 8).
+    WgmmaWsTma,
 }
 
 impl TcKernel {
     /// The default: the warp-specialised wgmma kernel on an sm_90 device (0.90-0.98 of cuBLAS
     /// at the 3B model's shapes on an H200, docs/gpu-runs.md), mma.sync elsewhere.
-    /// `TESSERA_GEMM=mma` or `wgmma` picks the others on sm_90 (benchmarks).
+    /// `TESSERA_GEMM=mma` or `wgmma` picks the others on sm_90 (benchmarks);
+    /// `TESSERA_GEMM_TS=1` the TMA-store epilogue (off until a GPU run has validated it).
     pub fn default_for_device() -> TcKernel {
         let hopper = device().map(|d| d.cc == (9, 0)).unwrap_or(false);
         if !hopper {
@@ -46,10 +51,32 @@ impl TcKernel {
         match std::env::var("TESSERA_GEMM").as_deref() {
             Ok("mma") => TcKernel::MmaSync,
             Ok("wgmma") => TcKernel::Wgmma,
+            _ if TMA_STORE.get() == Some(1) => TcKernel::WgmmaWsTma,
             _ => TcKernel::WgmmaWs,
         }
     }
+
+    /// Whether this is the warp-specialised kernel (either epilogue).
+    pub fn is_ws(self) -> bool {
+        matches!(self, TcKernel::WgmmaWs | TcKernel::WgmmaWsTma)
+    }
 }
+
+static TMA_STORE: super::Switch = super::Switch::new("TESSERA_GEMM_TS");
+
+/// Overrides `TESSERA_GEMM_TS` for this process (`None`: back to the environment).
+pub fn set_tma_store(on: Option<bool>) {
+    TMA_STORE.set(on.map(u8::from));
+}
+
+/// Benchmarks only: the warp-specialised kernels skip their stores (C is left unwritten), which
+/// times the mainloop alone: the ceiling a faster epilogue could reach.
+#[doc(hidden)]
+pub fn set_skip_stores_for_benchmark(on: bool) {
+    SKIP_STORES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+static SKIP_STORES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// How a GEMM operand is stored. `K`: A as [M, K] (B as [N, K]) rows, K contiguous, `ld`
 /// elements between rows. `MN`: A as [K, M] (B as [K, N]), M (N) contiguous, `ld` elements
@@ -129,7 +156,7 @@ pub fn launch_with(
 ) -> Result<()> {
     // A batch stride TMA cannot express (not a multiple of 16 bytes) falls through to the
     // wgmma kernel, which has the same contract.
-    if kernel == TcKernel::WgmmaWs
+    if kernel.is_ws()
         && ws_supported(
             (m, n, k),
             (lda, ldb),
@@ -139,6 +166,7 @@ pub fn launch_with(
         )
     {
         return launch_ws(
+            kernel,
             a,
             b,
             c,
@@ -162,7 +190,7 @@ pub fn launch_with(
             (n.div_ceil(BN) as u32, m.div_ceil(BM) as u32, batch as u32),
             SHARED_BYTES,
         ),
-        TcKernel::Wgmma | TcKernel::WgmmaWs => {
+        TcKernel::Wgmma | TcKernel::WgmmaWs | TcKernel::WgmmaWsTma => {
             if device()?.cc != (9, 0) {
                 return Err(Error::msg(
                     "gemm: the wgmma kernel needs an sm_90 (Hopper) device",
@@ -234,7 +262,7 @@ pub fn launch_majors(
         );
     }
     let k_ok = k.is_multiple_of(8) || majors == (Major::MN, Major::MN);
-    if kernel != TcKernel::WgmmaWs
+    if !kernel.is_ws()
         || !k_ok
         || !a.is_multiple_of(16)
         || !b.is_multiple_of(16)
@@ -247,6 +275,7 @@ pub fn launch_majors(
         )));
     }
     launch_ws(
+        kernel,
         a,
         b,
         c,
@@ -261,8 +290,10 @@ pub fn launch_majors(
 }
 
 /// Shared memory of the warp-specialised kernels: the stage ring (4 x 48 KB at BN = 256, 6 x 32 KB
-/// at 128, 8 x 24 KB at 64), 256 bytes of mbarriers and up to 1 KB lost to 1024-byte alignment.
+/// at 128, 8 x 24 KB at 64), 256 bytes of mbarriers and up to 1 KB lost to 1024-byte alignment;
+/// the `_ts` kernels add 16 KB per consumer warpgroup for the epilogue.
 const WS_SHARED_BYTES: u32 = 196_608 + 256 + 1024;
+const WS_EPI_BYTES: u32 = 2 * 16_384;
 const WS_BM: usize = 128;
 const WS_BK: u32 = 64;
 
@@ -427,6 +458,7 @@ fn encode_tma(
 /// CTA of 384 threads per SM, operands through TMA descriptors passed by value.
 #[allow(clippy::too_many_arguments)]
 fn launch_ws(
+    kernel: TcKernel,
     a: u64,
     b: u64,
     c: u64,
@@ -455,14 +487,40 @@ fn launch_ws(
         (Major::K, Major::MN) => "_tb",
         (Major::MN, Major::MN) => "_tab",
     };
-    let name = format!("{base}{suffix}");
+    // The TMA-store epilogue: C's map, boxes of 64 x 64 (batched: a third dimension); not when
+    // accumulating, or where TMA cannot address C.
+    let c3 = batch > 1;
+    let ts = kernel == TcKernel::WgmmaWsTma
+        && !accumulate
+        && c.is_multiple_of(16)
+        && ldc.is_multiple_of(8)
+        && (!c3 || (batch_c > 0 && batch_c.is_multiple_of(8)));
+    let map_c = if ts {
+        let dims = [n as u64, m as u64, batch as u64];
+        let strides = [ldc as u64 * 2, batch_c as u64 * 2];
+        let rank = if c3 { 3 } else { 2 };
+        encode_tma_bf16(c, &dims[..rank], &strides[..rank - 1], &[64, 64, 1][..rank]).map_err(
+            |r| {
+                Error::msg(format!(
+                    "gemm: cuTensorMapEncodeTiled failed ({r:?}) for C of {m} x {n}, row stride \
+                     {ldc}, batch {batch} x stride {batch_c}"
+                ))
+            },
+        )?
+    } else {
+        sys::CUtensorMap { opaque: [0; 16] }
+    };
+    let name = format!("{base}{}{suffix}", if ts { "_ts" } else { "" });
     let (map_a, a3) = tensor_map(a, (m, k, lda), batch, batch_a, WS_BM as u32, major_a)?;
     let (map_b, b3) = tensor_map(b, (n, k, ldb), batch, batch_b, bn as u32, major_b)?;
     let tiles = m.div_ceil(WS_BM) * n.div_ceil(bn) * batch;
+    let skip = SKIP_STORES.load(std::sync::atomic::Ordering::Relaxed);
     let flags: i64 = bias.is_some() as i64
         | ((accumulate as i64) << 1)
         | ((a3 as i64) << 2)
-        | ((b3 as i64) << 3);
+        | ((b3 as i64) << 3)
+        | ((skip as i64) << 4)
+        | (((ts && c3) as i64) << 5);
     let bias = bias.unwrap_or(0);
     let [m_, n_, k_, ldc_, batch_, bc] = [m, n, k, ldc, batch, batch_c].map(|v| v as i64);
     dev.launch(
@@ -470,10 +528,11 @@ fn launch_ws(
         &name,
         (tiles.min(sms) as u32, 1, 1),
         (384, 1, 1),
-        WS_SHARED_BYTES,
+        WS_SHARED_BYTES + if ts { WS_EPI_BYTES } else { 0 },
         &[
             arg(&map_a),
             arg(&map_b),
+            arg(&map_c),
             arg(&c),
             arg(&bias),
             arg(&m_),

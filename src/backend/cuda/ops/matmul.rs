@@ -292,7 +292,8 @@ fn gemm_mn_major(
     bias: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     use crate::backend::cuda::gemm_tc::{self, TcKernel};
-    if !gemm_tc::mn_major_enabled() || TcKernel::default_for_device() != TcKernel::WgmmaWs {
+    let kernel = TcKernel::default_for_device();
+    if !gemm_tc::mn_major_enabled() || !kernel.is_ws() {
         return Ok(None);
     }
     // Bᵀ element (j, kk) = B (kk, j) at ptr + kk·rs + j·cs.
@@ -308,7 +309,7 @@ fn gemm_mn_major(
     let out = Tensor::empty_cuda(out_shape, DType::BF16)?;
     let (_bias, bias_ptr) = crate::backend::cuda::gemm_tc::contiguous_bias(bias)?;
     gemm_tc::launch_majors(
-        TcKernel::WgmmaWs,
+        kernel,
         a.ptr,
         b.ptr,
         out.cuda_ptr()?,
