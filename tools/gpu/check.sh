@@ -15,13 +15,16 @@
 # backward / the GEMM's TMA-store epilogue), NCU=1 with NCU_KERNELS="regex ..."
 # (Nsight Compute), SWEEP="variant ..." (tools/sweep/tiny_base.sh on the spare cores),
 # BIG_STEP_BEFORE_S and STEP_COMBOS_BEFORE_S (skip those steps once the check has run that many
-# seconds), TEST_TIMEOUT, WITH_COMPILE_TEST=1.
+# seconds), TEST_TIMEOUT, WITH_COMPILE_TEST=1, DEADLINE_S (default 540: every optional phase is
+# skipped, and every command's timeout clipped, so that the check ends by then and leaves its
+# report; the device kills a command at 600 s, and a killed check returns nothing).
 set -u
 BIN=${1:-.gpu}
 FINAL=${OUT:-}
 OUT=/tmp/tessera-gpu
 rm -rf "$OUT" && mkdir -p "$OUT"
 pack() {
+    [ -s "$OUT/report.md" ] || python3 tools/gpu/report.py "$OUT" > "$OUT/report.md" 2>/dev/null
     if [ -n "$FINAL" ]; then
         mkdir -p "$FINAL"
         tar czf "$FINAL/all.tar.gz" --exclude=checkpoints -C "$OUT" . 2>/dev/null
@@ -31,6 +34,18 @@ pack() {
 trap pack EXIT
 START=$(date +%s)
 log() { echo "[check $(( $(date +%s) - START ))s] $*"; }
+DEADLINE=${DEADLINE_S:-540}
+# fits SECONDS WHAT: whether a phase of about SECONDS still ends before the deadline.
+fits() {
+    [ $(( $(date +%s) - START + $1 )) -lt "$DEADLINE" ] && return 0
+    log "skipped (deadline ${DEADLINE}s): $2"; return 1
+}
+# tmo SECONDS: a command's timeout, clipped to the time left before the deadline (at least 5).
+tmo() {
+    local left=$(( DEADLINE - ($(date +%s) - START) ))
+    [ "$left" -lt 5 ] && left=5
+    echo $(( $1 < left ? $1 : left ))
+}
 
 # NVRTC: the CUDA toolkit's, else the one in PyTorch's environment.
 for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib \
@@ -80,7 +95,7 @@ for t in "$BIN"/tests/*; do
         [ "${e%%:*}" = "$name" ] && skips+=(--skip "${e#*:}")
     done
     log "test $name"
-    timeout "${TEST_TIMEOUT:-150}" "$t" --test-threads 2 --nocapture "${skips[@]}" >"$OUT/test-$name.log" 2>&1
+    timeout "$(tmo "${TEST_TIMEOUT:-150}")" "$t" --test-threads 2 --nocapture "${skips[@]}" >"$OUT/test-$name.log" 2>&1
     rc=$?
     grep -E "^test |test result|panicked|skipped" "$OUT/test-$name.log" | tee -a "$OUT/tests.log"
     echo "$name exit $rc" | tee -a "$OUT/tests.log"
@@ -89,7 +104,7 @@ for e in $EXPERIMENTS; do
     name=${e%%:*}; test=${e#*:}
     [ -x "$BIN/tests/$name" ] || continue
     log "experiment $name $test"
-    timeout "${TEST_TIMEOUT:-150}" "$BIN/tests/$name" "$test" --exact --nocapture >>"$OUT/test-$name.log" 2>&1
+    timeout "$(tmo "${TEST_TIMEOUT:-150}")" "$BIN/tests/$name" "$test" --exact --nocapture >>"$OUT/test-$name.log" 2>&1
     rc=$?
     grep -E "^test $test|panicked" "$OUT/test-$name.log" | tee -a "$OUT/tests.log"
     echo "$name $test exit $rc" | tee -a "$OUT/tests.log"
@@ -116,8 +131,9 @@ if grep -q "mn_major_products_match_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/
     MN_OK=1
     for name in cuda_matmul_attention cuda_qwen; do
         [ -x "$BIN/tests/$name" ] || continue
+        fits 60 "$name with TESSERA_GEMM_MN=1" || continue
         log "test $name with TESSERA_GEMM_MN=1"
-        TESSERA_GEMM_MN=1 timeout "${TEST_TIMEOUT:-150}" "$BIN/tests/$name" --test-threads 2 --nocapture \
+        TESSERA_GEMM_MN=1 timeout "$(tmo "${TEST_TIMEOUT:-150}")" "$BIN/tests/$name" --test-threads 2 --nocapture \
             >"$OUT/test-$name-mn.log" 2>&1
         rc=$?
         grep -E "test result|panicked" "$OUT/test-$name-mn.log" | sed "s/^/[MN] /" | tee -a "$OUT/tests.log"
@@ -132,8 +148,9 @@ fi
 if [ -z "${TESSERA_BENCH_SKIP_FLASH_WG:-}${TESSERA_BENCH_SKIP_FLASH_WG_BWD:-}" ]; then
     for name in cuda_flash cuda_qwen; do
         [ -x "$BIN/tests/$name" ] || continue
+        fits 60 "$name with the Hopper flash kernels" || continue
         log "test $name with TESSERA_FLASH_WG=2 TESSERA_FLASH_WG_BWD=1"
-        TESSERA_FLASH_WG=2 TESSERA_FLASH_WG_BWD=1 timeout "${TEST_TIMEOUT:-150}" "$BIN/tests/$name" \
+        TESSERA_FLASH_WG=2 TESSERA_FLASH_WG_BWD=1 timeout "$(tmo "${TEST_TIMEOUT:-150}")" "$BIN/tests/$name" \
             --test-threads 2 --nocapture >"$OUT/test-$name-fwg.log" 2>&1
         rc=$?
         grep -E "test result|panicked" "$OUT/test-$name-fwg.log" | sed "s/^/[FLASH_WG] /" | tee -a "$OUT/tests.log"
@@ -148,7 +165,7 @@ if [ -n "${ONLY_TESTS:-}" ]; then
 fi
 
 log "bench cuda"
-timeout 150 "$BIN/tessera" bench cuda --json > "$OUT/bench_cuda.jsonl" 2> "$OUT/bench_cuda.err"
+timeout "$(tmo 150)" "$BIN/tessera" bench cuda --json > "$OUT/bench_cuda.jsonl" 2> "$OUT/bench_cuda.err"
 echo "exit $?" >> "$OUT/bench_cuda.err"
 # The warp-specialised GEMM is timed (benchmark and training step) only if its test passed.
 if grep -q "gemm_wgmma_ws_matches_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/dev/null; then
@@ -158,11 +175,11 @@ else
 fi
 [ -z "$MN_OK" ] && export TESSERA_BENCH_SKIP_MN=1
 log "bench matmul"
-timeout 120 "$BIN/tessera" bench matmul --device cuda --dtype bf16 \
+timeout "$(tmo 120)" "$BIN/tessera" bench matmul --device cuda --dtype bf16 \
     --sizes 1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048 \
     > "$OUT/bench_matmul.jsonl" 2>> "$OUT/bench_cuda.err"
 log "torch baselines"
-timeout 150 python3 tools/gpu/torch_baselines.py > "$OUT/torch.jsonl" 2> "$OUT/torch.err"
+timeout "$(tmo 150)" python3 tools/gpu/torch_baselines.py > "$OUT/torch.jsonl" 2> "$OUT/torch.err"
 # NCU=1: Nsight Compute on the third launch of each kernel (regex) in NCU_KERNELS (what limits it:
 # throughput against the peaks, occupancy, warp stall reasons), when ncu exists and may read
 # the counters.
@@ -171,7 +188,7 @@ if [ -n "${NCU:-}" ]; then
     if [ -n "$NCU_BIN" ]; then
         for k in ${NCU_KERNELS:-flash_fwd_d128 flash_bwd_dkdv_d128 flash_bwd_dq_d128 ce_warp_mean_(i64|u32)_bf16}; do
             log "ncu $k"
-            timeout 90 "$NCU_BIN" -k "regex:^${k}\$" -s 2 -c 1 --section SpeedOfLight --section Occupancy \
+            timeout "$(tmo 90)" "$NCU_BIN" -k "regex:^${k}\$" -s 2 -c 1 --section SpeedOfLight --section Occupancy \
                 --section LaunchStats --section WarpStateStats --section SchedulerStats \
                 --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
                 "$BIN/tessera" bench cuda --json > "$OUT/ncu-$k.txt" 2>&1
@@ -190,7 +207,9 @@ else
     log "train step (bench-tiny) tessera vs PyTorch + transformers"
 fi
 for dt in $STEP_DTYPES; do
-    timeout 100 python3 tools/bench/step_torch.py --model models/bench-tiny --batch 8 --seq 256 \
+    # The 3B step below matters more: these only while it still fits after them.
+    fits 300 "train step (bench-tiny, $dt)" || continue
+    timeout "$(tmo 100)" python3 tools/bench/step_torch.py --model models/bench-tiny --batch 8 --seq 256 \
         --image 224,224 --steps 10 --threads 8 --device cuda --dtype $dt --tessera "$BIN/tessera" \
         >> "$OUT/step.txt" 2>&1
     echo "step $dt exit $?" >> "$OUT/step.txt"
@@ -198,9 +217,9 @@ done
 # The 3B architecture with 8 + 8 layers (random weights), bf16 compute over f32 masters,
 # batch 4 x 1024 tokens with one 448x448 image each: where the GEMM and attention kernels
 # decide the time. Skipped when the check is already long.
-if [ $(( $(date +%s) - START )) -lt ${BIG_STEP_BEFORE_S:-240} ]; then
+if [ $(( $(date +%s) - START )) -lt ${BIG_STEP_BEFORE_S:-100000} ] && fits 150 "train step (bench-3b-8layers)"; then
     log "train step (bench-3b-8layers) tessera vs PyTorch + transformers"
-    timeout 200 python3 tools/bench/step_torch.py --model models/bench-3b-8layers --batch 4 --seq 1024 \
+    timeout "$(tmo 200)" python3 tools/bench/step_torch.py --model models/bench-3b-8layers --batch 4 --seq 1024 \
         --image 448,448 --steps 5 --threads 16 --device cuda --dtype bf16 --tessera "$BIN/tessera" \
         >> "$OUT/step.txt" 2>&1
     echo "step 3b-8layers bf16 exit $?" >> "$OUT/step.txt"
@@ -209,8 +228,9 @@ fi
 # where the step's time goes, per kernel.
 for g in ${STEP_GEMMS:-}; do
     [ "$g" = ws ] && [ -z "$WS_OK" ] && continue
+    fits 60 "3B step with TESSERA_GEMM=$g" || continue
     log "train step (bench-3b-8layers) tessera, TESSERA_GEMM=$g"
-    TESSERA_GEMM=$g timeout 120 "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
+    TESSERA_GEMM=$g timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
         --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
         > "$OUT/step-gemm-$g.json" 2>&1
     echo "TESSERA_GEMM=$g exit $?: $(tail -c 400 "$OUT/step-gemm-$g.json")" | tee -a "$OUT/step.txt"
@@ -234,11 +254,12 @@ if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ] && [ -n "$ON" ]; then
     done
     i=0
     for combo in "${combos[@]}"; do
-        [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-420} ] || { log "step combos: out of time"; break; }
+        [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-100000} ] || { log "step combos: out of time"; break; }
+        fits 60 "3B step with $combo" || break
         i=$((i + 1))
         log "train step (bench-3b-8layers) tessera, $combo"
         # shellcheck disable=SC2086
-        env $combo timeout 120 "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
+        env $combo timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
             --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
             > "$OUT/step-combo$i.json" 2>&1
         echo "$combo exit $?: $(tail -c 400 "$OUT/step-combo$i.json")" | tee -a "$OUT/step.txt"
@@ -246,18 +267,19 @@ if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ] && [ -n "$ON" ]; then
     done
 fi
 # The step with a cast kernel per parameter instead of AdamW's fused compute copies.
-if [ -z "${SKIP_STEPS:-}" ] && [ -n "$FUSED_OK" ] && [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-420} ]; then
+if [ -z "${SKIP_STEPS:-}" ] && [ -n "$FUSED_OK" ] && [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-100000} ] \
+    && fits 60 "3B step with TESSERA_FUSED_CASTS=0"; then
     log "train step (bench-3b-8layers) tessera, TESSERA_FUSED_CASTS=0"
-    TESSERA_FUSED_CASTS=0 timeout 120 "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
+    TESSERA_FUSED_CASTS=0 timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
         --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
         > "$OUT/step-unfused.json" 2>&1
     echo "TESSERA_FUSED_CASTS=0 exit $?: $(tail -c 400 "$OUT/step-unfused.json")" | tee -a "$OUT/step.txt"
 fi
-if [ -n "${PROFILE_STEP:-}" ]; then
+if [ -n "${PROFILE_STEP:-}" ] && fits 60 "profiled step"; then
     log "profiled step (bench-3b-8layers)"
     pg=${PROFILE_GEMM:-mma}; [ "$pg" = ws ] && [ -z "$WS_OK" ] && pg=mma
     log "profiled with TESSERA_GEMM=$pg"
-    TESSERA_PROFILE=1 TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} TESSERA_FLASH_WG=${PROFILE_FLASH_WG:-0} TESSERA_FLASH_WG_BWD=${PROFILE_FLASH_WG_BWD:-0} TESSERA_GEMM_TS=${PROFILE_TS:-0} timeout 120 "$BIN/tessera" --threads 16 bench step \
+    TESSERA_PROFILE=1 TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} TESSERA_FLASH_WG=${PROFILE_FLASH_WG:-0} TESSERA_FLASH_WG_BWD=${PROFILE_FLASH_WG_BWD:-0} TESSERA_GEMM_TS=${PROFILE_TS:-0} timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step \
         --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 3 --device cuda \
         --dtype bf16 > "$OUT/profile.txt" 2>&1
     echo "profile exit $?" >> "$OUT/profile.txt"
