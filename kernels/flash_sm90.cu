@@ -362,7 +362,7 @@ FLASH_FWD_WG(flash_fwd_wgo_d128, 128, 128, true)
 //   chunks 8192 apart).
 // dK and dV stay in registers over the whole query loop (2 x D/2 floats per thread, beside the
 // 2 x 32 of Sᵀ and dPᵀ: 240 registers through setmaxnreg, which is why every consumer wait is
-// soft). dQ comes from flash_bwd_dq (kernels/flash.cu).
+// soft). dQ comes from flash_bwd_dq_wg below.
 // GQA: a block sums the group's query heads over one flat (head, query tile) sequence; with
 // SPLIT it takes one query head (grid.y = Hq: more blocks when B Hkv Tk / 128 would not fill the
 // GPU) and writes f32 partials dk_part / dv_part [B, Hq, Tk, D] that flash_dkdv_group_sum adds.

@@ -150,8 +150,8 @@ pub fn set_wgmma(mode: Option<u8>) {
 static WGMMA: super::Switch = super::Switch::new("TESSERA_FLASH_WG");
 
 /// Whether `flash_bwd` (no segments, D 64 or 128, on an sm_90 device) takes its gradients from
-/// the Hopper kernels (`flash_bwd_wgmma`). Off by default
-/// until a GPU run has validated it: `TESSERA_FLASH_WG_BWD=1` (or `set_wgmma_bwd`).
+/// the Hopper kernels (`flash_bwd_wgmma`). Off by default until a GPU run has validated them:
+/// `TESSERA_FLASH_WG_BWD=1` (or `set_wgmma_bwd`).
 pub fn wgmma_bwd() -> bool {
     WGMMA_BWD.get() == Some(1)
 }
@@ -380,8 +380,8 @@ fn fwd(
 }
 
 /// Gradients of `flash_fwd` for upstream `g` [B, Hq, Tq, D]: (dq, dk, dv), deterministic (no
-/// atomics): dK/dV per key tile summing the GQA group, dQ per query tile (kernels/flash.cu;
-/// dK/dV from the Hopper kernel under `wgmma_bwd`).
+/// atomics): dK/dV per key tile summing the GQA group, dQ per query tile (kernels/flash.cu, or
+/// the Hopper kernels of `flash_bwd_wgmma` under `wgmma_bwd`).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_bwd(
     q: &Tensor,
@@ -401,9 +401,10 @@ pub fn flash_bwd(
 
 /// `flash_bwd` (no segments) by the Hopper kernels (kernels/flash_sm90.cu: TMA loads by a
 /// producer warpgroup, every product by wgmma): dK/dV with K/V resident and Q/dO tiles
-/// streamed, dQ with Q/dO resident and K/V tiles streamed; sm_90 only, D 64 or 128. `split`: one block per query head with f32 partials
-/// summed over the GQA group afterwards (`None`: when B · Hkv · Tk / 128 blocks would not fill
-/// the GPU). Deterministic too.
+/// streamed, dQ with Q/dO resident and K/V tiles streamed; sm_90 only, D 64 or 128.
+/// `split`: dK/dV by one block per query head, f32 partials summed over the GQA group
+/// afterwards (`None`: when B · Hkv · Tk / 128 blocks would not fill the GPU). Deterministic
+/// too.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_bwd_wgmma(
     q: &Tensor,
@@ -425,7 +426,7 @@ pub fn flash_bwd_wgmma(
     bwd(q, k, v, o, lse, g, causal, scale, None, Some(split))
 }
 
-/// `flash_bwd`; `wg`: dK/dV through `dkdv_wgmma` with its `split`.
+/// `flash_bwd`; `wg`: every gradient through `grads_wgmma` with its `split`.
 #[allow(clippy::too_many_arguments)]
 fn bwd(
     q: &Tensor,
@@ -461,13 +462,13 @@ fn bwd(
     let delta = Tensor::empty_cuda(&[rows], DType::F32)?;
     let (op, gp, dp) = (o.cuda_ptr()?, g.cuda_ptr()?, delta.cuda_ptr()?);
     crate::backend::cuda::ops::attention::launch_delta(DType::BF16, gp, op, dp, rows, d)?;
-    let dq = Tensor::empty_cuda(q.shape(), DType::BF16)?;
-    let dqp = dq.cuda_ptr()?;
     let lse = lse.contiguous()?;
-    let (qp, kp, vp, lp) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, lse.cuda_ptr()?);
     if let Some(split) = wg {
         return grads_wgmma(&q, &k, &v, &g, &lse, &delta, causal, scale, split);
     }
+    let (qp, kp, vp, lp) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, lse.cuda_ptr()?);
+    let dq = Tensor::empty_cuda(q.shape(), DType::BF16)?;
+    let dqp = dq.cuda_ptr()?;
     let dk = Tensor::empty_cuda(k.shape(), DType::BF16)?;
     let dv = Tensor::empty_cuda(v.shape(), DType::BF16)?;
     let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
@@ -475,34 +476,32 @@ fn bwd(
     // Shared memory: 64 x (D + 8) bf16 tiles. dK/dV: K, V and two buffers of (Q, dO), plus two
     // buffers of 64 lse and 64 delta floats; dQ: Q, dO and two buffers of (K, V).
     let tile = (64 * (d + 8) * 2) as u32;
-    {
-        let (dkp, dvp) = (dk.cuda_ptr()?, dv.cuda_ptr()?);
-        dev.launch(
-            "flash.cu",
-            &format!("flash_bwd_dkdv_{seg}d{d}"),
-            (tk.div_ceil(64) as u32, hkv as u32, b as u32),
-            (128, 1, 1),
-            6 * tile + 2 * 128 * 4,
-            &[
-                arg(&qp),
-                arg(&kp),
-                arg(&vp),
-                arg(&gp),
-                arg(&lp),
-                arg(&dp),
-                arg(&dkp),
-                arg(&dvp),
-                arg(&qlo),
-                arg(&qhi),
-                arg(&hq_),
-                arg(&hkv_),
-                arg(&tq_),
-                arg(&tk_),
-                arg(&scale),
-                arg(&causal),
-            ],
-        )?;
-    }
+    let (dkp, dvp) = (dk.cuda_ptr()?, dv.cuda_ptr()?);
+    dev.launch(
+        "flash.cu",
+        &format!("flash_bwd_dkdv_{seg}d{d}"),
+        (tk.div_ceil(64) as u32, hkv as u32, b as u32),
+        (128, 1, 1),
+        6 * tile + 2 * 128 * 4,
+        &[
+            arg(&qp),
+            arg(&kp),
+            arg(&vp),
+            arg(&gp),
+            arg(&lp),
+            arg(&dp),
+            arg(&dkp),
+            arg(&dvp),
+            arg(&qlo),
+            arg(&qhi),
+            arg(&hq_),
+            arg(&hkv_),
+            arg(&tq_),
+            arg(&tk_),
+            arg(&scale),
+            arg(&causal),
+        ],
+    )?;
     dev.launch(
         "flash.cu",
         &format!("flash_bwd_dq_{seg}d{d}"),
