@@ -5,7 +5,7 @@
 
 use tessera::backend::cuda::{self, flash};
 use tessera::ops::attention::AttentionOptions;
-use tessera::testing::cuda::{randn, rel_error};
+use tessera::testing::cuda::{mismatch_map, randn, rel_error};
 use tessera::{DType, Tensor};
 
 fn round(t: Tensor) -> Tensor {
@@ -116,6 +116,12 @@ fn forward_case(
         })
     };
     println!("flash b{b} hq{hq} hkv{hkv} tq{tq} tk{tk} d{d} causal={causal} segments={cu_seqlens:?}: out rel {e:.2e}, lse abs {el:.2e}");
+    if e > 2e-2 {
+        println!(
+            "output [B·H·Tq, D]: {}",
+            mismatch_map(&o, &want, 2e-2).unwrap()
+        );
+    }
     assert!(e <= 2e-2, "flash output rel error {e}");
     assert!(el <= 2e-2, "flash lse abs error {el}");
 }
@@ -245,7 +251,8 @@ fn flash_bwd_wgmma_matches_cpu() {
             let (dq, dk, dv) =
                 flash::flash_bwd_wgmma(&qg, &kg, &vg, &o, &lse, &ug, causal, scale, Some(split))
                     .unwrap();
-            let errs: Vec<f64> = [dq, dk, dv]
+            let grads = [dq, dk, dv];
+            let errs: Vec<f64> = grads
                 .iter()
                 .zip(&want)
                 .map(|(got, w)| rel_error(got, w.as_ref().unwrap()).unwrap())
@@ -254,7 +261,15 @@ fn flash_bwd_wgmma_matches_cpu() {
                 "flash_bwd_wgmma b{b} hq{hq} hkv{hkv} tq{tq} tk{tk} d{d} causal={causal} split={split}: dq/dk/dv rel {:.2e} {:.2e} {:.2e}",
                 errs[0], errs[1], errs[2]
             );
-            for (name, e) in ["dq", "dk", "dv"].iter().zip(&errs) {
+            for ((name, e), (got, w)) in ["dq", "dk", "dv"]
+                .iter()
+                .zip(&errs)
+                .zip(grads.iter().zip(&want))
+            {
+                if *e > 2e-2 {
+                    let w = w.as_ref().unwrap();
+                    println!("{name} [B·H·T, D]: {}", mismatch_map(got, w, 2e-2).unwrap());
+                }
                 assert!(
                     *e <= 2e-2,
                     "flash_bwd_wgmma (split {split}) {name} rel error {e}"

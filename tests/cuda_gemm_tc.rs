@@ -3,7 +3,7 @@
 //! <= 1e-2. Skips without a GPU.
 
 use tessera::backend::cuda::{self, gemm_tc, gemm_tc::TcKernel};
-use tessera::testing::cuda::{randn, rel_error};
+use tessera::testing::cuda::{mismatch_map, randn, rel_error};
 use tessera::DType;
 
 fn case(m: usize, n: usize, k: usize, bias: bool) {
@@ -42,6 +42,9 @@ fn case_with(kernel: TcKernel, m: usize, n: usize, k: usize, bias: bool) {
     .unwrap();
     let e = rel_error(&got, &want).unwrap();
     println!("{kernel:?} {m}x{n}x{k} bias={bias}: rel {e:.2e}");
+    if e > 1e-2 {
+        println!("C [m, n]: {}", mismatch_map(&got, &want, 1e-2).unwrap());
+    }
     assert!(e <= 1e-2, "{kernel:?} {m}x{n}x{k}: rel error {e}");
 }
 
@@ -171,6 +174,9 @@ fn batched_case(
         println!(
             "{kernel:?} batch {i}/{batch} {m}x{n}x{k} shared_b={shared_b} bias={bias} acc={accumulate}: rel {e:.2e}"
         );
+        if e > 1e-2 {
+            println!("C [m, n]: {}", mismatch_map(&gi, &want, 1e-2).unwrap());
+        }
         assert!(
             e <= 1e-2,
             "{kernel:?} batch {i} {m}x{n}x{k} shared_b={shared_b} bias={bias} acc={accumulate}: rel error {e}"
@@ -356,7 +362,11 @@ fn majors_case_with(
             want = want.add(&ci).unwrap();
         }
         let gi = got.narrow(0, i, 1).unwrap().reshape(&[m, n]).unwrap();
-        let e = rel_error(&gi.contiguous().unwrap(), &want).unwrap();
+        let gi = gi.contiguous().unwrap();
+        let e = rel_error(&gi, &want).unwrap();
+        if e > 1e-2 {
+            println!("C [m, n]: {}", mismatch_map(&gi, &want, 1e-2).unwrap());
+        }
         let what = format!(
             "{kernel:?} {majors:?} batch {i}/{batch} {m}x{n}x{k} shared_b={shared_b} bias={bias} acc={accumulate}"
         );

@@ -40,6 +40,54 @@ pub fn rel_error(got: &Tensor, want: &Tensor) -> Result<f64> {
     Ok(diff / scale)
 }
 
+/// Where `got` differs from `want` by more than `tol` (relative to max |want|), for a kernel
+/// whose test failed: both viewed as [rows, cols] with cols the last dimension. Says how many
+/// elements are off, the first few, and which 8 x 8 bands of the 64 x 64 tile grid hold them
+/// (row band (r % 64) / 8 down, column band (c % 64) / 8 across): a swizzle or fragment-layout
+/// error shows as a pattern there, a missing tile or mask as whole rows or columns.
+pub fn mismatch_map(got: &Tensor, want: &Tensor, tol: f64) -> Result<String> {
+    assert_eq!(got.shape(), want.shape(), "shapes differ");
+    let cols = *want.shape().last().unwrap_or(&1);
+    let (g, w) = (got.to_f64s()?, want.to_f64s()?);
+    let scale = w.iter().fold(0f64, |a, &v| a.max(v.abs())).max(1e-6);
+    let mut bands = [[0usize; 8]; 8];
+    let mut first = Vec::new();
+    let mut bad = 0usize;
+    let (mut bad_rows, mut bad_cols) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    for (i, (&x, &y)) in g.iter().zip(&w).enumerate() {
+        let off = (x - y).abs() / scale > tol || x.is_nan() != y.is_nan();
+        if !off {
+            continue;
+        }
+        let (r, c) = (i / cols.max(1), i % cols.max(1));
+        bad += 1;
+        bands[(r % 64) / 8][(c % 64) / 8] += 1;
+        bad_rows.insert(r);
+        bad_cols.insert(c);
+        if first.len() < 6 {
+            first.push(format!("({r}, {c}): {x:.4} vs {y:.4}"));
+        }
+    }
+    let mut out = format!(
+        "{bad} of {} elements off by more than {tol:e} (relative), in {} of {} rows and {} of \
+         {cols} columns; first: {}\n",
+        w.len(),
+        bad_rows.len(),
+        w.len() / cols.max(1),
+        bad_cols.len(),
+        first.join(", ")
+    );
+    out.push_str("  by (row % 64) / 8 down, (col % 64) / 8 across:\n");
+    for row in bands {
+        let cells: Vec<String> = row.iter().map(|n| format!("{n:>7}")).collect();
+        out.push_str(&format!("  {}\n", cells.join("")));
+    }
+    Ok(out)
+}
+
 /// Runs `f` on `inputs` (f32, CPU) and on copies of them on CUDA in `dtype` (f32 or bf16; float
 /// inputs are cast, integer inputs kept), backpropagates the same random upstream gradient
 /// through both, and compares. `grad_of[i]` says whether input i gets a gradient. The CUDA
@@ -153,4 +201,41 @@ pub fn tol(dtype: DType) -> f64 {
 /// Fresh random normal f32 input on the CPU.
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::randn(shape, 1.0, DType::F32, &mut Rng::new(seed)).expect("randn")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mismatch_map_places_errors_in_their_bands() {
+        // 130 x 72: columns 8..16 of rows 64..72 off (row band 0, column band 1), and one NaN.
+        let (rows, cols) = (130, 72);
+        let want: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32 - 3.0).collect();
+        let mut got = want.clone();
+        for r in 64..72 {
+            for c in 8..16 {
+                got[r * cols + c] += 1.0;
+            }
+        }
+        got[129 * cols + 71] = f32::NAN;
+        let t = |v: Vec<f32>| Tensor::from_vec(v, &[rows, cols]).unwrap();
+        let m = mismatch_map(&t(got), &t(want), 1e-3).unwrap();
+        assert!(
+            m.starts_with("65 of 9360 elements"),
+            "unexpected summary: {m}"
+        );
+        assert!(m.contains("in 9 of 130 rows and 9 of 72 columns"), "{m}");
+        let grid: Vec<Vec<usize>> = m
+            .lines()
+            .skip(2)
+            .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
+            .collect();
+        assert_eq!(grid[0][1], 64, "{m}");
+        assert_eq!(
+            grid[0][0], 1,
+            "the NaN at (129, 71): band (1 % 64 / 8, 71 % 64 / 8): {m}"
+        );
+        assert_eq!(grid.iter().flatten().sum::<usize>(), 65, "{m}");
+    }
 }
