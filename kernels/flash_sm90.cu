@@ -34,21 +34,33 @@ __device__ __forceinline__ void wgmma_pv(float* acc, const unsigned int* a, unsi
     else wgmma_rs_n64<1>(acc, a, db);
 }
 
+template <int N>
+__device__ __forceinline__ void fh_zero(float* s) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        s[j] = 0.f;
+        fence_operand(s[j]);
+    }
+}
+
+// Issues S += A Bᵀ for one 64-row slice (A rows of D at sa in chunks of `a_chunk` bytes, B the
+// BN-row tile at sb), without a fence: the caller zeroes S and fences first, then commits.
+template <int D, int BN>
+__device__ __forceinline__ void fh_issue_ab(float* s, unsigned int sa, unsigned int a_chunk, unsigned int sb) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const unsigned int ch = (unsigned int)(kk >> 2), in = (unsigned int)(kk & 3) * 32u;
+        wgmma_bn<BN, 0, 0>(s, wg_desc(sa + ch * a_chunk + in), wg_desc(sb + ch * (BN * 128) + in));
+    }
+}
+
 // Issues S = Q Kᵀ (64 rows x BN keys of this warpgroup, accumulators zeroed first) after a
 // wgmma fence; the caller commits. sqa: this warpgroup's rows of Q; sk: the K tile.
 template <int D, int BN>
 __device__ __forceinline__ void fh_issue_scores(float* s, unsigned int sqa, unsigned int sk) {
-#pragma unroll
-    for (int j = 0; j < BN / 2; ++j) {
-        s[j] = 0.f;
-        fence_operand(s[j]);
-    }
+    fh_zero<BN / 2>(s);
     wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        const unsigned int ch = (unsigned int)(kk >> 2), in = (unsigned int)(kk & 3) * 32u;
-        wgmma_bn<BN, 0, 0>(s, wg_desc(sqa + ch * (FH_BM * 128) + in), wg_desc(sk + ch * (BN * 128) + in));
-    }
+    fh_issue_ab<D, BN>(s, sqa, FH_BM * 128, sk);
 }
 
 // Issues O += P V (P from the registers pa, V the tile at sv read MN-major) after a wgmma
@@ -124,7 +136,7 @@ __device__ __forceinline__ void fh_rescale(float* acc, const float* corr) {
     }
 }
 
-template <int D, int BN, bool OVERLAP>
+template <int D, int BN, bool OVERLAP, bool PINGPONG>
 __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned long long map_k,
                                              unsigned long long map_v, bf16_t* __restrict__ o,
                                              float* __restrict__ lse, i64 hq, i64 hkv, i64 tq, i64 tk, float scale,
@@ -146,6 +158,7 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
 #define FH_VFULL(s) (bars + 8u + 8u * (unsigned int)(STAGES + (s)))
 #define FH_EMPTY(s) (bars + 8u + 8u * (unsigned int)(2 * STAGES + (s)))
 #define FH_FAULT (bars + 252u)  // the soft waits' fault word (hopper.cuh)
+#define FH_TURN(c) (1 + (c))     // named barriers of the pingpong schedule
 #define FH_K(s) (skv + (unsigned int)(s) * 2u * KV_BYTES)
 #define FH_V(s) (FH_K(s) + KV_BYTES)
 
@@ -256,8 +269,16 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
         // Tile 0's scores and softmax, then per tile i >= 1: issue S_i and P_{i-1} V_{i-1},
         // wait for S_i only, its softmax while P_{i-1} V_{i-1} runs, then wait for that, release
         // stage i - 1, rescale the output; P_{last} V_{last} at the end.
+        // PINGPONG (FlashAttention-3's inter-warpgroup schedule): the two consumers take turns
+        // to issue their products (named barriers FH_TURN(0) / (1): a consumer waits for its
+        // turn, issues, hands the turn over), so one's softmax runs while the other's products
+        // are on the tensor cores. Consumer 0 goes first; consumer 1's last hand-over has no
+        // taker and is skipped, so every barrier phase completes.
+        if (PINGPONG && ci == 1) named_bar_arrive(FH_TURN(0), 256);
         mbar_wait_soft(FH_KFULL(0), 0u, FH_FAULT);
+        if (PINGPONG) named_bar_sync(FH_TURN(ci), 256);
         fh_issue_scores<D, BN>(s, sqa, FH_K(0));
+        if (PINGPONG) named_bar_arrive(FH_TURN(ci ^ 1), 256);
         wg_commit();
         wg_wait0();
 #pragma unroll
@@ -272,11 +293,13 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
                 phase ^= 1u;
             }
             mbar_wait_soft(FH_KFULL(stage), phase, FH_FAULT);
+            mbar_wait_soft(FH_VFULL(prev), prev_phase, FH_FAULT);
+            if (PINGPONG) named_bar_sync(FH_TURN(ci), 256);
             fh_issue_scores<D, BN>(s, sqa, FH_K(stage));
             wg_commit();
-            mbar_wait_soft(FH_VFULL(prev), prev_phase, FH_FAULT);
             fh_issue_pv<D, BN>(acc, pa, FH_V(prev));
             wg_commit();
+            if (PINGPONG) named_bar_arrive(FH_TURN(ci ^ 1), 256);
             wg_wait1();  // S_i is ready; P_{i-1} V_{i-1} may still run
 #pragma unroll
             for (int j = 0; j < BN / 2; ++j) fence_operand(s[j]);
@@ -291,7 +314,9 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
             prev_phase = phase;
         }
         mbar_wait_soft(FH_VFULL(prev), prev_phase, FH_FAULT);
+        if (PINGPONG) named_bar_sync(FH_TURN(ci), 256);
         fh_issue_pv<D, BN>(acc, pa, FH_V(prev));
+        if (PINGPONG && ci == 0) named_bar_arrive(FH_TURN(1), 256);
         wg_commit();
         wg_wait0();
 #pragma unroll
@@ -325,6 +350,7 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
 #undef FH_VFULL
 #undef FH_EMPTY
 #undef FH_FAULT
+#undef FH_TURN
 #undef FH_K
 #undef FH_V
 #endif
@@ -335,18 +361,20 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
 // 3 for _wgo_: 225 KB at D 128; src/backend/cuda/flash.rs). The consumers' waits are soft
 // (hopper.cuh) so ptxas compiles them to setmaxnreg's 240 registers: _wgo_d128 holds a 64 x 128
 // score tile, the previous tile's packed P and the 64 x 128 output in 184.
-#define FLASH_FWD_WG(NAME, D, BN, OVERLAP)                                                                       \
+#define FLASH_FWD_WG(NAME, D, BN, OVERLAP, PINGPONG)                                                                       \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                     \
         NAME(const __grid_constant__ TmaMap map_q, const __grid_constant__ TmaMap map_k,                     \
              const __grid_constant__ TmaMap map_v, bf16_t* o, float* lse, i64 hq, i64 hkv, i64 tq, i64 tk,   \
              float scale, i64 causal) {                                                                      \
-        flash_fwd_wg<D, BN, OVERLAP>((unsigned long long)&map_q, (unsigned long long)&map_k,                     \
+        flash_fwd_wg<D, BN, OVERLAP, PINGPONG>((unsigned long long)&map_q, (unsigned long long)&map_k,                     \
                                  (unsigned long long)&map_v, o, lse, hq, hkv, tq, tk, scale, causal);        \
     }
-FLASH_FWD_WG(flash_fwd_wg_d64, 64, 128, false)
-FLASH_FWD_WG(flash_fwd_wg_d128, 128, 128, false)
-FLASH_FWD_WG(flash_fwd_wgo_d64, 64, 128, true)
-FLASH_FWD_WG(flash_fwd_wgo_d128, 128, 128, true)
+FLASH_FWD_WG(flash_fwd_wg_d64, 64, 128, false, false)
+FLASH_FWD_WG(flash_fwd_wg_d128, 128, 128, false, false)
+FLASH_FWD_WG(flash_fwd_wgo_d64, 64, 128, true, false)
+FLASH_FWD_WG(flash_fwd_wgo_d128, 128, 128, true, false)
+FLASH_FWD_WG(flash_fwd_wgp_d64, 64, 128, true, true)
+FLASH_FWD_WG(flash_fwd_wgp_d128, 128, 128, true, true)
 
 // ---------------------------------------------------------------------------------------------
 // Hopper flash attention backward, dK and dV (sm_90a): the FlashAttention-2 scheme of
@@ -731,8 +759,13 @@ __device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsign
         const int k0 = i * BN;
         mbar_wait_soft(FQ_KFULL(stage), phase, FQ_FAULT);
         mbar_wait_soft(FQ_VFULL(stage), phase, FQ_FAULT);
-        fh_issue_scores<D, BN>(s, sqa, FQ_K(stage));
-        fh_issue_scores<D, BN>(dp, sga, FQ_V(stage));
+        // Both accumulators zeroed before the one fence: registers written between the two
+        // products' wgmmas would make ptxas wait for the first (C7517).
+        fh_zero<BN / 2>(s);
+        fh_zero<BN / 2>(dp);
+        wg_fence();
+        fh_issue_ab<D, BN>(s, sqa, FH_BM * 128, FQ_K(stage));
+        fh_issue_ab<D, BN>(dp, sga, FH_BM * 128, FQ_V(stage));
         wg_commit();
         wg_wait0();
 #pragma unroll

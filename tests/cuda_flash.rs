@@ -165,7 +165,7 @@ fn flash_fwd_matches_cpu() {
 }
 
 /// The Hopper forward (kernels/flash_sm90.cu: TMA, wgmma, producer and consumer warpgroups),
-/// plain and with the intra-warpgroup overlap, on the same kinds of cases: D 64 and 128, causal or not, GQA, Tq != Tk, partial query
+/// in its three schedules (plain, intra-warpgroup overlap, overlap + pingpong), on the same kinds of cases: D 64 and 128, causal or not, GQA, Tq != Tk, partial query
 /// blocks and key tiles, rows that see no key; where the device is sm_90.
 #[test]
 fn flash_fwd_wgmma_matches_cpu() {
@@ -191,9 +191,9 @@ fn flash_fwd_wgmma_matches_cpu() {
         (2, 4, 4, 384, 384, 128, true),
         (1, 8, 2, 1024, 1024, 64, true),
     ] {
-        for overlap in [false, true] {
+        for schedule in 1..=3 {
             forward_case(b, hq, hkv, tq, tk, d, causal, None, |q, k, v, c, sc| {
-                flash::flash_fwd_wgmma_with(q, k, v, c, sc, overlap)
+                flash::flash_fwd_wgmma_with(q, k, v, c, sc, schedule)
             });
         }
     }

@@ -244,15 +244,16 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         }
         // The Hopper forward (TMA + wgmma), unless the GPU check left it out after its test.
         let wgmma = dev.cc == (9, 0) && std::env::var_os("TESSERA_BENCH_SKIP_FLASH_WG").is_none();
-        for (overlap, label) in [
-            (false, "TMA + wgmma"),
-            (true, "TMA + wgmma, intra-warpgroup overlap"),
+        for (schedule, label) in [
+            (1, "TMA + wgmma"),
+            (2, "TMA + wgmma, intra-warpgroup overlap"),
+            (3, "TMA + wgmma, intra-warpgroup overlap + pingpong"),
         ] {
             if !wgmma {
                 break;
             }
             let ms = time_ms(5, || {
-                cuda::flash::flash_fwd_wgmma_with(&q, &q, &q, true, scale, overlap).map(|_| ())
+                cuda::flash::flash_fwd_wgmma_with(&q, &q, &q, true, scale, schedule).map(|_| ())
             })?;
             att.push(format!(
                 "{{\"op\": \"attention\", \"kernel\": \"flash_fwd_wgmma ({label})\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",

@@ -77,6 +77,9 @@ def main():
         sys.exit(out.stderr)
     kern = None
     for line in out.stderr.splitlines():
+        # ptxas's notes on wgmma (C7510 serialised, C7517 a wait injected): performance bugs.
+        if "(C75" in line:
+            print(line.strip())
         m = re.search(r"Compiling entry function '(\w+)'", line)
         if m:
             kern = m.group(1)

@@ -108,7 +108,7 @@ pub fn flash_fwd_segments(
     let d = q.dims().last().copied().unwrap_or(0);
     let keys = k.dims().get(2).copied().unwrap_or(0);
     if segments.is_none() && matches!(d, 64 | 128) && keys > 0 && wgmma_mode() > 0 && hopper() {
-        return flash_fwd_wgmma_with(q, k, v, causal, scale, wgmma_mode() == 2);
+        return flash_fwd_wgmma_with(q, k, v, causal, scale, wgmma_mode());
     }
     let bn = if d == 128 && segments.is_some() {
         32
@@ -133,18 +133,19 @@ pub fn flash_fwd_tiles(
     fwd(q, k, v, causal, scale, None, block_q, key_tile)
 }
 
-/// Which forward without segments runs on an sm_90 device: 0 the mma.sync kernel, 1 the
-/// Hopper kernel (`flash_fwd_wgmma`), 2 the Hopper kernel with FlashAttention-3's
-/// intra-warpgroup overlap. 0 by default until a GPU run has validated the others:
-/// `TESSERA_FLASH_WG=1` or `2` (or `set_wgmma`) picks them.
+/// Which forward without segments runs on an sm_90 device: 0 the mma.sync kernel, else the
+/// Hopper kernel (`flash_fwd_wgmma_with`) with that schedule: 1 plain, 2 with
+/// FlashAttention-3's intra-warpgroup overlap, 3 with the overlap and the inter-warpgroup
+/// pingpong. 0 by default until a GPU run has validated the others: `TESSERA_FLASH_WG=1`, `2`
+/// or `3` (or `set_wgmma`) picks them.
 pub fn wgmma_mode() -> u8 {
-    WGMMA.get().filter(|m| (1..=2).contains(m)).unwrap_or(0)
+    WGMMA.get().filter(|m| (1..=3).contains(m)).unwrap_or(0)
 }
 
-/// Overrides `TESSERA_FLASH_WG` for this process (0, 1 or 2 as `wgmma_mode`; `None`: back to
-/// the environment).
+/// Overrides `TESSERA_FLASH_WG` for this process (0 to 3 as `wgmma_mode`; `None`: back to the
+/// environment).
 pub fn set_wgmma(mode: Option<u8>) {
-    WGMMA.set(mode.map(|m| m.min(2)));
+    WGMMA.set(mode.map(|m| m.min(3)));
 }
 
 static WGMMA: super::Switch = super::Switch::new("TESSERA_FLASH_WG");
@@ -182,18 +183,21 @@ pub fn flash_fwd_wgmma(
     causal: bool,
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
-    flash_fwd_wgmma_with(q, k, v, causal, scale, false)
+    flash_fwd_wgmma_with(q, k, v, causal, scale, 1)
 }
 
-/// `flash_fwd_wgmma`, with FlashAttention-3's intra-warpgroup overlap when `overlap`
-/// (`flash_fwd_wgo_d*`: the softmax of a key tile runs while the previous tile's P V does).
+/// `flash_fwd_wgmma` with a `schedule` of the consumers' work: 1 one tile's products and
+/// softmax in turn (`flash_fwd_wg_d*`); 2 FlashAttention-3's intra-warpgroup overlap
+/// (`flash_fwd_wgo_d*`: the softmax of a key tile runs while the previous tile's P V does);
+/// 3 that and the inter-warpgroup pingpong (`flash_fwd_wgp_d*`: the two consumers take turns
+/// on the tensor cores).
 pub fn flash_fwd_wgmma_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     causal: bool,
     scale: f64,
-    overlap: bool,
+    schedule: u8,
 ) -> Result<(Tensor, Tensor)> {
     let (b, hq, tq, d, hkv, tk) = check_fwd(q, k, v)?;
     if !matches!(d, 64 | 128) || !hopper() {
@@ -230,10 +234,15 @@ pub fn flash_fwd_wgmma_with(
     };
     // Keys per tile and K/V stages (FLASH_FWD_WG in the kernel file).
     // 128 keys throughout: 3 stages at D 128 take 225 KB of the 227 KB.
-    let (bn, stages, kernel) = if overlap {
-        (128, 3, "wgo")
-    } else {
-        (128, 2, "wg")
+    let (bn, stages, kernel) = match schedule {
+        1 => (128, 2, "wg"),
+        2 => (128, 3, "wgo"),
+        3 => (128, 3, "wgp"),
+        _ => {
+            return Err(Error::msg(format!(
+                "flash_fwd_wgmma: schedule {schedule} is not 1, 2 or 3"
+            )))
+        }
     };
     let (mq, mk, mv) = (
         map(&q, hq, tq, WG_BM)?,
