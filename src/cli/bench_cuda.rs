@@ -342,6 +342,51 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         ));
     }
 
+    // The backward with the 3B model's heads (16 query heads on 2 kv heads, where the Hopper
+    // dK/dV kernel splits per query head), no SDPA reference.
+    if dev.cc == (9, 0) && std::env::var_os("TESSERA_BENCH_SKIP_FLASH_WG_BWD").is_none() {
+        let (b, h, hkv, t, d) = (4usize, 16usize, 2usize, 1024usize, 128usize);
+        let q = rand(&[b, h, t, d], &mut rng)?;
+        let kv = rand(&[b, hkv, t, d], &mut rng)?;
+        let g = rand(&[b, h, t, d], &mut rng)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let flops = 2.5 * 4.0 * (b * h * t * t * d) as f64 / 2.0;
+        let (o, lse) = cuda::flash::flash_fwd(&q, &kv, &kv, true, scale)?;
+        for (label, split) in [
+            ("flash_bwd (mma.sync dK/dV + dQ)", None),
+            (
+                "flash_bwd_wgmma (TMA + wgmma, dK/dV split per query head)",
+                Some(true),
+            ),
+            (
+                "flash_bwd_wgmma (TMA + wgmma, dK/dV summed in one block)",
+                Some(false),
+            ),
+        ] {
+            let ms = time_ms(5, || {
+                match split {
+                    None => cuda::flash::flash_bwd(&q, &kv, &kv, &o, &lse, &g, true, scale, None),
+                    Some(s) => cuda::flash::flash_bwd_wgmma(
+                        &q,
+                        &kv,
+                        &kv,
+                        &o,
+                        &lse,
+                        &g,
+                        true,
+                        scale,
+                        Some(s),
+                    ),
+                }
+                .map(|_| ())
+            })?;
+            att.push(format!(
+                "{{\"op\": \"attention_bwd_gqa\", \"kernel\": \"{label}\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"hkv\": {hkv}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+                flops / (ms * 1e-3) / 1e12
+            ));
+        }
+    }
+
     let copy_bw = out[0].bytes / (out[0].ms * 1e-3);
     if !json {
         println!(

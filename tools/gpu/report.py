@@ -55,7 +55,8 @@ def main():
                 r["op"], "Tensor::matmul")
             print(f"| {r['m']}x{r['k']}x{r['n']} ({r['dtype']}) | {kern} | {r['tflops']:.1f} | {tt} | {ratio} |")
     for op, title in [("attention", "forward"), ("attention_fwd_bwd", "forward + backward"),
-                      ("attention_bwd", "backward")]:
+                      ("attention_bwd", "backward"),
+                      ("attention_bwd_gqa", "backward, 16 query heads on 2 kv heads (no SDPA row)")]:
         att = [r for r in torch if r.get("op") == op]
         ours_att = [r for r in allours if r.get("op") == op]
         if not (att or ours_att):
