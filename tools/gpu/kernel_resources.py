@@ -3,6 +3,7 @@ NVRTC, the same options) to PTX, then run ptxas -v on it and print each kernel's
 spills and shared memory. For kernel work without a GPU or a cargo build:
 
     python3 tools/gpu/kernel_resources.py kernels/flash.cu [--arch sm_90] [--filter flash_fwd]
+        [--sass] [--check]
 
 Needs libnvrtc.so.13 (LD_LIBRARY_PATH or target/nvrtc/...) and ptxas (PATH or target/nvcc/...),
 both installable from PyPI: pip install --target target/nvrtc nvidia-cuda-nvrtc; pip install
@@ -38,6 +39,8 @@ def main():
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--filter", default="")
     ap.add_argument("--sass", action="store_true")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 on any spill or ptxas wgmma note (C75xx): the CI gate of the Hopper kernels")
     a = ap.parse_args()
     name = os.path.basename(a.file)
     body = open(a.file).read()
@@ -76,18 +79,24 @@ def main():
     if out.returncode != 0:
         sys.exit(out.stderr)
     kern = None
+    bad = []
     for line in out.stderr.splitlines():
         # ptxas's notes on wgmma (C7510 serialised, C7517 a wait injected): performance bugs.
         if "(C75" in line:
             print(line.strip())
+            bad.append(line.strip())
         m = re.search(r"Compiling entry function '(\w+)'", line)
         if m:
             kern = m.group(1)
             continue
         if kern and a.filter in kern and ("Used" in line or "spill" in line):
             print(f"{kern:40s} {line.split('info    :')[-1].strip()}")
+            if re.search(r"[1-9]\d* bytes spill (stores|loads)", line):
+                bad.append(f"{kern}: {line.split('info    :')[-1].strip()}")
     if a.sass:
         sass_registers(path + ".cubin", a.filter)
+    if a.check and bad:
+        sys.exit(f"{a.file} ({arch}): " + "; ".join(bad))
 
 
 def sass_registers(cubin, filt):
