@@ -136,6 +136,76 @@ __device__ __forceinline__ void fh_rescale(float* acc, const float* corr) {
     }
 }
 
+// The forward's and the dQ kernel's barriers (the first 256 bytes of dynamic shared memory,
+// `bars`): Q full (once), then per stage K full and V full (the producer's TMA bytes) and empty
+// (one arrival per consumer warp); the soft waits' fault word at 252. K and V of stage s at
+// FH_K(s), FH_V(s) from `skv` (tiles of KV_BYTES). Used inside functions that define `bars`,
+// `skv`, `STAGES` and `KV_BYTES`.
+#define FH_QFULL (bars)
+#define FH_KFULL(s) (bars + 8u + 8u * (unsigned int)(s))
+#define FH_VFULL(s) (bars + 8u + 8u * (unsigned int)(STAGES + (s)))
+#define FH_EMPTY(s) (bars + 8u + 8u * (unsigned int)(2 * STAGES + (s)))
+#define FH_FAULT (bars + 252u)   // the soft waits' fault word (hopper.cuh)
+#define FH_TURN(c) (1 + (c))     // named barriers of the pingpong schedule
+#define FH_K(s) (skv + (unsigned int)(s) * 2u * KV_BYTES)
+#define FH_V(s) (FH_K(s) + KV_BYTES)
+
+// Block setup shared by the forward and the dQ kernel: thread 0 initialises the barriers, then
+// the whole block synchronises.
+template <int STAGES>
+__device__ __forceinline__ void fh_init_barriers(unsigned int bars) {
+    if (threadIdx.x == 0) {
+        mbar_init(FH_QFULL, 1);
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(FH_KFULL(s), 1);
+            mbar_init(FH_VFULL(s), 1);
+            mbar_init(FH_EMPTY(s), FH_CONSUMER_WARPS);
+        }
+        mbar_init_done(FH_FAULT);
+    }
+    __syncthreads();
+}
+
+// Key tiles of BN keys that a block of FH_BM queries from q0 sees: all of Tk, or (causal) up to
+// one past the key its last query sees (query i sees keys <= i + Tk - Tq).
+template <int BN>
+__device__ __forceinline__ int fh_key_tiles(i64 q0, i64 tq, i64 tk, i64 causal) {
+    i64 kend = tk;
+    if (causal) {
+        const i64 last = q0 + FH_BM + tk - tq;
+        kend = last < kend ? last : kend;
+    }
+    return kend > 0 ? (int)((kend + BN - 1) / BN) : 0;
+}
+
+// The producer thread's K/V stream of the forward and the dQ kernel: tiles 0 .. ntiles - 1 of kv
+// head bh_kv into the STAGES stages, each once the consumers freed it (the first lap at once).
+template <int D, int BN, int STAGES>
+__device__ __forceinline__ void fh_produce_kv(unsigned int bars, unsigned int skv, unsigned long long map_k,
+                                              unsigned long long map_v, int ntiles, int bh_kv) {
+    constexpr int DC = D / 64;
+    constexpr unsigned int KV_CHUNK = BN * 128, KV_BYTES = DC * KV_CHUNK;
+    int stage = 0;
+    unsigned int phase = 0;
+    for (int i = 0; i < ntiles; ++i) {
+        const int k0 = i * BN;
+        mbar_wait(FH_EMPTY(stage), phase ^ 1u);
+        mbar_arrive_expect_tx(FH_KFULL(stage), KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < DC; ++c)
+            tma_load_3d(FH_K(stage) + c * KV_CHUNK, map_k, FH_KFULL(stage), 64 * c, k0, bh_kv);
+        mbar_arrive_expect_tx(FH_VFULL(stage), KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < DC; ++c)
+            tma_load_3d(FH_V(stage) + c * KV_CHUNK, map_v, FH_VFULL(stage), 64 * c, k0, bh_kv);
+        if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1u;
+        }
+    }
+}
+
 template <int D, int BN, bool OVERLAP, bool PINGPONG>
 __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned long long map_k,
                                              unsigned long long map_v, bf16_t* __restrict__ o,
@@ -153,41 +223,15 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
     const unsigned int bars = smem_addr(fh_smem);
     const unsigned int sq = (bars + 256u + 1023u) & ~1023u;
     const unsigned int skv = sq + Q_BYTES;  // stage s: K at skv + 2 s KV_BYTES, V right after
-#define FH_QFULL (bars)
-#define FH_KFULL(s) (bars + 8u + 8u * (unsigned int)(s))
-#define FH_VFULL(s) (bars + 8u + 8u * (unsigned int)(STAGES + (s)))
-#define FH_EMPTY(s) (bars + 8u + 8u * (unsigned int)(2 * STAGES + (s)))
-#define FH_FAULT (bars + 252u)  // the soft waits' fault word (hopper.cuh)
-#define FH_TURN(c) (1 + (c))     // named barriers of the pingpong schedule
-#define FH_K(s) (skv + (unsigned int)(s) * 2u * KV_BYTES)
-#define FH_V(s) (FH_K(s) + KV_BYTES)
-
+    fh_init_barriers<STAGES>(bars);
     const int tid = threadIdx.x;
-    if (tid == 0) {
-        mbar_init(FH_QFULL, 1);
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(FH_KFULL(s), 1);
-            mbar_init(FH_VFULL(s), 1);
-            mbar_init(FH_EMPTY(s), FH_CONSUMER_WARPS);
-        }
-        asm volatile("st.shared.u32 [%0], 0;\n" ::"r"(FH_FAULT) : "memory");
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        fence_proxy_async();
-    }
-    __syncthreads();
 
     // Causal blocks in reverse order: the longest (last) query tiles start first.
     const i64 qt = causal ? (i64)(gridDim.x - 1 - blockIdx.x) : (i64)blockIdx.x;
     const i64 b = blockIdx.z, h = blockIdx.y, q0 = qt * FH_BM;
     const int bh_q = (int)(b * hq + h), bh_kv = (int)(b * hkv + h / (hq / hkv));
     const i64 off = tk - tq;  // causal offset: row i sees keys <= i + off
-    i64 kend = tk;
-    if (causal) {
-        const i64 last = q0 + FH_BM + off;  // one past the keys the tile's last query sees
-        kend = last < kend ? last : kend;
-    }
-    const int ntiles = kend > 0 ? (int)((kend + BN - 1) / BN) : 0;
+    const int ntiles = fh_key_tiles<BN>(q0, tq, tk, causal);
 
     // The warpgroup index through a shuffle: provably uniform per warp, which lets ptxas give
     // the branches their own register budgets (setmaxnreg).
@@ -202,24 +246,7 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
             mbar_arrive_expect_tx(FH_QFULL, Q_BYTES);
 #pragma unroll
             for (int c = 0; c < DC; ++c) tma_load_3d(sq + c * Q_CHUNK, map_q, FH_QFULL, 64 * c, (int)q0, bh_q);
-            int stage = 0;
-            unsigned int phase = 0;
-            for (int i = 0; i < ntiles; ++i) {
-                const int k0 = i * BN;
-                mbar_wait(FH_EMPTY(stage), phase ^ 1u);  // the consumers freed it (first lap: at once)
-                mbar_arrive_expect_tx(FH_KFULL(stage), KV_BYTES);
-#pragma unroll
-                for (int c = 0; c < DC; ++c)
-                    tma_load_3d(FH_K(stage) + c * KV_CHUNK, map_k, FH_KFULL(stage), 64 * c, k0, bh_kv);
-                mbar_arrive_expect_tx(FH_VFULL(stage), KV_BYTES);
-#pragma unroll
-                for (int c = 0; c < DC; ++c)
-                    tma_load_3d(FH_V(stage) + c * KV_CHUNK, map_v, FH_VFULL(stage), 64 * c, k0, bh_kv);
-                if (++stage == STAGES) {
-                    stage = 0;
-                    phase ^= 1u;
-                }
-            }
+            fh_produce_kv<D, BN, STAGES>(bars, skv, map_k, map_v, ntiles, bh_kv);
         }
         return;
     }
@@ -345,14 +372,6 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
                 pack_bf16_rn(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
         if (t == 0) lse[(i64)bh_q * tq + row] = l[r] > 0.f ? m[r] * scale + logf(l[r]) : (fault ? l[r] : NEG_INF);
     }
-#undef FH_QFULL
-#undef FH_KFULL
-#undef FH_VFULL
-#undef FH_EMPTY
-#undef FH_FAULT
-#undef FH_TURN
-#undef FH_K
-#undef FH_V
 #endif
 }
 
@@ -435,9 +454,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
             mbar_init(FB_FULL(s), 1);
             mbar_init(FB_EMPTY(s), FH_CONSUMER_WARPS);
         }
-        asm volatile("st.shared.u32 [%0], 0;\n" ::"r"(FB_FAULT) : "memory");
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        fence_proxy_async();
+        mbar_init_done(FB_FAULT);
     }
     __syncthreads();
 
@@ -662,40 +679,15 @@ __device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsign
     extern __shared__ __align__(1024) unsigned char fq_smem[];
     const unsigned int bars = smem_addr(fq_smem);
     const unsigned int sq = (bars + 256u + 1023u) & ~1023u, sg = sq + Q_BYTES, skv = sg + Q_BYTES;
-#define FQ_QFULL (bars)
-#define FQ_KFULL(s) (bars + 8u + 8u * (unsigned int)(s))
-#define FQ_VFULL(s) (bars + 8u + 8u * (unsigned int)(STAGES + (s)))
-#define FQ_EMPTY(s) (bars + 8u + 8u * (unsigned int)(2 * STAGES + (s)))
-#define FQ_FAULT (bars + 252u)
-#define FQ_K(s) (skv + (unsigned int)(s) * 2u * KV_BYTES)
-#define FQ_V(s) (FQ_K(s) + KV_BYTES)
-
+    fh_init_barriers<STAGES>(bars);
     const int tid = threadIdx.x;
-    if (tid == 0) {
-        mbar_init(FQ_QFULL, 1);
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(FQ_KFULL(s), 1);
-            mbar_init(FQ_VFULL(s), 1);
-            mbar_init(FQ_EMPTY(s), FH_CONSUMER_WARPS);
-        }
-        asm volatile("st.shared.u32 [%0], 0;\n" ::"r"(FQ_FAULT) : "memory");
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        fence_proxy_async();
-    }
-    __syncthreads();
 
     // Causal blocks in reverse order: the longest (last) query tiles start first.
     const i64 qt = causal ? (i64)(gridDim.x - 1 - blockIdx.x) : (i64)blockIdx.x;
     const i64 b = blockIdx.z, h = blockIdx.y, q0 = qt * FH_BM;
     const int bh_q = (int)(b * hq + h), bh_kv = (int)(b * hkv + h / (hq / hkv));
     const i64 off = tk - tq;
-    i64 kend = tk;
-    if (causal) {
-        const i64 last = q0 + FH_BM + off;  // one past the keys the tile's last query sees
-        kend = last < kend ? last : kend;
-    }
-    const int ntiles = kend > 0 ? (int)((kend + BN - 1) / BN) : 0;
+    const int ntiles = fh_key_tiles<BN>(q0, tq, tk, causal);
 
     const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
     if (wg == 0) {
@@ -703,30 +695,13 @@ __device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsign
         if (tid == 0) {
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(map_k) : "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(map_v) : "memory");
-            mbar_arrive_expect_tx(FQ_QFULL, 2 * Q_BYTES);
+            mbar_arrive_expect_tx(FH_QFULL, 2 * Q_BYTES);
 #pragma unroll
             for (int c = 0; c < DC; ++c) {
-                tma_load_3d(sq + c * Q_CHUNK, map_q, FQ_QFULL, 64 * c, (int)q0, bh_q);
-                tma_load_3d(sg + c * Q_CHUNK, map_g, FQ_QFULL, 64 * c, (int)q0, bh_q);
+                tma_load_3d(sq + c * Q_CHUNK, map_q, FH_QFULL, 64 * c, (int)q0, bh_q);
+                tma_load_3d(sg + c * Q_CHUNK, map_g, FH_QFULL, 64 * c, (int)q0, bh_q);
             }
-            int stage = 0;
-            unsigned int phase = 0;
-            for (int i = 0; i < ntiles; ++i) {
-                const int k0 = i * BN;
-                mbar_wait(FQ_EMPTY(stage), phase ^ 1u);
-                mbar_arrive_expect_tx(FQ_KFULL(stage), KV_BYTES);
-#pragma unroll
-                for (int c = 0; c < DC; ++c)
-                    tma_load_3d(FQ_K(stage) + c * KV_CHUNK, map_k, FQ_KFULL(stage), 64 * c, k0, bh_kv);
-                mbar_arrive_expect_tx(FQ_VFULL(stage), KV_BYTES);
-#pragma unroll
-                for (int c = 0; c < DC; ++c)
-                    tma_load_3d(FQ_V(stage) + c * KV_CHUNK, map_v, FQ_VFULL(stage), 64 * c, k0, bh_kv);
-                if (++stage == STAGES) {
-                    stage = 0;
-                    phase ^= 1u;
-                }
-            }
+            fh_produce_kv<D, BN, STAGES>(bars, skv, map_k, map_v, ntiles, bh_kv);
         }
         return;
     }
@@ -752,20 +727,20 @@ __device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsign
     const unsigned int sqa = sq + (unsigned int)ci * (64 * 128), sga = sg + (unsigned int)ci * (64 * 128);
     float s[BN / 2], dp[BN / 2];
     unsigned int pa[BN / 16][4];
-    mbar_wait_soft(FQ_QFULL, 0u, FQ_FAULT);
+    mbar_wait_soft(FH_QFULL, 0u, FH_FAULT);
     int stage = 0;
     unsigned int phase = 0;
     for (int i = 0; i < ntiles; ++i) {
         const int k0 = i * BN;
-        mbar_wait_soft(FQ_KFULL(stage), phase, FQ_FAULT);
-        mbar_wait_soft(FQ_VFULL(stage), phase, FQ_FAULT);
+        mbar_wait_soft(FH_KFULL(stage), phase, FH_FAULT);
+        mbar_wait_soft(FH_VFULL(stage), phase, FH_FAULT);
         // Both accumulators zeroed before the one fence: registers written between the two
         // products' wgmmas would make ptxas wait for the first (C7517).
         fh_zero<BN / 2>(s);
         fh_zero<BN / 2>(dp);
         wg_fence();
-        fh_issue_ab<D, BN>(s, sqa, FH_BM * 128, FQ_K(stage));
-        fh_issue_ab<D, BN>(dp, sga, FH_BM * 128, FQ_V(stage));
+        fh_issue_ab<D, BN>(s, sqa, FH_BM * 128, FH_K(stage));
+        fh_issue_ab<D, BN>(dp, sga, FH_BM * 128, FH_V(stage));
         wg_commit();
         wg_wait0();
 #pragma unroll
@@ -789,19 +764,19 @@ __device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsign
                 dp[4 * j + e] = p * (dp[4 * j + e] - dl[r]);
             }
         fh_pack<BN>(dp, pa);
-        fh_issue_pv<D, BN>(acc, pa, FQ_K(stage));
+        fh_issue_pv<D, BN>(acc, pa, FH_K(stage));
         wg_commit();
         wg_wait0();
 #pragma unroll
         for (int j = 0; j < D / 2; ++j) fence_operand(acc[j]);
-        if (lane == 0) mbar_arrive(FQ_EMPTY(stage));
+        if (lane == 0) mbar_arrive(FH_EMPTY(stage));
         if (++stage == STAGES) {
             stage = 0;
             phase ^= 1u;
         }
     }
 
-    const bool fault = mbar_faulted(FQ_FAULT);
+    const bool fault = mbar_faulted(FH_FAULT);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const i64 row = row0 + 8 * r;
@@ -813,13 +788,6 @@ __device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsign
             *reinterpret_cast<unsigned int*>(out + 8 * j) =
                 pack_bf16_rn(acc[4 * j + 2 * r] * sc, acc[4 * j + 2 * r + 1] * sc);
     }
-#undef FQ_QFULL
-#undef FQ_KFULL
-#undef FQ_VFULL
-#undef FQ_EMPTY
-#undef FQ_FAULT
-#undef FQ_K
-#undef FQ_V
 #endif
 }
 

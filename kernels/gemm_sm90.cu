@@ -175,10 +175,7 @@ __device__ __forceinline__ void ws_gemm(unsigned long long map_a, unsigned long 
             mbar_init(WS_FULL(s), 1);
             mbar_init(WS_EMPTY(s), WS_CONSUMER_WARPS);
         }
-        asm volatile("st.shared.u32 [%0], 0;\n" ::"r"(WS_FAULT) : "memory");
-        // Make the initialised barriers visible to the async proxy (TMA complete_tx).
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        fence_proxy_async();
+        mbar_init_done(WS_FAULT);
     }
     __syncthreads();
 

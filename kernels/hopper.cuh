@@ -118,6 +118,14 @@ __device__ __forceinline__ void mbar_wait(unsigned int bar, unsigned int parity)
     }
 }
 
+// Thread 0, after initialising a block's mbarriers: zeroes the soft waits' fault word and makes
+// the barriers visible to the async proxy (TMA complete_tx); a __syncthreads follows.
+__device__ __forceinline__ void mbar_init_done(unsigned int fault) {
+    asm volatile("st.shared.u32 [%0], 0;\n" ::"r"(fault) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_proxy_async();
+}
+
 // The block's fault word (a shared u32, zeroed before the first wait): set by a soft wait that
 // gave up.
 __device__ __forceinline__ bool mbar_faulted(unsigned int fault) {

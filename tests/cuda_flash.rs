@@ -5,7 +5,7 @@
 
 use tessera::backend::cuda::{self, flash};
 use tessera::ops::attention::AttentionOptions;
-use tessera::testing::cuda::{mismatch_map, randn, rel_error};
+use tessera::testing::cuda::{hopper_or_skip, mismatch_map, randn, rel_error};
 use tessera::{DType, Tensor};
 
 fn round(t: Tensor) -> Tensor {
@@ -164,33 +164,31 @@ fn flash_fwd_matches_cpu() {
     case(1, 2, 2, 260, 390, 80, true);
 }
 
+/// (b, hq, hkv, tq, tk, d, causal) cases both Hopper kernels' tests run: D 64 and 128, causal
+/// or not, GQA, Tq != Tk both ways, partial tiles, rows that see no key.
+const WG_SHAPES: [(usize, usize, usize, usize, usize, usize, bool); 6] = [
+    (1, 2, 2, 64, 64, 64, false),
+    (2, 4, 2, 37, 37, 64, true),
+    (1, 4, 1, 100, 129, 128, true),
+    (1, 3, 3, 1, 77, 128, true),
+    (1, 2, 2, 70, 50, 64, true), // early rows see no key
+    (1, 2, 2, 257, 513, 64, false),
+];
+
 /// The Hopper forward (kernels/flash_sm90.cu: TMA, wgmma, producer and consumer warpgroups),
-/// in its three schedules (plain, intra-warpgroup overlap, overlap + pingpong), on the same kinds of cases: D 64 and 128, causal or not, GQA, Tq != Tk, partial query
-/// blocks and key tiles, rows that see no key; where the device is sm_90.
+/// in its three schedules (plain, intra-warpgroup overlap, overlap + pingpong), on `WG_SHAPES`
+/// and longer sequences; where the device is sm_90.
 #[test]
 fn flash_fwd_wgmma_matches_cpu() {
-    let Some(dev) = cuda::device_or_skip("flash_fwd_wgmma") else {
-        return;
-    };
-    if dev.cc != (9, 0) {
-        eprintln!(
-            "skipped flash_fwd_wgmma: device is {}, not sm_90",
-            dev.arch()
-        );
+    if !hopper_or_skip("flash_fwd_wgmma") {
         return;
     }
-    for (b, hq, hkv, tq, tk, d, causal) in [
-        (1, 2, 2, 64, 64, 64, false),
-        (2, 4, 2, 37, 37, 64, true),
-        (1, 4, 1, 100, 129, 128, true),
-        (1, 3, 3, 1, 77, 128, true),
-        (1, 2, 2, 70, 50, 64, true), // early rows see no key
+    for (b, hq, hkv, tq, tk, d, causal) in WG_SHAPES.into_iter().chain([
         (1, 2, 1, 300, 300, 128, true),
-        (1, 2, 2, 257, 513, 64, false),
         (1, 2, 2, 129, 300, 128, false),
         (2, 4, 4, 384, 384, 128, true),
         (1, 8, 2, 1024, 1024, 64, true),
-    ] {
+    ]) {
         for schedule in 1..=3 {
             forward_case(b, hq, hkv, tq, tk, d, causal, None, |q, k, v, c, sc| {
                 flash::flash_fwd_wgmma_with(q, k, v, c, sc, schedule)
@@ -206,28 +204,15 @@ fn flash_fwd_wgmma_matches_cpu() {
 /// several key blocks; where the device is sm_90.
 #[test]
 fn flash_bwd_wgmma_matches_cpu() {
-    let Some(dev) = cuda::device_or_skip("flash_bwd_wgmma") else {
-        return;
-    };
-    if dev.cc != (9, 0) {
-        eprintln!(
-            "skipped flash_bwd_wgmma: device is {}, not sm_90",
-            dev.arch()
-        );
+    if !hopper_or_skip("flash_bwd_wgmma") {
         return;
     }
-    for (b, hq, hkv, tq, tk, d, causal) in [
-        (1, 2, 2, 64, 64, 64, false),
-        (2, 4, 2, 37, 37, 64, true),
-        (1, 4, 1, 100, 129, 128, true),
-        (1, 3, 3, 1, 77, 128, true),
-        (1, 2, 2, 70, 50, 64, true), // early rows see no key
+    for (b, hq, hkv, tq, tk, d, causal) in WG_SHAPES.into_iter().chain([
         (1, 4, 2, 300, 300, 128, true),
-        (1, 2, 2, 257, 513, 64, false),
         (1, 2, 1, 129, 300, 128, false),
         (1, 8, 1, 256, 256, 128, true),
         (2, 16, 2, 512, 512, 128, true),
-    ] {
+    ]) {
         let q = round(randn(&[b, hq, tq, d], 31));
         let k = round(randn(&[b, hkv, tk, d], 32));
         let v = round(randn(&[b, hkv, tk, d], 33));

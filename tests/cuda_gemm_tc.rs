@@ -3,7 +3,7 @@
 //! <= 1e-2. Skips without a GPU.
 
 use tessera::backend::cuda::{self, gemm_tc, gemm_tc::TcKernel};
-use tessera::testing::cuda::{mismatch_map, randn, rel_error};
+use tessera::testing::cuda::{hopper_or_skip, mismatch_map, randn, rel_error};
 use tessera::DType;
 
 fn case(m: usize, n: usize, k: usize, bias: bool) {
@@ -77,17 +77,13 @@ const HOPPER_CASES: [(usize, usize, usize, bool); 8] = [
     (1000, 1000, 1000, false),
 ];
 
-/// Whether the device is sm_90 (the Hopper kernels' tests run); says why not otherwise.
-fn hopper_or_skip(name: &str) -> bool {
-    let Some(dev) = cuda::device_or_skip(name) else {
-        return false;
-    };
-    if dev.cc != (9, 0) {
-        eprintln!("skipped {name}: device is {}, not sm_90", dev.arch());
-        return false;
-    }
-    true
-}
+/// Shapes that make the warp-specialised kernel pick each tile width (256, then 128 and 64
+/// when there are fewer tiles than SMs).
+const WS_WIDTH_CASES: [(usize, usize, usize, bool); 3] = [
+    (4096, 256, 1024, false),
+    (2048, 2048, 512, true),
+    (1100, 3000, 136, false),
+];
 
 /// The Hopper wgmma kernel (kernels/gemm_sm90.cu) on the same cases, where the device is sm_90.
 #[test]
@@ -191,13 +187,7 @@ fn gemm_wgmma_ws_matches_cpu() {
     if !hopper_or_skip("gemm_wgmma_ws") {
         return;
     }
-    // Plus shapes that pick each tile width (fewer tiles than SMs: 128, then 64).
-    let extra = [
-        (4096, 256, 1024, false),
-        (2048, 2048, 512, true),
-        (1100, 3000, 136, false),
-    ];
-    for (m, n, k, bias) in HOPPER_CASES.into_iter().chain(extra) {
+    for (m, n, k, bias) in HOPPER_CASES.into_iter().chain(WS_WIDTH_CASES) {
         case_with(TcKernel::WgmmaWs, m, n, k, bias);
     }
     batched_case(TcKernel::WgmmaWs, 3, 130, 300, 96, false, true, false);
@@ -216,14 +206,8 @@ fn gemm_wgmma_ws_tma_store_matches_cpu() {
     if !hopper_or_skip("gemm_wgmma_ws_tma_store") {
         return;
     }
-    let extra = [
-        (4096, 256, 1024, false),
-        (2048, 2048, 512, true),
-        (1100, 3000, 136, false),
-        (4096, 2048, 2048, true),
-        (200, 72, 64, true),
-    ];
-    for (m, n, k, bias) in HOPPER_CASES.into_iter().chain(extra) {
+    let extra = [(4096, 2048, 2048, true), (200, 72, 64, true)];
+    for (m, n, k, bias) in HOPPER_CASES.into_iter().chain(WS_WIDTH_CASES).chain(extra) {
         case_with(TcKernel::WgmmaWsTma, m, n, k, bias);
     }
     batched_case(TcKernel::WgmmaWsTma, 3, 130, 304, 96, false, true, false);

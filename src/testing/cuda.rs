@@ -23,6 +23,18 @@ impl Comparison {
     }
 }
 
+/// Whether the device is sm_90, so a Hopper kernel's test runs; says why not otherwise.
+pub fn hopper_or_skip(name: &str) -> bool {
+    let Some(dev) = cuda::device_or_skip(name) else {
+        return false;
+    };
+    if dev.cc != (9, 0) {
+        eprintln!("skipped {name}: device is {}, not sm_90", dev.arch());
+        return false;
+    }
+    true
+}
+
 /// Relative error of `got` against `want` (any devices/dtypes; compared in f64).
 pub fn rel_error(got: &Tensor, want: &Tensor) -> Result<f64> {
     assert_eq!(got.shape(), want.shape(), "shapes differ");

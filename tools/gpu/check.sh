@@ -125,37 +125,37 @@ if grep -q "adamw_compute_copies_follow_the_masters ... ok" "$OUT/test-cuda_matm
 else
     FUSED_OK=; export TESSERA_FUSED_CASTS=0; log "AdamW's compute copies failed their test: cast kernels in the steps"
 fi
+# rerun TAG "VAR=1 ..." BINARY...: whole test binaries again with switches on (log
+# test-BINARY-TAG.log, lines tagged [TAG] in tests.log); fails if any of them failed.
+rerun() {
+    local tag=$1 switches=$2 ok=0 name rc
+    shift 2
+    for name in "$@"; do
+        [ -x "$BIN/tests/$name" ] || continue
+        fits 60 "$name with $switches" || continue
+        log "test $name with $switches"
+        # shellcheck disable=SC2086
+        env $switches timeout "$(tmo "${TEST_TIMEOUT:-150}")" "$BIN/tests/$name" --test-threads 2 --nocapture \
+            >"$OUT/test-$name-$tag.log" 2>&1
+        rc=$?
+        grep -E "test result|panicked" "$OUT/test-$name-$tag.log" | sed "s/^/[$tag] /" | tee -a "$OUT/tests.log"
+        echo "$name ($switches) exit $rc" | tee -a "$OUT/tests.log"
+        [ $rc = 0 ] || ok=1
+    done
+    return $ok
+}
 # The GEMM's MN-major mode (operands read as stored, no transposes; off by default until it
 # has passed here): its own test above, then the model-level tests again with it on.
 if grep -q "mn_major_products_match_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/dev/null; then
     MN_OK=1
-    for name in cuda_matmul_attention cuda_qwen; do
-        [ -x "$BIN/tests/$name" ] || continue
-        fits 60 "$name with TESSERA_GEMM_MN=1" || continue
-        log "test $name with TESSERA_GEMM_MN=1"
-        TESSERA_GEMM_MN=1 timeout "$(tmo "${TEST_TIMEOUT:-150}")" "$BIN/tests/$name" --test-threads 2 --nocapture \
-            >"$OUT/test-$name-mn.log" 2>&1
-        rc=$?
-        grep -E "test result|panicked" "$OUT/test-$name-mn.log" | sed "s/^/[MN] /" | tee -a "$OUT/tests.log"
-        echo "$name (TESSERA_GEMM_MN=1) exit $rc" | tee -a "$OUT/tests.log"
-        [ $rc = 0 ] || MN_OK=
-    done
+    rerun mn "TESSERA_GEMM_MN=1" cuda_matmul_attention cuda_qwen || MN_OK=
 else
     MN_OK=; log "the GEMM's MN-major mode failed (or skipped) its test: left out"
 fi
 # The Hopper flash forward (with its overlap) and backward, once both passed their tests: the
 # op-level attention tests and the model again with them on.
 if [ -z "${TESSERA_BENCH_SKIP_FLASH_WG:-}${TESSERA_BENCH_SKIP_FLASH_WG_BWD:-}" ]; then
-    for name in cuda_flash cuda_qwen; do
-        [ -x "$BIN/tests/$name" ] || continue
-        fits 60 "$name with the Hopper flash kernels" || continue
-        log "test $name with TESSERA_FLASH_WG=2 TESSERA_FLASH_WG_BWD=1"
-        TESSERA_FLASH_WG=2 TESSERA_FLASH_WG_BWD=1 timeout "$(tmo "${TEST_TIMEOUT:-150}")" "$BIN/tests/$name" \
-            --test-threads 2 --nocapture >"$OUT/test-$name-fwg.log" 2>&1
-        rc=$?
-        grep -E "test result|panicked" "$OUT/test-$name-fwg.log" | sed "s/^/[FLASH_WG] /" | tee -a "$OUT/tests.log"
-        echo "$name (TESSERA_FLASH_WG=2 TESSERA_FLASH_WG_BWD=1) exit $rc" | tee -a "$OUT/tests.log"
-    done
+    rerun fwg "TESSERA_FLASH_WG=2 TESSERA_FLASH_WG_BWD=1" cuda_flash cuda_qwen
 fi
 tail -n 60 "$OUT"/test-*.log > "$OUT/tests-tail.log" 2>/dev/null
 # ONLY_TESTS=1: the tests alone (a short check of a change).

@@ -219,18 +219,8 @@ pub fn flash_fwd_wgmma_with(
     if b * hq * tq == 0 {
         return Ok((o, lse));
     }
-    // [B·H, T, D] with boxes of 64 (D) x 128 rows x 1; T = 0 (no keys) still needs a legal map.
-    let map = |t: &Tensor, heads: usize, len: usize, rows: usize| -> Result<_> {
-        let len = len.max(1);
-        let dims = [d as u64, len as u64, (b * heads) as u64];
-        let strides = [(d * 2) as u64, (len * d * 2) as u64];
-        super::gemm_tc::encode_tma_bf16(t.cuda_ptr()?, &dims, &strides, &[64, rows as u32, 1])
-            .map_err(|r| {
-                Error::msg(format!(
-                    "flash_fwd_wgmma: cuTensorMapEncodeTiled failed ({r:?}) for {:?}",
-                    t.shape()
-                ))
-            })
+    let map = |t: &Tensor, heads: usize, len: usize, rows: usize| {
+        head_map("flash_fwd_wgmma", t, b * heads, len, d, rows as u32)
     };
     // Keys per tile and K/V stages (FLASH_FWD_WG in the kernel file).
     // 128 keys throughout: 3 stages at D 128 take 225 KB of the 227 KB.
@@ -580,15 +570,12 @@ fn grads_wgmma(
     let key_blocks = tk.div_ceil(WG_BK);
     let group = hq / hkv;
     let split = split.unwrap_or(group > 1 && b * hkv * key_blocks < sms);
-    let map3 = |t: &Tensor, heads: usize, len: usize, rows: u32| -> Result<_> {
-        let dims = [d as u64, len as u64, (b * heads) as u64];
-        let strides = [(d * 2) as u64, (len * d * 2) as u64];
-        super::gemm_tc::encode_tma_bf16(t.cuda_ptr()?, &dims, &strides, &[64, rows, 1])
-            .map_err(|r| tma_error(r, t))
+    let map3 = |t: &Tensor, heads: usize, len: usize, rows: u32| {
+        head_map("flash_bwd_wgmma", t, b * heads, len, d, rows)
     };
     let map1 = |t: &Tensor| -> Result<_> {
         super::gemm_tc::encode_tma_f32_1d(t.cuda_ptr()?, t.numel() as u64, 64)
-            .map_err(|r| tma_error(r, t))
+            .map_err(|r| tma_error("flash_bwd_wgmma", r, t))
     };
     // K/V boxes of 128 rows serve both kernels; Q/dO boxes of 64 (dK/dV's query tiles) and 128
     // (dQ's query blocks).
@@ -698,9 +685,27 @@ fn grads_wgmma(
     Ok((dq, dk, dv))
 }
 
-fn tma_error(r: cudarc::driver::sys::CUresult, t: &Tensor) -> Error {
+/// The TMA map of a contiguous bf16 [heads = B·H, len, D] operand of the Hopper kernels:
+/// boxes of 64 (D, 128 bytes, swizzled) x `rows` x 1, zeros past `len`; `len` 0 (no keys) still
+/// gets a legal map.
+fn head_map(
+    op: &str,
+    t: &Tensor,
+    heads: usize,
+    len: usize,
+    d: usize,
+    rows: u32,
+) -> Result<cudarc::driver::sys::CUtensorMap> {
+    let len = len.max(1);
+    let dims = [d as u64, len as u64, heads as u64];
+    let strides = [(d * 2) as u64, (len * d * 2) as u64];
+    super::gemm_tc::encode_tma_bf16(t.cuda_ptr()?, &dims, &strides, &[64, rows, 1])
+        .map_err(|r| tma_error(op, r, t))
+}
+
+fn tma_error(op: &str, r: cudarc::driver::sys::CUresult, t: &Tensor) -> Error {
     Error::msg(format!(
-        "flash_bwd_wgmma: cuTensorMapEncodeTiled failed ({r:?}) for {:?}",
+        "{op}: cuTensorMapEncodeTiled failed ({r:?}) for {:?}",
         t.shape()
     ))
 }
