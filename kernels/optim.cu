@@ -5,18 +5,19 @@
 // explicitly rounded intrinsics (no FMA contraction), so CUDA and CPU steps agree bit for bit.
 // The scalars are computed on the host in f64 and rounded once to f32.
 
-// AdamW (torch semantics), contiguous f32 p, g, m, v of n elements:
+// AdamW (torch semantics), contiguous f32 p, m, v and g (f32, or bf16: the gradient of a bf16
+// compute copy, converted as it is read, exactly as a cast kernel would) of n elements:
 //   p *= decay (decoupled; decay = 1 - lr*wd, skipped when has_decay == 0)
 //   m  = m + (1 - b1) (g - m);   v = v b2 + (1 - b2) g g
 //   p  = p + neg_step * m / (sqrt(v) / sqrt(bc2) + eps)
 // copy (null: none): the bf16 compute copy of p (mixed precision), written as the cast kernel
 // rounds it, so the next forward needs no cast pass.
-extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, i64 n, i64 has_decay,
-                                     float decay, float one_minus_beta1, float beta2,
-                                     float one_minus_beta2, float bc2_sqrt, float eps, float neg_step,
-                                     bf16_t* copy) {
+template <typename G>
+__device__ __forceinline__ void adamw(float* p, const G* g, float* m, float* v, i64 n, i64 has_decay, float decay,
+                                      float one_minus_beta1, float beta2, float one_minus_beta2, float bc2_sqrt,
+                                      float eps, float neg_step, bf16_t* copy) {
     GRID_LOOP(i, n) {
-        const float gi = g[i];
+        const float gi = ld(g, i);
         float pi = p[i];
         if (has_decay) pi = __fmul_rn(pi, decay);
         const float mi = __fadd_rn(m[i], __fmul_rn(one_minus_beta1, __fsub_rn(gi, m[i])));
@@ -29,6 +30,15 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
         if (copy != nullptr) copy[i] = f2bf(pn);
     }
 }
+#define ADAMW_KERNEL(name, G)                                                                                     \
+    extern "C" __global__ void name(float* p, const G* g, float* m, float* v, i64 n, i64 has_decay, float decay, \
+                                    float one_minus_beta1, float beta2, float one_minus_beta2, float bc2_sqrt,   \
+                                    float eps, float neg_step, bf16_t* copy) {                                  \
+        adamw<G>(p, g, m, v, n, has_decay, decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,       \
+                 neg_step, copy);                                                                               \
+    }
+ADAMW_KERNEL(adamw_f32, float)
+ADAMW_KERNEL(adamw_f32_gbf16, bf16_t)
 
 // SGD (torch semantics), contiguous f32 p, g (and buf when momentum is used):
 //   d = g + wd p (when has_wd);  buf = first ? d : buf * mu + (1 - tau) d

@@ -542,6 +542,116 @@ fn adamw_compute_copies_follow_the_masters() {
     }
 }
 
+/// AdamW's compute copies as leaves (`compute_leaves`): the bf16 gradients stay on the copies
+/// and the fused update reads them (`adamw_f32_gbf16`). Against an optimiser with
+/// `compute_params` (whose backward casts the gradients to the masters) fed the same loss
+/// (each copy used twice, so its gradient sums two bf16 contributions): the copies' gradients
+/// equal the masters' bit for bit, and after every step (a parameter without a gradient, and
+/// one whose master has a gradient of its own, included) the masters and moments are
+/// bit-equal and each copy is its master's cast.
+#[test]
+fn adamw_compute_leaves_update_as_compute_params() {
+    if cuda::device_or_skip("adamw_compute_leaves").is_none() {
+        return;
+    }
+    let init = params(17);
+    let (pa, pb) = (on_cuda(&init), on_cuda(&init));
+    let config = AdamWConfig::default();
+    let mut oa = AdamW::new(pa.clone(), config).unwrap();
+    let mut ob = AdamW::new(pb.clone(), config).unwrap();
+    let leaves = ob.compute_leaves(DType::BF16).unwrap();
+    for step in 0..3u64 {
+        let casts = oa.compute_params(DType::BF16).unwrap();
+        // loss = Σ_i Σ (c_i · g_i + c_i · c_i · h_i) in bf16, c_i the copy of parameter i.
+        let loss = |cs: &[Tensor]| -> Tensor {
+            let mut total: Option<Tensor> = None;
+            for (i, c) in cs.iter().enumerate() {
+                if step == 1 && i == 2 {
+                    continue;
+                }
+                let g = randn(c.shape(), 200 + 10 * step + i as u64)
+                    .to_cuda()
+                    .unwrap();
+                let h = randn(c.shape(), 300 + 10 * step + i as u64)
+                    .to_cuda()
+                    .unwrap();
+                let (g, h) = (
+                    g.to_dtype(DType::BF16).unwrap(),
+                    h.to_dtype(DType::BF16).unwrap(),
+                );
+                let term = c
+                    .mul(&g)
+                    .unwrap()
+                    .add(&c.mul(c).unwrap().mul(&h).unwrap())
+                    .unwrap();
+                let term = term.to_dtype(DType::F32).unwrap().sum_all().unwrap();
+                total = Some(match total {
+                    None => term,
+                    Some(t) => t.add(&term).unwrap(),
+                });
+            }
+            total.unwrap()
+        };
+        loss(&casts).backward().unwrap();
+        loss(&leaves).backward().unwrap();
+        if step == 2 {
+            let extra = randn(pa[0].shape(), 77).to_cuda().unwrap();
+            pa[0].backward_with(&extra).unwrap();
+            pb[0].backward_with(&extra).unwrap();
+        }
+        for (i, (a, l)) in pa.iter().zip(&leaves).enumerate() {
+            assert_eq!(l.dtype(), DType::BF16);
+            match (a.grad(), l.grad()) {
+                (None, None) => assert!(
+                    step == 1 && i == 2,
+                    "step {step}: param {i} lost its gradient"
+                ),
+                (Some(ga), Some(gl)) => {
+                    let mut gl = gl.to_dtype(DType::F32).unwrap();
+                    if let Some(gb) = pb[i].grad() {
+                        gl = gb.add(&gl).unwrap();
+                    }
+                    let e = rel_error(&gl, &ga).unwrap();
+                    assert!(e == 0.0, "step {step}: gradient {i} off by {e:.2e}");
+                }
+                (a, b) => panic!(
+                    "step {step}: param {i}: gradient on master {} vs copy {}",
+                    a.is_some(),
+                    b.is_some()
+                ),
+            }
+        }
+        oa.step(1e-2).unwrap();
+        ob.step(1e-2).unwrap();
+        assert_same(&format!("masters after step {step}"), &pb, &pa, 0.0);
+        for (i, (l, p)) in leaves.iter().zip(&pb).enumerate() {
+            let cast = p.detach().to_dtype(DType::BF16).unwrap();
+            let e = rel_error(l, &cast).unwrap();
+            assert!(
+                e == 0.0,
+                "step {step}: copy {i} is not its master's cast ({e:.2e})"
+            );
+        }
+        let (sa, sb) = (oa.state().unwrap(), ob.state().unwrap());
+        for (i, (a, b)) in sa.params.iter().zip(&sb.params).enumerate() {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            assert_eq!(a.step, b.step, "param {i} step count");
+            assert_eq!(
+                rel_error(&b.exp_avg, &a.exp_avg).unwrap(),
+                0.0,
+                "param {i} exp_avg"
+            );
+            assert_eq!(
+                rel_error(&b.exp_avg_sq, &a.exp_avg_sq).unwrap(),
+                0.0,
+                "param {i} exp_avg_sq"
+            );
+        }
+        oa.zero_grad();
+        ob.zero_grad();
+    }
+}
+
 #[test]
 fn sgd_steps_match_cpu() {
     if cuda::device_or_skip("sgd_steps_match_cpu").is_none() {

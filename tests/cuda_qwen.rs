@@ -102,3 +102,79 @@ fn untied_mha_on_cuda_matches_cpu() {
 fn text_only_on_cuda_matches_cpu() {
     case("text_only_gqa4");
 }
+
+/// The tiny model in bf16 over f32 masters, as `tessera bench step` trains it: AdamW's compute
+/// copies as leaves (`compute_leaves`: the bf16 gradients stay on the copies, the fused update
+/// reads them) against the copies as cast nodes (`compute_params`: the backward casts each
+/// gradient to its master). Tied embeddings make one copy serve two uses. Every gradient, and
+/// the masters after two steps, bit for bit.
+#[test]
+fn bf16_gradients_on_the_compute_copies_are_exact() {
+    use tessera::optim::{AdamW, AdamWConfig};
+    if cuda::device_or_skip("cuda_qwen bf16 compute leaves").is_none() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen_parity/tied_gqa");
+    let batch = load_batch(&dir);
+    let cpu = QwenVl::load(&dir, DType::F32).unwrap();
+    let (a, b) = (
+        cpu.to_device(Device::Cuda).unwrap(),
+        cpu.to_device(Device::Cuda).unwrap(),
+    );
+    let mut oa = AdamW::new(a.params.tensors(), AdamWConfig::default()).unwrap();
+    let mut ob = AdamW::new(b.params.tensors(), AdamWConfig::default()).unwrap();
+    for step in 0..2 {
+        let ma = QwenVl {
+            config: a.config.clone(),
+            params: a
+                .params
+                .with_tensors(oa.compute_params(DType::BF16).unwrap())
+                .unwrap(),
+        };
+        let leaves = ob.compute_leaves(DType::BF16).unwrap();
+        let mb = QwenVl {
+            config: b.config.clone(),
+            params: b.params.with_tensors(leaves.clone()).unwrap(),
+        };
+        let la = ma.forward(&batch).unwrap().loss.unwrap();
+        let lb = mb.forward(&batch).unwrap().loss.unwrap();
+        assert_eq!(
+            la.to_scalar().unwrap(),
+            lb.to_scalar().unwrap(),
+            "step {step}: loss"
+        );
+        la.backward().unwrap();
+        lb.backward().unwrap();
+        let mut with_grad = 0;
+        for ((name, pa), l) in a.params.iter().zip(&leaves) {
+            match (pa.grad(), l.grad()) {
+                (Some(ga), Some(gl)) => {
+                    assert_eq!(gl.dtype(), DType::BF16, "{name}");
+                    let gl = gl.to_dtype(DType::F32).unwrap().to_f64s().unwrap();
+                    assert!(
+                        gl == ga.to_f64s().unwrap(),
+                        "step {step}: gradient of {name} differs"
+                    );
+                    with_grad += 1;
+                }
+                (None, None) => {}
+                (x, y) => panic!(
+                    "{name}: gradient on master {} vs copy {}",
+                    x.is_some(),
+                    y.is_some()
+                ),
+            }
+        }
+        assert!(with_grad > 10, "only {with_grad} parameters got gradients");
+        oa.step(1e-3).unwrap();
+        ob.step(1e-3).unwrap();
+        oa.zero_grad();
+        ob.zero_grad();
+        for ((name, pa), (_, pb)) in a.params.iter().zip(b.params.iter()) {
+            assert!(
+                pa.to_f64s().unwrap() == pb.to_f64s().unwrap(),
+                "step {step}: master {name} differs"
+            );
+        }
+    }
+}

@@ -697,3 +697,139 @@ fn compute_casts_reach_the_masters() -> Result<()> {
     assert!(q.to_vec::<f32>()?[0] < 0.5, "the step moved the master");
     Ok(())
 }
+
+/// A small graph that uses `ps` = [w1 [5, 7], b1 [7], w2 [7, 3]] several times each (w1 twice:
+/// its gradient sums two contributions): sum((tanh(x w1 + b1) w2)²) + sum(w1 · w1 · c), all
+/// in `ps`' dtype after a cast to f32 (so a bf16 copy works on the CPU too). Without b1 when
+/// `skip_b1`.
+fn leaves_loss(ps: &[Tensor], x: &Tensor, c: &Tensor, skip_b1: bool) -> Result<Tensor> {
+    let f: Vec<Tensor> = ps
+        .iter()
+        .map(|p| p.to_dtype(DType::F32))
+        .collect::<Result<_>>()?;
+    let mut h = x.matmul(&f[0])?;
+    if !skip_b1 {
+        h = h.add(&f[1])?;
+    }
+    let y = h.tanh()?.matmul(&f[2])?;
+    y.mul(&y)?
+        .sum_all()?
+        .add(&f[0].mul(&f[0])?.mul(c)?.sum_all()?)
+}
+
+/// `AdamW::compute_leaves`: gradients stay on the compute copies in their dtype, the step
+/// reads them there, and the masters, moments and copies come out exactly as with
+/// `compute_params` (cast nodes whose backward casts the gradient to the master's dtype):
+/// f64 masters with f32 copies, and f32 masters with bf16 copies; a parameter without a
+/// gradient at one step; a master with a gradient of its own beside its copy's; the same
+/// leaves on every call; zero_grad clears them; load_state and a new dtype make new ones.
+#[test]
+fn compute_leaves_update_as_compute_params() -> Result<()> {
+    for (master, compute) in [(DType::F64, DType::F32), (DType::F32, DType::BF16)] {
+        let mut rng = tessera::Rng::new(11);
+        let init: Vec<Tensor> = [vec![5, 7], vec![7], vec![7, 3]]
+            .iter()
+            .map(|s| Tensor::randn(s, 0.5, master, &mut rng))
+            .collect::<Result<_>>()?;
+        let fresh = |ps: &[Tensor]| -> Vec<Tensor> {
+            ps.iter()
+                .map(|p| {
+                    let v = p.to_f64s().unwrap();
+                    Tensor::from_f64s(&v, p.shape(), master)
+                        .unwrap()
+                        .requires_grad_()
+                })
+                .collect()
+        };
+        let (pa, pb) = (fresh(&init), fresh(&init));
+        let x = Tensor::randn(&[4, 5], 1.0, DType::F32, &mut rng)?;
+        let c = Tensor::randn(&[5, 7], 1.0, DType::F32, &mut rng)?;
+        let mut oa = AdamW::new(pa.clone(), AdamWConfig::default())?;
+        let mut ob = AdamW::new(pb.clone(), AdamWConfig::default())?;
+        let mut leaves = ob.compute_leaves(compute)?;
+        for step in 0..4 {
+            let skip_b1 = step == 1;
+            let casts = oa.compute_params(compute)?;
+            leaves_loss(&casts, &x, &c, skip_b1)?.backward()?;
+            let again = ob.compute_leaves(compute)?;
+            for (l, a) in leaves.iter().zip(&again) {
+                assert_eq!(l.id(), a.id(), "compute_leaves returns the same leaves");
+            }
+            leaves_loss(&leaves, &x, &c, skip_b1)?.backward()?;
+            if step == 2 {
+                // The master of w2 gets a gradient of its own too: the update uses the sum.
+                let extra = Tensor::randn(&[7, 3], 1.0, master, &mut rng)?;
+                pa[2].mul(&extra)?.sum_all()?.backward()?;
+                pb[2].mul(&extra)?.sum_all()?.backward()?;
+            }
+            for (i, ((a, b), l)) in pa.iter().zip(&pb).zip(&leaves).enumerate() {
+                assert_eq!(l.dtype(), compute);
+                let (ga, gl) = (a.grad(), l.grad());
+                assert_eq!(
+                    ga.is_some(),
+                    gl.is_some(),
+                    "step {step}: param {i} has a gradient"
+                );
+                if let (Some(ga), Some(gl)) = (ga, gl) {
+                    let gl = gl.to_dtype(master)?;
+                    let gl = match b.grad() {
+                        Some(gb) => gb.add(&gl)?,
+                        None => gl,
+                    };
+                    assert_eq!(gl.to_f64s()?, ga.to_f64s()?, "step {step}: gradient {i}");
+                }
+            }
+            oa.step(0.05)?;
+            ob.step(0.05)?;
+            for (i, ((a, b), l)) in pa.iter().zip(&pb).zip(&leaves).enumerate() {
+                assert_eq!(a.to_f64s()?, b.to_f64s()?, "step {step}: master {i}");
+                let cast = b.detach().to_dtype(compute)?.to_f64s()?;
+                assert_eq!(
+                    l.to_f64s()?,
+                    cast,
+                    "step {step}: copy {i} is the master's cast"
+                );
+            }
+            let (sa, sb) = (oa.state()?, ob.state()?);
+            for (i, (a, b)) in sa.params.iter().zip(&sb.params).enumerate() {
+                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+                assert_eq!(a.step, b.step, "step {step}: param {i}'s count");
+                assert_eq!(a.exp_avg_sq.to_f64s()?, b.exp_avg_sq.to_f64s()?);
+            }
+            oa.zero_grad();
+            ob.zero_grad();
+            assert!(
+                leaves.iter().all(|l| l.grad().is_none()),
+                "zero_grad clears the copies"
+            );
+        }
+        assert_eq!(
+            ob.state()?.params[1].as_ref().unwrap().step,
+            3,
+            "b1 skipped once"
+        );
+
+        // A new dtype, and load_state, give new leaves cast from the masters.
+        let other = if compute == DType::F32 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let l2 = ob.compute_leaves(other)?;
+        assert_eq!(l2[0].dtype(), other);
+        assert_eq!(l2[0].to_f64s()?, pb[0].detach().to_dtype(other)?.to_f64s()?);
+        let state = ob.state()?;
+        ob.load_state(&state)?;
+        let l3 = ob.compute_leaves(other)?;
+        assert_ne!(l3[0].id(), l2[0].id(), "load_state drops the copies");
+        leaves = l3;
+        assert!(leaves.iter().all(|l| l.requires_grad()));
+    }
+    let mut o = AdamW::new(
+        vec![Tensor::zeros(&[2], DType::F32)?.requires_grad_()],
+        AdamWConfig::default(),
+    )?;
+    let e = o.compute_leaves(DType::I64).unwrap_err().to_string();
+    assert!(e.contains("compute_leaves"), "{e}");
+    Ok(())
+}

@@ -20,8 +20,8 @@
 //! `(p, m, v, g)`.
 
 use super::{
-    check_state_tensor, deep_copy, grad_for_update, state_copy_for, validate_groups, ParamGroup,
-    PAR_CHUNK, PAR_THRESHOLD,
+    check_state_tensor, deep_copy, grad_for_update, state_copy_for, unshared_grad, validate_groups,
+    ParamGroup, PAR_CHUNK, PAR_THRESHOLD,
 };
 use crate::{float_dispatch, no_grad, DType, Error, Float, Result, Tensor};
 use rayon::prelude::*;
@@ -70,8 +70,9 @@ pub struct AdamW {
     steps: u64,
     /// One entry per parameter, in construction order.
     state: Vec<Option<AdamWParamState>>,
-    /// bf16 compute copies of CUDA f32 parameters (`compute_params`), rewritten by each step's
-    /// fused kernel; empty until asked for.
+    /// Compute copies of the parameters (`compute_params`, `compute_leaves`), leaves of their
+    /// own: rewritten by each step (for CUDA f32 → bf16 in the update's fused kernel); empty
+    /// until asked for.
     copies: Vec<Option<Tensor>>,
 }
 
@@ -164,10 +165,13 @@ impl AdamW {
         self.steps
     }
 
-    /// Clears every parameter's gradient.
+    /// Clears every parameter's gradient (and its compute copy's, see `compute_leaves`).
     pub fn zero_grad(&self) {
         for p in self.params() {
             p.zero_grad();
+        }
+        for c in self.copies.iter().flatten() {
+            c.zero_grad();
         }
     }
 
@@ -178,28 +182,66 @@ impl AdamW {
     /// copies are made (cast) on the first call. They stay exact while only `step` changes the
     /// parameters: after writing parameters any other way, call `drop_compute_copies`.
     pub fn compute_params(&mut self, dtype: DType) -> Result<Vec<Tensor>> {
-        let n = self.state.len();
-        self.copies.resize(n, None);
+        let params: Vec<Tensor> = self.params().cloned().collect();
+        let mut out = Vec::with_capacity(params.len());
+        for (i, p) in params.iter().enumerate() {
+            let fused = p.is_cuda() && p.dtype() == DType::F32 && dtype == DType::BF16;
+            out.push(if fused {
+                p.cast_from_copy(&self.copy_of(i, p, dtype)?)?
+            } else {
+                p.to_dtype(dtype)?
+            });
+        }
+        Ok(out)
+    }
+
+    /// The compute copies themselves (construction order), cast to `dtype`, as leaves: a
+    /// backward leaves each parameter's gradient on its copy, in `dtype`, and `step` updates
+    /// the master from it (and `zero_grad` clears it). The graph has no cast nodes and no cast
+    /// kernels run in either direction: for a bf16 copy of a CUDA f32 master the fused update
+    /// reads the bf16 gradient as it converts it, 2 bytes a parameter instead of a cast
+    /// kernel's 6 and 4 more in the update.
+    ///
+    /// The update is exactly that of `compute_params`: there the backward sums a copy's
+    /// gradient contributions in `dtype` in the same order and casts the sum to the master's
+    /// dtype, which the conversion here repeats. Gradients kept on the copies across several
+    /// backward passes (accumulation without `zero_grad`) add up in `dtype`, not in the
+    /// master's; clip them (`clip_grad_norm`) on the returned tensors. A parameter whose
+    /// master also has a gradient is updated with the sum of both. The same leaves are
+    /// returned until the copies are dropped (`drop_compute_copies`, `load_state`) or `dtype`
+    /// changes.
+    pub fn compute_leaves(&mut self, dtype: DType) -> Result<Vec<Tensor>> {
+        if !dtype.is_float() {
+            return Err(Error::DType {
+                op: "AdamW::compute_leaves",
+                dtype,
+                hint: " (compute copies must be a float dtype)".into(),
+            });
+        }
         let params: Vec<Tensor> = self.params().cloned().collect();
         params
             .iter()
-            .zip(self.copies.iter_mut())
-            .map(|(p, slot)| {
-                let fused = p.is_cuda() && p.dtype() == DType::F32 && dtype == DType::BF16;
-                if !fused {
-                    return p.to_dtype(dtype);
-                }
-                let copy = match slot {
-                    Some(c) => c.clone(),
-                    None => {
-                        let c = no_grad(|| p.detach().to_dtype(dtype))?.contiguous()?;
-                        *slot = Some(c.clone());
-                        c
-                    }
-                };
-                p.cast_from_copy(&copy)
-            })
+            .enumerate()
+            .map(|(i, p)| self.copy_of(i, p, dtype))
             .collect()
+    }
+
+    /// The compute copy of parameter `i` in `dtype` (a leaf that wants gradients), cast from
+    /// the master when there is none in that dtype yet.
+    fn copy_of(&mut self, i: usize, p: &Tensor, dtype: DType) -> Result<Tensor> {
+        let n = self.state.len();
+        self.copies.resize(n, None);
+        let slot = &mut self.copies[i];
+        if let Some(c) = slot {
+            if c.dtype() == dtype {
+                return Ok(c.clone());
+            }
+        }
+        let c = no_grad(|| p.detach().to_dtype(dtype))?
+            .contiguous()?
+            .requires_grad_();
+        *slot = Some(c.clone());
+        Ok(c)
     }
 
     /// Forgets the compute copies (`compute_params` casts afresh on its next call).
@@ -297,7 +339,7 @@ fn update_param(
     weight_decay: f64,
     config: &AdamWConfig,
 ) -> Result<()> {
-    let Some(g) = grad_for_update("AdamW::step", index, p)? else {
+    let Some(g) = gradient(index, p, copy)? else {
         return Ok(());
     };
     if slot.is_none() {
@@ -323,8 +365,20 @@ fn update_param(
             eps: config.eps as f32,
             neg_step_size: (-(lr / bc1)) as f32,
         };
-        crate::backend::cuda::ops::optim::adamw_step(p, &g, &st.exp_avg, &st.exp_avg_sq, &k, copy)?;
+        // A bf16 compute copy is written by the same kernel; any other is cast below.
+        let fused = copy.filter(|c| c.dtype() == DType::BF16);
+        crate::backend::cuda::ops::optim::adamw_step(
+            p,
+            &g,
+            &st.exp_avg,
+            &st.exp_avg_sq,
+            &k,
+            fused,
+        )?;
         st.step = t;
+        if fused.is_none() {
+            refresh_copy(p, copy)?;
+        }
         return Ok(());
     }
     float_dispatch!(p.dtype(), "AdamW::step", T => {
@@ -346,5 +400,36 @@ fn update_param(
         })??;
     });
     st.step = t;
-    Ok(())
+    refresh_copy(p, copy)
+}
+
+/// The gradient that updates parameter `index`: its master's (`p.grad()`), its compute copy's
+/// (`AdamW::compute_leaves`), or the sum of both in `p`'s dtype; contiguous, of `p`'s shape,
+/// never sharing `p`'s buffer; None if neither has one. Its dtype is `p`'s, except that a CUDA
+/// f32 master whose only gradient is its bf16 copy's gets that gradient as it is (the fused
+/// update converts it as it reads, exactly as the cast would).
+fn gradient(index: usize, p: &Tensor, copy: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let master = grad_for_update("AdamW::step", index, p)?;
+    let Some(cg) = copy.and_then(|c| c.grad()) else {
+        return Ok(master);
+    };
+    let cg = unshared_grad("AdamW::step", index, "its compute copy's gradient", p, &cg)?;
+    let direct = p.is_cuda() && p.dtype() == DType::F32 && cg.dtype() == DType::BF16;
+    if direct && master.is_none() {
+        return Ok(Some(cg));
+    }
+    let cg = cg.to_dtype(p.dtype())?;
+    Ok(Some(match master {
+        None => cg,
+        Some(m) => m.add(&cg)?,
+    }))
+}
+
+/// Rewrites `copy` (a compute copy) as the cast of the updated master `p`; nothing when there
+/// is none or it shares `p`'s buffer (a copy in the master's own dtype).
+fn refresh_copy(p: &Tensor, copy: Option<&Tensor>) -> Result<()> {
+    match copy {
+        Some(c) if !c.same_storage(p) => c.assign(&p.detach().to_dtype(c.dtype())?),
+        _ => Ok(()),
+    }
 }

@@ -141,7 +141,7 @@ pub(crate) fn grad_for_update(
     let Some(g) = p.grad() else {
         return Ok(None);
     };
-    if g.shape() != p.shape() || g.dtype() != p.dtype() {
+    if g.dtype() != p.dtype() {
         return Err(Error::msg(format!(
             "{op}: gradient of parameter {index} is {:?} {} but the parameter is {:?} {}",
             g.shape(),
@@ -150,21 +150,42 @@ pub(crate) fn grad_for_update(
             p.dtype()
         )));
     }
+    unshared_grad(op, index, "gradient", p, &g).map(Some)
+}
+
+/// `g`, a gradient (`what`) for parameter `index`, checked against `p`'s shape and device, as a
+/// contiguous tensor that never shares `p`'s buffer.
+pub(crate) fn unshared_grad(
+    op: &'static str,
+    index: usize,
+    what: &str,
+    p: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor> {
+    if g.shape() != p.shape() {
+        return Err(Error::msg(format!(
+            "{op}: {what} of parameter {index} is {:?} {} but the parameter is {:?} {}",
+            g.shape(),
+            g.dtype(),
+            p.shape(),
+            p.dtype()
+        )));
+    }
     if g.device() != p.device() {
         return Err(Error::msg(format!(
-            "{op}: gradient of parameter {index} is on {:?} but the parameter is on {:?}",
+            "{op}: {what} of parameter {index} is on {:?} but the parameter is on {:?}",
             g.device(),
             p.device()
         )));
     }
     let g = g.contiguous()?;
-    Ok(Some(if !g.same_storage(p) {
+    Ok(if !g.same_storage(p) {
         g
     } else if g.is_cuda() {
         crate::backend::cuda::ops::optim::copy(&g)?
     } else {
         deep_copy(&g)?
-    }))
+    })
 }
 
 /// Element count above which a per-tensor update is split across threads.

@@ -12,7 +12,8 @@
 # benchmarks), STEP_GEMMS="mma ws wgmma" (the 3B step per GEMM kernel), PROFILE_STEP=1 with
 # PROFILE_GEMM=..., PROFILE_MN=1, PROFILE_FLASH_WG=1, PROFILE_FLASH_WG_BWD=1, PROFILE_TS=1 (a
 # per-kernel profile of the 3B step, with the MN-major GEMM mode / the Hopper flash forward /
-# backward / the GEMM's TMA-store epilogue), NCU=1 with NCU_KERNELS="regex ..."
+# backward / the GEMM's TMA-store epilogue; by default, when time is left, the profile is of the
+# step with every validated switch on; PROFILE_STEP=0 for none), NCU=1 with NCU_KERNELS="regex ..."
 # (Nsight Compute), SWEEP="variant ..." (tools/sweep/tiny_base.sh on the spare cores),
 # BIG_STEP_BEFORE_S and STEP_COMBOS_BEFORE_S (skip those steps once the check has run that many
 # seconds), TEST_TIMEOUT, WITH_COMPILE_TEST=1, DEADLINE_S (default 540: every optional phase is
@@ -85,7 +86,9 @@ EXPERIMENTS="cuda_gemm_tc:gemm_wgmma_ws_mn_major_matches_cpu cuda_gemm_tc:mn_maj
 cuda_gemm_tc:gemm_wgmma_ws_tma_store_matches_cpu
 cuda_flash:flash_fwd_wgmma_matches_cpu cuda_flash:flash_bwd_wgmma_matches_cpu
 cuda_nn:cross_entropy_staged_variants_match_cpu
-cuda_matmul_attention:adamw_compute_copies_follow_the_masters"
+cuda_matmul_attention:adamw_compute_copies_follow_the_masters
+cuda_matmul_attention:adamw_compute_leaves_update_as_compute_params
+cuda_qwen:bf16_gradients_on_the_compute_copies_are_exact"
 for t in "$BIN"/tests/*; do
     name=$(basename "$t")
     # CI compiles every kernel for sm_80/sm_90 already; here the tests compile what they use.
@@ -124,6 +127,14 @@ if grep -q "adamw_compute_copies_follow_the_masters ... ok" "$OUT/test-cuda_matm
     FUSED_OK=1
 else
     FUSED_OK=; export TESSERA_FUSED_CASTS=0; log "AdamW's compute copies failed their test: cast kernels in the steps"
+fi
+# The bf16 gradients left on those copies for AdamW to read (also the default of `bench step`):
+# the copies as cast nodes (f32 gradients on the masters) if either test failed.
+if grep -q "adamw_compute_leaves_update_as_compute_params ... ok" "$OUT/test-cuda_matmul_attention.log" 2>/dev/null \
+    && grep -q "bf16_gradients_on_the_compute_copies_are_exact ... ok" "$OUT/test-cuda_qwen.log" 2>/dev/null; then
+    LEAVES_OK=1
+else
+    LEAVES_OK=; export TESSERA_BF16_GRADS=0; log "bf16 gradients on the compute copies failed their tests: f32 gradients on the masters in the steps"
 fi
 # rerun TAG "VAR=1 ..." BINARY...: whole test binaries again with switches on (log
 # test-BINARY-TAG.log, lines tagged [TAG] in tests.log); fails if any of them failed.
@@ -275,15 +286,38 @@ if [ -z "${SKIP_STEPS:-}" ] && [ -n "$FUSED_OK" ] && [ $(( $(date +%s) - START )
         > "$OUT/step-unfused.json" 2>&1
     echo "TESSERA_FUSED_CASTS=0 exit $?: $(tail -c 400 "$OUT/step-unfused.json")" | tee -a "$OUT/step.txt"
 fi
-if [ -n "${PROFILE_STEP:-}" ] && fits 60 "profiled step"; then
-    log "profiled step (bench-3b-8layers)"
+# The step with the bf16 gradients cast to the f32 masters (cast nodes) instead of left on the
+# compute copies for AdamW.
+if [ -z "${SKIP_STEPS:-}" ] && [ -n "$LEAVES_OK" ] && [ -n "$FUSED_OK" ] \
+    && [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-100000} ] \
+    && fits 60 "3B step with TESSERA_BF16_GRADS=0"; then
+    log "train step (bench-3b-8layers) tessera, TESSERA_BF16_GRADS=0"
+    TESSERA_BF16_GRADS=0 timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
+        --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
+        > "$OUT/step-f32grads.json" 2>&1
+    echo "TESSERA_BF16_GRADS=0 exit $?: $(tail -c 400 "$OUT/step-f32grads.json")" | tee -a "$OUT/step.txt"
+fi
+# Where the step's time goes, per kernel: with PROFILE_STEP=1 the switches PROFILE_* choose;
+# by default (PROFILE_STEP unset, time left, not SKIP_STEPS) the step with every validated switch
+# on ($ON), the data for what remains to the MFU target. PROFILE_STEP=0: none.
+if [ "${PROFILE_STEP:-}" = 1 ]; then
     pg=${PROFILE_GEMM:-mma}; [ "$pg" = ws ] && [ -z "$WS_OK" ] && pg=mma
-    log "profiled with TESSERA_GEMM=$pg"
-    TESSERA_PROFILE=1 TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} TESSERA_FLASH_WG=${PROFILE_FLASH_WG:-0} TESSERA_FLASH_WG_BWD=${PROFILE_FLASH_WG_BWD:-0} TESSERA_GEMM_TS=${PROFILE_TS:-0} timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step \
+    PROFILE_ENV="TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} TESSERA_FLASH_WG=${PROFILE_FLASH_WG:-0} TESSERA_FLASH_WG_BWD=${PROFILE_FLASH_WG_BWD:-0} TESSERA_GEMM_TS=${PROFILE_TS:-0}"
+elif [ -z "${PROFILE_STEP:-}" ] && [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
+    PROFILE_ENV="TESSERA_GEMM=ws $ON"
+else
+    PROFILE_ENV=
+fi
+if [ -n "$PROFILE_ENV" ] && fits 60 "profiled step"; then
+    log "profiled step (bench-3b-8layers): $PROFILE_ENV"
+    echo "$PROFILE_ENV" > "$OUT/profile.txt"
+    # shellcheck disable=SC2086
+    env TESSERA_PROFILE=1 $PROFILE_ENV timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step \
         --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 3 --device cuda \
-        --dtype bf16 > "$OUT/profile.txt" 2>&1
+        --dtype bf16 >> "$OUT/profile.txt" 2>&1
     echo "profile exit $?" >> "$OUT/profile.txt"
-    head -n 40 "$OUT/profile.txt"
+    head -n 60 "$OUT/profile.txt"
+    [ -n "$FINAL" ] && mkdir -p "$FINAL" && cp "$OUT/profile.txt" "$FINAL/"
 fi
 grep -v "^\[transformers\]" "$OUT/step.txt" | tail -n 14
 python3 tools/gpu/report.py "$OUT" | tee "$OUT/report.md"

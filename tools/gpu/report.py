@@ -76,7 +76,7 @@ def main():
 
 def steps(d):
     """The 3B training steps check.sh ran with `bench step --json` under different switches
-    (step-combo*.json with the switches in step-combo*.label, step-unfused.json,
+    (step-combo*.json with the switches in step-combo*.label, step-unfused.json, step-f32grads.json,
     step-gemm-*.json): one row each."""
     import glob
     import re
@@ -93,6 +93,8 @@ def steps(d):
             label = open(lab).read().strip()
         elif name == "unfused":
             label = "TESSERA_FUSED_CASTS=0"
+        elif name == "f32grads":
+            label = "TESSERA_BF16_GRADS=0"
         else:
             label = name
         rows.append((label, r[-1] if r else None))

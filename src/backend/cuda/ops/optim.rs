@@ -42,7 +42,8 @@ fn check_state(op: &'static str, p: &Tensor, others: &[(&str, &Tensor)]) -> Resu
     Ok(())
 }
 
-/// One fused AdamW update of `p` in place (m and v updated too). All contiguous f32 on CUDA.
+/// One fused AdamW update of `p` in place (m and v updated too). All contiguous f32 on CUDA,
+/// except that the gradient may be bf16 (a compute copy's, converted as it is read).
 pub fn adamw_step(
     p: &Tensor,
     g: &Tensor,
@@ -51,11 +52,24 @@ pub fn adamw_step(
     k: &AdamWCoefs,
     copy: Option<&Tensor>,
 ) -> Result<()> {
-    check_state(
-        "AdamW::step",
-        p,
-        &[("gradient", g), ("exp_avg", m), ("exp_avg_sq", v)],
-    )?;
+    check_state("AdamW::step", p, &[("exp_avg", m), ("exp_avg_sq", v)])?;
+    let kernel = match g.dtype() {
+        DType::BF16 => "adamw_f32_gbf16",
+        _ => "adamw_f32",
+    };
+    if g.dtype() == DType::BF16 {
+        if !g.is_cuda() || !g.is_contiguous() || g.numel() != p.numel() {
+            return Err(Error::msg(format!(
+                "AdamW::step: the bf16 gradient must be a contiguous cuda tensor of {} elements \
+                 like its parameter, got {:?} on {:?}",
+                p.numel(),
+                g.shape(),
+                g.device()
+            )));
+        }
+    } else {
+        check_state("AdamW::step", p, &[("gradient", g)])?;
+    }
     let n = p.numel();
     if n == 0 {
         return Ok(());
@@ -81,7 +95,7 @@ pub fn adamw_step(
     let decay = k.decay.unwrap_or(1.0);
     device()?.launch(
         "optim.cu",
-        "adamw_f32",
+        kernel,
         (grid_for(n), 1, 1),
         (THREADS as u32, 1, 1),
         0,
