@@ -12,33 +12,81 @@
 //   p  = p + neg_step * m / (sqrt(v) / sqrt(bc2) + eps)
 // copy (null: none): the bf16 compute copy of p (mixed precision), written as the cast kernel
 // rounds it, so the next forward needs no cast pass.
-template <typename G>
-__device__ __forceinline__ void adamw(float* p, const G* g, float* m, float* v, i64 n, i64 has_decay, float decay,
-                                      float one_minus_beta1, float beta2, float one_minus_beta2, float bc2_sqrt,
-                                      float eps, float neg_step, bf16_t* copy) {
-    GRID_LOOP(i, n) {
-        const float gi = ld(g, i);
-        float pi = p[i];
-        if (has_decay) pi = __fmul_rn(pi, decay);
-        const float mi = __fadd_rn(m[i], __fmul_rn(one_minus_beta1, __fsub_rn(gi, m[i])));
-        const float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(one_minus_beta2, gi), gi));
-        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
-        m[i] = mi;
-        v[i] = vi;
-        const float pn = __fadd_rn(pi, __fdiv_rn(__fmul_rn(neg_step, mi), denom));
-        p[i] = pn;
-        if (copy != nullptr) copy[i] = f2bf(pn);
-    }
+// One element of the update (i): reads p, m, v and the gradient gi, writes p, m, v and the copy.
+__device__ __forceinline__ void adamw_elem(float* p, float* m, float* v, bf16_t* copy, i64 i, float gi,
+                                           bool has_decay, float decay, float one_minus_beta1, float beta2,
+                                           float one_minus_beta2, float bc2_sqrt, float eps, float neg_step) {
+    float pi = p[i];
+    if (has_decay) pi = __fmul_rn(pi, decay);
+    const float mi = __fadd_rn(m[i], __fmul_rn(one_minus_beta1, __fsub_rn(gi, m[i])));
+    const float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(one_minus_beta2, gi), gi));
+    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
+    m[i] = mi;
+    v[i] = vi;
+    const float pn = __fadd_rn(pi, __fdiv_rn(__fmul_rn(neg_step, mi), denom));
+    p[i] = pn;
+    if (copy != nullptr) copy[i] = f2bf(pn);
 }
+
 #define ADAMW_KERNEL(name, G)                                                                                     \
     extern "C" __global__ void name(float* p, const G* g, float* m, float* v, i64 n, i64 has_decay, float decay, \
                                     float one_minus_beta1, float beta2, float one_minus_beta2, float bc2_sqrt,   \
                                     float eps, float neg_step, bf16_t* copy) {                                  \
-        adamw<G>(p, g, m, v, n, has_decay, decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,       \
-                 neg_step, copy);                                                                               \
+        GRID_LOOP(i, n) {                                                                                       \
+            adamw_elem(p, m, v, copy, i, ld(g, i), has_decay != 0, decay, one_minus_beta1, beta2,               \
+                       one_minus_beta2, bc2_sqrt, eps, neg_step);                                               \
+        }                                                                                                       \
     }
 ADAMW_KERNEL(adamw_f32, float)
 ADAMW_KERNEL(adamw_f32_gbf16, bf16_t)
+
+// Multi-tensor AdamW: one launch updates every tensor of a table (the optimiser's CUDA
+// parameters), with the per-element arithmetic above, so the results equal the per-tensor
+// kernels' bit for bit. Block b works on ADAMW_MULTI_ELEMS elements of the last tensor whose
+// first_block <= b (found by binary search: first_block is the running sum of each tensor's
+// ceil(n / ADAMW_MULTI_ELEMS)). flags: 1 = weight decay, 2 = the gradient is bf16. The layout
+// matches `AdamWTensor` in src/backend/cuda/ops/optim.rs.
+struct AdamWTensor {
+    float* p;
+    const void* g;
+    float* m;
+    float* v;
+    bf16_t* copy;  // null: none
+    i64 n;
+    i64 first_block;
+    float decay;
+    float neg_step;
+    float bc2_sqrt;
+    int flags;
+};
+static_assert(sizeof(AdamWTensor) == 72, "AdamWTensor matches the host's layout");
+#define ADAMW_MULTI_ELEMS 8192
+
+extern "C" __global__ void adamw_multi_f32(const AdamWTensor* ts, int count, float one_minus_beta1, float beta2,
+                                           float one_minus_beta2, float eps) {
+    const i64 b = blockIdx.x;
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (ts[mid].first_block <= b) lo = mid;
+        else hi = mid - 1;
+    }
+    const AdamWTensor t = ts[lo];
+    const i64 start = (b - t.first_block) * ADAMW_MULTI_ELEMS;
+    const i64 end = min(start + (i64)ADAMW_MULTI_ELEMS, t.n);
+    const bool decay = t.flags & 1;
+    if (t.flags & 2) {
+        const bf16_t* g = (const bf16_t*)t.g;
+        for (i64 i = start + threadIdx.x; i < end; i += blockDim.x)
+            adamw_elem(t.p, t.m, t.v, t.copy, i, bf2f(g[i]), decay, t.decay, one_minus_beta1, beta2,
+                       one_minus_beta2, t.bc2_sqrt, eps, t.neg_step);
+    } else {
+        const float* g = (const float*)t.g;
+        for (i64 i = start + threadIdx.x; i < end; i += blockDim.x)
+            adamw_elem(t.p, t.m, t.v, t.copy, i, g[i], decay, t.decay, one_minus_beta1, beta2, one_minus_beta2,
+                       t.bc2_sqrt, eps, t.neg_step);
+    }
+}
 
 // SGD (torch semantics), contiguous f32 p, g (and buf when momentum is used):
 //   d = g + wd p (when has_wd);  buf = first ? d : buf * mu + (1 - tau) d

@@ -652,6 +652,101 @@ fn adamw_compute_leaves_update_as_compute_params() {
     }
 }
 
+/// The multi-tensor AdamW (`set_multi_tensor`: every CUDA parameter in one launch, each block
+/// finding its tensor in a table) against the per-tensor kernels, bit for bit: sizes around
+/// the kernel's 8192-element blocks and far beyond, two weight decays, a parameter skipped at
+/// one step (so the bias corrections differ between tensors), and gradients in f32 on the
+/// masters for some parameters and in bf16 on the compute copies for the others, in one launch.
+#[test]
+fn adamw_multi_tensor_matches_per_tensor() {
+    if cuda::device_or_skip("adamw_multi_tensor").is_none() {
+        return;
+    }
+    let shapes: [&[usize]; 9] = [
+        &[1],
+        &[5],
+        &[8191],
+        &[8192],
+        &[8193],
+        &[37, 19],
+        &[3, 4, 5],
+        &[300, 300],
+        &[2, 8192],
+    ];
+    let init: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| randn(s, 500 + i as u64))
+        .collect();
+    let (pa, pb) = (on_cuda(&init), on_cuda(&init));
+    let groups = |ps: &[Tensor]| {
+        vec![
+            ParamGroup::new(ps[..4].to_vec(), 0.0),
+            ParamGroup::new(ps[4..].to_vec(), 0.1),
+        ]
+    };
+    let config = AdamWConfig::default();
+    let mut oa = AdamW::with_groups(groups(&pa), config).unwrap();
+    let mut ob = AdamW::with_groups(groups(&pb), config).unwrap();
+    oa.set_multi_tensor(false);
+    ob.set_multi_tensor(true);
+    let (la, lb) = (
+        oa.compute_leaves(DType::BF16).unwrap(),
+        ob.compute_leaves(DType::BF16).unwrap(),
+    );
+    for step in 0..4u64 {
+        for i in 0..shapes.len() {
+            if step == 1 && i == 3 {
+                continue;
+            }
+            let g = randn(shapes[i], 600 + 20 * step + i as u64)
+                .to_cuda()
+                .unwrap();
+            if i % 2 == 0 {
+                // f32 on the master
+                pa[i].backward_with(&g).unwrap();
+                pb[i].backward_with(&g).unwrap();
+            } else {
+                // bf16 on the compute copy
+                let g = g.to_dtype(DType::BF16).unwrap();
+                la[i].backward_with(&g).unwrap();
+                lb[i].backward_with(&g).unwrap();
+            }
+        }
+        oa.step(3e-3).unwrap();
+        ob.step(3e-3).unwrap();
+        assert_same(
+            &format!("multi-tensor masters after step {step}"),
+            &pb,
+            &pa,
+            0.0,
+        );
+        assert_same(
+            &format!("multi-tensor copies after step {step}"),
+            &lb,
+            &la,
+            0.0,
+        );
+        let (sa, sb) = (oa.state().unwrap(), ob.state().unwrap());
+        for (i, (a, b)) in sa.params.iter().zip(&sb.params).enumerate() {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            assert_eq!(a.step, b.step, "param {i} step count");
+            assert_eq!(
+                rel_error(&b.exp_avg, &a.exp_avg).unwrap(),
+                0.0,
+                "param {i} exp_avg"
+            );
+            assert_eq!(
+                rel_error(&b.exp_avg_sq, &a.exp_avg_sq).unwrap(),
+                0.0,
+                "param {i} exp_avg_sq"
+            );
+        }
+        oa.zero_grad();
+        ob.zero_grad();
+    }
+}
+
 #[test]
 fn sgd_steps_match_cpu() {
     if cuda::device_or_skip("sgd_steps_match_cpu").is_none() {

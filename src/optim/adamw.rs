@@ -74,6 +74,8 @@ pub struct AdamW {
     /// own: rewritten by each step (for CUDA f32 → bf16 in the update's fused kernel); empty
     /// until asked for.
     copies: Vec<Option<Tensor>>,
+    /// CUDA parameters updated in one multi-tensor launch (`set_multi_tensor`).
+    multi_tensor: bool,
 }
 
 /// Per-tensor scalars of one update, rounded to the parameter dtype.
@@ -144,6 +146,7 @@ impl AdamW {
             steps: 0,
             state: vec![None; n],
             copies: Vec::new(),
+            multi_tensor: std::env::var("TESSERA_ADAMW_MULTI").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -244,6 +247,14 @@ impl AdamW {
         Ok(c)
     }
 
+    /// Whether `step` updates the CUDA parameters in one multi-tensor launch
+    /// (`backend::cuda::ops::optim::adamw_multi`: the same results bit for bit, one launch
+    /// instead of one per parameter). Off by default until validated on a GPU;
+    /// `TESSERA_ADAMW_MULTI=1` turns it on for every optimiser.
+    pub fn set_multi_tensor(&mut self, on: bool) {
+        self.multi_tensor = on;
+    }
+
     /// Forgets the compute copies (`compute_params` casts afresh on its next call).
     pub fn drop_compute_copies(&mut self) {
         self.copies.clear();
@@ -257,14 +268,27 @@ impl AdamW {
             )));
         }
         let config = self.config;
+        let mut multi = self.multi_tensor.then(Vec::new);
         no_grad(|| {
             let mut index = 0;
             for group in &self.groups {
                 for p in &group.params {
                     let slot = &mut self.state[index];
                     let copy = self.copies.get(index).and_then(|c| c.as_ref());
-                    update_param(p, index, slot, copy, lr, group.weight_decay, &config)?;
+                    let u = (lr, group.weight_decay);
+                    update_param(p, index, slot, copy, u, &config, multi.as_mut())?;
                     index += 1;
+                }
+            }
+            let Some(updates) = multi.filter(|u| !u.is_empty()) else {
+                return Ok(());
+            };
+            crate::backend::cuda::ops::optim::adamw_multi(&updates)?;
+            // Copies the kernel does not write (not bf16): cast from the updated masters.
+            for (p, copy) in self.params().zip(&self.copies) {
+                let other = copy.as_ref().is_some_and(|c| c.dtype() != DType::BF16);
+                if other && updates.iter().any(|u| u.p.same_storage(p)) {
+                    refresh_copy(p, copy.as_ref())?;
                 }
             }
             Ok::<(), Error>(())
@@ -330,14 +354,16 @@ impl AdamW {
     }
 }
 
+/// Updates parameter `index` with learning rate and weight decay `(lr, weight_decay)`; a CUDA
+/// parameter's update is queued on `multi` instead of launched when that is given.
 fn update_param(
     p: &Tensor,
     index: usize,
     slot: &mut Option<AdamWParamState>,
     copy: Option<&Tensor>,
-    lr: f64,
-    weight_decay: f64,
+    (lr, weight_decay): (f64, f64),
     config: &AdamWConfig,
+    multi: Option<&mut Vec<crate::backend::cuda::ops::optim::AdamWUpdate>>,
 ) -> Result<()> {
     let Some(g) = gradient(index, p, copy)? else {
         return Ok(());
@@ -367,6 +393,19 @@ fn update_param(
         };
         // A bf16 compute copy is written by the same kernel; any other is cast below.
         let fused = copy.filter(|c| c.dtype() == DType::BF16);
+        if let Some(multi) = multi {
+            // Launched with the others by `step`, which then casts any other copy.
+            st.step = t;
+            multi.push(crate::backend::cuda::ops::optim::AdamWUpdate {
+                p: p.clone(),
+                g,
+                m: st.exp_avg.clone(),
+                v: st.exp_avg_sq.clone(),
+                copy: fused.cloned(),
+                k,
+            });
+            return Ok(());
+        }
         crate::backend::cuda::ops::optim::adamw_step(
             p,
             &g,

@@ -88,6 +88,7 @@ cuda_flash:flash_fwd_wgmma_matches_cpu cuda_flash:flash_bwd_wgmma_matches_cpu
 cuda_nn:cross_entropy_staged_variants_match_cpu
 cuda_matmul_attention:adamw_compute_copies_follow_the_masters
 cuda_matmul_attention:adamw_compute_leaves_update_as_compute_params
+cuda_matmul_attention:adamw_multi_tensor_matches_per_tensor
 cuda_qwen:bf16_gradients_on_the_compute_copies_are_exact"
 for t in "$BIN"/tests/*; do
     name=$(basename "$t")
@@ -249,7 +250,7 @@ for g in ${STEP_GEMMS:-}; do
 done
 # The same 3B step with the kernels validated above switched on (the GEMM's MN-major mode: no
 # operand transposes; the Hopper flash forward with its overlap; the Hopper backward; the GEMM's
-# TMA-store epilogue): all of them, then each left out in turn (its effect), beside the default
+# TMA-store epilogue; AdamW in one launch): all of them, then each left out in turn (its effect), beside the default
 # (step_torch.py's tessera row). Switches that failed their tests stay off; combinations only
 # while the check is short (STEP_COMBOS_BEFORE_S).
 ON=""
@@ -257,6 +258,8 @@ ON=""
 [ -z "${TESSERA_BENCH_SKIP_FLASH_WG:-}" ] && ON="$ON TESSERA_FLASH_WG=2"
 [ -z "${TESSERA_BENCH_SKIP_FLASH_WG_BWD:-}" ] && ON="$ON TESSERA_FLASH_WG_BWD=1"
 [ -z "${TESSERA_BENCH_SKIP_TS:-}" ] && ON="$ON TESSERA_GEMM_TS=1"
+grep -q "adamw_multi_tensor_matches_per_tensor ... ok" "$OUT/test-cuda_matmul_attention.log" 2>/dev/null \
+    && ON="$ON TESSERA_ADAMW_MULTI=1"
 if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ] && [ -n "$ON" ]; then
     combos=("$ON")
     for sw in $ON; do

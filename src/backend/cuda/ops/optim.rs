@@ -42,21 +42,16 @@ fn check_state(op: &'static str, p: &Tensor, others: &[(&str, &Tensor)]) -> Resu
     Ok(())
 }
 
-/// One fused AdamW update of `p` in place (m and v updated too). All contiguous f32 on CUDA,
-/// except that the gradient may be bf16 (a compute copy's, converted as it is read).
-pub fn adamw_step(
+/// Checks one AdamW update's tensors (all contiguous f32 on CUDA, except that the gradient may
+/// be bf16, and the compute copy, if any, must be bf16); returns the copy's pointer (0: none).
+fn check_adamw(
     p: &Tensor,
     g: &Tensor,
     m: &Tensor,
     v: &Tensor,
-    k: &AdamWCoefs,
     copy: Option<&Tensor>,
-) -> Result<()> {
+) -> Result<u64> {
     check_state("AdamW::step", p, &[("exp_avg", m), ("exp_avg_sq", v)])?;
-    let kernel = match g.dtype() {
-        DType::BF16 => "adamw_f32_gbf16",
-        _ => "adamw_f32",
-    };
     if g.dtype() == DType::BF16 {
         if !g.is_cuda() || !g.is_contiguous() || g.numel() != p.numel() {
             return Err(Error::msg(format!(
@@ -70,24 +65,39 @@ pub fn adamw_step(
     } else {
         check_state("AdamW::step", p, &[("gradient", g)])?;
     }
+    match copy {
+        Some(c) if c.dtype() == DType::BF16 && c.shape() == p.shape() && c.is_contiguous() => {
+            c.cuda_ptr()
+        }
+        Some(c) => Err(Error::msg(format!(
+            "AdamW::step: the compute copy of a {:?} parameter must be a contiguous bf16 \
+             tensor of its shape, got {:?} {}",
+            p.shape(),
+            c.shape(),
+            c.dtype()
+        ))),
+        None => Ok(0u64),
+    }
+}
+
+/// One fused AdamW update of `p` in place (m and v updated too). All contiguous f32 on CUDA,
+/// except that the gradient may be bf16 (a compute copy's, converted as it is read).
+pub fn adamw_step(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    k: &AdamWCoefs,
+    copy: Option<&Tensor>,
+) -> Result<()> {
+    let cp = check_adamw(p, g, m, v, copy)?;
     let n = p.numel();
     if n == 0 {
         return Ok(());
     }
-    let cp = match copy {
-        Some(c) if c.dtype() == DType::BF16 && c.shape() == p.shape() && c.is_contiguous() => {
-            c.cuda_ptr()?
-        }
-        Some(c) => {
-            return Err(Error::msg(format!(
-                "AdamW::step: the compute copy of a {:?} parameter must be a contiguous bf16 \
-                 tensor of its shape, got {:?} {}",
-                p.shape(),
-                c.shape(),
-                c.dtype()
-            )))
-        }
-        None => 0u64,
+    let kernel = match g.dtype() {
+        DType::BF16 => "adamw_f32_gbf16",
+        _ => "adamw_f32",
     };
     let (pp, gp, mp, vp) = (p.cuda_ptr()?, g.cuda_ptr()?, m.cuda_ptr()?, v.cuda_ptr()?);
     let n64 = n as i64;
@@ -114,6 +124,108 @@ pub fn adamw_step(
             arg(&k.eps),
             arg(&k.neg_step_size),
             arg(&cp),
+        ],
+    )
+}
+
+/// One tensor of a multi-tensor AdamW update ([`adamw_multi`]): the tensors and scalars
+/// [`adamw_step`] takes.
+pub struct AdamWUpdate {
+    pub p: Tensor,
+    pub g: Tensor,
+    pub m: Tensor,
+    pub v: Tensor,
+    pub copy: Option<Tensor>,
+    pub k: AdamWCoefs,
+}
+
+/// One entry of the kernel's table (`AdamWTensor` in kernels/optim.cu, 72 bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamWTensor {
+    p: u64,
+    g: u64,
+    m: u64,
+    v: u64,
+    copy: u64,
+    n: i64,
+    first_block: i64,
+    decay: f32,
+    neg_step: f32,
+    bc2_sqrt: f32,
+    flags: i32,
+}
+
+/// Elements per block of `adamw_multi_f32` (ADAMW_MULTI_ELEMS in kernels/optim.cu).
+const ADAMW_MULTI_ELEMS: usize = 8192;
+
+/// Every update of `updates` in one launch (`adamw_multi_f32`): a table of the tensors goes
+/// to the device through the staging ring, and each block finds its tensor in it. The same
+/// arithmetic per element as [`adamw_step`], so the same results bit for bit, without a
+/// launch per parameter. The betas and eps must be the same for all (one optimiser's).
+pub fn adamw_multi(updates: &[AdamWUpdate]) -> Result<()> {
+    let mut table = Vec::with_capacity(updates.len());
+    let mut blocks = 0usize;
+    for u in updates {
+        let cp = check_adamw(&u.p, &u.g, &u.m, &u.v, u.copy.as_ref())?;
+        let k0 = &updates[0].k;
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits();
+        if !(same(u.k.one_minus_beta1, k0.one_minus_beta1)
+            && same(u.k.beta2, k0.beta2)
+            && same(u.k.one_minus_beta2, k0.one_minus_beta2)
+            && same(u.k.eps, k0.eps))
+        {
+            return Err(Error::msg(
+                "adamw_multi: every tensor must share the betas and eps of one optimiser",
+            ));
+        }
+        let n = u.p.numel();
+        if n == 0 {
+            continue;
+        }
+        table.push(AdamWTensor {
+            p: u.p.cuda_ptr()?,
+            g: u.g.cuda_ptr()?,
+            m: u.m.cuda_ptr()?,
+            v: u.v.cuda_ptr()?,
+            copy: cp,
+            n: n as i64,
+            first_block: blocks as i64,
+            decay: u.k.decay.unwrap_or(1.0),
+            neg_step: u.k.neg_step_size,
+            bc2_sqrt: u.k.bc2_sqrt,
+            flags: u.k.decay.is_some() as i32 | (((u.g.dtype() == DType::BF16) as i32) << 1),
+        });
+        blocks += n.div_ceil(ADAMW_MULTI_ELEMS);
+    }
+    if table.is_empty() {
+        return Ok(());
+    }
+    if blocks > i32::MAX as usize {
+        return Err(Error::msg(format!(
+            "adamw_multi: {blocks} blocks exceed one launch's grid"
+        )));
+    }
+    let dev = device()?;
+    let bytes = std::mem::size_of_val(table.as_slice());
+    let on_device = Tensor::empty_cuda(&[bytes.div_ceil(8)], DType::I64)?;
+    let tp = on_device.cuda_ptr()?;
+    dev.htod(&table, tp)?;
+    let k = &updates[0].k;
+    let count = table.len() as i32;
+    dev.launch(
+        "optim.cu",
+        "adamw_multi_f32",
+        (blocks as u32, 1, 1),
+        (THREADS as u32, 1, 1),
+        0,
+        &[
+            arg(&tp),
+            arg(&count),
+            arg(&k.one_minus_beta1),
+            arg(&k.beta2),
+            arg(&k.one_minus_beta2),
+            arg(&k.eps),
         ],
     )
 }
