@@ -386,9 +386,8 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
     let cuda = device == crate::Device::Cuda;
     let host = || cuda.then(crate::backend::cuda::host_stats);
     let mut issue_ms = Vec::new(); // (ms to issue the step, ms of it blocked in synchronisations)
-    let mut step = || -> Result<f64> {
-        let t = Instant::now();
-        let h_start = host();
+                                   // One step issued (forward, backward, AdamW); its loss, not yet read back.
+    let issue_step = |opt: &mut AdamW| -> Result<Tensor> {
         // bf16: the model computes with AdamW's compute copies, rewritten by its fused step,
         // and leaves its gradients on them in bf16 for the step to read (`TESSERA_BF16_GRADS=0`:
         // the copies are cast nodes whose backward casts the gradients to the f32 masters;
@@ -413,6 +412,14 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
         loss.backward()?;
         opt.step(1e-4)?;
         opt.zero_grad();
+        Ok(loss)
+    };
+    // A step from an idle device to its loss on the host (the measured step, as
+    // tools/bench/step_torch.py times PyTorch's).
+    let mut step = |opt: &mut AdamW| -> Result<f64> {
+        let t = Instant::now();
+        let h_start = host();
+        let loss = issue_step(opt)?;
         let blocked = match (h_start, host()) {
             (Some(a), Some(b)) => b.sync_ms - a.sync_ms,
             _ => 0.0,
@@ -421,12 +428,14 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
         last_loss = loss.to_scalar()?;
         Ok(t.elapsed().as_secs_f64())
     };
-    step()?; // warm-up
+    step(&mut opt)?; // warm-up
     let host0 = host();
     if device == crate::Device::Cuda {
         crate::backend::cuda::profile_report()?; // drop the warm-up's kernels
     }
-    let mut times: Vec<f64> = (0..a.steps.max(1)).map(|_| step()).collect::<Result<_>>()?;
+    let mut times: Vec<f64> = (0..a.steps.max(1))
+        .map(|_| step(&mut opt))
+        .collect::<Result<_>>()?;
     if let (Some(h0), Some(h1)) = (host0, host()) {
         let steps = times.len() as f64;
         let issue: f64 = issue_ms[1..].iter().map(|x| x.0).sum::<f64>() / steps;
@@ -473,6 +482,23 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
             );
         }
     }
+    // CUDA: the same number of steps issued back to back, each loss read only after the last
+    // step is issued (a training loop that logs its losses late): the host prepares a step
+    // while the device still runs the one before, so the device idles neither at a step's
+    // start nor on its final read. Wall time per step.
+    let pipelined_ms = if cuda && !crate::backend::cuda::profiling() {
+        crate::backend::cuda::device()?.synchronize()?;
+        let t = Instant::now();
+        let losses: Vec<Tensor> = (0..times.len())
+            .map(|_| issue_step(&mut opt))
+            .collect::<Result<_>>()?;
+        for l in &losses {
+            last_loss = l.to_scalar()?;
+        }
+        Some(t.elapsed().as_secs_f64() * 1e3 / times.len() as f64)
+    } else {
+        None
+    };
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let tokens = (a.batch * a.seq) as f64 / median;
@@ -483,11 +509,12 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
             peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
         };
         println!(
-            "{{\"device\": \"{device}\", \"dtype\": \"{dtype}\", \"batch\": {}, \"seq\": {}, \"step_ms_median\": {:.3}, \"tokens_per_s\": {:.1}, \"threads\": {}, \"params\": {}, \"loss\": {last_loss:.4}, \"peak_gib\": {peak:.2}}}",
+            "{{\"device\": \"{device}\", \"dtype\": \"{dtype}\", \"batch\": {}, \"seq\": {}, \"step_ms_median\": {:.3}, \"tokens_per_s\": {:.1}, \"pipelined_ms\": {}, \"threads\": {}, \"params\": {}, \"loss\": {last_loss:.4}, \"peak_gib\": {peak:.2}}}",
             a.batch,
             a.seq,
             median * 1e3,
             tokens,
+            pipelined_ms.map_or("null".to_string(), |ms| format!("{ms:.3}")),
             rayon::current_num_threads(),
             model.params.numel()
         );
@@ -501,6 +528,12 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
             times.len(),
             rayon::current_num_threads()
         );
+        if let Some(ms) = pipelined_ms {
+            println!(
+                "  pipelined (steps issued back to back, losses read after the last): {ms:.1} ms a step ({:.0} tokens/s)",
+                (a.batch * a.seq) as f64 / ms * 1e3
+            );
+        }
     }
     Ok(())
 }

@@ -80,8 +80,26 @@ def main():
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
+    def pipelined(n):
+        """n steps issued back to back, the losses read after the last (as tessera's
+        `pipelined_ms`): ms per step."""
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        losses = []
+        for _ in range(n):
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+                out = forward()
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(out.loss.detach())
+        [x.item() for x in losses]
+        return (time.perf_counter() - t) / n * 1e3
+
     step()
     torch_ms = statistics.median(step() for _ in range(a.steps)) * 1e3
+    torch_pipe_ms = pipelined(a.steps) if dev.type == "cuda" else None
     n_params = sum(p.numel() for p in model.parameters())
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
     # Approximate model FLOPs per step: 6 x parameters x tokens (dense bf16 peak 989 TFLOP/s).
@@ -89,6 +107,9 @@ def main():
     print(f"PyTorch {torch.__version__} ({a.attn}, {a.device}, {a.dtype}): {torch_ms:.1f} ms/step, "
           f"{a.batch * a.seq / torch_ms * 1e3:.0f} tokens/s, {a.threads} threads, {n_params / 1e6:.0f}M params, "
           f"peak {peak:.1f} GiB, approx MFU {flops / (torch_ms * 1e-3) / 989e12:.1%}")
+    if torch_pipe_ms is not None:
+        print(f"PyTorch pipelined (steps back to back): {torch_pipe_ms:.1f} ms/step, "
+              f"approx MFU {flops / (torch_pipe_ms * 1e-3) / 989e12:.1%}")
     if a.tessera:
         out = subprocess.run([a.tessera, "--threads", str(a.threads), "bench", "step", "--model", a.model,
                               "--batch", str(a.batch), "--seq", str(a.seq), "--image", a.image,
@@ -99,6 +120,10 @@ def main():
               f"peak {r.get('peak_gib', float('nan')):.1f} GiB, "
               f"approx MFU {flops / (r['step_ms_median'] * 1e-3) / 989e12:.1%}, loss {r.get('loss')}")
         print(f"tessera time / PyTorch time = {r['step_ms_median'] / torch_ms:.2f} (target <= 1.0)")
+        if r.get("pipelined_ms") and torch_pipe_ms:
+            print(f"tessera pipelined: {r['pipelined_ms']:.1f} ms/step, approx MFU "
+                  f"{flops / (r['pipelined_ms'] * 1e-3) / 989e12:.1%}; tessera / PyTorch pipelined = "
+                  f"{r['pipelined_ms'] / torch_pipe_ms:.2f}")
 
 
 if __name__ == "__main__":

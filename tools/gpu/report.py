@@ -101,13 +101,14 @@ def steps(d):
     if not rows:
         return
     print()
-    print("| 3B step (bench-3b-8layers, bf16, 4 x 1024 + 448² images) | ms | tokens/s | peak GiB | loss |")
-    print("|---|---:|---:|---:|---:|")
+    print("| 3B step (bench-3b-8layers, bf16, 4 x 1024 + 448² images) | ms | tokens/s | pipelined ms | peak GiB | loss |")
+    print("|---|---:|---:|---:|---:|---:|")
     for label, r in rows:
         if r is None:
-            print(f"| {label} | failed (see its json) | | | |")
+            print(f"| {label} | failed (see its json) | | | | |")
         else:
-            print(f"| {label} | {r['step_ms_median']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} | {r['loss']:.4f} |")
+            pipe = f"{r['pipelined_ms']:.1f}" if r.get("pipelined_ms") else "-"
+            print(f"| {label} | {r['step_ms_median']:.1f} | {r['tokens_per_s']:.0f} | {pipe} | {r['peak_gib']:.1f} | {r['loss']:.4f} |")
 
 
 if __name__ == "__main__":
