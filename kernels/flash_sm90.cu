@@ -66,9 +66,14 @@ __device__ __forceinline__ void fh_issue_scores(float* s, unsigned int sqa, unsi
 // Issues O += P V (P from the registers pa, V the tile at sv read MN-major) after a wgmma
 // fence; the caller commits.
 template <int D, int BN>
-__device__ __forceinline__ void fh_issue_pv(float* acc, const unsigned int (*pa)[4], unsigned int sv) {
+__device__ __forceinline__ void fh_issue_pv(float* acc, unsigned int (*pa)[4], unsigned int sv) {
 #pragma unroll
     for (int j = 0; j < D / 2; ++j) fence_operand(acc[j]);
+    // P's registers too (as CUTLASS fences a register A operand): written before the fence.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) fence_operand(pa[kk][r]);
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
@@ -331,6 +336,9 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
 #pragma unroll
             for (int j = 0; j < BN / 2; ++j) fence_operand(s[j]);
             fh_softmax<BN>(s, m, l, corr, i * BN, tk32, causal32, warp_row, row0, off32, t, sl2);
+            // Without a block boundary here ptxas hoists the wait above the softmax (2 of its 68
+            // max and none of its 66 exp2 were left between the waits): no overlap at all.
+            block_boundary(tk32);
             wg_wait0();  // P_{i-1} V_{i-1} done: pa, the output and stage i - 1 are free
 #pragma unroll
             for (int j = 0; j < D / 2; ++j) fence_operand(acc[j]);

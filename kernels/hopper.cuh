@@ -78,9 +78,17 @@ __device__ __forceinline__ void wgmma_bn(float* d, unsigned long long da, unsign
 }
 
 __device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
+// A basic-block boundary the compiler cannot remove: a branch on `never_negative` (a value the
+// caller knows is >= 0, from a kernel argument) around an empty sleep. ptxas schedules within a
+// block, and hoists a wgmma wait to the top of the block it sits in: put this right before a
+// wg_wait0 that must stay after the work before it (the softmax that overlaps P·V).
+__device__ __forceinline__ void block_boundary(int never_negative) {
+    if (never_negative < 0) asm volatile("nanosleep.u32 0;\n" ::: "memory");
+}
 
 // Pins the order of accumulator accesses around wgmma (no instruction emitted).
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void fence_operand(unsigned int& r) { asm volatile("" : "+r"(r)::"memory"); }
 
 __device__ __forceinline__ void mbar_init(unsigned int bar, unsigned int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");

@@ -188,6 +188,7 @@ fn flash_fwd_wgmma_matches_cpu() {
         (1, 2, 2, 129, 300, 128, false),
         (2, 4, 4, 384, 384, 128, true),
         (1, 8, 2, 1024, 1024, 64, true),
+        (1, 2, 2, 300, 40, 64, true), // blocks 0 and 1 see no key tile, block 2 one
     ]) {
         for schedule in 1..=3 {
             forward_case(b, hq, hkv, tq, tk, d, causal, None, |q, k, v, c, sc| {
@@ -212,6 +213,7 @@ fn flash_bwd_wgmma_matches_cpu() {
         (1, 2, 1, 129, 300, 128, false),
         (1, 8, 1, 256, 256, 128, true),
         (2, 16, 2, 512, 512, 128, true),
+        (1, 2, 2, 300, 40, 64, true), // query blocks that see no key tile
     ]) {
         let q = round(randn(&[b, hq, tq, d], 31));
         let k = round(randn(&[b, hkv, tk, d], 32));

@@ -33,6 +33,10 @@ fn case_with(kernel: TcKernel, m: usize, n: usize, k: usize, bias: bool) {
     let want = a.matmul(&b.t().unwrap()).unwrap();
     let want = if bias { want.add(&c).unwrap() } else { want };
     let on = |t: &tessera::Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
+    // NaN in the block the output will most likely reuse (the allocator hands back the last
+    // freed block of a size class): an element the kernel fails to write cannot pass by holding
+    // an earlier test's result.
+    drop(tessera::Tensor::full_on(&[m, n], f64::NAN, DType::BF16, tessera::Device::Cuda).unwrap());
     let got = gemm_tc::matmul_bt_with(
         kernel,
         &on(&a),
@@ -206,10 +210,33 @@ fn gemm_wgmma_ws_tma_store_matches_cpu() {
     if !hopper_or_skip("gemm_wgmma_ws_tma_store") {
         return;
     }
-    let extra = [(4096, 2048, 2048, true), (200, 72, 64, true)];
+    cuda::count_launches(true);
+    let ts_before = cuda::launches_where(|k| k.contains("_ts"));
+    // 4100 x 1904: 128 x 256 tiles whose last column block keeps 112 columns (the second round
+    // of 128 skipped, the first clipped) and whose last row block keeps 4 rows (one consumer
+    // skipped, the other clipped).
+    let extra = [
+        (4096, 2048, 2048, true),
+        (200, 72, 64, true),
+        (4100, 1904, 136, true),
+    ];
     for (m, n, k, bias) in HOPPER_CASES.into_iter().chain(WS_WIDTH_CASES).chain(extra) {
         case_with(TcKernel::WgmmaWsTma, m, n, k, bias);
     }
+    // The same edges into an output of random values (anything left unwritten shows).
+    majors_case_with(
+        TcKernel::WgmmaWsTma,
+        (K, K),
+        1,
+        (4100, 1904, 136),
+        false,
+        true,
+        false,
+    );
+    assert!(
+        cuda::launches_where(|k| k.contains("_ts")) > ts_before,
+        "no TMA-store (_ts) kernel ran"
+    );
     batched_case(TcKernel::WgmmaWsTma, 3, 130, 304, 96, false, true, false);
     batched_case(TcKernel::WgmmaWsTma, 2, 257, 72, 520, true, true, false);
     batched_case(TcKernel::WgmmaWsTma, 3, 130, 300, 96, false, true, false);
@@ -381,10 +408,25 @@ fn gemm_wgmma_ws_mn_major_matches_cpu() {
         (2048, 2048, 512),
         (1100, 3000, 136),
     ];
+    cuda::count_launches(true);
+    let mn_kernel = |k: &str| k.ends_with("_ta") || k.ends_with("_tb") || k.ends_with("_tab");
+    let before = cuda::launches_where(mn_kernel);
     for majors in [(MN, K), (K, MN), (MN, MN)] {
         for (i, &mnk) in shapes.iter().enumerate() {
             majors_case(majors, 1, mnk, false, i % 2 == 1, false);
         }
+        // 128 x 256 tiles (264 of them, more than the SMs): B over four 64-wide boxes, six TMA
+        // boxes a stage, edges in both M and N; with the TMA-store epilogue too.
+        majors_case(majors, 1, (4100, 1904, 200), false, true, false);
+        majors_case_with(
+            TcKernel::WgmmaWsTma,
+            majors,
+            1,
+            (4100, 1904, 200),
+            false,
+            true,
+            false,
+        );
         majors_case(majors, 3, (130, 300, 96), false, true, false);
         majors_case(majors, 3, (130, 300, 96), true, false, true);
         majors_case(majors, 2, (257, 72, 520), true, true, true);
@@ -394,6 +436,10 @@ fn gemm_wgmma_ws_mn_major_matches_cpu() {
         majors_case((MN, MN), 1, mnk, false, false, false);
     }
     majors_case((MN, MN), 2, (96, 80, 13), true, true, true);
+    assert!(
+        cuda::launches_where(mn_kernel) > before,
+        "no MN-major kernel ran"
+    );
 }
 
 /// `Tensor::linear` / `matmul` on CUDA bf16 with the MN-major mode on: the backward's `G · W`
@@ -406,6 +452,9 @@ fn mn_major_products_match_cpu() {
         return;
     }
     gemm_tc::set_mn_major(Some(true));
+    cuda::count_launches(true);
+    let mn_kernel = |k: &str| k.ends_with("_ta") || k.ends_with("_tb") || k.ends_with("_tab");
+    let before = cuda::launches_where(mn_kernel);
     let x = randn(&[300, 136], 31);
     let w = randn(&[264, 136], 32);
     let b = randn(&[264], 33);
@@ -439,4 +488,8 @@ fn mn_major_products_match_cpu() {
         |xs| xs[0].matmul(&xs[1]),
     );
     gemm_tc::set_mn_major(None);
+    assert!(
+        cuda::launches_where(mn_kernel) > before,
+        "the products took no MN-major kernel (the transposing path instead)"
+    );
 }

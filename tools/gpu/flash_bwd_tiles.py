@@ -126,7 +126,7 @@ def main():
     cases = [(1, 2, 2, 64, 64, 64, False), (2, 4, 2, 37, 37, 64, True), (1, 4, 1, 100, 129, 128, True),
              (1, 3, 3, 1, 77, 128, True), (1, 2, 2, 70, 50, 64, True), (1, 4, 2, 300, 300, 128, True),
              (1, 2, 2, 257, 513, 64, False), (1, 2, 1, 129, 300, 128, False), (1, 8, 1, 256, 256, 128, True),
-             (1, 4, 2, 200, 130, 64, True)]
+             (1, 4, 2, 200, 130, 64, True), (1, 2, 2, 300, 40, 64, True)]
     worst = 0.0
     for (B, Hq, Hkv, Tq, Tk, D, causal) in cases:
         q, g = rng.standard_normal((B, Hq, Tq, D)), rng.standard_normal((B, Hq, Tq, D))

@@ -94,12 +94,22 @@ def main():
             if re.search(r"[1-9]\d* bytes spill (stores|loads)", line):
                 bad.append(f"{kern}: {line.split('info    :')[-1].strip()}")
     if a.sass:
-        sass_registers(path + ".cubin", a.filter)
+        bad += sass_registers(path + ".cubin", a.filter)
     if a.check and bad:
         sys.exit(f"{a.file} ({arch}): " + "; ".join(bad))
 
 
+# Kernels whose softmax must run between the two wgmma waits (FlashAttention-3's intra-warpgroup
+# overlap: S_i's softmax while P_{i-1} V_{i-1} is on the tensor cores), and the fewest exp2
+# (MUFU.EX2) the SASS must place there: a 128-key tile is 64 exponentials per thread.
+OVERLAP_KERNELS = ("_wgo_", "_wgp_")
+OVERLAP_MIN_EX2 = 32
+
+
 def sass_registers(cubin, filt):
+    """Prints each kernel's highest SASS register and, for the overlap kernels, the exp2 between
+    `DEPBAR.LE gsb0, 0x1` and the next `DEPBAR.LE gsb0, 0x0`; returns the overlap kernels with
+    fewer than OVERLAP_MIN_EX2 there (ptxas hoisted the second wait above the softmax)."""
     nvdisasm = "nvdisasm"
     local = os.path.join(ROOT, "target/nvdisasm/nvidia/cu13/bin/nvdisasm")
     if os.path.exists(local):
@@ -108,19 +118,39 @@ def sass_registers(cubin, filt):
     if out.returncode != 0:
         sys.exit(out.stderr)
     top, kern = {}, None
+    overlap = {}  # kernel -> most exp2 between a wait for 1 group and the next wait for 0
+    between = None
     for line in out.stdout.splitlines():
         m = re.match(r"\.text\.(\w+):", line)
         if m:
             kern = m.group(1)
             top[kern] = -1
+            between = None
+            if any(k in kern for k in OVERLAP_KERNELS):
+                overlap[kern] = 0
             continue
         if kern:
             regs = [int(r) for r in re.findall(r"\bR(\d+)\b", line)]
             if regs:
                 top[kern] = max(top[kern], max(regs))
+            if kern in overlap:
+                if re.search(r"DEPBAR\.LE\s+SB\w*,\s*0x1\b|DEPBAR\.LE\s+gsb0,\s*0x1\b", line):
+                    between = 0
+                elif re.search(r"DEPBAR\.LE\s+gsb0,\s*0x0\b", line) and between is not None:
+                    overlap[kern] = max(overlap[kern], between)
+                    between = None
+                elif between is not None and "MUFU.EX2" in line:
+                    between += 1
+    bad = []
     for kern, r in sorted(top.items()):
         if filt in kern:
-            print(f"{kern:40s} SASS uses R0..R{r} ({r + 1} registers)")
+            extra = ""
+            if kern in overlap:
+                extra = f", {overlap[kern]} exp2 between the wgmma waits"
+                if overlap[kern] < OVERLAP_MIN_EX2:
+                    bad.append(f"{kern}: only {overlap[kern]} exp2 between the wgmma waits (no overlap)")
+            print(f"{kern:40s} SASS uses R0..R{r} ({r + 1} registers){extra}")
+    return bad
 
 
 if __name__ == "__main__":

@@ -395,7 +395,7 @@ pub fn flash_bwd(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let wg = (segments.is_none() && matches!(q.dim(3)?, 64 | 128) && wgmma_bwd() && hopper())
         .then_some(None);
-    bwd(q, k, v, o, lse, g, causal, scale, segments, wg)
+    bwd(q, k, v, o, lse, g, causal, scale, segments, wg, true)
 }
 
 /// `flash_bwd` (no segments) by the Hopper kernels (kernels/flash_sm90.cu: TMA loads by a
@@ -422,10 +422,22 @@ pub fn flash_bwd_wgmma(
             "flash_bwd_wgmma: needs an sm_90 device and head dim 64 or 128 (got {d})"
         )));
     }
-    bwd(q, k, v, o, lse, g, causal, scale, None, Some(split))
+    bwd(q, k, v, o, lse, g, causal, scale, None, Some(split), false)
 }
 
-/// `flash_bwd`; `wg`: every gradient through `grads_wgmma` with its `split`.
+/// Whether the Hopper backward's tensor maps can address these operands: 16-byte aligned
+/// bases, and coordinates within i32 (`rows` = B · Hq · Tq query rows, `tk` keys).
+fn wgmma_bwd_addressable(ts: &[&Tensor], rows: usize, tk: usize) -> Result<bool> {
+    for t in ts {
+        if t.cuda_ptr()? % 16 != 0 {
+            return Ok(false);
+        }
+    }
+    Ok(rows + 64 <= i32::MAX as usize && tk + 128 <= i32::MAX as usize)
+}
+
+/// `flash_bwd`; `wg`: every gradient through `grads_wgmma` with its `split`, or (`fallback`)
+/// through the mma.sync kernels when its tensor maps cannot address the operands.
 #[allow(clippy::too_many_arguments)]
 fn bwd(
     q: &Tensor,
@@ -438,14 +450,42 @@ fn bwd(
     scale: f64,
     segments: Option<&Segments>,
     wg: Option<Option<bool>>,
+    fallback: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, hq, tq, d) = (q.dim(0)?, q.dim(1)?, q.dim(2)?, q.dim(3)?);
     let (hkv, tk) = (k.dim(1)?, k.dim(2)?);
-    if ![64, 80, 128].contains(&d) || o.shape() != q.shape() || g.shape() != q.shape() {
+    if ![64, 80, 128].contains(&d)
+        || o.shape() != q.shape()
+        || g.shape() != q.shape()
+        || k.shape() != v.shape()
+        || k.rank() != 4
+        || k.dim(0)? != b
+        || k.dim(3)? != d
+        || hkv == 0
+        || hq % hkv != 0
+    {
         return Err(Error::shape(
             "flash_bwd",
-            format!("q {:?} o {:?} g {:?}", q.shape(), o.shape(), g.shape()),
+            format!(
+                "q {:?} k {:?} v {:?} o {:?} g {:?} (head dim 64, 80 or 128; query heads a \
+                 multiple of the key/value heads)",
+                q.shape(),
+                k.shape(),
+                v.shape(),
+                o.shape(),
+                g.shape()
+            ),
         ));
+    }
+    if [q, k, v, o, g].iter().any(|t| t.dtype() != DType::BF16) {
+        return Err(Error::msg(format!(
+            "flash_bwd: q, k, v, o and the gradient must be bf16, got {} {} {} {} {}",
+            q.dtype(),
+            k.dtype(),
+            v.dtype(),
+            o.dtype(),
+            g.dtype()
+        )));
     }
     let [klo, khi, qlo, qhi] = segment_ptrs(segments, "flash_bwd", tq, tk)?;
     let seg = if segments.is_some() { "seg_" } else { "" };
@@ -463,7 +503,10 @@ fn bwd(
     crate::backend::cuda::ops::attention::launch_delta(DType::BF16, gp, op, dp, rows, d)?;
     let lse = lse.contiguous()?;
     if let Some(split) = wg {
-        return grads_wgmma(&q, &k, &v, &g, &lse, &delta, causal, scale, split);
+        let ts = [&q, &k, &v, &g, &lse, &delta];
+        if !fallback || wgmma_bwd_addressable(&ts, rows, tk)? {
+            return grads_wgmma(&q, &k, &v, &g, &lse, &delta, causal, scale, split);
+        }
     }
     let (qp, kp, vp, lp) = (q.cuda_ptr()?, k.cuda_ptr()?, v.cuda_ptr()?, lse.cuda_ptr()?);
     let dq = Tensor::empty_cuda(q.shape(), DType::BF16)?;
@@ -551,14 +594,7 @@ fn grads_wgmma(
     }
     let dk = Tensor::empty_cuda(k.shape(), DType::BF16)?;
     let dv = Tensor::empty_cuda(v.shape(), DType::BF16)?;
-    if [q, k, v, g]
-        .iter()
-        .any(|t| t.cuda_ptr().map_or(true, |p| p % 16 != 0))
-        || lse.cuda_ptr()? % 16 != 0
-        || delta.cuda_ptr()? % 16 != 0
-        || b * hq * tq + 64 > i32::MAX as usize
-        || tk + 128 > i32::MAX as usize
-    {
+    if !wgmma_bwd_addressable(&[q, k, v, g, lse, delta], b * hq * tq, tk)? {
         return Err(Error::msg(format!(
             "flash_bwd_wgmma: operands TMA cannot address (q {:?}, k {:?})",
             q.shape(),

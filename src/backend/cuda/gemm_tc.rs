@@ -300,7 +300,7 @@ const WS_BK: u32 = 64;
 /// Whether the warp-specialised kernel can run this product: TMA needs every byte stride a
 /// non-zero multiple of 16 (lda, ldb are, by `eligible`, unless 0; batch strides may not be)
 /// below 2^40, and tile coordinates fit in i32.
-fn ws_supported(
+pub(crate) fn ws_supported(
     (m, n, k): (usize, usize, usize),
     (lda, ldb): (usize, usize),
     batch: usize,

@@ -113,6 +113,26 @@ pub struct HostStats {
 
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);
 static SYNCS: AtomicU64 = AtomicU64::new(0);
+/// Launches per kernel name while `count_launches(true)` (tests: which kernel really ran).
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static COUNTS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+
+/// Starts (or stops) counting launches per kernel name, process-wide; for tests that must know
+/// which kernel a product took (a fallback would pass a comparison with the CPU too).
+pub fn count_launches(on: bool) {
+    COUNTING.store(on, Ordering::Relaxed);
+}
+
+/// Launches counted so far (`count_launches`) of kernels whose name satisfies `pick`.
+pub fn launches_where(pick: impl Fn(&str) -> bool) -> u64 {
+    let counts = COUNTS.lock().expect("launch counts lock");
+    counts
+        .iter()
+        .flatten()
+        .filter(|(name, _)| pick(name))
+        .map(|(_, n)| n)
+        .sum()
+}
 static SYNC_NS: AtomicU64 = AtomicU64::new(0);
 
 pub fn host_stats() -> HostStats {
@@ -455,6 +475,13 @@ impl CudaDevice {
         }
         let mut params: Vec<*mut c_void> = args.iter().map(|a| a.0).collect();
         LAUNCHES.fetch_add(1, Ordering::Relaxed);
+        if COUNTING.load(Ordering::Relaxed) {
+            let mut counts = COUNTS.lock().expect("launch counts lock");
+            *counts
+                .get_or_insert_with(HashMap::new)
+                .entry(kernel.to_string())
+                .or_default() += 1;
+        }
         let timed = if profiling() {
             let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
             let a = result::event::create(flags).map_err(|e| driver_err("event", e))?;

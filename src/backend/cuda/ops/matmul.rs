@@ -268,11 +268,13 @@ fn as_stored(ptr: u64, rows: usize, k: usize, rs: usize, cs: usize) -> Option<(M
     if !ptr.is_multiple_of(16) {
         return None;
     }
-    if (cs == 1 || k == 1) && k.is_multiple_of(8) && (rows == 1 || rs.is_multiple_of(8)) {
+    // A stride of 0 (a broadcast operand) is no layout TMA can read: the caller copies it.
+    if (cs == 1 || k == 1) && k.is_multiple_of(8) && (rows == 1 || (rs > 0 && rs.is_multiple_of(8)))
+    {
         let ld = if rows == 1 { k } else { rs };
         return Some((Major::K, ld));
     }
-    if (rs == 1 || rows == 1) && (k == 1 || cs.is_multiple_of(8)) {
+    if (rs == 1 || rows == 1) && (k == 1 || (cs > 0 && cs.is_multiple_of(8))) {
         let ld = if k == 1 { rows.next_multiple_of(8) } else { cs };
         return Some((Major::MN, ld));
     }
@@ -303,7 +305,9 @@ fn gemm_mn_major(
     ) else {
         return Ok(None);
     };
-    if (ma, mb) == (Major::K, Major::K) {
+    if (ma, mb) == (Major::K, Major::K)
+        || !gemm_tc::ws_supported((m, n, k), (lda, ldb), 1, (0, 0), (ma, mb))
+    {
         return Ok(None);
     }
     let out = Tensor::empty_cuda(out_shape, DType::BF16)?;
