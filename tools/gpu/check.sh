@@ -77,6 +77,20 @@ if [ -n "${SWEEP:-}" ]; then
     SWEEP_PID=$!
 fi
 
+# Pre-flight: the default Hopper GEMM (warp-specialised wgmma) has been refactored since it last
+# ran on a GPU (soft mbarrier waits, shared helpers). If its test fails, every later test and
+# benchmark takes the mma.sync GEMM instead (TESSERA_GEMM=mma), so the rest of the run still
+# measures something.
+if [ -x "$BIN/tests/cuda_gemm_tc" ]; then
+    log "pre-flight: the default GEMM"
+    timeout "$(tmo 120)" "$BIN/tests/cuda_gemm_tc" gemm_wgmma_ws_matches_cpu --exact --nocapture \
+        > "$OUT/preflight-gemm.log" 2>&1
+    if ! grep -q "gemm_wgmma_ws_matches_cpu ... ok" "$OUT/preflight-gemm.log"; then
+        export TESSERA_GEMM=mma
+        log "THE DEFAULT (ws) GEMM FAILED ITS TEST: TESSERA_GEMM=mma from here on (see preflight-gemm.log)"
+        tail -n 20 "$OUT/preflight-gemm.log"
+    fi
+fi
 log "tests"
 : > "$OUT/tests.log"
 # Kernels not yet validated on a GPU (off by default) run in processes of their own, so a
