@@ -213,6 +213,80 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
     });
     drop((opt, p));
 
+    // The same with the gradient in bf16 on the compute copy (`AdamW::compute_leaves`, the 3B
+    // step's default): reads p, m, v (f32) and g (bf16), writes p, m, v and the bf16 copy.
+    let p = Tensor::randn(&[n], 0.02, DType::F32, &mut rng)?
+        .to_cuda()?
+        .requires_grad_();
+    let mut opt = AdamW::new(vec![p.clone()], AdamWConfig::default())?;
+    let leaf = opt.compute_leaves(DType::BF16)?.remove(0);
+    let gb = Tensor::randn(&[n], 1.0, DType::F32, &mut rng)?
+        .to_cuda()?
+        .to_dtype(DType::BF16)?;
+    leaf.backward_with(&gb)?;
+    drop(gb);
+    let ms = time_ms(reps, || opt.step(1e-4))?;
+    out.push(Row {
+        name: "adamw step (bf16 gradient, bf16 copy)".into(),
+        shape: format!("{n} f32"),
+        bytes: 28.0 * n as f64,
+        ms,
+    });
+    drop((opt, leaf, p));
+
+    // AdamW over the tensors of two 3B text layers (q/k/v with biases, o, gate, up, down, two
+    // norms: 24 tensors, 150M parameters, from 256 to 22.5M elements): a launch per tensor
+    // against one multi-tensor launch (`set_multi_tensor`; left out when its test failed).
+    let layer: [&[usize]; 12] = [
+        &[2048, 2048],
+        &[2048],
+        &[256, 2048],
+        &[256],
+        &[256, 2048],
+        &[256],
+        &[2048, 2048],
+        &[11008, 2048],
+        &[11008, 2048],
+        &[2048, 11008],
+        &[2048],
+        &[2048],
+    ];
+    let mut ps = Vec::new();
+    for shape in layer.iter().chain(layer.iter()) {
+        let p = Tensor::randn(shape, 0.02, DType::F32, &mut rng)?
+            .to_cuda()?
+            .requires_grad_();
+        let g = Tensor::randn(shape, 1.0, DType::F32, &mut rng)?.to_cuda()?;
+        p.backward_with(&g)?;
+        ps.push(p);
+    }
+    let total: usize = ps.iter().map(|p| p.numel()).sum();
+    let multi: &[bool] = if std::env::var_os("TESSERA_BENCH_SKIP_ADAMW_MULTI").is_some() {
+        &[false]
+    } else {
+        &[false, true]
+    };
+    for &on in multi {
+        let mut opt = AdamW::new(ps.clone(), AdamWConfig::default())?;
+        opt.set_multi_tensor(on);
+        let ms = time_ms(reps, || opt.step(1e-4))?;
+        out.push(Row {
+            name: format!(
+                "adamw step, {} tensors of 2 text layers ({})",
+                ps.len(),
+                if on {
+                    "one launch"
+                } else {
+                    "a launch per tensor"
+                }
+            ),
+            shape: format!("{total} f32"),
+            bytes: 7.0 * 4.0 * total as f64,
+            ms,
+        });
+    }
+    drop(ps);
+
     // Attention forward: the tensor-core flash kernel (and the op's default path) in TFLOP/s,
     // causal, printed as extra JSON lines.
     let mut att = Vec::new();

@@ -136,6 +136,8 @@ grep -q "gemm_wgmma_ws_tma_store_matches_cpu ... ok" "$OUT/test-cuda_gemm_tc.log
     || export TESSERA_BENCH_SKIP_TS=1
 grep -q "cross_entropy_staged_variants_match_cpu ... ok" "$OUT/test-cuda_nn.log" 2>/dev/null \
     || export TESSERA_BENCH_SKIP_CE_STAGED=1
+grep -q "adamw_multi_tensor_matches_per_tensor ... ok" "$OUT/test-cuda_matmul_attention.log" 2>/dev/null \
+    || export TESSERA_BENCH_SKIP_ADAMW_MULTI=1
 # AdamW's fused bf16 compute copies (the default of `bench step`): the cast kernels instead if
 # their test failed.
 if grep -q "adamw_compute_copies_follow_the_masters ... ok" "$OUT/test-cuda_matmul_attention.log" 2>/dev/null; then

@@ -90,6 +90,19 @@ def main():
     opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
     emit(kernel="adamw step", ms=time_ms(opt.step))
     del p, opt
+    # The tensors of two 3B text layers (as `tessera bench cuda`): PyTorch's fused AdamW (a few
+    # multi-tensor launches) beside our one launch, its single-tensor loop beside our launch per
+    # tensor.
+    layer = [(2048, 2048), (2048,), (256, 2048), (256,), (256, 2048), (256,), (2048, 2048),
+             (11008, 2048), (11008, 2048), (2048, 11008), (2048,), (2048,)]
+    ps = [torch.nn.Parameter(torch.randn(sh, device=dev) * 0.02) for sh in layer * 2]
+    for p_ in ps:
+        p_.grad = torch.randn_like(p_)
+    for label, kw in [("one launch", {"fused": True}), ("a launch per tensor", {"foreach": False})]:
+        opt = torch.optim.AdamW(ps, lr=1e-4, **kw)
+        emit(kernel=f"adamw step, {len(ps)} tensors of 2 text layers ({label})", ms=time_ms(opt.step))
+        del opt
+    del ps
     for s in a.sizes.split(","):
         dims = [int(v) for v in s.split("x")]
         m, k, nn = dims * 3 if len(dims) == 1 else dims
