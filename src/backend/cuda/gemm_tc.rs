@@ -48,9 +48,9 @@ impl TcKernel {
         if !hopper {
             return TcKernel::MmaSync;
         }
-        match std::env::var("TESSERA_GEMM").as_deref() {
-            Ok("mma") => TcKernel::MmaSync,
-            Ok("wgmma") => TcKernel::Wgmma,
+        match gemm_choice() {
+            "mma" => TcKernel::MmaSync,
+            "wgmma" => TcKernel::Wgmma,
             _ if TMA_STORE.get() == Some(1) => TcKernel::WgmmaWsTma,
             _ => TcKernel::WgmmaWs,
         }
@@ -60,6 +60,12 @@ impl TcKernel {
     pub fn is_ws(self) -> bool {
         matches!(self, TcKernel::WgmmaWs | TcKernel::WgmmaWsTma)
     }
+}
+
+/// `TESSERA_GEMM` (empty when unset), read once: it is consulted on every product.
+pub(crate) fn gemm_choice() -> &'static str {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| std::env::var("TESSERA_GEMM").unwrap_or_default())
 }
 
 static TMA_STORE: super::Switch = super::Switch::new("TESSERA_GEMM_TS");

@@ -54,11 +54,13 @@ unsafe impl Sync for CudaDevice {}
 static DEVICE: OnceLock<std::result::Result<CudaDevice, String>> = OnceLock::new();
 
 /// A measurement switch: a value set for the process (`set`, tests and benchmarks), else its
-/// environment variable's (a small number), else none.
+/// environment variable's (a small number, read once: switches are consulted on hot paths such
+/// as every GEMM), else none.
 pub(crate) struct Switch {
     var: &'static str,
     /// The process value; `UNSET` defers to the environment.
     value: std::sync::atomic::AtomicU8,
+    env: OnceLock<Option<u8>>,
 }
 
 impl Switch {
@@ -68,13 +70,16 @@ impl Switch {
         Switch {
             var,
             value: std::sync::atomic::AtomicU8::new(Self::UNSET),
+            env: OnceLock::new(),
         }
     }
 
     /// The process value, else the environment variable read as a number.
     pub(crate) fn get(&self) -> Option<u8> {
         match self.value.load(Ordering::Relaxed) {
-            Self::UNSET => std::env::var(self.var).ok()?.parse().ok(),
+            Self::UNSET => *self
+                .env
+                .get_or_init(|| std::env::var(self.var).ok()?.parse().ok()),
             v => Some(v),
         }
     }

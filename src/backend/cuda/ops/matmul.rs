@@ -193,7 +193,7 @@ fn tensor_cores_apply(dtype: DType, z: usize, r: usize, k: usize) -> bool {
         && z == 1
         && r == 1
         && k > 0
-        && std::env::var("TESSERA_GEMM").map_or(true, |v| v != "simple")
+        && crate::backend::cuda::gemm_tc::gemm_choice() != "simple"
 }
 
 /// A [rows, kp] copy of the operand seen as element (i, j) at `ptr + i·rs + j·cs` (j < k),
