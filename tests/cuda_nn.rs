@@ -20,6 +20,14 @@ fn check(name: &str, inputs: &[Tensor], grad_of: &[bool], f: impl Fn(&[Tensor]) 
     }
 }
 
+/// The cross-entropy tests one at a time: `cross_entropy_staged_variants_match_cpu` switches
+/// the forward kernel for the whole process (`set_ce_stages`), which must not reach the tests
+/// of the default kernels running beside it.
+fn ce_lock() -> std::sync::MutexGuard<'static, ()> {
+    static CE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    CE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn has_gpu(name: &str) -> bool {
     tessera::backend::cuda::device_or_skip(name).is_some()
 }
@@ -431,6 +439,7 @@ fn embedding_matches_cpu() {
 
 #[test]
 fn cross_entropy_matches_cpu() {
+    let _ce = ce_lock();
     // Qwen vocabulary, batch 3, some targets ignored (-100).
     let mut t = ids(&[3, 5], 151936, 1).to_vec::<i64>().unwrap();
     t[1] = -100;
@@ -480,6 +489,7 @@ fn cross_entropy_matches_cpu() {
 
 #[test]
 fn log_prob_of_matches_cpu() {
+    let _ce = ce_lock();
     check(
         "log_prob_of [3,37,1000]",
         &[randn(&[3, 37, 1000], 1), ids(&[3, 37], 1000, 2)],
@@ -814,6 +824,7 @@ fn labels_with_ignored(rows: usize, v: usize, seed: u64) -> Tensor {
 /// block of 32 .. 256 threads per row, several blocks per row).
 #[test]
 fn cross_entropy_fast_paths_match_cpu() {
+    let _ce = ce_lock();
     for (i, &(rows, v)) in [
         (64, 4096),
         (33, 4096),
@@ -911,6 +922,7 @@ fn log_prob_dev(x: &Tensor, t: &Tensor) -> Result<Tensor> {
 /// (narrowed) target view with leading dims, every lse_pick variant, all rows ignored.
 #[test]
 fn cross_entropy_device_targets_match_cpu() {
+    let _ce = ce_lock();
     for (i, &(rows, v)) in [(64, 4096), (7, 1000), (7, 1001), (2, 40000), (3, 151936)]
         .iter()
         .enumerate()
@@ -976,6 +988,7 @@ fn cross_entropy_device_targets_match_cpu() {
 /// the device cannot report without a host synchronisation) gives NaN.
 #[test]
 fn cross_entropy_device_targets_errors_and_invalid_ids() {
+    let _ce = ce_lock();
     use tessera::backend::cuda::ops::loss::{cross_entropy_targets, log_prob_of_targets};
     if !has_gpu("cross_entropy_device_targets_errors_and_invalid_ids") {
         return;
@@ -1013,6 +1026,7 @@ fn cross_entropy_device_targets_errors_and_invalid_ids() {
 /// a partial last batch, many blocks) against the CPU.
 #[test]
 fn cross_entropy_staged_variants_match_cpu() {
+    let _ce = ce_lock();
     use tessera::backend::cuda::ops::loss::set_ce_stages;
     if tessera::backend::cuda::device_or_skip("cross_entropy_staged").is_none() {
         return;
@@ -1047,6 +1061,7 @@ fn cross_entropy_staged_variants_match_cpu() {
 /// with ignored rows, a row of 8192 logits and the Qwen vocabulary.
 #[test]
 fn cross_entropy_f32_matches_cpu() {
+    let _ce = ce_lock();
     for (i, &(rows, v)) in [(64, 4096), (9, 8192), (7, 1000), (3, 151936)]
         .iter()
         .enumerate()
