@@ -532,7 +532,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
     for (int i = 0; i < n; ++i) {
         const int q0 = (int)qstart + (i % nq) * FB_BQ;
         mbar_wait_soft(FB_FULL(stage), phase, FB_FAULT);
-        // Sᵀ and dPᵀ, one group.
+        // Sᵀ and dPᵀ, a group each: Pᵀ's exponentials run while dPᵀ is on the tensor cores.
         float st[32], dp[32];
 #pragma unroll
         for (int j = 0; j < 32; ++j) {
@@ -546,54 +546,71 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
             const unsigned int ch = (unsigned int)(kk >> 2), in = (unsigned int)(kk & 3) * 32u;
             wgmma_n64<0, 0>(st, wg_desc(ska + ch * KV_CHUNK + in), wg_desc(FB_Q(stage) + ch * Q_CHUNK + in));
         }
+        wg_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const unsigned int ch = (unsigned int)(kk >> 2), in = (unsigned int)(kk & 3) * 32u;
             wgmma_n64<0, 0>(dp, wg_desc(sva + ch * KV_CHUNK + in), wg_desc(FB_G(stage) + ch * Q_CHUNK + in));
         }
         wg_commit();
-        wg_wait0();
+        wg_wait1();  // Sᵀ ready; dPᵀ may still run
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
-            fence_operand(st[j]);
-            fence_operand(dp[j]);
-        }
+        for (int j = 0; j < 32; ++j) fence_operand(st[j]);
         // Pᵀ = exp2(Sᵀ sl2 - lse log2 e) (0 for a query that saw no key: lse = -inf), masked on
-        // edge tiles; then dSᵀ = Pᵀ o (dPᵀ - delta) in place of dPᵀ.
+        // edge tiles (one branch around the whole mask).
         const float* sl = reinterpret_cast<const float*>(fb_wg_smem + (FB_L(stage) - bars));
         const bool edge = q0 + FB_BQ > tq32 || (int)k0 + FB_BK > tk32 || (causal32 && (int)k0 + FB_BK - 1 > q0 + off32);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const float2 l = *reinterpret_cast<const float2*>(sl + 8 * j + 2 * t);
-            const float2 dd = *reinterpret_cast<const float2*>(sl + 64 + 8 * j + 2 * t);
             const float lx = l.x == NEG_INF ? POS_INF : l.x * LOG2E_F;
             const float ly = l.y == NEG_INF ? POS_INF : l.y * LOG2E_F;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float p = fast_exp2(fmaf(st[4 * j + e], sl2, -((e & 1) ? ly : lx)));
-                if (edge) {
+            for (int e = 0; e < 4; ++e) st[4 * j + e] = fast_exp2(fmaf(st[4 * j + e], sl2, -((e & 1) ? ly : lx)));
+        }
+        if (edge) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
                     const int key = key0 + 8 * (e >> 1), qi = q0 + 8 * j + 2 * t + (e & 1);
-                    if (key >= tk32 || qi >= tq32 || (causal32 && key > qi + off32)) p = 0.f;
+                    if (key >= tk32 || qi >= tq32 || (causal32 && key > qi + off32)) st[4 * j + e] = 0.f;
                 }
-                st[4 * j + e] = p;
-                dp[4 * j + e] = p * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
-            }
         }
         unsigned int pa[4][4], pd[4][4];
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            fa_acc_to_a(pa[kk], &st[8 * kk], &st[8 * kk + 4]);
-            fa_acc_to_a(pd[kk], &dp[8 * kk], &dp[8 * kk + 4]);
-        }
-        // dV += Pᵀ dO, dK += dSᵀ Q: one group.
+        for (int kk = 0; kk < 4; ++kk) fa_acc_to_a(pa[kk], &st[8 * kk], &st[8 * kk + 4]);
+        // dV += Pᵀ dO, its own group: dSᵀ is computed while it runs.
 #pragma unroll
-        for (int j = 0; j < D / 2; ++j) {
-            fence_operand(dv[j]);
-            fence_operand(dk[j]);
-        }
+        for (int j = 0; j < D / 2; ++j) fence_operand(dv[j]);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) fence_operand(pa[kk][r]);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) wgmma_pv<D>(dv, pa[kk], wg_desc_lbo(FB_G(stage) + (unsigned int)kk * 2048u, Q_CHUNK));
+        wg_commit();
+        block_boundary(tk32);
+        wg_wait1();  // dPᵀ ready; dV += Pᵀ dO may still run
+#pragma unroll
+        for (int j = 0; j < 32; ++j) fence_operand(dp[j]);
+        // dSᵀ = Pᵀ o (dPᵀ - delta) in place of dPᵀ.
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float2 dd = *reinterpret_cast<const float2*>(sl + 64 + 8 * j + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = st[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
+        }
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) fa_acc_to_a(pd[kk], &dp[8 * kk], &dp[8 * kk + 4]);
+#pragma unroll
+        for (int j = 0; j < D / 2; ++j) fence_operand(dk[j]);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) fence_operand(pd[kk][r]);
+        wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) wgmma_pv<D>(dk, pd[kk], wg_desc_lbo(FB_Q(stage) + (unsigned int)kk * 2048u, Q_CHUNK));
         wg_commit();
@@ -743,34 +760,40 @@ __device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsign
         mbar_wait_soft(FH_KFULL(stage), phase, FH_FAULT);
         mbar_wait_soft(FH_VFULL(stage), phase, FH_FAULT);
         // Both accumulators zeroed before the one fence: registers written between the two
-        // products' wgmmas would make ptxas wait for the first (C7517).
+        // products' wgmmas would make ptxas wait for the first (C7517). S and dP a group each:
+        // P's exponentials run while dP is on the tensor cores.
         fh_zero<BN / 2>(s);
         fh_zero<BN / 2>(dp);
         wg_fence();
         fh_issue_ab<D, BN>(s, sqa, FH_BM * 128, FH_K(stage));
+        wg_commit();
         fh_issue_ab<D, BN>(dp, sga, FH_BM * 128, FH_V(stage));
         wg_commit();
-        wg_wait0();
+        wg_wait1();  // S ready; dP may still run
 #pragma unroll
-        for (int j = 0; j < BN / 2; ++j) {
-            fence_operand(s[j]);
-            fence_operand(dp[j]);
-        }
+        for (int j = 0; j < BN / 2; ++j) fence_operand(s[j]);
         const bool edge = k0 + BN > tk32 || (causal32 && k0 + BN - 1 > warp_row + off32);
 #pragma unroll
-        for (int j = 0; j < BN / 8; ++j)
+        for (int j = 0; j < BN / 2; ++j) {
+            // nl = -inf (no key seen): exp2(-inf) = 0 whatever the score.
+            const float p = fast_exp2(fmaf(s[j], sl2, nl[(j >> 1) & 1]));
+            s[j] = nl[(j >> 1) & 1] == NEG_INF ? 0.f : p;
+        }
+        if (edge) {  // one branch around the whole mask
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1;
-                // nl = -inf (no key seen): exp2(-inf) = 0 whatever the score.
-                float p = fast_exp2(fmaf(s[4 * j + e], sl2, nl[r]));
-                if (nl[r] == NEG_INF) p = 0.f;
-                if (edge) {
+            for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
                     const int key = k0 + 8 * j + 2 * t + (e & 1);
-                    if (key >= tk32 || (causal32 && key > row0 + 8 * r + off32)) p = 0.f;
+                    if (key >= tk32 || (causal32 && key > row0 + 8 * (e >> 1) + off32)) s[4 * j + e] = 0.f;
                 }
-                dp[4 * j + e] = p * (dp[4 * j + e] - dl[r]);
-            }
+        }
+        block_boundary(tk32);
+        wg_wait0();  // dP ready
+#pragma unroll
+        for (int j = 0; j < BN / 2; ++j) fence_operand(dp[j]);
+#pragma unroll
+        for (int j = 0; j < BN / 2; ++j) dp[j] = s[j] * (dp[j] - dl[(j >> 1) & 1]);
         fh_pack<BN>(dp, pa);
         fh_issue_pv<D, BN>(acc, pa, FH_K(stage));
         wg_commit();

@@ -102,8 +102,9 @@ def main():
 # Kernels whose softmax must run between the two wgmma waits (FlashAttention-3's intra-warpgroup
 # overlap: S_i's softmax while P_{i-1} V_{i-1} is on the tensor cores), and the fewest exp2
 # (MUFU.EX2) the SASS must place there: a 128-key tile is 64 exponentials per thread.
-OVERLAP_KERNELS = ("_wgo_", "_wgp_")
-OVERLAP_MIN_EX2 = 32
+# The backward's consumers wait for Sᵀ (S) with one group still in flight (dPᵀ, dP) and compute
+# the tile's exponentials (32 for dK/dV, 64 for dQ) before the next wait.
+OVERLAP_KERNELS = {"_wgo_": 32, "_wgp_": 32, "_bwd_dkdv_wg_": 32, "_bwd_dq_wg_": 64}
 
 
 def sass_registers(cubin, filt):
@@ -118,7 +119,8 @@ def sass_registers(cubin, filt):
     if out.returncode != 0:
         sys.exit(out.stderr)
     top, kern = {}, None
-    overlap = {}  # kernel -> most exp2 between a wait for 1 group and the next wait for 0
+    overlap = {}  # kernel -> most exp2 between a wait for 1 group and the next wait
+    need = {}
     between = None
     for line in out.stdout.splitlines():
         m = re.match(r"\.text\.(\w+):", line)
@@ -128,6 +130,7 @@ def sass_registers(cubin, filt):
             between = None
             if any(k in kern for k in OVERLAP_KERNELS):
                 overlap[kern] = 0
+                need[kern] = next(v for k, v in OVERLAP_KERNELS.items() if k in kern)
             continue
         if kern:
             regs = [int(r) for r in re.findall(r"\bR(\d+)\b", line)]
@@ -135,6 +138,8 @@ def sass_registers(cubin, filt):
                 top[kern] = max(top[kern], max(regs))
             if kern in overlap:
                 if re.search(r"DEPBAR\.LE\s+SB\w*,\s*0x1\b|DEPBAR\.LE\s+gsb0,\s*0x1\b", line):
+                    if between is not None:
+                        overlap[kern] = max(overlap[kern], between)
                     between = 0
                 elif re.search(r"DEPBAR\.LE\s+gsb0,\s*0x0\b", line) and between is not None:
                     overlap[kern] = max(overlap[kern], between)
@@ -147,7 +152,7 @@ def sass_registers(cubin, filt):
             extra = ""
             if kern in overlap:
                 extra = f", {overlap[kern]} exp2 between the wgmma waits"
-                if overlap[kern] < OVERLAP_MIN_EX2:
+                if overlap[kern] < need[kern]:
                     bad.append(f"{kern}: only {overlap[kern]} exp2 between the wgmma waits (no overlap)")
             print(f"{kern:40s} SASS uses R0..R{r} ({r + 1} registers){extra}")
     return bad
