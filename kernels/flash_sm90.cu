@@ -662,21 +662,26 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
 // Launch: grid (ceil(Tk / 128), Hkv (Hq with _split), B), 384 threads, dynamic shared memory
 // 256 + 1024 + 2 · 128 · D · 2 + 2 stages · roundup1024(2 · 64 · D · 2 + 512) bytes
 // (src/backend/cuda/flash.rs). dk / dv: bf16 [B, Hkv, Tk, D]; with _split f32 [B, Hq, Tk, D].
-#define FLASH_BWD_WG(NAME, D, SPLIT)                                                                               \
+#define FLASH_BWD_WG(NAME, D, STAGES, SPLIT)                                                                       \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                         \
         NAME(const __grid_constant__ TmaMap map_q, const __grid_constant__ TmaMap map_k,                         \
              const __grid_constant__ TmaMap map_v, const __grid_constant__ TmaMap map_g,                         \
              const __grid_constant__ TmaMap map_lse, const __grid_constant__ TmaMap map_delta, void* dk, void* dv, \
              i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {                                         \
-        flash_bwd_dkdv_wg<D, 2, SPLIT>((unsigned long long)&map_q, (unsigned long long)&map_k,                      \
+        flash_bwd_dkdv_wg<D, STAGES, SPLIT>((unsigned long long)&map_q, (unsigned long long)&map_k,                 \
                                        (unsigned long long)&map_v, (unsigned long long)&map_g,                      \
                                        (unsigned long long)&map_lse, (unsigned long long)&map_delta, dk, dv, hq,    \
                                        hkv, tq, tk, scale, causal);                                              \
     }
-FLASH_BWD_WG(flash_bwd_dkdv_wg_d64, 64, false)
-FLASH_BWD_WG(flash_bwd_dkdv_wg_d128, 128, false)
-FLASH_BWD_WG(flash_bwd_dkdv_wg_split_d64, 64, true)
-FLASH_BWD_WG(flash_bwd_dkdv_wg_split_d128, 128, true)
+FLASH_BWD_WG(flash_bwd_dkdv_wg_d64, 64, 2, false)
+FLASH_BWD_WG(flash_bwd_dkdv_wg_d128, 128, 2, false)
+FLASH_BWD_WG(flash_bwd_dkdv_wg_split_d64, 64, 2, true)
+FLASH_BWD_WG(flash_bwd_dkdv_wg_split_d128, 128, 2, true)
+// 3 stages of the Q/dO/lse/delta stream (TESSERA_FLASH_WG_BWD_STAGES=3; 168 KB at D 128).
+FLASH_BWD_WG(flash_bwd_dkdv_wg_s3_d64, 64, 3, false)
+FLASH_BWD_WG(flash_bwd_dkdv_wg_s3_d128, 128, 3, false)
+FLASH_BWD_WG(flash_bwd_dkdv_wg_split_s3_d64, 64, 3, true)
+FLASH_BWD_WG(flash_bwd_dkdv_wg_split_s3_d128, 128, 3, true)
 
 // ---------------------------------------------------------------------------------------------
 // Hopper flash attention backward, dQ (sm_90a): flash_bwd_dq of kernels/flash.cu (dQ = scale

@@ -199,7 +199,7 @@ fn flash_fwd_wgmma_matches_cpu() {
 }
 
 /// The Hopper backward (kernels/flash_sm90.cu: the dQ kernel, and the dK/dV kernel whole and
-/// split per query head with f32 partials summed over the GQA group), against the CPU's gradients of the
+/// split per query head with f32 partials summed over the GQA group, with 2 and 3 stages), against the CPU's gradients of the
 /// attention for the same upstream gradient: D 64 and 128, causal or not, GQA 1:1 to 8:1,
 /// Tq != Tk both ways, partial key blocks and query tiles, rows that see no key, heads that span
 /// several key blocks; where the device is sm_90.
@@ -234,10 +234,12 @@ fn flash_bwd_wgmma_matches_cpu() {
         let on = |t: &Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
         let (qg, kg, vg, ug) = (on(&q), on(&k), on(&v), on(&up));
         let (o, lse) = flash::flash_fwd(&qg, &kg, &vg, causal, scale).unwrap();
-        for split in [false, true] {
-            let (dq, dk, dv) =
-                flash::flash_bwd_wgmma(&qg, &kg, &vg, &o, &lse, &ug, causal, scale, Some(split))
-                    .unwrap();
+        for (split, stages) in [(false, 2), (true, 2), (false, 3), (true, 3)] {
+            flash::set_wgmma_bwd_stages(Some(stages));
+            let r =
+                flash::flash_bwd_wgmma(&qg, &kg, &vg, &o, &lse, &ug, causal, scale, Some(split));
+            flash::set_wgmma_bwd_stages(None);
+            let (dq, dk, dv) = r.unwrap();
             let grads = [dq, dk, dv];
             let errs: Vec<f64> = grads
                 .iter()
@@ -245,7 +247,7 @@ fn flash_bwd_wgmma_matches_cpu() {
                 .map(|(got, w)| rel_error(got, w.as_ref().unwrap()).unwrap())
                 .collect();
             println!(
-                "flash_bwd_wgmma b{b} hq{hq} hkv{hkv} tq{tq} tk{tk} d{d} causal={causal} split={split}: dq/dk/dv rel {:.2e} {:.2e} {:.2e}",
+                "flash_bwd_wgmma b{b} hq{hq} hkv{hkv} tq{tq} tk{tk} d{d} causal={causal} split={split} stages={stages}: dq/dk/dv rel {:.2e} {:.2e} {:.2e}",
                 errs[0], errs[1], errs[2]
             );
             for ((name, e), (got, w)) in ["dq", "dk", "dv"]
@@ -259,7 +261,7 @@ fn flash_bwd_wgmma_matches_cpu() {
                 }
                 assert!(
                     *e <= 2e-2,
-                    "flash_bwd_wgmma (split {split}) {name} rel error {e}"
+                    "flash_bwd_wgmma (split {split}, {stages} stages) {name} rel error {e}"
                 );
             }
         }

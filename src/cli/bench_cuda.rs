@@ -377,14 +377,21 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         ));
         let wgmma_bwd =
             dev.cc == (9, 0) && std::env::var_os("TESSERA_BENCH_SKIP_FLASH_WG_BWD").is_none();
-        for (split, label) in [(false, ""), (true, ", split per query head")] {
+        for (split, stages, label) in [
+            (false, 2, ""),
+            (true, 2, ", split per query head"),
+            (false, 3, ", 3 stages"),
+        ] {
             if !wgmma_bwd {
                 break;
             }
+            cuda::flash::set_wgmma_bwd_stages(Some(stages));
             let ms = time_ms(5, || {
                 cuda::flash::flash_bwd_wgmma(&q, &q, &q, &o, &lse, &g, true, scale, Some(split))
                     .map(|_| ())
-            })?;
+            });
+            cuda::flash::set_wgmma_bwd_stages(None);
+            let ms = ms?;
             att.push(format!(
                 "{{\"op\": \"attention_bwd\", \"kernel\": \"flash_bwd_wgmma (TMA + wgmma dK/dV{label} and dQ)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
                 2.5 * flops / (ms * 1e-3) / 1e12

@@ -164,6 +164,24 @@ pub fn set_wgmma_bwd(on: Option<bool>) {
 
 static WGMMA_BWD: super::Switch = super::Switch::new("TESSERA_FLASH_WG_BWD");
 
+/// Pipeline stages of the Hopper dK/dV kernel's Q/dO/lse/delta stream: 2, or 3 with
+/// `TESSERA_FLASH_WG_BWD_STAGES=3` (or `set_wgmma_bwd_stages`; more loads in flight against the
+/// L2 latency, 34 KB more shared memory at D 128; not yet measured).
+pub fn wgmma_bwd_stages() -> usize {
+    if WGMMA_BWD_STAGES.get() == Some(3) {
+        3
+    } else {
+        2
+    }
+}
+
+/// Overrides `TESSERA_FLASH_WG_BWD_STAGES` for this process (`None`: back to the environment).
+pub fn set_wgmma_bwd_stages(stages: Option<u8>) {
+    WGMMA_BWD_STAGES.set(stages);
+}
+
+static WGMMA_BWD_STAGES: super::Switch = super::Switch::new("TESSERA_FLASH_WG_BWD_STAGES");
+
 fn hopper() -> bool {
     device().is_ok_and(|d| d.cc == (9, 0))
 }
@@ -641,12 +659,14 @@ fn grads_wgmma(
     };
     let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
     let (scale, causal) = (scale as f32, causal as i64);
-    // mbarriers, 1024-byte alignment, K and V, 2 stages of (Q, dO, lse, delta).
+    // mbarriers, 1024-byte alignment, K and V, 2 or 3 stages of (Q, dO, lse, delta).
+    let stages = wgmma_bwd_stages();
     let stage = (2 * 64 * d * 2 + 512).next_multiple_of(1024);
-    let shared = (256 + 1024 + 2 * WG_BK * d * 2 + 2 * stage) as u32;
+    let shared = (256 + 1024 + 2 * WG_BK * d * 2 + stages * stage) as u32;
     let kernel = format!(
-        "flash_bwd_dkdv_wg_{}d{d}",
-        if split { "split_" } else { "" }
+        "flash_bwd_dkdv_wg_{}{}d{d}",
+        if split { "split_" } else { "" },
+        if stages == 3 { "s3_" } else { "" }
     );
     dev.launch(
         "flash_sm90.cu",
