@@ -542,6 +542,22 @@ fn adamw_compute_copies_follow_the_masters() {
     }
 }
 
+/// Two optimisers' states bit for bit: every parameter's update count and both moments.
+fn assert_same_moments(oa: &AdamW, ob: &AdamW) {
+    let (sa, sb) = (oa.state().unwrap(), ob.state().unwrap());
+    for (i, (a, b)) in sa.params.iter().zip(&sb.params).enumerate() {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        assert_eq!(a.step, b.step, "param {i} step count");
+        assert_eq!(
+            rel_error(&b.exp_avg, &a.exp_avg).unwrap(),
+            0.0,
+            "param {i} exp_avg"
+        );
+        let e = rel_error(&b.exp_avg_sq, &a.exp_avg_sq).unwrap();
+        assert_eq!(e, 0.0, "param {i} exp_avg_sq");
+    }
+}
+
 /// AdamW's compute copies as leaves (`compute_leaves`): the bf16 gradients stay on the copies
 /// and the fused update reads them (`adamw_f32_gbf16`). Against an optimiser with
 /// `compute_params` (whose backward casts the gradients to the masters) fed the same loss
@@ -632,21 +648,7 @@ fn adamw_compute_leaves_update_as_compute_params() {
                 "step {step}: copy {i} is not its master's cast ({e:.2e})"
             );
         }
-        let (sa, sb) = (oa.state().unwrap(), ob.state().unwrap());
-        for (i, (a, b)) in sa.params.iter().zip(&sb.params).enumerate() {
-            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-            assert_eq!(a.step, b.step, "param {i} step count");
-            assert_eq!(
-                rel_error(&b.exp_avg, &a.exp_avg).unwrap(),
-                0.0,
-                "param {i} exp_avg"
-            );
-            assert_eq!(
-                rel_error(&b.exp_avg_sq, &a.exp_avg_sq).unwrap(),
-                0.0,
-                "param {i} exp_avg_sq"
-            );
-        }
+        assert_same_moments(&oa, &ob);
         oa.zero_grad();
         ob.zero_grad();
     }
@@ -727,21 +729,7 @@ fn adamw_multi_tensor_matches_per_tensor() {
             &la,
             0.0,
         );
-        let (sa, sb) = (oa.state().unwrap(), ob.state().unwrap());
-        for (i, (a, b)) in sa.params.iter().zip(&sb.params).enumerate() {
-            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-            assert_eq!(a.step, b.step, "param {i} step count");
-            assert_eq!(
-                rel_error(&b.exp_avg, &a.exp_avg).unwrap(),
-                0.0,
-                "param {i} exp_avg"
-            );
-            assert_eq!(
-                rel_error(&b.exp_avg_sq, &a.exp_avg_sq).unwrap(),
-                0.0,
-                "param {i} exp_avg_sq"
-            );
-        }
+        assert_same_moments(&oa, &ob);
         oa.zero_grad();
         ob.zero_grad();
     }

@@ -296,26 +296,21 @@ if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ] && [ -n "$ON" ]; then
         echo "$combo" > "$OUT/step-combo$i.label"
     done
 fi
-# The step with a cast kernel per parameter instead of AdamW's fused compute copies.
-if [ -z "${SKIP_STEPS:-}" ] && [ -n "$FUSED_OK" ] && [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-100000} ] \
-    && fits 60 "3B step with TESSERA_FUSED_CASTS=0"; then
-    log "train step (bench-3b-8layers) tessera, TESSERA_FUSED_CASTS=0"
-    TESSERA_FUSED_CASTS=0 timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
+# variant_step "VAR=V" NAME OK: the 3B step with one default switched off (step-NAME.json),
+# when OK is non-empty (the default passed its test) and the check is still short.
+variant_step() {
+    [ -z "${SKIP_STEPS:-}" ] && [ -n "$3" ] && [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-100000} ] \
+        && fits 60 "3B step with $1" || return 0
+    log "train step (bench-3b-8layers) tessera, $1"
+    env "$1" timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
         --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
-        > "$OUT/step-unfused.json" 2>&1
-    echo "TESSERA_FUSED_CASTS=0 exit $?: $(tail -c 400 "$OUT/step-unfused.json")" | tee -a "$OUT/step.txt"
-fi
-# The step with the bf16 gradients cast to the f32 masters (cast nodes) instead of left on the
-# compute copies for AdamW.
-if [ -z "${SKIP_STEPS:-}" ] && [ -n "$LEAVES_OK" ] && [ -n "$FUSED_OK" ] \
-    && [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-100000} ] \
-    && fits 60 "3B step with TESSERA_BF16_GRADS=0"; then
-    log "train step (bench-3b-8layers) tessera, TESSERA_BF16_GRADS=0"
-    TESSERA_BF16_GRADS=0 timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
-        --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
-        > "$OUT/step-f32grads.json" 2>&1
-    echo "TESSERA_BF16_GRADS=0 exit $?: $(tail -c 400 "$OUT/step-f32grads.json")" | tee -a "$OUT/step.txt"
-fi
+        > "$OUT/step-$2.json" 2>&1
+    echo "$1 exit $?: $(tail -c 400 "$OUT/step-$2.json")" | tee -a "$OUT/step.txt"
+}
+# The step with a cast kernel per parameter instead of AdamW's fused compute copies, and with
+# the bf16 gradients cast to the f32 masters instead of left on the copies for AdamW.
+variant_step TESSERA_FUSED_CASTS=0 unfused "$FUSED_OK"
+variant_step TESSERA_BF16_GRADS=0 f32grads "${FUSED_OK:+$LEAVES_OK}"
 # Where the step's time goes, per kernel: with PROFILE_STEP=1 the switches PROFILE_* choose;
 # by default (PROFILE_STEP unset, time left, not SKIP_STEPS) the step with every validated switch
 # on ($ON), the data for what remains to the MFU target. PROFILE_STEP=0: none.
