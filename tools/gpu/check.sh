@@ -276,6 +276,32 @@ ON=""
 [ -z "${TESSERA_BENCH_SKIP_TS:-}" ] && ON="$ON TESSERA_GEMM_TS=1"
 grep -q "adamw_multi_tensor_matches_per_tensor ... ok" "$OUT/test-cuda_matmul_attention.log" 2>/dev/null \
     && ON="$ON TESSERA_ADAMW_MULTI=1"
+# Where the step's time goes, per kernel (run right after the all-on step, before the
+# leave-one-out steps, as it says more than each of them): with PROFILE_STEP=1 the switches PROFILE_* choose;
+# by default (PROFILE_STEP unset, time left, not SKIP_STEPS) the step with every validated switch
+# on ($ON), the data for what remains to the MFU target. PROFILE_STEP=0: none.
+if [ "${PROFILE_STEP:-}" = 1 ]; then
+    pg=${PROFILE_GEMM:-mma}; [ "$pg" = ws ] && [ -z "$WS_OK" ] && pg=mma
+    PROFILE_ENV="TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} TESSERA_FLASH_WG=${PROFILE_FLASH_WG:-0} TESSERA_FLASH_WG_BWD=${PROFILE_FLASH_WG_BWD:-0} TESSERA_GEMM_TS=${PROFILE_TS:-0}"
+elif [ -z "${PROFILE_STEP:-}" ] && [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
+    PROFILE_ENV="TESSERA_GEMM=ws $ON"
+else
+    PROFILE_ENV=
+fi
+PROFILED=
+profile_step() {
+    [ -z "$PROFILED" ] && [ -n "$PROFILE_ENV" ] && fits 60 "profiled step" || return 0
+    PROFILED=1
+    log "profiled step (bench-3b-8layers): $PROFILE_ENV"
+    echo "$PROFILE_ENV" > "$OUT/profile.txt"
+    # shellcheck disable=SC2086
+    env TESSERA_PROFILE=1 $PROFILE_ENV timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step \
+        --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 3 --device cuda \
+        --dtype bf16 >> "$OUT/profile.txt" 2>&1
+    echo "profile exit $?" >> "$OUT/profile.txt"
+    head -n 60 "$OUT/profile.txt"
+    [ -n "$FINAL" ] && mkdir -p "$FINAL" && cp "$OUT/profile.txt" "$FINAL/"
+}
 if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ] && [ -n "$ON" ]; then
     combos=("$ON")
     for sw in $ON; do
@@ -294,8 +320,10 @@ if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ] && [ -n "$ON" ]; then
             > "$OUT/step-combo$i.json" 2>&1
         echo "$combo exit $?: $(tail -c 400 "$OUT/step-combo$i.json")" | tee -a "$OUT/step.txt"
         echo "$combo" > "$OUT/step-combo$i.label"
+        [ "$i" = 1 ] && profile_step
     done
 fi
+profile_step
 # variant_step "VAR=V" NAME OK: the 3B step with one default switched off (step-NAME.json),
 # when OK is non-empty (the default passed its test) and the check is still short.
 variant_step() {
@@ -311,28 +339,6 @@ variant_step() {
 # the bf16 gradients cast to the f32 masters instead of left on the copies for AdamW.
 variant_step TESSERA_FUSED_CASTS=0 unfused "$FUSED_OK"
 variant_step TESSERA_BF16_GRADS=0 f32grads "${FUSED_OK:+$LEAVES_OK}"
-# Where the step's time goes, per kernel: with PROFILE_STEP=1 the switches PROFILE_* choose;
-# by default (PROFILE_STEP unset, time left, not SKIP_STEPS) the step with every validated switch
-# on ($ON), the data for what remains to the MFU target. PROFILE_STEP=0: none.
-if [ "${PROFILE_STEP:-}" = 1 ]; then
-    pg=${PROFILE_GEMM:-mma}; [ "$pg" = ws ] && [ -z "$WS_OK" ] && pg=mma
-    PROFILE_ENV="TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} TESSERA_FLASH_WG=${PROFILE_FLASH_WG:-0} TESSERA_FLASH_WG_BWD=${PROFILE_FLASH_WG_BWD:-0} TESSERA_GEMM_TS=${PROFILE_TS:-0}"
-elif [ -z "${PROFILE_STEP:-}" ] && [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
-    PROFILE_ENV="TESSERA_GEMM=ws $ON"
-else
-    PROFILE_ENV=
-fi
-if [ -n "$PROFILE_ENV" ] && fits 60 "profiled step"; then
-    log "profiled step (bench-3b-8layers): $PROFILE_ENV"
-    echo "$PROFILE_ENV" > "$OUT/profile.txt"
-    # shellcheck disable=SC2086
-    env TESSERA_PROFILE=1 $PROFILE_ENV timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step \
-        --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 3 --device cuda \
-        --dtype bf16 >> "$OUT/profile.txt" 2>&1
-    echo "profile exit $?" >> "$OUT/profile.txt"
-    head -n 60 "$OUT/profile.txt"
-    [ -n "$FINAL" ] && mkdir -p "$FINAL" && cp "$OUT/profile.txt" "$FINAL/"
-fi
 grep -v "^\[transformers\]" "$OUT/step.txt" | tail -n 14
 python3 tools/gpu/report.py "$OUT" | tee "$OUT/report.md"
 cat "$OUT/bench_cuda.err" | tail -n 20
