@@ -251,7 +251,18 @@ __device__ __forceinline__ void ce_warp_finish(const T* xr, i64 c, float m, floa
     }
 }
 
-template <typename T, typename I>
+// L2 prefetch of the warp's batch from vector j0 (32 · CE_WARP_U vectors, 4 KB contiguous): lane l
+// names its 128-byte line, vectors j0 + 8 l (one instruction, no register written, so nothing
+// ever waits for it).
+__device__ __forceinline__ void ce_warp_prefetch(const uint4* xv, int j0, int nv) {
+    const int j = j0 + 8 * (int)threadIdx.x;
+    if (j < nv) asm volatile("prefetch.global.L2 [%0];" ::"l"(xv + j));
+}
+
+// PF (`TESSERA_CE_STAGES=1`, an experiment): the next batch prefetched into L2 as this one's
+// loads are issued, so its DRAM reads overlap this batch's exponentials (the batch's loads all
+// wait on one scoreboard: without it each row exposes a DRAM latency per batch). Same results.
+template <typename T, typename I, bool PF = false>
 __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                               i64 ignore, i64 has_ignore) {
     constexpr int N = Vec<T>::N;
@@ -262,6 +273,7 @@ __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse
     const int nv = (int)(v / N);
     uint4 u[CE_WARP_U];
     ce_warp_load<T>(xv, 0, nv, u);
+    if (PF) ce_warp_prefetch(xv, 32 * CE_WARP_U, nv);
     const i64 c = ce_class(t, row, v, ignore, has_ignore);
     float m = NEG_INF, s = 0.f;
     for (int j0 = 0;;) {
@@ -269,6 +281,7 @@ __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse
         j0 += 32 * CE_WARP_U;
         if (j0 >= nv) break;
         ce_warp_load<T>(xv, j0, nv, u);
+        if (PF) ce_warp_prefetch(xv, j0 + 32 * CE_WARP_U, nv);
     }
     ce_warp_finish<T>(xr, c, m, s, lse, picked, row);
 }
@@ -329,7 +342,8 @@ __device__ __forceinline__ void lse_pick_staged(const T* x, const I* t, float* l
 // last block to finish (a device counter `done`, zero between launches: the last block resets
 // it) sums the partials in a fixed order and writes out = -sum / max(count, 1) and inv_count.
 // Deterministic. Counts are kept as floats (exact below 2^24 rows; the launcher checks).
-// S > 0: the rows through lse_pick_staged<S> (dynamic shared memory as there).
+// S = 1: lse_pick_warp with the L2 prefetch; S > 1: the rows through lse_pick_staged<S>
+// (dynamic shared memory as there).
 template <typename T, typename I, int S>
 __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                              i64 ignore, i64 has_ignore, float* partial, unsigned int* done, float* out,
@@ -337,8 +351,8 @@ __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse,
     __shared__ float scratch[2][8];
     __shared__ unsigned int is_last;
     // Both return, not exit: the block's barriers below need every warp.
-    if (S == 0) lse_pick_warp<T, I>(x, t, lse, picked, rows, v, ignore, has_ignore);
-    else lse_pick_staged<T, I, (S > 0 ? S : 1)>(x, t, lse, picked, rows, v, ignore, has_ignore);
+    if (S <= 1) lse_pick_warp<T, I, S == 1>(x, t, lse, picked, rows, v, ignore, has_ignore);
+    else lse_pick_staged<T, I, (S > 1 ? S : 2)>(x, t, lse, picked, rows, v, ignore, has_ignore);
     __syncthreads();  // this block's picked[] are written (and visible to the block)
     const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
     if (threadIdx.y == 0) {
@@ -530,6 +544,11 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
         float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
         ce_warp_mean<T, I, 0>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 4) ce_stage1_mean_##ISFX##_##SFX(                          \
+        const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
+        float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
+        ce_warp_mean<T, I, 1>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256) ce_stage2_mean_##ISFX##_##SFX(                             \
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \

@@ -168,7 +168,7 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
     let staged: &[usize] = if std::env::var_os("TESSERA_BENCH_SKIP_CE_STAGED").is_some() {
         &[]
     } else {
-        &[2, 3]
+        &[1, 2, 3]
     };
     for &stages in staged {
         cuda::ops::loss::set_ce_stages(Some(stages))?;
@@ -177,7 +177,11 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         });
         cuda::ops::loss::set_ce_stages(None)?;
         out.push(Row {
-            name: format!("cross_entropy fwd (cp.async, {stages} batches in flight)"),
+            name: if stages == 1 {
+                "cross_entropy fwd (next batch prefetched into L2)".to_string()
+            } else {
+                format!("cross_entropy fwd (cp.async, {stages} batches in flight)")
+            },
             shape: shape.clone(),
             bytes: eb * n as f64,
             ms: ms?,

@@ -249,25 +249,26 @@ fn warp_rows(v: usize, elem: usize, xp: u64) -> bool {
     v > 0 && v <= WARP_MAX_V && v.is_multiple_of(16 / elem) && xp.is_multiple_of(16)
 }
 
-/// Batches in flight of the cross-entropy forward's cp.async-staged variant
-/// (`ce_stage{2,3}_mean`, an experiment on the forward's bandwidth), 0 for the default
-/// (`ce_warp_mean`, one batch in registers). `TESSERA_CE_STAGES`, or `set_ce_stages`.
+/// The cross-entropy forward's experimental variants (`ce_stage{S}_mean`, on the forward's
+/// bandwidth): 2 or 3 batches in flight, staged through shared memory by cp.async; 1, the
+/// default kernel with the next batch prefetched into L2; 0 for the default (`ce_warp_mean`,
+/// one batch in registers). `TESSERA_CE_STAGES`, or `set_ce_stages`.
 pub fn ce_stages() -> usize {
     match CE_STAGES.get() {
-        Some(s @ (2 | 3)) => s as usize,
+        Some(s @ (1..=3)) => s as usize,
         _ => 0,
     }
 }
 
-/// Overrides `TESSERA_CE_STAGES` for this process (0, 2 or 3; `None`: the environment again).
+/// Overrides `TESSERA_CE_STAGES` for this process (0 to 3; `None`: the environment again).
 pub fn set_ce_stages(stages: Option<usize>) -> Result<()> {
     match stages {
-        None | Some(0 | 2 | 3) => {
+        None | Some(0..=3) => {
             CE_STAGES.set(stages.map(|s| s as u8));
             Ok(())
         }
         Some(s) => Err(Error::msg(format!(
-            "cross_entropy: {s} stages (want 0, 2 or 3)"
+            "cross_entropy: {s} stages (want 0 to 3)"
         ))),
     }
 }
@@ -326,6 +327,7 @@ fn cross_entropy_dev(
         let (grid, _, _) = row_grid(blocks, "cross_entropy")?;
         let (name, shared) = match ce_stages() {
             0 => (format!("ce_warp_mean_{}_{sfx}", tg.tag), 0),
+            1 => (format!("ce_stage1_mean_{}_{sfx}", tg.tag), 0),
             st => (
                 format!("ce_stage{st}_mean_{}_{sfx}", tg.tag),
                 (WARP_ROWS * st * 32 * CE_BATCH_BYTES) as u32,
