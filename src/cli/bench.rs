@@ -385,8 +385,9 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
     // them, and the time to issue the step's work before the final read of the loss).
     let cuda = device == crate::Device::Cuda;
     let host = || cuda.then(crate::backend::cuda::host_stats);
-    let mut issue_ms = Vec::new(); // (ms to issue the step, ms of it blocked in synchronisations)
-                                   // One step issued (forward, backward, AdamW); its loss, not yet read back.
+    // Per step: (ms to issue the step, ms of it blocked in synchronisations).
+    let mut issue_ms = Vec::new();
+    // One step issued (forward, backward, AdamW); its loss, not yet read back.
     let issue_step = |opt: &mut AdamW| -> Result<Tensor> {
         // bf16: the model computes with AdamW's compute copies, rewritten by its fused step,
         // and leaves its gradients on them in bf16 for the step to read (`TESSERA_BF16_GRADS=0`:

@@ -452,7 +452,14 @@ fn gradient(index: usize, p: &Tensor, copy: Option<&Tensor>) -> Result<Option<Te
     let Some(cg) = copy.and_then(|c| c.grad()) else {
         return Ok(master);
     };
-    let cg = unshared_grad("AdamW::step", index, "its compute copy's gradient", p, &cg)?;
+    let cg = unshared_grad(
+        "AdamW::step",
+        index,
+        "its compute copy's gradient",
+        p,
+        &cg,
+        false,
+    )?;
     let direct = p.is_cuda() && p.dtype() == DType::F32 && cg.dtype() == DType::BF16;
     if direct && master.is_none() {
         return Ok(Some(cg));

@@ -141,28 +141,20 @@ pub(crate) fn grad_for_update(
     let Some(g) = p.grad() else {
         return Ok(None);
     };
-    if g.dtype() != p.dtype() {
-        return Err(Error::msg(format!(
-            "{op}: gradient of parameter {index} is {:?} {} but the parameter is {:?} {}",
-            g.shape(),
-            g.dtype(),
-            p.shape(),
-            p.dtype()
-        )));
-    }
-    unshared_grad(op, index, "gradient", p, &g).map(Some)
+    unshared_grad(op, index, "gradient", p, &g, true).map(Some)
 }
 
-/// `g`, a gradient (`what`) for parameter `index`, checked against `p`'s shape and device, as a
-/// contiguous tensor that never shares `p`'s buffer.
+/// `g`, a gradient (`what`) for parameter `index`, checked against `p`'s shape (and dtype, when
+/// `same_dtype`) and device, as a contiguous tensor that never shares `p`'s buffer.
 pub(crate) fn unshared_grad(
     op: &'static str,
     index: usize,
     what: &str,
     p: &Tensor,
     g: &Tensor,
+    same_dtype: bool,
 ) -> Result<Tensor> {
-    if g.shape() != p.shape() {
+    if g.shape() != p.shape() || (same_dtype && g.dtype() != p.dtype()) {
         return Err(Error::msg(format!(
             "{op}: {what} of parameter {index} is {:?} {} but the parameter is {:?} {}",
             g.shape(),

@@ -107,10 +107,15 @@ def main():
 OVERLAP_KERNELS = {"_wgo_": 32, "_wgp_": 32, "_bwd_dkdv_wg_": 32, "_bwd_dq_wg_": 64}
 
 
+def overlap_min(kern):
+    """The fewest exp2 `kern` must run between its wgmma waits (None: not an overlap kernel)."""
+    return next((v for k, v in OVERLAP_KERNELS.items() if k in kern), None)
+
+
 def sass_registers(cubin, filt):
     """Prints each kernel's highest SASS register and, for the overlap kernels, the exp2 between
-    `DEPBAR.LE gsb0, 0x1` and the next `DEPBAR.LE gsb0, 0x0`; returns the overlap kernels with
-    fewer than OVERLAP_MIN_EX2 there (ptxas hoisted the second wait above the softmax)."""
+    `DEPBAR.LE gsb0, 0x1` and the next wgmma wait; returns the overlap kernels with fewer than
+    their OVERLAP_KERNELS minimum there (ptxas hoisted the second wait above the math)."""
     nvdisasm = "nvdisasm"
     local = os.path.join(ROOT, "target/nvdisasm/nvidia/cu13/bin/nvdisasm")
     if os.path.exists(local):
@@ -120,7 +125,6 @@ def sass_registers(cubin, filt):
         sys.exit(out.stderr)
     top, kern = {}, None
     overlap = {}  # kernel -> most exp2 between a wait for 1 group and the next wait
-    need = {}
     between = None
     for line in out.stdout.splitlines():
         m = re.match(r"\.text\.(\w+):", line)
@@ -128,16 +132,15 @@ def sass_registers(cubin, filt):
             kern = m.group(1)
             top[kern] = -1
             between = None
-            if any(k in kern for k in OVERLAP_KERNELS):
+            if overlap_min(kern) is not None:
                 overlap[kern] = 0
-                need[kern] = next(v for k, v in OVERLAP_KERNELS.items() if k in kern)
             continue
         if kern:
             regs = [int(r) for r in re.findall(r"\bR(\d+)\b", line)]
             if regs:
                 top[kern] = max(top[kern], max(regs))
             if kern in overlap:
-                if re.search(r"DEPBAR\.LE\s+SB\w*,\s*0x1\b|DEPBAR\.LE\s+gsb0,\s*0x1\b", line):
+                if re.search(r"DEPBAR\.LE\s+gsb0,\s*0x1\b", line):
                     if between is not None:
                         overlap[kern] = max(overlap[kern], between)
                     between = 0
@@ -152,7 +155,7 @@ def sass_registers(cubin, filt):
             extra = ""
             if kern in overlap:
                 extra = f", {overlap[kern]} exp2 between the wgmma waits"
-                if overlap[kern] < need[kern]:
+                if overlap[kern] < overlap_min(kern):
                     bad.append(f"{kern}: only {overlap[kern]} exp2 between the wgmma waits (no overlap)")
             print(f"{kern:40s} SASS uses R0..R{r} ({r + 1} registers){extra}")
     return bad

@@ -28,16 +28,22 @@ fn check_state(op: &'static str, p: &Tensor, others: &[(&str, &Tensor)]) -> Resu
         )));
     }
     for (what, t) in others {
-        if !t.is_cuda() || t.dtype() != DType::F32 || !t.is_contiguous() || t.numel() != p.numel() {
-            return Err(Error::msg(format!(
-                "{op}: {what} must be a contiguous f32 cuda tensor of {} elements like its parameter, \
-                 got {:?} {} on {:?}",
-                p.numel(),
-                t.shape(),
-                t.dtype(),
-                t.device()
-            )));
-        }
+        check_like(op, p, what, t, DType::F32)?;
+    }
+    Ok(())
+}
+
+/// `t` (`what`) must be a contiguous `dtype` cuda tensor of as many elements as `p`.
+fn check_like(op: &'static str, p: &Tensor, what: &str, t: &Tensor, dtype: DType) -> Result<()> {
+    if !t.is_cuda() || t.dtype() != dtype || !t.is_contiguous() || t.numel() != p.numel() {
+        return Err(Error::msg(format!(
+            "{op}: {what} must be a contiguous {dtype} cuda tensor of {} elements like its \
+             parameter, got {:?} {} on {:?}",
+            p.numel(),
+            t.shape(),
+            t.dtype(),
+            t.device()
+        )));
     }
     Ok(())
 }
@@ -52,19 +58,12 @@ fn check_adamw(
     copy: Option<&Tensor>,
 ) -> Result<u64> {
     check_state("AdamW::step", p, &[("exp_avg", m), ("exp_avg_sq", v)])?;
-    if g.dtype() == DType::BF16 {
-        if !g.is_cuda() || !g.is_contiguous() || g.numel() != p.numel() {
-            return Err(Error::msg(format!(
-                "AdamW::step: the bf16 gradient must be a contiguous cuda tensor of {} elements \
-                 like its parameter, got {:?} on {:?}",
-                p.numel(),
-                g.shape(),
-                g.device()
-            )));
-        }
+    let g_dtype = if g.dtype() == DType::BF16 {
+        DType::BF16
     } else {
-        check_state("AdamW::step", p, &[("gradient", g)])?;
-    }
+        DType::F32
+    };
+    check_like("AdamW::step", p, "gradient", g, g_dtype)?;
     match copy {
         Some(c) if c.dtype() == DType::BF16 && c.shape() == p.shape() && c.is_contiguous() => {
             c.cuda_ptr()
@@ -166,10 +165,12 @@ const ADAMW_MULTI_ELEMS: usize = 8192;
 pub fn adamw_multi(updates: &[AdamWUpdate]) -> Result<()> {
     let mut table = Vec::with_capacity(updates.len());
     let mut blocks = 0usize;
+    let Some(k0) = updates.first().map(|u| u.k) else {
+        return Ok(());
+    };
+    let same = |a: f32, b: f32| a.to_bits() == b.to_bits();
     for u in updates {
         let cp = check_adamw(&u.p, &u.g, &u.m, &u.v, u.copy.as_ref())?;
-        let k0 = &updates[0].k;
-        let same = |a: f32, b: f32| a.to_bits() == b.to_bits();
         if !(same(u.k.one_minus_beta1, k0.one_minus_beta1)
             && same(u.k.beta2, k0.beta2)
             && same(u.k.one_minus_beta2, k0.one_minus_beta2)
@@ -211,7 +212,7 @@ pub fn adamw_multi(updates: &[AdamWUpdate]) -> Result<()> {
     let on_device = Tensor::empty_cuda(&[bytes.div_ceil(8)], DType::I64)?;
     let tp = on_device.cuda_ptr()?;
     dev.htod(&table, tp)?;
-    let k = &updates[0].k;
+    let k = &k0;
     let count = table.len() as i32;
     dev.launch(
         "optim.cu",
