@@ -660,7 +660,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
 }
 
 // Launch: grid (ceil(Tk / 128), Hkv (Hq with _split), B), 384 threads, dynamic shared memory
-// 256 + 1024 + 2 · 128 · D · 2 + 2 stages · roundup1024(2 · 64 · D · 2 + 512) bytes
+// 256 + 1024 + 2 · 128 · D · 2 + STAGES (2, or 3 for _s3_) · roundup1024(2 · 64 · D · 2 + 512) bytes
 // (src/backend/cuda/flash.rs). dk / dv: bf16 [B, Hkv, Tk, D]; with _split f32 [B, Hq, Tk, D].
 #define FLASH_BWD_WG(NAME, D, STAGES, SPLIT)                                                                       \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                         \

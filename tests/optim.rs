@@ -820,6 +820,16 @@ fn compute_leaves_update_as_compute_params() -> Result<()> {
         assert_eq!(l2[0].dtype(), other);
         assert_eq!(l2[0].to_f64s()?, pb[0].detach().to_dtype(other)?.to_f64s()?);
         let state = ob.state()?;
+        // A state that does not fit changes nothing, the copies included.
+        let mut short = state.clone();
+        short.params.pop();
+        assert!(ob.load_state(&short).is_err());
+        let kept = ob.compute_leaves(other)?;
+        assert_eq!(
+            kept[0].id(),
+            l2[0].id(),
+            "a failed load_state keeps the copies"
+        );
         ob.load_state(&state)?;
         let l3 = ob.compute_leaves(other)?;
         assert_ne!(l3[0].id(), l2[0].id(), "load_state drops the copies");

@@ -269,6 +269,8 @@ impl AdamW {
         }
         let config = self.config;
         let mut multi = self.multi_tensor.then(Vec::new);
+        // The parameters queued on `multi`, in its order.
+        let mut queued = Vec::new();
         no_grad(|| {
             let mut index = 0;
             for group in &self.groups {
@@ -276,7 +278,11 @@ impl AdamW {
                     let slot = &mut self.state[index];
                     let copy = self.copies.get(index).and_then(|c| c.as_ref());
                     let u = (lr, group.weight_decay);
+                    let before = multi.as_ref().map_or(0, Vec::len);
                     update_param(p, index, slot, copy, u, &config, multi.as_mut())?;
+                    if multi.as_ref().map_or(0, Vec::len) > before {
+                        queued.push((index, p.clone()));
+                    }
                     index += 1;
                 }
             }
@@ -284,11 +290,15 @@ impl AdamW {
                 return Ok(());
             };
             crate::backend::cuda::ops::optim::adamw_multi(&updates)?;
-            // Copies the kernel does not write (not bf16): cast from the updated masters.
-            for (p, copy) in self.params().zip(&self.copies) {
-                let other = copy.as_ref().is_some_and(|c| c.dtype() != DType::BF16);
-                if other && updates.iter().any(|u| u.p.same_storage(p)) {
-                    refresh_copy(p, copy.as_ref())?;
+            // Counted only now: a failed launch leaves every step count (bias correction) as
+            // it was, as the per-tensor path does.
+            for (index, p) in &queued {
+                let st = self.state[*index].as_mut().expect("queued with its state");
+                st.step += 1;
+                // A copy the kernel does not write (not bf16): cast from the updated master.
+                let copy = self.copies.get(*index).and_then(|c| c.as_ref());
+                if copy.is_some_and(|c| c.dtype() != DType::BF16) {
+                    refresh_copy(p, copy)?;
                 }
             }
             Ok::<(), Error>(())
@@ -323,8 +333,6 @@ impl AdamW {
     /// Replaces the state with a copy of `state`, which must list one entry per parameter,
     /// each moment matching its parameter's shape and dtype. Nothing changes on error.
     pub fn load_state(&mut self, state: &AdamWState) -> Result<()> {
-        // A resume usually rewrites the parameters too: cast the compute copies afresh.
-        self.copies.clear();
         let params: Vec<&Tensor> = self.params().collect();
         if state.params.len() != params.len() {
             return Err(Error::msg(format!(
@@ -350,6 +358,8 @@ impl AdamW {
         }
         self.state = loaded;
         self.steps = state.steps;
+        // A resume usually rewrites the parameters too: cast the compute copies afresh.
+        self.copies.clear();
         Ok(())
     }
 }
@@ -394,8 +404,8 @@ fn update_param(
         // A bf16 compute copy is written by the same kernel; any other is cast below.
         let fused = copy.filter(|c| c.dtype() == DType::BF16);
         if let Some(multi) = multi {
-            // Launched with the others by `step`, which then casts any other copy.
-            st.step = t;
+            // Launched with the others by `step`, which then counts the step and casts any
+            // other copy.
             multi.push(crate::backend::cuda::ops::optim::AdamWUpdate {
                 p: p.clone(),
                 g,

@@ -166,7 +166,8 @@ static WGMMA_BWD: super::Switch = super::Switch::new("TESSERA_FLASH_WG_BWD");
 
 /// Pipeline stages of the Hopper dK/dV kernel's Q/dO/lse/delta stream: 2, or 3 with
 /// `TESSERA_FLASH_WG_BWD_STAGES=3` (or `set_wgmma_bwd_stages`; more loads in flight against the
-/// L2 latency, 34 KB more shared memory at D 128; not yet measured).
+/// L2 latency, 33 KiB more shared memory at D 128; benchmarked beside 2 stages by the GPU check,
+/// not yet run on a GPU).
 pub fn wgmma_bwd_stages() -> usize {
     if WGMMA_BWD_STAGES.get() == Some(3) {
         3
@@ -589,7 +590,7 @@ fn bwd(
     Ok((dq, dk, dv))
 }
 
-/// (dq, dk, dv) by the Hopper kernels (`flash_bwd_dkdv_wg[_split]_d*`, `flash_bwd_dq_wg_d*`),
+/// (dq, dk, dv) by the Hopper kernels (`flash_bwd_dkdv_wg[_split]_[s3_]d*`, `flash_bwd_dq_wg_d*`),
 /// from contiguous bf16 q, k, v, g and f32 lse, delta.
 #[allow(clippy::too_many_arguments)]
 fn grads_wgmma(
