@@ -124,14 +124,18 @@ impl Float for f32 {
 
 /// Cephes-style expf: x = n ln2 + r with |r| <= ln2/2 (Cody–Waite split of ln2), a degree-6
 /// polynomial for e^r, and 2^n built in the exponent bits.
+///
+/// Branch-free so that loops over it vectorise (8 lanes with AVX2): the clamps and the edge
+/// cases are selects, and the clamped x keeps the float-to-int conversion in range (a
+/// saturating `as i32` compiled to scalar code with branches and made every exp loop scalar).
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // Written so NaN passes through (comparisons with NaN are false).
-    let xc = if x > 88.7 { 88.7 } else { x };
-    let xc = if xc < -87.0 { -87.0 } else { xc };
+    // NaN fails both comparisons and is clamped to 88.7 here; it is put back at the end.
+    let xc = if x < 88.7 { x } else { 88.7 };
+    let xc = if xc > -87.0 { xc } else { -87.0 };
     let n = (xc * LOG2E + 0.5).floor();
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4_f32;
@@ -141,12 +145,14 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p.mul_add(r, 1.666_666_5e-1);
     let p = p.mul_add(r, 0.5);
     let p = p.mul_add(r * r, r + 1.0);
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // SAFETY: n = floor(xc log2 e + 0.5) with xc in [-87, 88.7] is an integer in [-125, 128].
+    let n: i32 = unsafe { n.to_int_unchecked() };
+    let scale = f32::from_bits(((n + 127) as u32) << 23);
     let y = p * scale;
-    if x < -87.0 {
-        0.0
-    } else if x > 88.7 {
-        f32::INFINITY
+    let y = if x < -87.0 { 0.0 } else { y };
+    let y = if x > 88.7 { f32::INFINITY } else { y };
+    if x.is_nan() {
+        x
     } else {
         y
     }
