@@ -62,13 +62,23 @@ enum Command {
 pub fn run() -> Result<()> {
     crate::backend::cpu::keep_freed_memory();
     let cli = Cli::parse();
+    // The command runs on a worker of its own pool (`install`), not beside it: with the
+    // command on the main thread, the pool's idle workers spun (sched_yield) against its
+    // serial work, three threads on two cores; a pretraining step of the tiny preset took
+    // 96 ms, 81 ms inside the pool (docs/performance.md). Same results: the kernels split
+    // work by rows and threads, never by timing.
+    let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = cli.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .map_err(|e| crate::Error::msg(format!("--threads {n}: {e}")))?;
+        pool = pool.num_threads(n);
     }
-    match cli.command {
+    let pool = pool
+        .build()
+        .map_err(|e| crate::Error::msg(format!("thread pool ({:?} threads): {e}", cli.threads)))?;
+    pool.install(move || dispatch(cli.command))
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Forward(a) => forward::run(a),

@@ -81,7 +81,13 @@ pub(crate) fn matmul_raw(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         lb.strides[r - 1],
     );
     float_dispatch!(a.dtype(), "matmul", T => {
-        let mut out: Vec<T> = vec![<T as num_traits::Zero>::zero(); nb * m * n];
+        let len = nb * m * n;
+        // The products store every element (accumulate = false): no zero fill unless k = 0.
+        let mut out: Vec<T> = if k == 0 {
+            vec![<T as num_traits::Zero>::zero(); len]
+        } else {
+            Vec::with_capacity(len)
+        };
         if k > 0 && m * n > 0 {
             a.read_strided::<T, _>(|xa, _| b.read_strided::<T, _>(|xb, _| {
                 let dst = SendPtr(out.as_mut_ptr());
@@ -101,6 +107,8 @@ pub(crate) fn matmul_raw(a: &Tensor, b: &Tensor) -> Result<Tensor> {
                     (0..nb).for_each(|i| run(i, true));
                 }
             }))??;
+            // SAFETY: the `nb` products above stored all m × n elements of each matrix.
+            unsafe { out.set_len(len) };
         }
         Tensor::from_vec(out, &out_shape)
     })
