@@ -8,8 +8,7 @@ use crate::backend::cpu;
 use crate::tensor::Float;
 use crate::tensor::Tensor;
 use crate::{float_dispatch, Error, Result};
-use num_traits::{One, Zero};
-use rayon::prelude::*;
+use num_traits::One;
 
 impl Tensor {
     pub fn swiglu(&self, up: &Tensor) -> Result<Tensor> {
@@ -29,25 +28,11 @@ impl Tensor {
         Ok(record("swiglu", out, &[self, up], move |g| {
             let (gate, up, g) = (gate.contiguous()?, upd.contiguous()?, g.contiguous()?);
             let (dg, du) = float_dispatch!(g.dtype(), "swiglu_backward", T => {
-                let n = g.numel();
-                let mut dg = vec![T::zero(); n];
-                let mut du = vec![T::zero(); n];
-                gate.read::<T, _>(|a| up.read::<T, _>(|b| g.read::<T, _>(|gv| {
-                    const CHUNK: usize = 4096;
-                    let work = |(c, (dgc, duc)): (usize, (&mut [T], &mut [T]))| {
-                        let o = c * CHUNK;
-                        for i in 0..dgc.len() {
-                            let (x, y, gi) = (a[o + i], b[o + i], gv[o + i]);
-                            let s = T::one() / (T::one() + (-x).exp_fast());
-                            duc[i] = gi * x * s;
-                            dgc[i] = gi * y * s * (T::one() + x * (T::one() - s));
-                        }
-                    };
-                    if n >= cpu::PAR_MIN {
-                        dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(work);
-                    } else {
-                        dg.chunks_mut(CHUNK).zip(du.chunks_mut(CHUNK)).enumerate().for_each(work);
-                    }
+                let (dg, du) = gate.read::<T, _>(|a| up.read::<T, _>(|b| g.read::<T, _>(|gv| {
+                    cpu::map3_to2(a, b, gv, |x, y, gi| {
+                        let s = T::one() / (T::one() + (-x).exp_fast());
+                        (gi * y * s * (T::one() + x * (T::one() - s)), gi * x * s)
+                    })
                 })))???;
                 (Tensor::from_vec(dg, g.shape())?, Tensor::from_vec(du, g.shape())?)
             });

@@ -134,16 +134,17 @@ impl Tensor {
         Ok(record("cross_entropy", loss, &[self], move |g| {
             let g = g.to_scalar()? / n.max(1) as f64;
             float_dispatch!(x.dtype(), "cross_entropy_backward", T => {
-                let mut dx = x.to_vec::<T>()?;
                 let lse = lse.to_vec::<T>()?;
                 let gt = T::c(g);
-                cpu::for_rows_mut(&mut dx, v, |r, row| match t[r] {
-                    None => row.iter_mut().for_each(|e| *e = T::zero()),
+                let dx = x.read::<T, _>(|xs| cpu::map_rows(xs, v, |r, row, o| match t[r] {
+                    None => cpu::write_row(o, row, |_| T::zero()),
                     Some(c) => {
-                        row.iter_mut().for_each(|e| *e = (*e - lse[r]).exp_fast() * gt);
-                        row[c] -= gt;
+                        let l = lse[r];
+                        let o = cpu::write_row(o, row, |e| (e - l).exp_fast() * gt);
+                        o[c] -= gt;
+                        o
                     }
-                });
+                }))?;
                 Ok(vec![Some(Tensor::from_vec(dx, x.shape())?)])
             })
         }))
@@ -169,11 +170,12 @@ impl Tensor {
             float_dispatch!(x.dtype(), "log_prob_of_backward", T => {
                 let gv = g.contiguous()?.to_vec::<T>()?;
                 let lv = lse.to_vec::<T>()?;
-                let mut dx = x.to_vec::<T>()?;
-                cpu::for_rows_mut(&mut dx, v, |r, row| {
-                    row.iter_mut().for_each(|e| *e = -(*e - lv[r]).exp_fast() * gv[r]);
-                    row[t[r]] += gv[r];
-                });
+                let dx = x.read::<T, _>(|xs| cpu::map_rows(xs, v, |r, row, o| {
+                    let (l, gr) = (lv[r], gv[r]);
+                    let o = cpu::write_row(o, row, |e| -(e - l).exp_fast() * gr);
+                    o[t[r]] += gv[r];
+                    o
+                }))?;
                 Ok(vec![Some(Tensor::from_vec(dx, x.shape())?)])
             })
         }))

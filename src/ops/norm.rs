@@ -37,9 +37,7 @@ impl Tensor {
                     T::one() / (cpu::rows::dot(r, r) / T::c(d as f64) + T::c(eps)).sqrt()
                 }).collect();
                 let y = cpu::map_rows(xs, d, |i, r, o| {
-                    for ((e, &xv), &wj) in o.iter_mut().zip(r).zip(wv) {
-                        *e = xv * rstd[i] * wj;
-                    }
+                    cpu::write_row2(o, r, wv, |xv, wj| xv * rstd[i] * wj)
                 });
                 (y, rstd)
             }))??;
@@ -56,9 +54,8 @@ impl Tensor {
                     };
                     let dx = cpu::map_rows2(xv, gv, d, |i, xr, gr, o| {
                         let (r, mean) = (rv[i], gw_dot(i) / T::c(d as f64));
-                        for j in 0..d {
-                            o[j] = r * (gr[j] * wv[j] - xr[j] * r * mean);
-                        }
+                        let rows = (gr, wv, xr);
+                        cpu::write_row3(o, rows, |g, w, x| r * (g * w - x * r * mean))
                     });
                     // dweight: per-chunk partial sums over rows, then a final sum.
                     let rows = xv.len().checked_div(d).unwrap_or(0);

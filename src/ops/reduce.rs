@@ -201,11 +201,10 @@ impl Tensor {
             float_dispatch!(x.dtype(), "softmax", T => {
                 let v = x.read::<T, _>(|xs| cpu::map_rows(xs, n, |_, r, o| {
                     let m = row_max(r);
-                    for (e, &xv) in o.iter_mut().zip(r) {
-                        *e = (xv - m).exp_fast();
-                    }
+                    let o = cpu::write_row(o, r, |xv| (xv - m).exp_fast());
                     let inv = T::one() / cpu::rows::sum(o);
                     o.iter_mut().for_each(|e| *e *= inv);
+                    o
                 }))?;
                 Tensor::from_vec(v, x.shape())
             })
@@ -222,9 +221,7 @@ impl Tensor {
             float_dispatch!(y.dtype(), "softmax_backward", T => {
                 let v = y.read::<T, _>(|ys| g.read::<T, _>(|gs| cpu::map_rows2(ys, gs, n, |_, yr, gr, o| {
                     let dot = cpu::rows::dot(gr, yr);
-                    for ((e, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
-                        *e = yv * (gv - dot);
-                    }
+                    cpu::write_row2(o, yr, gr, |yv, gv| yv * (gv - dot))
                 })))??;
                 Ok(vec![Some(Tensor::from_vec(v, y.shape())?)])
             })
@@ -243,9 +240,7 @@ impl Tensor {
             float_dispatch!(x.dtype(), "log_softmax", T => {
                 let v = x.read::<T, _>(|xs| cpu::map_rows(xs, n, |_, r, o| {
                     let l = row_logsumexp(r);
-                    for (e, &xv) in o.iter_mut().zip(r) {
-                        *e = xv - l;
-                    }
+                    cpu::write_row(o, r, |xv| xv - l)
                 }))?;
                 Tensor::from_vec(v, x.shape())
             })
@@ -262,9 +257,7 @@ impl Tensor {
             float_dispatch!(y.dtype(), "log_softmax_backward", T => {
                 let v = y.read::<T, _>(|ys| g.read::<T, _>(|gs| cpu::map_rows2(ys, gs, n, |_, yr, gr, o| {
                     let s = cpu::rows::sum(gr);
-                    for ((e, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
-                        *e = gv - yv.exp_fast() * s;
-                    }
+                    cpu::write_row2(o, yr, gr, |yv, gv| gv - yv.exp_fast() * s)
                 })))??;
                 Ok(vec![Some(Tensor::from_vec(v, y.shape())?)])
             })

@@ -2,6 +2,7 @@
 
 use crate::tensor::Layout;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 #[cfg(target_arch = "x86_64")]
 mod gemm_f32;
@@ -22,15 +23,43 @@ pub fn gather_strided<T: Copy>(all: &[T], layout: &Layout) -> Vec<T> {
     out
 }
 
+/// Elements per task of the parallel elementwise maps.
+const CHUNK: usize = 1 << 14;
+
+/// A vector of `n` elements written in place, chunk by chunk (in parallel for large `n`), by
+/// `fill(start, chunk)`: no zero fill first, and a plain loop per chunk that vectorises.
+///
+/// # Safety
+/// `fill` must write every element of each chunk it is given.
+unsafe fn filled<U: Send>(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<U>]) + Sync) -> Vec<U> {
+    let mut out = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
+    if n >= PAR_MIN {
+        spare
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, o)| fill(c * CHUNK, o));
+    } else {
+        fill(0, spare);
+    }
+    // SAFETY: every element was written (the caller's contract).
+    out.set_len(n);
+    out
+}
+
 /// `out[i] = f(x[i])`, in parallel for large inputs.
 pub fn map<T: Copy + Send + Sync, U: Copy + Send + Sync>(
     x: &[T],
     f: impl Fn(T) -> U + Sync,
 ) -> Vec<U> {
-    if x.len() >= PAR_MIN {
-        x.par_iter().map(|&v| f(v)).collect()
-    } else {
-        x.iter().map(|&v| f(v)).collect()
+    // SAFETY: each chunk is zipped with as many inputs, so every element is written.
+    unsafe {
+        filled(x.len(), |start, o| {
+            let x = &x[start..start + o.len()];
+            for (o, &v) in o.iter_mut().zip(x) {
+                o.write(f(v));
+            }
+        })
     }
 }
 
@@ -40,15 +69,62 @@ pub fn zip_map<T: Copy + Send + Sync, U: Copy + Send + Sync>(
     b: &[T],
     f: impl Fn(T, T) -> U + Sync,
 ) -> Vec<U> {
-    debug_assert_eq!(a.len(), b.len());
-    if a.len() >= PAR_MIN {
-        a.par_iter()
-            .zip(b.par_iter())
-            .map(|(&x, &y)| f(x, y))
-            .collect()
-    } else {
-        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+    assert_eq!(a.len(), b.len(), "zip_map: inputs of different lengths");
+    // SAFETY: each chunk is zipped with as many inputs, so every element is written.
+    unsafe {
+        filled(a.len(), |start, o| {
+            let (a, b) = (&a[start..start + o.len()], &b[start..start + o.len()]);
+            for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                o.write(f(x, y));
+            }
+        })
     }
+}
+
+/// `(p[i], q[i]) = f(a[i], b[i], c[i])`: two outputs from three same-length inputs in one pass
+/// (a fused backward's two gradients), in parallel for large inputs.
+pub fn map3_to2<T: Copy + Send + Sync, U: Copy + Send + Sync>(
+    a: &[T],
+    b: &[T],
+    c: &[T],
+    f: impl Fn(T, T, T) -> (U, U) + Sync,
+) -> (Vec<U>, Vec<U>) {
+    let n = a.len();
+    assert!(
+        b.len() == n && c.len() == n,
+        "map3_to2: inputs of different lengths"
+    );
+    let (mut p, mut q) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (ps, qs) = (
+        &mut p.spare_capacity_mut()[..n],
+        &mut q.spare_capacity_mut()[..n],
+    );
+    let fill = |start: usize, (ps, qs): (&mut [MaybeUninit<U>], &mut [MaybeUninit<U>])| {
+        let m = ps.len();
+        let (a, b, c) = (
+            &a[start..start + m],
+            &b[start..start + m],
+            &c[start..start + m],
+        );
+        for (i, (pi, qi)) in ps.iter_mut().zip(qs.iter_mut()).enumerate() {
+            let (x, y) = f(a[i], b[i], c[i]);
+            pi.write(x);
+            qi.write(y);
+        }
+    };
+    if n >= PAR_MIN {
+        let chunks = ps.par_chunks_mut(CHUNK).zip(qs.par_chunks_mut(CHUNK));
+        chunks.enumerate().for_each(|(k, o)| fill(k * CHUNK, o));
+    } else {
+        fill(0, (ps, qs));
+    }
+    // SAFETY: the chunks of p and q have equal lengths and cover them, and `fill` writes
+    // every element of both.
+    unsafe {
+        p.set_len(n);
+        q.set_len(n);
+    }
+    (p, q)
 }
 
 /// Applies `f` to consecutive rows of length `n` of `data` (parallel over rows).
@@ -240,52 +316,160 @@ pub mod rows {
     }
 }
 
-/// `out` rows of length `n` computed from the matching rows of `x` (parallel over rows).
-pub fn map_rows<T: Copy + Send + Sync + Default>(
-    x: &[T],
-    n: usize,
-    f: impl Fn(usize, &[T], &mut [T]) + Sync + Send,
-) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
+/// Writes `o[j] = f(a[j])` into the fresh row `o` (`a` as long as `o`, else panics) and
+/// returns the row, now initialised: the way a `map_rows` kernel fills its output row.
+#[inline]
+pub fn write_row<'o, T: Copy>(
+    o: &'o mut [MaybeUninit<T>],
+    a: &[T],
+    f: impl Fn(T) -> T,
+) -> &'o mut [T] {
+    assert_eq!(
+        a.len(),
+        o.len(),
+        "write_row: input and output rows differ in length"
+    );
+    for (slot, &x) in o.iter_mut().zip(a) {
+        slot.write(f(x));
+    }
+    // SAFETY: the zip above wrote all o.len() elements (a is as long); MaybeUninit<T> has
+    // T's layout.
+    unsafe { &mut *(o as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// `write_row` with two input rows: `o[j] = f(a[j], b[j])`.
+#[inline]
+pub fn write_row2<'o, T: Copy>(
+    o: &'o mut [MaybeUninit<T>],
+    a: &[T],
+    b: &[T],
+    f: impl Fn(T, T) -> T,
+) -> &'o mut [T] {
+    let n = o.len();
+    assert!(
+        a.len() == n && b.len() == n,
+        "write_row2: rows differ in length"
+    );
+    for ((slot, &x), &y) in o.iter_mut().zip(a).zip(b) {
+        slot.write(f(x, y));
+    }
+    // SAFETY: as in `write_row`.
+    unsafe { &mut *(o as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// `write_row` with three input rows: `o[j] = f(a[j], b[j], c[j])`.
+#[inline]
+pub fn write_row3<'o, T: Copy>(
+    o: &'o mut [MaybeUninit<T>],
+    (a, b, c): (&[T], &[T], &[T]),
+    f: impl Fn(T, T, T) -> T,
+) -> &'o mut [T] {
+    let n = o.len();
+    assert!(
+        a.len() == n && b.len() == n && c.len() == n,
+        "write_row3: rows differ in length"
+    );
+    for (((slot, &x), &y), &z) in o.iter_mut().zip(a).zip(b).zip(c) {
+        slot.write(f(x, y, z));
+    }
+    // SAFETY: as in `write_row`.
+    unsafe { &mut *(o as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// The output row that a `map_rows` kernel returned must be the one it was given, written
+/// (`write_row` is the safe way to get one).
+fn check_row<T>(done: &[T], given: *const MaybeUninit<T>, n: usize) {
+    assert!(
+        std::ptr::eq(done.as_ptr().cast(), given) && done.len() == n,
+        "map_rows: the kernel must return its own output row, written"
+    );
+}
+
+/// Kernel of `map_rows`: row index, input row, fresh output row; returns the output row
+/// written (`write_row`).
+pub trait RowKernel<T>:
+    for<'o> Fn(usize, &[T], &'o mut [MaybeUninit<T>]) -> &'o mut [T] + Sync + Send
+{
+}
+impl<T, F> RowKernel<T> for F where
+    F: for<'o> Fn(usize, &[T], &'o mut [MaybeUninit<T>]) -> &'o mut [T] + Sync + Send
+{
+}
+
+/// Kernel of `map_rows2`: like `RowKernel` with two input rows.
+pub trait RowKernel2<T>:
+    for<'o> Fn(usize, &[T], &[T], &'o mut [MaybeUninit<T>]) -> &'o mut [T] + Sync + Send
+{
+}
+impl<T, F> RowKernel2<T> for F where
+    F: for<'o> Fn(usize, &[T], &[T], &'o mut [MaybeUninit<T>]) -> &'o mut [T] + Sync + Send
+{
+}
+
+/// `out` rows of length `n` computed from the matching rows of `x` (parallel over rows),
+/// written in place without a zero fill first.
+pub fn map_rows<T: Copy + Send + Sync>(x: &[T], n: usize, f: impl RowKernel<T>) -> Vec<T> {
     if n == 0 {
-        return out;
+        return Vec::new();
     }
-    if x.len() >= PAR_MIN {
-        out.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .enumerate()
-            .for_each(|(i, (o, r))| f(i, r, o));
-    } else {
-        out.chunks_mut(n)
-            .zip(x.chunks(n))
-            .enumerate()
-            .for_each(|(i, (o, r))| f(i, r, o));
-    }
-    out
+    let row = |i: usize, r: &[T], o: &mut [MaybeUninit<T>]| {
+        let given = o.as_ptr();
+        check_row(f(i, r, o), given, n);
+    };
+    // SAFETY: `check_row` proves each row was written (through `write_row`), and the rows
+    // cover the output.
+    unsafe { filled_rows(x.len(), n, |i, o| row(i, &x[i * n..(i + 1) * n], o)) }
 }
 
 /// Like `map_rows` with two same-shape inputs.
-pub fn map_rows2<T: Copy + Send + Sync + Default>(
+pub fn map_rows2<T: Copy + Send + Sync>(
     x: &[T],
     y: &[T],
     n: usize,
-    f: impl Fn(usize, &[T], &[T], &mut [T]) + Sync + Send,
+    f: impl RowKernel2<T>,
 ) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
+    assert_eq!(x.len(), y.len(), "map_rows2: inputs of different lengths");
     if n == 0 {
-        return out;
+        return Vec::new();
     }
-    if x.len() >= PAR_MIN {
-        out.par_chunks_mut(n)
-            .zip(x.par_chunks(n).zip(y.par_chunks(n)))
+    let row = |i: usize, o: &mut [MaybeUninit<T>]| {
+        let given = o.as_ptr();
+        let (a, b) = (&x[i * n..(i + 1) * n], &y[i * n..(i + 1) * n]);
+        check_row(f(i, a, b, o), given, n);
+    };
+    // SAFETY: as in `map_rows`.
+    unsafe { filled_rows(x.len(), n, row) }
+}
+
+/// A vector of `len` elements (whole rows of `n`) written row by row by `fill(i, row)`, in
+/// parallel over rows for large `len`.
+///
+/// # Safety
+/// `fill` must write every element of each row it is given; `len` must be a multiple of `n`.
+unsafe fn filled_rows<T: Send>(
+    len: usize,
+    n: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    assert!(
+        n > 0 && len.is_multiple_of(n),
+        "filled_rows: {len} is not whole rows of {n}"
+    );
+    let mut out = Vec::with_capacity(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    if len >= PAR_MIN {
+        spare
+            .par_chunks_mut(n)
             .enumerate()
-            .for_each(|(i, (o, (a, b)))| f(i, a, b, o));
+            .for_each(|(i, o)| fill(i, o));
     } else {
-        out.chunks_mut(n)
-            .zip(x.chunks(n).zip(y.chunks(n)))
+        spare
+            .chunks_mut(n)
             .enumerate()
-            .for_each(|(i, (o, (a, b)))| f(i, a, b, o));
+            .for_each(|(i, o)| fill(i, o));
     }
+    // SAFETY: every row was written (the caller's contract).
+    out.set_len(len);
     out
 }
 
@@ -295,14 +479,20 @@ pub fn map_rows2<T: Copy + Send + Sync + Default>(
 /// defaults, blocks above the (adaptive) mmap threshold are mapped and unmapped each time
 /// and the heap top is trimmed on free, so every step page-faults its activations back in:
 /// on the tiny preset that was 17% of all CPU samples (`perf`), a fifth of it in the kernel.
-/// Raising the mmap threshold to glibc's maximum (32 MiB) and never trimming makes the
-/// allocator reuse those pages. Called once by the CLI; a no-op off glibc.
+/// So: no block is mmap'd (glibc's threshold cannot go above 32 MiB, and a [4096, 2816] f32
+/// activation is 46 MiB: its faults made swiglu's forward + backward 62 ms instead of 13),
+/// the heap is never trimmed, and every thread allocates from the one main heap (the CLI runs
+/// its work on rayon workers, whose own arenas would otherwise map and unmap). Freed blocks
+/// are then reused, not faulted in again; the peak resident memory of `bench ops` went down
+/// (321 -> 292 MB). Called once by the CLI; a no-op off glibc.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // glibc <malloc.h>
         const M_TRIM_THRESHOLD: i32 = -1;
         const M_MMAP_THRESHOLD: i32 = -3;
+        const M_MMAP_MAX: i32 = -4;
+        const M_ARENA_MAX: i32 = -8;
         extern "C" {
             fn mallopt(param: i32, value: i32) -> i32;
         }
@@ -310,7 +500,79 @@ pub fn keep_freed_memory() {
         // threads allocate (first thing in `cli::run`), and a rejected value is ignored.
         unsafe {
             mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_MMAP_MAX, 0);
             mallopt(M_TRIM_THRESHOLD, i32::MAX);
+            mallopt(M_ARENA_MAX, 1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / 4e9 - 0.5)
+            .collect()
+    }
+
+    /// The in-place maps give what a serial loop gives, below and above the parallel
+    /// threshold and across chunk boundaries (odd lengths).
+    #[test]
+    fn maps_write_every_element() {
+        for n in [0, 1, 7, PAR_MIN - 1, PAR_MIN, 3 * CHUNK + 5, 100_003] {
+            let (a, b, c) = (data(n, 1), data(n, 2), data(n, 3));
+            let f = |x: f32| x * 3.0 - 1.0;
+            assert_eq!(map(&a, f), a.iter().map(|&x| f(x)).collect::<Vec<_>>());
+            let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x * y + 1.0).collect();
+            assert_eq!(zip_map(&a, &b, |x, y| x * y + 1.0), want);
+            let (p, q) = map3_to2(&a, &b, &c, |x, y, z| (x + y * z, x - z));
+            assert_eq!(p, (0..n).map(|i| a[i] + b[i] * c[i]).collect::<Vec<_>>());
+            assert_eq!(q, (0..n).map(|i| a[i] - c[i]).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn row_maps_write_every_row() {
+        for (rows, n) in [(1, 1), (3, 5), (37, 1000), (33, 1024)] {
+            let (x, y) = (data(rows * n, 4), data(rows * n, 5));
+            let got = map_rows(&x, n, |i, r, o| {
+                let o = write_row(o, r, |v| v + i as f32);
+                o[0] = -1.0;
+                o
+            });
+            for i in 0..rows {
+                assert_eq!(got[i * n], -1.0);
+                for j in 1..n {
+                    assert_eq!(got[i * n + j], x[i * n + j] + i as f32);
+                }
+            }
+            let got = map_rows2(&x, &y, n, |_, a, b, o| write_row2(o, a, b, |u, v| u - v));
+            let want: Vec<f32> = x.iter().zip(&y).map(|(u, v)| u - v).collect();
+            assert_eq!(got, want);
+            let got = map_rows2(&x, &y, n, |_, a, b, o| {
+                write_row3(o, (a, b, a), |u, v, w| u * v + w)
+            });
+            let want: Vec<f32> = x.iter().zip(&y).map(|(u, v)| u * v + u).collect();
+            assert_eq!(got, want);
+        }
+        assert!(map_rows(&[] as &[f32], 4, |_, r, o| write_row(o, r, |v| v)).is_empty());
+    }
+
+    /// A kernel must hand back the row it was given: any other row is refused (the output
+    /// would otherwise hold unwritten memory).
+    #[test]
+    #[should_panic(expected = "must return its own output row")]
+    fn row_maps_refuse_a_foreign_row() {
+        map_rows(&[1.0f32, 2.0], 2, |_, _, _| {
+            Box::leak(vec![0.0f32; 2].into_boxed_slice())
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "differ in length")]
+    fn write_row_refuses_a_short_input() {
+        map_rows(&[1.0f32, 2.0], 2, |_, r, o| write_row(o, &r[..1], |v| v));
     }
 }
