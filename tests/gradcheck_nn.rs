@@ -324,7 +324,27 @@ fn attention_segments_with_causal_padding_and_gqa() {
     let fused = Tensor::attention(&q, &k, &v, &opts).unwrap();
     let reference = attention_reference(&q, &k, &v, &mask, hq / hkv).unwrap();
     assert!(max_abs_diff(&fused, &reference) < 1e-12);
-    check_grad("attention_segments_causal_pad_gqa", &[q, k, v], |x| {
+    check_grad(
+        "attention_segments_causal_pad_gqa",
+        &[q.clone(), k.clone(), v.clone()],
+        |x| Tensor::attention(&x[0], &x[1], &x[2], &opts),
+    )
+    .unwrap();
+    // The same without the padded key: the path where each row's visible keys are a prefix
+    // of its segment's block.
+    let opts = AttentionOptions {
+        key_padding: None,
+        ..opts
+    };
+    for (bi, i, j) in
+        (0..b).flat_map(|bi| (0..t).flat_map(move |i| (0..t).map(move |j| (bi, i, j))))
+    {
+        mask[(bi * t + i) * t + j] = j <= i && seg(i) == seg(j);
+    }
+    let fused = Tensor::attention(&q, &k, &v, &opts).unwrap();
+    let reference = attention_reference(&q, &k, &v, &mask, hq / hkv).unwrap();
+    assert!(max_abs_diff(&fused, &reference) < 1e-12);
+    check_grad("attention_segments_causal_gqa", &[q, k, v], |x| {
         Tensor::attention(&x[0], &x[1], &x[2], &opts)
     })
     .unwrap();

@@ -57,6 +57,20 @@ impl Visibility {
         }
         true
     }
+
+    /// How many leading keys of the block of keys `j0..j0 + nk` query `i` sees, when that is
+    /// all it sees (no key padding; blocks never cross a segment); None with key padding.
+    #[inline]
+    fn visible_prefix(&self, i: usize, j0: usize, nk: usize) -> Option<usize> {
+        if self.padding.is_some() {
+            return None;
+        }
+        if !self.causal {
+            return Some(nk);
+        }
+        let last = i as isize + self.offset - j0 as isize;
+        Some((last + 1).clamp(0, nk as isize) as usize)
+    }
 }
 
 struct Dims {
@@ -150,17 +164,29 @@ fn probs<T: Float>(
     let mut lse = vec![T::neg_infinity(); nq];
     for i in 0..nq {
         let row = &mut p[i * nk..(i + 1) * nk];
-        let mut m = T::neg_infinity();
-        for (j, e) in row.iter_mut().enumerate() {
-            *e = if vis.visible(b, i0 + i, j0 + j) {
-                *e * scale
-            } else {
-                T::neg_infinity()
-            };
-            if *e > m {
-                m = *e;
+        let m = match vis.visible_prefix(i0 + i, j0, nk) {
+            // Without key padding the visible keys of a row are a prefix of the block (a
+            // block lies inside one segment): no per-key test, and loops that vectorise.
+            Some(lim) => {
+                row[..lim].iter_mut().for_each(|e| *e *= scale);
+                row[lim..].iter_mut().for_each(|e| *e = T::neg_infinity());
+                cpu::rows::max(&row[..lim])
             }
-        }
+            None => {
+                let mut m = T::neg_infinity();
+                for (j, e) in row.iter_mut().enumerate() {
+                    *e = if vis.visible(b, i0 + i, j0 + j) {
+                        *e * scale
+                    } else {
+                        T::neg_infinity()
+                    };
+                    if *e > m {
+                        m = *e;
+                    }
+                }
+                m
+            }
+        };
         if m == T::neg_infinity() {
             row.iter_mut().for_each(|e| *e = T::zero());
             continue;
