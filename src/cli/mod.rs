@@ -66,8 +66,11 @@ pub fn run() -> Result<()> {
     // command on the main thread, the pool's idle workers spun (sched_yield) against its
     // serial work, three threads on two cores; a pretraining step of the tiny preset took
     // 96 ms, 81 ms inside the pool (docs/performance.md). Same results: the kernels split
-    // work by rows and threads, never by timing.
-    let mut pool = rayon::ThreadPoolBuilder::new();
+    // work by rows and threads, never by timing. Parallel closures work on raw slices and
+    // must not record graph ops: `no_grad` is per thread, and any worker may run them.
+    // Workers get at least the main thread's 8 MiB of stack, where the command used to run
+    // (dropping a deep graph that was never run backwards recurses through its nodes).
+    let mut pool = rayon::ThreadPoolBuilder::new().stack_size(16 << 20);
     if let Some(n) = cli.threads {
         pool = pool.num_threads(n);
     }

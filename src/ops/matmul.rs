@@ -80,8 +80,11 @@ pub(crate) fn matmul_raw(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         lb.strides[r - 2],
         lb.strides[r - 1],
     );
+    let len = nb
+        .checked_mul(m)
+        .and_then(|x| x.checked_mul(n))
+        .ok_or_else(|| Error::shape("matmul", format!("output {out_shape:?} is too large")))?;
     float_dispatch!(a.dtype(), "matmul", T => {
-        let len = nb * m * n;
         // The products store every element (accumulate = false): no zero fill unless k = 0.
         let mut out: Vec<T> = if k == 0 {
             vec![<T as num_traits::Zero>::zero(); len]

@@ -145,14 +145,15 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p.mul_add(r, 1.666_666_5e-1);
     let p = p.mul_add(r, 0.5);
     let p = p.mul_add(r * r, r + 1.0);
-    // SAFETY: n = floor(xc log2 e + 0.5) with xc in [-87, 88.7] is an integer in [-125, 128].
+    // SAFETY: n = floor(xc log2 e + 0.5) with xc in [-87, 88.7] is an integer in [-126, 128].
     let n: i32 = unsafe { n.to_int_unchecked() };
     let scale = f32::from_bits(((n + 127) as u32) << 23);
     let y = p * scale;
     let y = if x < -87.0 { 0.0 } else { y };
     let y = if x > 88.7 { f32::INFINITY } else { y };
+    // x + x: NaN quieted, as the arithmetic quieted it before.
     if x.is_nan() {
-        x
+        x + x
     } else {
         y
     }

@@ -484,10 +484,15 @@ unsafe fn filled_rows<T: Send>(
 /// the heap is never trimmed, and every thread allocates from the one main heap (the CLI runs
 /// its work on rayon workers, whose own arenas would otherwise map and unmap). Freed blocks
 /// are then reused, not faulted in again; the peak resident memory of `bench ops` went down
-/// (321 -> 292 MB). Called once by the CLI; a no-op off glibc.
+/// (321 -> 292 MB). The price: memory is not returned to the system after a peak (a
+/// checkpoint load, a long sequence) until the process ends; `TESSERA_KEEP_FREED_MEMORY=0`
+/// keeps glibc's defaults. Called once by the CLI; a no-op off glibc.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
+        if std::env::var("TESSERA_KEEP_FREED_MEMORY").is_ok_and(|v| v == "0") {
+            return;
+        }
         // glibc <malloc.h>
         const M_TRIM_THRESHOLD: i32 = -1;
         const M_MMAP_THRESHOLD: i32 = -3;
