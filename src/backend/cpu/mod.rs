@@ -26,24 +26,32 @@ pub fn gather_strided<T: Copy>(all: &[T], layout: &Layout) -> Vec<T> {
 /// Elements per task of the parallel elementwise maps.
 const CHUNK: usize = 1 << 14;
 
-/// A vector of `n` elements written in place, chunk by chunk (in parallel for large `n`), by
-/// `fill(start, chunk)`: no zero fill first, and a plain loop per chunk that vectorises.
+/// A vector of `len` elements written in place, piece by piece (`piece` elements each, the
+/// last possibly fewer), by `fill(k, piece_k)`, in parallel over the pieces for large `len`:
+/// no zero fill first, and a plain loop per piece that vectorises.
 ///
 /// # Safety
-/// `fill` must write every element of each chunk it is given.
-unsafe fn filled<U: Send>(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<U>]) + Sync) -> Vec<U> {
-    let mut out = Vec::with_capacity(n);
-    let spare = &mut out.spare_capacity_mut()[..n];
-    if n >= PAR_MIN {
+/// `fill` must write every element of each piece it is given.
+unsafe fn filled<T: Send>(
+    len: usize,
+    piece: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    if len >= PAR_MIN {
         spare
-            .par_chunks_mut(CHUNK)
+            .par_chunks_mut(piece)
             .enumerate()
-            .for_each(|(c, o)| fill(c * CHUNK, o));
+            .for_each(|(k, o)| fill(k, o));
     } else {
-        fill(0, spare);
+        spare
+            .chunks_mut(piece)
+            .enumerate()
+            .for_each(|(k, o)| fill(k, o));
     }
     // SAFETY: every element was written (the caller's contract).
-    out.set_len(n);
+    out.set_len(len);
     out
 }
 
@@ -54,8 +62,8 @@ pub fn map<T: Copy + Send + Sync, U: Copy + Send + Sync>(
 ) -> Vec<U> {
     // SAFETY: each chunk is zipped with as many inputs, so every element is written.
     unsafe {
-        filled(x.len(), |start, o| {
-            let x = &x[start..start + o.len()];
+        filled(x.len(), CHUNK, |c, o| {
+            let x = &x[c * CHUNK..c * CHUNK + o.len()];
             for (o, &v) in o.iter_mut().zip(x) {
                 o.write(f(v));
             }
@@ -72,8 +80,9 @@ pub fn zip_map<T: Copy + Send + Sync, U: Copy + Send + Sync>(
     assert_eq!(a.len(), b.len(), "zip_map: inputs of different lengths");
     // SAFETY: each chunk is zipped with as many inputs, so every element is written.
     unsafe {
-        filled(a.len(), |start, o| {
-            let (a, b) = (&a[start..start + o.len()], &b[start..start + o.len()]);
+        filled(a.len(), CHUNK, |c, o| {
+            let (start, end) = (c * CHUNK, c * CHUNK + o.len());
+            let (a, b) = (&a[start..end], &b[start..end]);
             for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
                 o.write(f(x, y));
             }
@@ -385,6 +394,14 @@ fn check_row<T>(done: &[T], given: *const MaybeUninit<T>, n: usize) {
     );
 }
 
+/// Rows of `n` elements must cover `len` exactly.
+fn whole_rows(len: usize, n: usize) {
+    assert!(
+        len.is_multiple_of(n),
+        "map_rows: {len} elements are not rows of {n}"
+    );
+}
+
 /// Kernel of `map_rows`: row index, input row, fresh output row; returns the output row
 /// written (`write_row`).
 pub trait RowKernel<T>:
@@ -412,13 +429,14 @@ pub fn map_rows<T: Copy + Send + Sync>(x: &[T], n: usize, f: impl RowKernel<T>) 
     if n == 0 {
         return Vec::new();
     }
+    whole_rows(x.len(), n);
     let row = |i: usize, r: &[T], o: &mut [MaybeUninit<T>]| {
         let given = o.as_ptr();
         check_row(f(i, r, o), given, n);
     };
     // SAFETY: `check_row` proves each row was written (through `write_row`), and the rows
     // cover the output.
-    unsafe { filled_rows(x.len(), n, |i, o| row(i, &x[i * n..(i + 1) * n], o)) }
+    unsafe { filled(x.len(), n, |i, o| row(i, &x[i * n..(i + 1) * n], o)) }
 }
 
 /// Like `map_rows` with two same-shape inputs.
@@ -432,45 +450,14 @@ pub fn map_rows2<T: Copy + Send + Sync>(
     if n == 0 {
         return Vec::new();
     }
+    whole_rows(x.len(), n);
     let row = |i: usize, o: &mut [MaybeUninit<T>]| {
         let given = o.as_ptr();
         let (a, b) = (&x[i * n..(i + 1) * n], &y[i * n..(i + 1) * n]);
         check_row(f(i, a, b, o), given, n);
     };
     // SAFETY: as in `map_rows`.
-    unsafe { filled_rows(x.len(), n, row) }
-}
-
-/// A vector of `len` elements (whole rows of `n`) written row by row by `fill(i, row)`, in
-/// parallel over rows for large `len`.
-///
-/// # Safety
-/// `fill` must write every element of each row it is given; `len` must be a multiple of `n`.
-unsafe fn filled_rows<T: Send>(
-    len: usize,
-    n: usize,
-    fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
-) -> Vec<T> {
-    assert!(
-        n > 0 && len.is_multiple_of(n),
-        "filled_rows: {len} is not whole rows of {n}"
-    );
-    let mut out = Vec::with_capacity(len);
-    let spare = &mut out.spare_capacity_mut()[..len];
-    if len >= PAR_MIN {
-        spare
-            .par_chunks_mut(n)
-            .enumerate()
-            .for_each(|(i, o)| fill(i, o));
-    } else {
-        spare
-            .chunks_mut(n)
-            .enumerate()
-            .for_each(|(i, o)| fill(i, o));
-    }
-    // SAFETY: every row was written (the caller's contract).
-    out.set_len(len);
-    out
+    unsafe { filled(x.len(), n, row) }
 }
 
 /// Keeps freed heap memory in the process instead of returning it to the kernel.
