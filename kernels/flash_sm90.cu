@@ -581,15 +581,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) fa_acc_to_a(pa[kk], &st[8 * kk], &st[8 * kk + 4]);
         // dV += Pᵀ dO, its own group: dSᵀ is computed while it runs.
-#pragma unroll
-        for (int j = 0; j < D / 2; ++j) fence_operand(dv[j]);
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) fence_operand(pa[kk][r]);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wgmma_pv<D>(dv, pa[kk], wg_desc_lbo(FB_G(stage) + (unsigned int)kk * 2048u, Q_CHUNK));
+        fh_issue_pv<D, FB_BQ>(dv, pa, FB_G(stage));
         wg_commit();
         block_boundary(tk32);
         wg_wait1();  // dPᵀ ready; dV += Pᵀ dO may still run
@@ -604,15 +596,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
         }
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) fa_acc_to_a(pd[kk], &dp[8 * kk], &dp[8 * kk + 4]);
-#pragma unroll
-        for (int j = 0; j < D / 2; ++j) fence_operand(dk[j]);
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) fence_operand(pd[kk][r]);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wgmma_pv<D>(dk, pd[kk], wg_desc_lbo(FB_Q(stage) + (unsigned int)kk * 2048u, Q_CHUNK));
+        fh_issue_pv<D, FB_BQ>(dk, pd, FB_Q(stage));
         wg_commit();
         wg_wait0();
 #pragma unroll

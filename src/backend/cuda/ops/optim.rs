@@ -165,16 +165,17 @@ const ADAMW_MULTI_ELEMS: usize = 8192;
 pub fn adamw_multi(updates: &[AdamWUpdate]) -> Result<()> {
     let mut table = Vec::with_capacity(updates.len());
     let mut blocks = 0usize;
-    let Some(k0) = updates.first().map(|u| u.k) else {
+    // The betas and eps every update must share (one optimiser's).
+    let Some(k) = updates.first().map(|u| u.k) else {
         return Ok(());
     };
     let same = |a: f32, b: f32| a.to_bits() == b.to_bits();
     for u in updates {
         let cp = check_adamw(&u.p, &u.g, &u.m, &u.v, u.copy.as_ref())?;
-        if !(same(u.k.one_minus_beta1, k0.one_minus_beta1)
-            && same(u.k.beta2, k0.beta2)
-            && same(u.k.one_minus_beta2, k0.one_minus_beta2)
-            && same(u.k.eps, k0.eps))
+        if !(same(u.k.one_minus_beta1, k.one_minus_beta1)
+            && same(u.k.beta2, k.beta2)
+            && same(u.k.one_minus_beta2, k.one_minus_beta2)
+            && same(u.k.eps, k.eps))
         {
             return Err(Error::msg(
                 "adamw_multi: every tensor must share the betas and eps of one optimiser",
@@ -212,7 +213,6 @@ pub fn adamw_multi(updates: &[AdamWUpdate]) -> Result<()> {
     let on_device = Tensor::empty_cuda(&[bytes.div_ceil(8)], DType::I64)?;
     let tp = on_device.cuda_ptr()?;
     dev.htod(&table, tp)?;
-    let k = &k0;
     let count = table.len() as i32;
     dev.launch(
         "optim.cu",
