@@ -95,7 +95,36 @@ struct Block {
     nk: usize,
 }
 
+/// Query rows per tile. A tile's probabilities (TILE_Q x its keys) stay in the L2 cache, and
+/// under a causal mask a tile multiplies only the keys its last row sees: the upper triangle
+/// of Q Kᵀ is skipped tile by tile (about half the work of a long causal sequence).
+const TILE_Q: usize = 64;
+
 impl Block {
+    /// This block's query rows in tiles of at most TILE_Q rows, each with the keys its last
+    /// row can see under a causal mask (possibly none).
+    fn tiles(self, vis: &Visibility) -> Vec<Block> {
+        (self.i0..self.i0 + self.nq)
+            .step_by(TILE_Q)
+            .map(|i0| {
+                let nq = TILE_Q.min(self.i0 + self.nq - i0);
+                let nk = if vis.causal {
+                    // One past the last key that row i0 + nq - 1 sees, from j0.
+                    let end = (i0 + nq) as isize + vis.offset - self.j0 as isize;
+                    end.clamp(0, self.nk as isize) as usize
+                } else {
+                    self.nk
+                };
+                Block {
+                    i0,
+                    nq,
+                    j0: self.j0,
+                    nk,
+                }
+            })
+            .collect()
+    }
+
     fn all(dims: &Dims, vis: &Visibility) -> Vec<Block> {
         match &vis.segment {
             None => vec![Block {
@@ -139,6 +168,10 @@ fn probs<T: Float>(
     lse_in: Option<&[T]>,
 ) -> Vec<T> {
     let Block { i0, nq, j0, nk } = blk;
+    if nk == 0 {
+        // A tile that sees no key (causal with Tq > Tk): its rows output zeros.
+        return vec![T::neg_infinity(); nq];
+    }
     let d = dims.d;
     unsafe {
         cpu::gemm(
@@ -321,10 +354,10 @@ impl Tensor {
             let mut out = vec![T::zero(); b * hq * tq * dv];
             let mut lse = vec![T::zero(); b * hq * tq];
             let (po, pl) = (SyncPtr::new(out.as_mut_ptr()), SyncPtr::new(lse.as_mut_ptr()));
-            let blocks = Block::all(&dims, &vis);
-            let nb = blocks.len();
-            (0..b * hq * nb).into_par_iter().for_each(|task| {
-                let (bh, blk) = (task / nb, blocks[task % nb]);
+            let tiles: Vec<Block> = Block::all(&dims, &vis).into_iter().flat_map(|blk| blk.tiles(&vis)).collect();
+            let nt = tiles.len();
+            (0..b * hq * nt).into_par_iter().for_each(|task| {
+                let (bh, blk) = (task / nt, tiles[task % nt]);
                 let (bi, h) = (bh / hq, bh % hq);
                 let kvh = bi * hkv + h / group;
                 let qh = &qv[bh * tq * d..(bh + 1) * tq * d];
@@ -357,24 +390,31 @@ impl Tensor {
                 let (pq, pk, pv) = (SyncPtr::new(dq.as_mut_ptr()), SyncPtr::new(dk.as_mut_ptr()), SyncPtr::new(dvv.as_mut_ptr()));
                 let scale = T::c(dims.scale);
                 // One task per kv head and block: it owns dK/dV of that head's block rows
-                // (blocks have disjoint keys) and dQ of its group's block rows.
+                // (blocks have disjoint keys) and dQ of its group's block rows, and runs
+                // the block's query tiles in turn.
                 let blocks = Block::all(&dims, &vis);
                 let nb = blocks.len();
                 (0..b * hkv * nb).into_par_iter().for_each(|task| {
                     let (bk, blk) = (task / nb, blocks[task % nb]);
-                    let Block { i0, nq, j0, nk } = blk;
                     let bi = bk / hkv;
                     let kh = &kv[bk * tk * d..(bk + 1) * tk * d];
                     let vh = &vv[bk * tk * dv..(bk + 1) * tk * dv];
-                    let mut p = vec![T::zero(); nq * nk];
-                    let mut dp = vec![T::zero(); nq * nk];
-                    for h in (bk % hkv) * group..(bk % hkv + 1) * group {
+                    let cap = TILE_Q.min(blk.nq) * blk.nk;
+                    let (mut p, mut dp) = (vec![T::zero(); cap], vec![T::zero(); cap]);
+                    let heads = (bk % hkv) * group..(bk % hkv + 1) * group;
+                    // Tile by tile (a tile that sees no key leaves its dQ rows zero), each
+                    // query head of the group.
+                    let tiles = blk.tiles(&vis);
+                    let work = tiles.iter().filter(|t| t.nk > 0).flat_map(|&t| heads.clone().map(move |h| (t, h)));
+                    for (tile, h) in work {
+                        let Block { i0, nq, j0, nk } = tile;
+                        let (p, dp) = (&mut p[..nq * nk], &mut dp[..nq * nk]);
                         let bh = bi * hq + h;
                         let qh = &qv[bh * tq * d..(bh + 1) * tq * d];
                         let oh = &ov[(bh * tq + i0) * dv..(bh * tq + i0 + nq) * dv];
                         let gh = &gv[(bh * tq + i0) * dv..(bh * tq + i0 + nq) * dv];
                         let row0 = bh * tq + i0;
-                        probs(qh, kh, &dims, &vis, bi, blk, &mut p, Some(&lv[row0..row0 + nq]));
+                        probs(qh, kh, &dims, &vis, bi, tile, p, Some(&lv[row0..row0 + nq]));
                         unsafe {
                             // dV += Pᵀ dO
                             cpu::gemm(nk, dv, nq, pv.get().add((bk * tk + j0) * dv), true,

@@ -201,8 +201,8 @@ impl Tensor {
             float_dispatch!(x.dtype(), "softmax", T => {
                 let v = x.read::<T, _>(|xs| cpu::map_rows(xs, n, |_, r, o| {
                     let m = row_max(r);
-                    let o = cpu::write_row(o, r, |xv| (xv - m).exp_fast());
-                    let inv = T::one() / cpu::rows::sum(o);
+                    let (o, s) = cpu::write_row_sum(o, r, |xv| (xv - m).exp_fast());
+                    let inv = T::one() / s;
                     o.iter_mut().for_each(|e| *e *= inv);
                     o
                 }))?;

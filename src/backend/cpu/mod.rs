@@ -346,6 +346,44 @@ pub fn write_row<'o, T: Copy>(
     unsafe { &mut *(o as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
+/// `write_row` that also returns Σ o[j], summed in `rows::sum`'s order (the same bits), so
+/// that a kernel needing the sum of what it wrote (softmax) does not read the row again.
+#[inline]
+pub fn write_row_sum<'o, T: crate::tensor::Float>(
+    o: &'o mut [MaybeUninit<T>],
+    a: &[T],
+    f: impl Fn(T) -> T,
+) -> (&'o mut [T], T) {
+    const L: usize = 8;
+    assert_eq!(
+        a.len(),
+        o.len(),
+        "write_row_sum: input and output rows differ in length"
+    );
+    let mut acc = [T::zero(); L];
+    let (mut oc, mut ac) = (o.chunks_exact_mut(L), a.chunks_exact(L));
+    for (so, sa) in (&mut oc).zip(&mut ac) {
+        for i in 0..L {
+            let y = f(sa[i]);
+            so[i].write(y);
+            acc[i] += y;
+        }
+    }
+    let mut rest = T::zero();
+    for (slot, &x) in oc.into_remainder().iter_mut().zip(ac.remainder()) {
+        let y = f(x);
+        slot.write(y);
+        rest += y;
+    }
+    let sum = acc.iter().copied().sum::<T>() + rest;
+    // SAFETY: the chunks and the remainder above wrote all o.len() elements (a is as long);
+    // MaybeUninit<T> has T's layout.
+    (
+        unsafe { &mut *(o as *mut [MaybeUninit<T>] as *mut [T]) },
+        sum,
+    )
+}
+
 /// `write_row` with two input rows: `o[j] = f(a[j], b[j])`.
 #[inline]
 pub fn write_row2<'o, T: Copy>(
