@@ -293,9 +293,10 @@ fn attention_matches_reference_and_gradchecks() {
     .unwrap();
 }
 
-/// Sequences longer than the CPU attention's 64-row query tiles: forward and all three
-/// gradients against the dense reference, causal with Tq > Tk (whole tiles see no key) and
-/// Tq < Tk, key padding, and segments longer than a tile, with and without causal.
+/// Sequences longer than the CPU attention's query tiles (64 rows; the backward tiles blocks
+/// of more than 256): forward and all three gradients against the dense reference, causal
+/// with Tq > Tk (whole tiles see no key) and Tq < Tk, key padding, and segments longer than a
+/// tile, with and without causal; short blocks beside long ones.
 #[test]
 fn attention_tiles_match_dense_reference() {
     struct Case {
@@ -305,56 +306,16 @@ fn attention_tiles_match_dense_reference() {
         pad: Option<usize>,
         cu: Option<Vec<usize>>,
     }
+    #[rustfmt::skip]
     let cases = [
-        Case {
-            tq: 150,
-            tk: 170,
-            causal: true,
-            pad: None,
-            cu: None,
-        },
-        Case {
-            tq: 200,
-            tk: 100,
-            causal: true,
-            pad: None,
-            cu: None,
-        },
-        Case {
-            tq: 130,
-            tk: 130,
-            causal: true,
-            pad: Some(70),
-            cu: None,
-        },
-        Case {
-            tq: 151,
-            tk: 151,
-            causal: true,
-            pad: None,
-            cu: Some(vec![0, 70, 70, 150, 151]),
-        },
-        Case {
-            tq: 151,
-            tk: 151,
-            causal: true,
-            pad: Some(100),
-            cu: Some(vec![0, 70, 150, 151]),
-        },
-        Case {
-            tq: 151,
-            tk: 151,
-            causal: false,
-            pad: None,
-            cu: Some(vec![0, 5, 140, 151]),
-        },
-        Case {
-            tq: 140,
-            tk: 140,
-            causal: false,
-            pad: None,
-            cu: None,
-        },
+        Case { tq: 300, tk: 340, causal: true, pad: None, cu: None },
+        Case { tq: 150, tk: 170, causal: true, pad: None, cu: None },
+        Case { tq: 400, tk: 150, causal: true, pad: None, cu: None },
+        Case { tq: 290, tk: 290, causal: true, pad: Some(270), cu: None },
+        Case { tq: 331, tk: 331, causal: true, pad: None, cu: Some(vec![0, 70, 70, 330, 331]) },
+        Case { tq: 331, tk: 331, causal: true, pad: Some(100), cu: Some(vec![0, 20, 300, 331]) },
+        Case { tq: 331, tk: 331, causal: false, pad: None, cu: Some(vec![0, 5, 320, 331]) },
+        Case { tq: 270, tk: 270, causal: false, pad: None, cu: None },
     ];
     let (b, hq, hkv, d) = (2, 4, 2, 8);
     for (n, c) in cases.iter().enumerate() {

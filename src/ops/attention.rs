@@ -84,9 +84,10 @@ struct Dims {
     scale: f64,
 }
 
-/// A block of one head: queries `i0..i0 + nq` against keys `j0..j0 + nk`. Without segments
-/// the block is the whole head; with them, one segment (a token sees only its own segment,
-/// so the rest of the T x T matrix is never computed).
+/// A block of one head: queries `i0..i0 + nq` against keys `j0..j0 + nk`. From `Block::all`:
+/// without segments the whole head; with them, one segment (a token sees only its own
+/// segment, so the rest of the T x T matrix is never computed). From `Block::tiles`: up to
+/// TILE_Q rows of such a block, with the keys they can see.
 #[derive(Clone, Copy)]
 struct Block {
     i0: usize,
@@ -95,10 +96,20 @@ struct Block {
     nk: usize,
 }
 
-/// Query rows per tile. A tile's probabilities (TILE_Q x its keys) stay in the L2 cache, and
-/// under a causal mask a tile multiplies only the keys its last row sees: the upper triangle
-/// of Q Kᵀ is skipped tile by tile (about half the work of a long causal sequence).
+/// Query rows per tile. A tile's probabilities (TILE_Q x its keys: 256 KiB at 1024 keys) stay
+/// in the L2 cache, and under a causal mask a tile multiplies only the keys its last row sees:
+/// the upper triangle of Q Kᵀ is skipped tile by tile (about half the work of a long causal
+/// sequence). With Tq == Tk a tile's rows sum the same keys in the same order as the whole
+/// block did (the keys it drops were masked), so the forward keeps its bits unless a small
+/// tile takes another matrix-product kernel than the block; with Tq != Tk the softmax sums
+/// of some rows may differ in the last bit.
 const TILE_Q: usize = 64;
+
+/// The backward tiles only blocks longer than this. Tiling changes the order in which dK and
+/// dV sum their rows' contributions, so shorter blocks run whole, as before tiling existed:
+/// training on short sequences (the study's) keeps its results to the last bit, and at
+/// these lengths the skipped triangle is worth little.
+const BWD_TILED_FROM: usize = 4 * TILE_Q;
 
 impl Block {
     /// This block's query rows in tiles of at most TILE_Q rows, each with the keys its last
@@ -169,7 +180,7 @@ fn probs<T: Float>(
 ) -> Vec<T> {
     let Block { i0, nq, j0, nk } = blk;
     if nk == 0 {
-        // A tile that sees no key (causal with Tq > Tk): its rows output zeros.
+        // A tile that sees no key (causal with Tq > Tk, or Tk == 0): its rows output zeros.
         return vec![T::neg_infinity(); nq];
     }
     let d = dims.d;
@@ -366,7 +377,7 @@ impl Tensor {
                 let mut p = vec![T::zero(); blk.nq * blk.nk];
                 let l = probs(qh, kh, &dims, &vis, bi, blk, &mut p, None);
                 unsafe {
-                    // Blocks of one head cover disjoint query rows.
+                    // Tiles of one head cover disjoint query rows.
                     let row0 = bh * tq + blk.i0;
                     std::ptr::copy_nonoverlapping(l.as_ptr(), pl.get().add(row0), blk.nq);
                     if blk.nk > 0 {
@@ -391,7 +402,7 @@ impl Tensor {
                 let scale = T::c(dims.scale);
                 // One task per kv head and block: it owns dK/dV of that head's block rows
                 // (blocks have disjoint keys) and dQ of its group's block rows, and runs
-                // the block's query tiles in turn.
+                // the block's query tiles in turn (one, the block, up to BWD_TILED_FROM rows).
                 let blocks = Block::all(&dims, &vis);
                 let nb = blocks.len();
                 (0..b * hkv * nb).into_par_iter().for_each(|task| {
@@ -399,12 +410,12 @@ impl Tensor {
                     let bi = bk / hkv;
                     let kh = &kv[bk * tk * d..(bk + 1) * tk * d];
                     let vh = &vv[bk * tk * dv..(bk + 1) * tk * dv];
-                    let cap = TILE_Q.min(blk.nq) * blk.nk;
+                    let tiles = if blk.nq > BWD_TILED_FROM { blk.tiles(&vis) } else { vec![blk] };
+                    let cap = tiles.iter().map(|t| t.nq * t.nk).max().unwrap_or(0);
                     let (mut p, mut dp) = (vec![T::zero(); cap], vec![T::zero(); cap]);
                     let heads = (bk % hkv) * group..(bk % hkv + 1) * group;
                     // Tile by tile (a tile that sees no key leaves its dQ rows zero), each
                     // query head of the group.
-                    let tiles = blk.tiles(&vis);
                     let work = tiles.iter().filter(|t| t.nk > 0).flat_map(|&t| heads.clone().map(move |h| (t, h)));
                     for (tile, h) in work {
                         let Block { i0, nq, j0, nk } = tile;
