@@ -186,3 +186,45 @@ fn preprocess_writes_the_contract_tensors() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent.png"));
 }
+
+/// `generate --bench` on the tiny preset, whose image/video/vision ids (3..6) lie among the
+/// ids a random prompt draws: the prompts must avoid them (it used to fail with "video inputs
+/// are not supported").
+#[test]
+fn generate_bench_runs_on_the_tiny_preset() {
+    let dir = tmp("generate_bench_tiny");
+    let _ = std::fs::remove_dir_all(&dir);
+    let init = tessera()
+        .args(["init", "--config", "models/tiny/config.json", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let out = tessera()
+        .args(["--threads", "2", "generate", "--model"])
+        .arg(&dir)
+        .args([
+            "--bench",
+            "8",
+            "--bench-prompt-len",
+            "64",
+            "--max-new-tokens",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(row["batch"], 8, "{text}");
+    assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

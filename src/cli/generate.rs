@@ -151,16 +151,29 @@ fn bench(
         ));
     }
     let mut rng = Rng::new(seed);
-    // Ordinary tokens: below the special ids of the tiny configs (and of Qwen's vocabulary).
-    let vocab = model.config.text.vocab_size.clamp(2, 2000) as u64;
+    // Ordinary tokens: among the first 2000 ids (below Qwen's special ones), without the
+    // config's image/video/vision markers (the tiny preset puts them at 3..6).
+    let c = &model.config;
+    let special = [
+        c.image_token_id,
+        c.video_token_id,
+        c.vision_start_token_id,
+        c.vision_end_token_id,
+    ];
+    let vocab = c.text.vocab_size.clamp(2, 2000) as u64;
+    if (1..vocab).all(|t| special.contains(&(t as i64))) {
+        return Err(Error::msg(format!(
+            "--bench: the vocabulary ({vocab} ids) has no ordinary token to prompt with"
+        )));
+    }
+    let mut token = || loop {
+        let t = 1 + rng.below(vocab - 1) as u32;
+        if !special.contains(&(t as i64)) {
+            return t;
+        }
+    };
     let prompts: Vec<Prompt> = (0..batch)
-        .map(|_| {
-            Prompt::text(
-                (0..prompt_len)
-                    .map(|_| 1 + rng.below(vocab - 1) as u32)
-                    .collect(),
-            )
-        })
+        .map(|_| Prompt::text((0..prompt_len).map(|_| token()).collect()))
         .collect();
     let cfg = SamplingConfig::greedy(new_tokens);
     let mut times = Vec::new();
