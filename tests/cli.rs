@@ -8,33 +8,36 @@ fn tessera() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tessera"))
 }
 
+/// Runs `cmd` and returns its output, failing the test with its stderr if it did not succeed.
+fn ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn tmp(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
 }
 
 #[test]
 fn demo_trains_and_the_loss_falls() {
-    let out = tessera()
-        .args([
-            "--threads",
-            "2",
-            "demo",
-            "--steps",
-            "60",
-            "--batch",
-            "32",
-            "--log-every",
-            "20",
-            "--digits",
-            "4",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = ok(tessera().args([
+        "--threads",
+        "2",
+        "demo",
+        "--steps",
+        "60",
+        "--batch",
+        "32",
+        "--log-every",
+        "20",
+        "--digits",
+        "4",
+    ]));
     let text = String::from_utf8_lossy(&out.stdout);
     let losses: Vec<f64> = text
         .lines()
@@ -53,7 +56,7 @@ fn forward_with_grad_matches_the_transformers_fixture() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/qwen_parity/untied_mha_hf_names");
     let out_path = tmp("cli_forward.safetensors");
-    let out = tessera()
+    ok(tessera()
         .arg("forward")
         .arg("--model")
         .arg(&dir)
@@ -61,14 +64,7 @@ fn forward_with_grad_matches_the_transformers_fixture() {
         .arg(dir.join("inputs.safetensors"))
         .arg("--out")
         .arg(&out_path)
-        .arg("--grad")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg("--grad"));
     let ours = TensorFile::open(&out_path).unwrap();
     let theirs = TensorFile::open(dir.join("expected.safetensors")).unwrap();
     let loss = (
@@ -126,7 +122,7 @@ fn tokenize_chat_expands_image_pads() {
         eprintln!("skipped: ../shared/tokenizers/qwen/tokenizer.json not found");
         return;
     }
-    let out = tessera()
+    let out = ok(tessera()
         .args(["tokenize", "--tokenizer"])
         .arg(&path)
         .args([
@@ -135,14 +131,7 @@ fn tokenize_chat_expands_image_pads() {
             "--chat",
             "--image-grid",
             "1,4,6",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        ]));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids: Vec<u64> = v["input_ids"]
         .as_array()
@@ -159,19 +148,12 @@ fn tokenize_chat_expands_image_pads() {
 fn preprocess_writes_the_contract_tensors() {
     let img = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess/rgb_70x98.png");
     let out_path = tmp("cli_preprocess.safetensors");
-    let out = tessera()
+    ok(tessera()
         .arg("preprocess")
         .arg("--image")
         .arg(&img)
         .arg("--out")
-        .arg(&out_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(&out_path));
     let f = TensorFile::open(&out_path).unwrap();
     assert_eq!(
         f.get("image_grid_thw").unwrap().to_vec::<i64>().unwrap(),
@@ -194,17 +176,10 @@ fn preprocess_writes_the_contract_tensors() {
 fn generate_bench_runs_on_the_tiny_preset() {
     let dir = tmp("generate_bench_tiny");
     let _ = std::fs::remove_dir_all(&dir);
-    let init = tessera()
+    ok(tessera()
         .args(["init", "--config", "models/tiny/config.json", "--out"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let out = tessera()
+        .arg(&dir));
+    let out = ok(tessera()
         .args(["--threads", "2", "generate", "--model"])
         .arg(&dir)
         .args([
@@ -214,14 +189,7 @@ fn generate_bench_runs_on_the_tiny_preset() {
             "64",
             "--max-new-tokens",
             "4",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        ]));
     let text = String::from_utf8_lossy(&out.stdout);
     let row: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert_eq!(row["batch"], 8, "{text}");
