@@ -18,7 +18,10 @@ fn root() -> PathBuf {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tessera-train-{}-{name}", std::process::id()));
+    // Under target/ (CARGO_TARGET_TMPDIR), not the system temp folder: runs are kept for
+    // inspection there, and `cargo clean` removes them.
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("train-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
 }

@@ -11,9 +11,11 @@ the ratio (DESIGN.md target for rollouts: >= 2x transformers).
         --threads 2 --tessera target/release/tessera
 """
 import argparse
+import atexit
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import tempfile
 import time
@@ -39,6 +41,7 @@ def main():
     weights_dir = None
     if a.tessera:
         weights_dir = tempfile.mkdtemp(prefix="tessera_generate_bench_")
+        atexit.register(shutil.rmtree, weights_dir, True)
         subprocess.run([a.tessera, "init", "--config", os.path.join(a.model, "config.json"),
                         "--out", weights_dir], check=True, capture_output=True)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(weights_dir, attn_implementation=a.attn)
