@@ -182,7 +182,9 @@ pub fn load_params(dir: &Path, c: &Config, dtype: DType) -> Result<Params> {
             found.insert(canonical_name(n), (fi, n.to_string()));
         }
     }
-    let mut p = Params::default();
+    // Every name and shape is checked before any data is read; then the tensors load in
+    // parallel (positional reads, one conversion pass each), in the specs' order.
+    let mut wanted = Vec::new();
     for (name, shape, _) in parameter_specs(c) {
         let (fi, key) = found.get(&name).ok_or_else(|| {
             Error::file(
@@ -197,7 +199,16 @@ pub fn load_params(dir: &Path, c: &Config, dtype: DType) -> Result<Params> {
                 format!("tensor '{key}': expected shape {shape:?} from config.json, found {info_shape:?}"),
             ));
         }
-        p.push(name, &opened[*fi].get_as(key, dtype)?.requires_grad_());
+        wanted.push((name, *fi, key.as_str()));
+    }
+    use rayon::prelude::*;
+    let loaded: Vec<Tensor> = wanted
+        .par_iter()
+        .map(|&(_, fi, key)| opened[fi].get_as(key, dtype))
+        .collect::<Result<_>>()?;
+    let mut p = Params::default();
+    for ((name, _, _), t) in wanted.into_iter().zip(loaded) {
+        p.push(name, &t.requires_grad_());
     }
     Ok(p)
 }

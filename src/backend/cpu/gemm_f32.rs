@@ -665,8 +665,16 @@ mod tests {
     /// Runs one product with A (m x k) and B (k x n) stored transposed or not, checks it
     /// against an f64 reference.
     #[allow(clippy::too_many_arguments)]
-    fn check(m: usize, n: usize, k: usize, ta: bool, tb: bool, accumulate: bool, parallel: bool) {
-        check_panel(m, n, k, ta, tb, accumulate, parallel, B_PANEL);
+    fn check(
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        accumulate: bool,
+        parallel: bool,
+    ) -> Vec<f32> {
+        check_panel(m, n, k, ta, tb, accumulate, parallel, B_PANEL)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -679,7 +687,7 @@ mod tests {
         accumulate: bool,
         parallel: bool,
         panel: usize,
-    ) {
+    ) -> Vec<f32> {
         let a = fill(m * k, 1 + (m * 31 + k) as u64);
         let b = fill(k * n, 2 + (k * 17 + n) as u64);
         // Element (i, p) of A: row-major at i*k + p, or transposed storage at p*m + i.
@@ -735,6 +743,7 @@ mod tests {
                 );
             }
         }
+        dst
     }
 
     const SHAPES: &[(usize, usize, usize)] = &[
@@ -791,6 +800,31 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// The parallel plan only partitions C: on 3 threads, with row blocks alone (300 x 200 x
+    /// 250) and with column chunks (97 x 1030 x 301, 20 x 100 x 4200), every element has the
+    /// bits of the serial product.
+    #[test]
+    fn parallel_plans_give_the_serial_bits() {
+        if !available() {
+            return;
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for &(m, k, n) in &[(300, 200, 250), (97, 1030, 301), (20, 100, 4200)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let serial = check(m, n, k, ta, tb, true, false);
+                let parallel = pool.install(|| check(m, n, k, ta, tb, true, true));
+                let same = serial
+                    .iter()
+                    .zip(&parallel)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{m}x{k}x{n} ta={ta} tb={tb}: parallel bits differ");
+            }
+        }
     }
 
     #[test]
