@@ -177,7 +177,9 @@ fn generate_bench_runs_on_the_tiny_preset() {
     let dir = tmp("generate_bench_tiny");
     let _ = std::fs::remove_dir_all(&dir);
     ok(tessera()
-        .args(["init", "--config", "models/tiny/config.json", "--out"])
+        .args(["init", "--config"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny/config.json"))
+        .arg("--out")
         .arg(&dir));
     let out = ok(tessera()
         .args(["--threads", "2", "generate", "--model"])

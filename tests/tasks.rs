@@ -29,9 +29,9 @@ fn repo_path(relative: &str) -> PathBuf {
 
 /// A fresh, empty temporary folder for one test.
 fn temp_dir(name: &str) -> PathBuf {
-    // Under target/ (CARGO_TARGET_TMPDIR), not the system temp folder.
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("tasks_{}_{name}", std::process::id()));
+    // Under target/ (CARGO_TARGET_TMPDIR), not the system temp folder; one folder per test,
+    // emptied when the test starts again.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tasks_{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create temp dir");
     dir

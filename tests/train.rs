@@ -18,10 +18,9 @@ fn root() -> PathBuf {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    // Under target/ (CARGO_TARGET_TMPDIR), not the system temp folder: runs are kept for
-    // inspection there, and `cargo clean` removes them.
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("train-{}-{name}", std::process::id()));
+    // Under target/ (CARGO_TARGET_TMPDIR), not the system temp folder; one folder per test,
+    // emptied when the test starts again (a failed run stays there for inspection).
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("train-{name}"));
     let _ = std::fs::remove_dir_all(&d);
     d
 }

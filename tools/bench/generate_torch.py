@@ -50,8 +50,12 @@ def main():
         cfg._attn_implementation = a.attn
         model = Qwen2_5_VLForConditionalGeneration(cfg)
     model = model.float().eval()
-    vocab = min(model.config.text_config.vocab_size, 2000)  # ordinary tokens, below the specials
-    ids = torch.randint(1, vocab, (a.batch, a.prompt_len))
+    # Ordinary tokens, as `tessera generate --bench` draws them: among the first 2000 ids, without
+    # the config's image/video/vision markers (ids 3..6 in the tiny preset).
+    c = model.config
+    special = {c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id}
+    ordinary = torch.tensor([t for t in range(1, min(c.text_config.vocab_size, 2000)) if t not in special])
+    ids = ordinary[torch.randint(0, len(ordinary), (a.batch, a.prompt_len))]
     mask = torch.ones_like(ids)
 
     def run():
