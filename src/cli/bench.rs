@@ -320,12 +320,7 @@ pub fn synthetic_batch(
         )));
     }
     let vocab = config.text.vocab_size as u64;
-    let special = [
-        config.image_token_id,
-        config.video_token_id,
-        config.vision_start_token_id,
-        config.vision_end_token_id,
-    ];
+    let special = config.vision_token_ids();
     let mut ids = Vec::with_capacity(batch * seq);
     for _ in 0..batch {
         ids.push(config.vision_start_token_id);

@@ -153,14 +153,8 @@ fn bench(
     let mut rng = Rng::new(seed);
     // Ordinary tokens: among the first 2000 ids (below Qwen's special ones), without the
     // config's image/video/vision markers (the tiny preset puts them at 3..6).
-    let c = &model.config;
-    let special = [
-        c.image_token_id,
-        c.video_token_id,
-        c.vision_start_token_id,
-        c.vision_end_token_id,
-    ];
-    let vocab = c.text.vocab_size.clamp(2, 2000) as u64;
+    let special = model.config.vision_token_ids();
+    let vocab = model.config.text.vocab_size.clamp(2, 2000) as u64;
     if (1..vocab).all(|t| special.contains(&(t as i64))) {
         return Err(Error::msg(format!(
             "--bench: the vocabulary ({vocab} ids) has no ordinary token to prompt with"

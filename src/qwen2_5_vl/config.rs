@@ -83,6 +83,17 @@ fn f64_of(objs: &[&Value], key: &str) -> Option<f64> {
 }
 
 impl Config {
+    /// The image, video, vision-start and vision-end token ids: the ids that only a vision
+    /// input may put in a sequence (random text, prompts and completions must avoid them).
+    pub fn vision_token_ids(&self) -> [i64; 4] {
+        [
+            self.image_token_id,
+            self.video_token_id,
+            self.vision_start_token_id,
+            self.vision_end_token_id,
+        ]
+    }
+
     pub fn from_file(path: impl AsRef<Path>) -> Result<Config> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)

@@ -634,12 +634,7 @@ impl Trainer {
 /// Cuts a sampled completion before its first vision token: image/video placeholders in a
 /// completion have no pixels behind them, so the model cannot be run on them.
 fn truncate_at_vision_tokens(tokens: &mut Vec<u32>, c: &crate::qwen2_5_vl::config::Config) {
-    let vision = [
-        c.image_token_id,
-        c.video_token_id,
-        c.vision_start_token_id,
-        c.vision_end_token_id,
-    ];
+    let vision = c.vision_token_ids();
     if let Some(i) = tokens.iter().position(|&t| vision.contains(&(t as i64))) {
         tokens.truncate(i);
     }

@@ -252,7 +252,8 @@ impl<T> SyncPtr<T> {
 pub mod rows {
     use crate::tensor::Float;
 
-    const L: usize = 8;
+    /// Accumulator lanes of the sums (`write_row_sum` sums in the same order).
+    pub(super) const L: usize = 8;
 
     #[inline]
     pub fn max<T: Float>(row: &[T]) -> T {
@@ -354,7 +355,7 @@ pub fn write_row_sum<'o, T: crate::tensor::Float>(
     a: &[T],
     f: impl Fn(T) -> T,
 ) -> (&'o mut [T], T) {
-    const L: usize = 8;
+    use rows::L;
     assert_eq!(
         a.len(),
         o.len(),
