@@ -422,8 +422,10 @@ FLASH_FWD_WG(flash_fwd_wgp_d128, 128, 128, true, true)
 // SPLIT it takes one query head (grid.y = Hq: more blocks when B Hkv Tk / 128 would not fill the
 // GPU) and writes f32 partials dk_part / dv_part [B, Hq, Tk, D] that flash_dkdv_group_sum adds.
 // Operands: 3-d tensor maps over [B·H, T, D] bf16 (boxes 64 x 64 rows for Q / dO, 64 x 128 for
-// K / V, 128-byte swizzle), 1-d maps over lse and delta [B·Hq·Tq] f32 (boxes of 64, no swizzle;
-// a tile's queries past Tq read the next head's values or zeros and are masked).
+// K / V, 128-byte swizzle), 1-d maps over lse and delta [B·Hq, lstride] f32 (boxes of 64, no
+// swizzle; a tile's queries past Tq read padding, the next head's values or zeros and are
+// masked). lstride is Tq rounded up to 64 (the launcher pads), so every box starts 256-byte
+// aligned; TESSERA_FLASH_BWD_PAD=0 keeps lstride = Tq.
 // TESSERA_ARCH_SUFFIX_A
 
 #define FB_BK 128  // keys per block: two consumer warpgroups of 64
@@ -434,7 +436,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
                                                   unsigned long long map_v, unsigned long long map_g,
                                                   unsigned long long map_lse, unsigned long long map_delta,
                                                   void* __restrict__ dk_out, void* __restrict__ dv_out, i64 hq,
-                                                  i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {
+                                                  i64 hkv, i64 tq, i64 tk, float scale, i64 causal, i64 lstride) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     static_assert(D == 64 || D == 128, "head dim 64 or 128");
     constexpr int DC = D / 64;
@@ -503,7 +505,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
                     tma_load_3d(FB_Q(stage) + c * Q_CHUNK, map_q, FB_FULL(stage), 64 * c, q0, bh);
                     tma_load_3d(FB_G(stage) + c * Q_CHUNK, map_g, FB_FULL(stage), 64 * c, q0, bh);
                 }
-                const int row = bh * (int)tq + q0;
+                const int row = bh * (int)lstride + q0;
                 tma_load_1d(FB_L(stage), map_lse, FB_FULL(stage), row);
                 tma_load_1d(FB_L(stage) + 256u, map_delta, FB_FULL(stage), row);
                 if (++stage == STAGES) {
@@ -651,11 +653,11 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
         NAME(const __grid_constant__ TmaMap map_q, const __grid_constant__ TmaMap map_k,                         \
              const __grid_constant__ TmaMap map_v, const __grid_constant__ TmaMap map_g,                         \
              const __grid_constant__ TmaMap map_lse, const __grid_constant__ TmaMap map_delta, void* dk, void* dv, \
-             i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {                                         \
+             i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal, i64 lstride) {                            \
         flash_bwd_dkdv_wg<D, STAGES, SPLIT>((unsigned long long)&map_q, (unsigned long long)&map_k,                 \
                                        (unsigned long long)&map_v, (unsigned long long)&map_g,                      \
                                        (unsigned long long)&map_lse, (unsigned long long)&map_delta, dk, dv, hq,    \
-                                       hkv, tq, tk, scale, causal);                                              \
+                                       hkv, tq, tk, scale, causal, lstride);                                     \
     }
 FLASH_BWD_WG(flash_bwd_dkdv_wg_d64, 64, 2, false)
 FLASH_BWD_WG(flash_bwd_dkdv_wg_d128, 128, 2, false)

@@ -215,55 +215,111 @@ fn flash_bwd_wgmma_matches_cpu() {
         (2, 16, 2, 512, 512, 128, true),
         (1, 2, 2, 300, 40, 64, true), // query blocks that see no key tile
     ]) {
-        let q = round(randn(&[b, hq, tq, d], 31));
-        let k = round(randn(&[b, hkv, tk, d], 32));
-        let v = round(randn(&[b, hkv, tk, d], 33));
-        let up = round(randn(&[b, hq, tq, d], 34));
-        let scale = 1.0 / (d as f64).sqrt();
-        let opts = AttentionOptions {
+        bwd_wgmma_case(
+            b,
+            hq,
+            hkv,
+            tq,
+            tk,
+            d,
             causal,
-            ..Default::default()
-        };
-        let (qc, kc, vc) = (
-            q.clone().requires_grad_(),
-            k.clone().requires_grad_(),
-            v.clone().requires_grad_(),
+            &[(false, 2), (true, 2), (false, 3), (true, 3)],
         );
-        let out = Tensor::attention(&qc, &kc, &vc, &opts).unwrap();
-        let want = tessera::grad(&out, Some(&up), &[&qc, &kc, &vc]).unwrap();
-        let on = |t: &Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
-        let (qg, kg, vg, ug) = (on(&q), on(&k), on(&v), on(&up));
-        let (o, lse) = flash::flash_fwd(&qg, &kg, &vg, causal, scale).unwrap();
-        for (split, stages) in [(false, 2), (true, 2), (false, 3), (true, 3)] {
-            flash::set_wgmma_bwd_stages(Some(stages));
-            let r =
-                flash::flash_bwd_wgmma(&qg, &kg, &vg, &o, &lse, &ug, causal, scale, Some(split));
-            flash::set_wgmma_bwd_stages(None);
-            let (dq, dk, dv) = r.unwrap();
-            let grads = [dq, dk, dv];
-            let errs: Vec<f64> = grads
-                .iter()
-                .zip(&want)
-                .map(|(got, w)| rel_error(got, w.as_ref().unwrap()).unwrap())
-                .collect();
-            println!(
-                "flash_bwd_wgmma b{b} hq{hq} hkv{hkv} tq{tq} tk{tk} d{d} causal={causal} split={split} stages={stages}: dq/dk/dv rel {:.2e} {:.2e} {:.2e}",
-                errs[0], errs[1], errs[2]
-            );
-            for ((name, e), (got, w)) in ["dq", "dk", "dv"]
-                .iter()
-                .zip(&errs)
-                .zip(grads.iter().zip(&want))
-            {
-                if *e > 2e-2 {
-                    let w = w.as_ref().unwrap();
-                    println!("{name} [B·H·T, D]: {}", mismatch_map(got, w, 2e-2).unwrap());
-                }
-                assert!(
-                    *e <= 2e-2,
-                    "flash_bwd_wgmma (split {split}, {stages} stages) {name} rel error {e}"
-                );
+    }
+}
+
+/// One case of the Hopper backward, named by `TESSERA_FLASH_BWD_CASE="b,hq,hkv,tq,tk,d,causal,
+/// split,stages"` (causal and split 0 or 1): tools/gpu/check.sh runs a matrix of them, each in
+/// a process of its own, to find which parameter a fault follows. Skips when unset.
+#[test]
+fn flash_bwd_wgmma_case() {
+    let Ok(spec) = std::env::var("TESSERA_FLASH_BWD_CASE") else {
+        println!("flash_bwd_wgmma_case: skipped (TESSERA_FLASH_BWD_CASE unset)");
+        return;
+    };
+    if !hopper_or_skip("flash_bwd_wgmma_case") {
+        return;
+    }
+    let v: Vec<usize> = spec
+        .split(',')
+        .map(|x| x.trim().parse().expect("TESSERA_FLASH_BWD_CASE: integers"))
+        .collect();
+    assert_eq!(
+        v.len(),
+        9,
+        "TESSERA_FLASH_BWD_CASE: b,hq,hkv,tq,tk,d,causal,split,stages"
+    );
+    bwd_wgmma_case(
+        v[0],
+        v[1],
+        v[2],
+        v[3],
+        v[4],
+        v[5],
+        v[6] == 1,
+        &[(v[7] == 1, v[8] as u8)],
+    );
+}
+
+/// The Hopper backward on one shape, for each (split, stages), against the CPU's gradients.
+#[allow(clippy::too_many_arguments)]
+fn bwd_wgmma_case(
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    tq: usize,
+    tk: usize,
+    d: usize,
+    causal: bool,
+    configs: &[(bool, u8)],
+) {
+    let q = round(randn(&[b, hq, tq, d], 31));
+    let k = round(randn(&[b, hkv, tk, d], 32));
+    let v = round(randn(&[b, hkv, tk, d], 33));
+    let up = round(randn(&[b, hq, tq, d], 34));
+    let scale = 1.0 / (d as f64).sqrt();
+    let opts = AttentionOptions {
+        causal,
+        ..Default::default()
+    };
+    let (qc, kc, vc) = (
+        q.clone().requires_grad_(),
+        k.clone().requires_grad_(),
+        v.clone().requires_grad_(),
+    );
+    let out = Tensor::attention(&qc, &kc, &vc, &opts).unwrap();
+    let want = tessera::grad(&out, Some(&up), &[&qc, &kc, &vc]).unwrap();
+    let on = |t: &Tensor| t.to_cuda().unwrap().to_dtype(DType::BF16).unwrap();
+    let (qg, kg, vg, ug) = (on(&q), on(&k), on(&v), on(&up));
+    let (o, lse) = flash::flash_fwd(&qg, &kg, &vg, causal, scale).unwrap();
+    for &(split, stages) in configs {
+        flash::set_wgmma_bwd_stages(Some(stages));
+        let r = flash::flash_bwd_wgmma(&qg, &kg, &vg, &o, &lse, &ug, causal, scale, Some(split));
+        flash::set_wgmma_bwd_stages(None);
+        let (dq, dk, dv) = r.unwrap();
+        let grads = [dq, dk, dv];
+        let errs: Vec<f64> = grads
+            .iter()
+            .zip(&want)
+            .map(|(got, w)| rel_error(got, w.as_ref().unwrap()).unwrap())
+            .collect();
+        println!(
+            "flash_bwd_wgmma b{b} hq{hq} hkv{hkv} tq{tq} tk{tk} d{d} causal={causal} split={split} stages={stages}: dq/dk/dv rel {:.2e} {:.2e} {:.2e}",
+            errs[0], errs[1], errs[2]
+        );
+        for ((name, e), (got, w)) in ["dq", "dk", "dv"]
+            .iter()
+            .zip(&errs)
+            .zip(grads.iter().zip(&want))
+        {
+            if *e > 2e-2 {
+                let w = w.as_ref().unwrap();
+                println!("{name} [B·H·T, D]: {}", mismatch_map(got, w, 2e-2).unwrap());
             }
+            assert!(
+                *e <= 2e-2,
+                "flash_bwd_wgmma (split {split}, {stages} stages) {name} rel error {e}"
+            );
         }
     }
 }

@@ -294,13 +294,20 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
     // Attention forward: the tensor-core flash kernel (and the op's default path) in TFLOP/s,
     // causal, printed as extra JSON lines.
     let mut att = Vec::new();
+    // Rows name their kernels: the mma.sync backward unless a row turns the Hopper one on (the
+    // default on sm_90 since run 12).
+    cuda::flash::set_wgmma_bwd(Some(false));
     for (b, h, t, d) in [(4usize, 16usize, 1024usize, 128usize), (4, 16, 2048, 64)] {
         let q = rand(&[b, h, t, d], &mut rng)?;
         let flops = 4.0 * (b * h * t * t * d) as f64 / 2.0;
         let scale = 1.0 / (d as f64).sqrt();
+        // The mma.sync forward (the default is the Hopper kernel on sm_90; rows below).
+        cuda::flash::set_wgmma(Some(0));
         let ms = time_ms(5, || {
             cuda::flash::flash_fwd(&q, &q, &q, true, scale).map(|_| ())
-        })?;
+        });
+        cuda::flash::set_wgmma(None);
+        let ms = ms?;
         att.push(format!(
             "{{\"op\": \"attention\", \"kernel\": \"flash_fwd (tensor cores)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
             flops / (ms * 1e-3) / 1e12
@@ -353,7 +360,10 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
             let o = Tensor::attention(&qq, &kk, &vv, &opts)?;
             grad(&o, Some(&g), &[&qq, &kk, &vv]).map(|_| ())
         };
-        let ms = time_ms(5, fwd_bwd)?;
+        cuda::flash::set_wgmma(Some(0));
+        let ms = time_ms(5, fwd_bwd);
+        cuda::flash::set_wgmma(None);
+        let ms = ms?;
         att.push(format!(
             "{{\"op\": \"attention_fwd_bwd\", \"kernel\": \"Tensor::attention (flash fwd+bwd)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
             3.5 * flops / (ms * 1e-3) / 1e12
@@ -406,7 +416,7 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
             cuda::flash::set_wgmma_bwd(Some(true));
             let ms = time_ms(5, fwd_bwd);
             cuda::flash::set_wgmma(None);
-            cuda::flash::set_wgmma_bwd(None);
+            cuda::flash::set_wgmma_bwd(Some(false));
             let ms = ms?;
             att.push(format!(
                 "{{\"op\": \"attention_fwd_bwd\", \"kernel\": \"Tensor::attention (wgmma fwd with overlap + wgmma bwd)\", \"b\": {b}, \"h\": {h}, \"t\": {t}, \"d\": {d}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
@@ -507,6 +517,7 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
             );
         }
     }
+    cuda::flash::set_wgmma_bwd(None);
     for l in att {
         println!("{l}");
     }

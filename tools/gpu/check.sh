@@ -16,7 +16,7 @@
 # step with every validated switch on; PROFILE_STEP=0 for none), NCU=1 with NCU_KERNELS="regex ..."
 # (Nsight Compute), SWEEP="variant ..." (tools/sweep/tiny_base.sh on the spare cores),
 # BIG_STEP_BEFORE_S and STEP_COMBOS_BEFORE_S (skip those steps once the check has run that many
-# seconds), TEST_TIMEOUT, WITH_COMPILE_TEST=1, DEADLINE_S (default 540: every optional phase is
+# seconds), TINY_STEP_DTYPES (default "f32 bf16": the bench-tiny steps; empty for none), TEST_TIMEOUT, WITH_COMPILE_TEST=1, DEADLINE_S (default 540: every optional phase is
 # skipped, and every command's timeout clipped, so that the check ends by then and leaves its
 # report; the device kills a command at 600 s, and a killed check returns nothing).
 set -u
@@ -172,18 +172,46 @@ rerun() {
     done
     return $ok
 }
-# The GEMM's MN-major mode (operands read as stored, no transposes; off by default until it
-# has passed here): its own test above, then the model-level tests again with it on.
+# The GEMM's MN-major mode, its TMA-store epilogue, the Hopper flash forward with its overlap
+# and the one-launch AdamW are the defaults since run 11 (the whole test suite above ran with
+# them). MN_OK: the MN-major tests passed (its benchmark rows need it).
 if grep -q "mn_major_products_match_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/dev/null; then
     MN_OK=1
-    rerun mn "TESSERA_GEMM_MN=1" cuda_matmul_attention cuda_qwen || MN_OK=
 else
-    MN_OK=; log "the GEMM's MN-major mode failed (or skipped) its test: left out"
+    MN_OK=; log "the GEMM's MN-major mode failed (or skipped) its test"
 fi
-# The Hopper flash forward (with its overlap) and backward, once both passed their tests: the
-# op-level attention tests and the model again with them on.
-if [ -z "${TESSERA_BENCH_SKIP_FLASH_WG:-}${TESSERA_BENCH_SKIP_FLASH_WG_BWD:-}" ]; then
-    rerun fwg "TESSERA_FLASH_WG=2 TESSERA_FLASH_WG_BWD=1" cuda_flash cuda_qwen
+# The Hopper flash backward (the default since run 12): the mma.sync kernels for the rest of
+# the run if its own test failed.
+if [ -n "${TESSERA_BENCH_SKIP_FLASH_WG_BWD:-}" ]; then
+    export TESSERA_FLASH_WG_BWD=0; log "the Hopper flash backward failed its test: TESSERA_FLASH_WG_BWD=0 from here on"
+fi
+# BWD_CASES="b,hq,hkv,tq,tk,d,causal,split,stages;..." (flash_bwd_wgmma_case): each case in a
+# process of its own, with every launch synchronous (a fault names its kernel), once per
+# setting in BWD_CASE_ENVS ("-" for none, else VAR=V); then the first failing case under
+# compute-sanitizer, when it exists.
+if [ -n "${BWD_CASES:-}" ] && [ -x "$BIN/tests/cuda_flash" ]; then
+    SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+    FIRST_FAIL=
+    IFS=';' read -r -a cases <<< "$BWD_CASES"
+    for c in "${cases[@]}"; do
+        for e in ${BWD_CASE_ENVS:--}; do
+            fits 10 "bwd case $c $e" || break
+            [ "$e" = - ] && e=TESSERA_NOTHING=1
+            env "$e" CUDA_LAUNCH_BLOCKING=1 TESSERA_FLASH_BWD_CASE="$c" timeout "$(tmo 30)" "$BIN/tests/cuda_flash" \
+                flash_bwd_wgmma_case --exact --nocapture > "$OUT/bwdcase.tmp" 2>&1
+            rc=$?
+            { echo "== case $c ($e) exit $rc"; grep -E "flash_bwd_wgmma b|rel error|Err|panicked" "$OUT/bwdcase.tmp" | head -n 4; } \
+                | tee -a "$OUT/bwd-cases.log"
+            [ $rc != 0 ] && [ -z "$FIRST_FAIL" ] && FIRST_FAIL="$e|$c"
+        done
+    done
+    if [ -n "$FIRST_FAIL" ] && [ -n "$SAN" ] && fits 60 "compute-sanitizer"; then
+        log "compute-sanitizer: ${FIRST_FAIL}"
+        env "${FIRST_FAIL%%|*}" TESSERA_FLASH_BWD_CASE="${FIRST_FAIL#*|}" timeout "$(tmo 90)" "$SAN" --print-limit 20 \
+            "$BIN/tests/cuda_flash" flash_bwd_wgmma_case --exact --nocapture > "$OUT/bwd-sanitizer.log" 2>&1
+        head -n 60 "$OUT/bwd-sanitizer.log"
+    fi
+    [ -n "$FINAL" ] && mkdir -p "$FINAL" && cp "$OUT/bwd-cases.log" "$OUT/bwd-sanitizer.log" "$FINAL/" 2>/dev/null
 fi
 tail -n 60 "$OUT"/test-*.log > "$OUT/tests-tail.log" 2>/dev/null
 # ONLY_TESTS=1: the tests alone (a short check of a change).
@@ -228,7 +256,7 @@ if [ -n "${NCU:-}" ]; then
     fi
 fi
 # SKIP_STEPS=1 leaves out the training-step benchmarks (kernel work only).
-STEP_DTYPES="f32 bf16"
+STEP_DTYPES=${TINY_STEP_DTYPES-f32 bf16}
 if [ -n "${SKIP_STEPS:-}" ]; then
     STEP_DTYPES=; BIG_STEP_BEFORE_S=0
 else
@@ -264,18 +292,15 @@ for g in ${STEP_GEMMS:-}; do
     echo "TESSERA_GEMM=$g exit $?: $(tail -c 400 "$OUT/step-gemm-$g.json")" | tee -a "$OUT/step.txt"
     grep -h "host per step" "$OUT/step-gemm-$g.json" | tee -a "$OUT/step.txt"
 done
-# The same 3B step with the kernels validated above switched on (the GEMM's MN-major mode: no
-# operand transposes; the Hopper flash forward with its overlap; the Hopper backward; the GEMM's
-# TMA-store epilogue; AdamW in one launch): all of them, then each left out in turn (its effect), beside the default
-# (step_torch.py's tessera row). Switches that failed their tests stay off; combinations only
-# while the check is short (STEP_COMBOS_BEFORE_S).
+# The same 3B step with every validated switch on, then each default left out in turn (its
+# effect), beside the default (step_torch.py's tessera row). Switches that failed their tests
+# stay off; combinations only while the check is short (STEP_COMBOS_BEFORE_S).
+# Since runs 11 and 12 the defaults include the MN-major GEMM, the TMA-store epilogue, the
+# Hopper flash forward and backward and the one-launch AdamW: ON is what is still off by
+# default and passed its test (none now; the mechanism stays for the next), OFFS each default
+# turned off in turn.
 ON=""
-[ -n "$MN_OK" ] && ON="$ON TESSERA_GEMM_MN=1"
-[ -z "${TESSERA_BENCH_SKIP_FLASH_WG:-}" ] && ON="$ON TESSERA_FLASH_WG=2"
-[ -z "${TESSERA_BENCH_SKIP_FLASH_WG_BWD:-}" ] && ON="$ON TESSERA_FLASH_WG_BWD=1"
-[ -z "${TESSERA_BENCH_SKIP_TS:-}" ] && ON="$ON TESSERA_GEMM_TS=1"
-grep -q "adamw_multi_tensor_matches_per_tensor ... ok" "$OUT/test-cuda_matmul_attention.log" 2>/dev/null \
-    && ON="$ON TESSERA_ADAMW_MULTI=1"
+OFFS="TESSERA_GEMM_MN=0 TESSERA_FLASH_WG=0 TESSERA_FLASH_WG_BWD=0 TESSERA_GEMM_TS=0 TESSERA_ADAMW_MULTI=0"
 # Where the step's time goes, per kernel (run right after the all-on step, before the
 # leave-one-out steps, as it says more than each of them): with PROFILE_STEP=1 the switches PROFILE_* choose;
 # by default (PROFILE_STEP unset, time left, not SKIP_STEPS) the step with every validated switch
@@ -302,12 +327,11 @@ profile_step() {
     head -n 60 "$OUT/profile.txt"
     [ -n "$FINAL" ] && mkdir -p "$FINAL" && cp "$OUT/profile.txt" "$FINAL/"
 }
-if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ] && [ -n "$ON" ]; then
-    combos=("$ON")
-    for sw in $ON; do
-        rest=$(echo " $ON " | sed "s| $sw | |; s|^ *||; s| *$||")
-        [ -n "$rest" ] && combos+=("$rest")
-    done
+if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
+    combos=()
+    [ -n "$ON" ] && combos+=("${ON# }")
+    for off in $OFFS; do combos+=("$(echo "$ON $off" | sed 's|^ *||')"); done
+    [ -z "$ON" ] && profile_step  # the default step: first, as it says more than each variant
     i=0
     for combo in "${combos[@]}"; do
         [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-100000} ] || { log "step combos: out of time"; break; }
@@ -320,7 +344,7 @@ if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ] && [ -n "$ON" ]; then
             > "$OUT/step-combo$i.json" 2>&1
         echo "$combo exit $?: $(tail -c 400 "$OUT/step-combo$i.json")" | tee -a "$OUT/step.txt"
         echo "$combo" > "$OUT/step-combo$i.label"
-        [ "$i" = 1 ] && profile_step
+        [ "$i" = 1 ] && [ -n "$ON" ] && profile_step
     done
 fi
 profile_step

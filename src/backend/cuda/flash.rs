@@ -136,10 +136,13 @@ pub fn flash_fwd_tiles(
 /// Which forward without segments runs on an sm_90 device: 0 the mma.sync kernel, else the
 /// Hopper kernel (`flash_fwd_wgmma_with`) with that schedule: 1 plain, 2 with
 /// FlashAttention-3's intra-warpgroup overlap, 3 with the overlap and the inter-warpgroup
-/// pingpong. 0 by default until a GPU run has validated the others: `TESSERA_FLASH_WG=1`, `2`
-/// or `3` (or `set_wgmma`) picks them.
+/// pingpong. 2 by default (run 11 on an H200: 89% of SDPA at D 128, 87% at D 64);
+/// `TESSERA_FLASH_WG=0`, `1` or `3` (or `set_wgmma`) picks the others.
 pub fn wgmma_mode() -> u8 {
-    WGMMA.get().filter(|m| (1..=3).contains(m)).unwrap_or(0)
+    match WGMMA.get() {
+        Some(m) if m <= 3 => m,
+        _ => 2,
+    }
 }
 
 /// Overrides `TESSERA_FLASH_WG` for this process (0 to 3 as `wgmma_mode`; `None`: back to the
@@ -151,10 +154,10 @@ pub fn set_wgmma(mode: Option<u8>) {
 static WGMMA: super::Switch = super::Switch::new("TESSERA_FLASH_WG");
 
 /// Whether `flash_bwd` (no segments, D 64 or 128, on an sm_90 device) takes its gradients from
-/// the Hopper kernels (`flash_bwd_wgmma`). Off by default until a GPU run has validated them:
-/// `TESSERA_FLASH_WG_BWD=1` (or `set_wgmma_bwd`).
+/// the Hopper kernels (`flash_bwd_wgmma`). On by default since run 12 validated them on an H200
+/// (86-89% of SDPA's backward); `TESSERA_FLASH_WG_BWD=0` (or `set_wgmma_bwd`) turns them off.
 pub fn wgmma_bwd() -> bool {
-    WGMMA_BWD.get() == Some(1)
+    WGMMA_BWD.get() != Some(0)
 }
 
 /// Overrides `TESSERA_FLASH_WG_BWD` for this process (`None`: back to the environment).
@@ -613,7 +616,11 @@ fn grads_wgmma(
     }
     let dk = Tensor::empty_cuda(k.shape(), DType::BF16)?;
     let dv = Tensor::empty_cuda(v.shape(), DType::BF16)?;
-    if !wgmma_bwd_addressable(&[q, k, v, g, lse, delta], b * hq * tq, tk)? {
+    if !wgmma_bwd_addressable(
+        &[q, k, v, g, lse, delta],
+        b * hq * tq.next_multiple_of(64),
+        tk,
+    )? {
         return Err(Error::msg(format!(
             "flash_bwd_wgmma: operands TMA cannot address (q {:?}, k {:?})",
             q.shape(),
@@ -632,6 +639,20 @@ fn grads_wgmma(
         super::gemm_tc::encode_tma_f32_1d(t.cuda_ptr()?, t.numel() as u64, 64)
             .map_err(|r| tma_error("flash_bwd_wgmma", r, t))
     };
+    // The dK/dV kernel's lse / delta rows padded to a multiple of 64 queries, so that each
+    // 64-float box it loads starts aligned (TESSERA_FLASH_BWD_PAD=0: unpadded, for diagnosis).
+    let pad = tq % 64 != 0 && std::env::var("TESSERA_FLASH_BWD_PAD").map_or(true, |v| v != "0");
+    let lstride = if pad { tq.next_multiple_of(64) } else { tq };
+    let padded = |t: &Tensor| -> Result<Tensor> {
+        let rows = t.reshape(&[b * hq, tq])?;
+        let fill = Tensor::zeros_on(&[b * hq, lstride - tq], DType::F32, Device::Cuda)?;
+        Tensor::cat(&[&rows, &fill], 1)
+    };
+    let (lse_rows, delta_rows) = if pad {
+        (padded(lse)?, padded(delta)?)
+    } else {
+        (lse.clone(), delta.clone())
+    };
     // K/V boxes of 128 rows serve both kernels; Q/dO boxes of 64 (dK/dV's query tiles) and 128
     // (dQ's query blocks).
     let maps = [
@@ -639,8 +660,8 @@ fn grads_wgmma(
         map3(k, hkv, tk, WG_BK as u32)?,
         map3(v, hkv, tk, WG_BK as u32)?,
         map3(g, hq, tq, 64)?,
-        map1(lse)?,
-        map1(delta)?,
+        map1(&lse_rows)?,
+        map1(&delta_rows)?,
         map3(q, hq, tq, WG_BM as u32)?,
         map3(g, hq, tq, WG_BM as u32)?,
     ];
@@ -658,7 +679,7 @@ fn grads_wgmma(
         Some((pk, pv)) => (pk.cuda_ptr()?, pv.cuda_ptr()?),
         None => (dk.cuda_ptr()?, dv.cuda_ptr()?),
     };
-    let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
+    let [hq_, hkv_, tq_, tk_, lstride_] = [hq, hkv, tq, tk, lstride].map(|x| x as i64);
     let (scale, causal) = (scale as f32, causal as i64);
     // mbarriers, 1024-byte alignment, K and V, 2 or 3 stages of (Q, dO, lse, delta).
     let stages = wgmma_bwd_stages();
@@ -694,6 +715,7 @@ fn grads_wgmma(
             arg(&tk_),
             arg(&scale),
             arg(&causal),
+            arg(&lstride_),
         ],
     )?;
     if let Some((pk, pv)) = &parts {

@@ -39,10 +39,10 @@ pub enum TcKernel {
 }
 
 impl TcKernel {
-    /// The default: the warp-specialised wgmma kernel on an sm_90 device (0.90-0.98 of cuBLAS
-    /// at the 3B model's shapes on an H200, docs/gpu-runs.md), mma.sync elsewhere.
-    /// `TESSERA_GEMM=mma` or `wgmma` picks the others on sm_90 (benchmarks);
-    /// `TESSERA_GEMM_TS=1` the TMA-store epilogue (off until a GPU run has validated it).
+    /// The default: the warp-specialised wgmma kernel with the TMA-store epilogue on an sm_90
+    /// device (0.91-1.13 of cuBLAS at the 3B model's shapes on an H200, run 11 in
+    /// docs/gpu-runs.md), mma.sync elsewhere. `TESSERA_GEMM=mma` or `wgmma` picks the others on
+    /// sm_90 (benchmarks); `TESSERA_GEMM_TS=0` the register epilogue.
     pub fn default_for_device() -> TcKernel {
         let hopper = device().map(|d| d.cc == (9, 0)).unwrap_or(false);
         if !hopper {
@@ -51,7 +51,7 @@ impl TcKernel {
         match gemm_choice() {
             "mma" => TcKernel::MmaSync,
             "wgmma" => TcKernel::Wgmma,
-            _ if TMA_STORE.get() == Some(1) => TcKernel::WgmmaWsTma,
+            _ if TMA_STORE.get() != Some(0) => TcKernel::WgmmaWsTma,
             _ => TcKernel::WgmmaWs,
         }
     }
@@ -95,10 +95,11 @@ pub enum Major {
 }
 
 /// Whether products with an M/N-contiguous operand read it as stored (the warp-specialised
-/// kernel's MN-major mode) instead of transposing it first. Off by default until a GPU run has
-/// validated it; `TESSERA_GEMM_MN=1` (or `set_mn_major`) turns it on.
+/// kernel's MN-major mode) instead of transposing it first. On by default since run 11
+/// validated it on an H200 (7 ms of a 94 ms 3B step); `TESSERA_GEMM_MN=0` (or `set_mn_major`)
+/// turns it off.
 pub fn mn_major_enabled() -> bool {
-    MN_MAJOR.get() == Some(1)
+    MN_MAJOR.get() != Some(0)
 }
 
 /// Overrides `TESSERA_GEMM_MN` for this process (`None`: back to the environment).
