@@ -168,21 +168,22 @@ __device__ __forceinline__ void lse_pick_vec(const T* x, const I* t, float* lse,
 // reduction never holds up another's loads.
 #define CE_WARP_U 8
 
-template <typename T>
+template <typename T, int U = CE_WARP_U>
 __device__ __forceinline__ void ce_warp_load(const uint4* xv, int j0, int nv, uint4* u) {
 #pragma unroll
-    for (int k = 0; k < CE_WARP_U; ++k) {
+    for (int k = 0; k < U; ++k) {
         const int j = j0 + (int)threadIdx.x + 32 * k;
         u[k] = j < nv ? xv[j] : neg_inf16<T>();  // −inf padding: changes neither max nor sum
     }
 }
 
-// Max of the CE_WARP_U vectors u. bf16 pairs are compared packed (max.bf16x2: exact, and like
+// Max of the U vectors u. bf16 pairs are compared packed (max.bf16x2: exact, and like
 // fmaxf it ignores a NaN), so the batch is unpacked only once, for the exps.
+template <int U>
 __device__ __forceinline__ float ce_batch_max(const uint4* u, float) {
     float m = NEG_INF;
 #pragma unroll
-    for (int k = 0; k < CE_WARP_U; ++k) {
+    for (int k = 0; k < U; ++k) {
         m = fmaxf(m, fmaxf(fmaxf(__uint_as_float(u[k].x), __uint_as_float(u[k].y)),
                            fmaxf(__uint_as_float(u[k].z), __uint_as_float(u[k].w))));
     }
@@ -199,10 +200,11 @@ __device__ __forceinline__ unsigned int bf16x2_max(unsigned int a, unsigned int 
     return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u);  // exact: bf16 values
 #endif
 }
+template <int U>
 __device__ __forceinline__ float ce_batch_max(const uint4* u, bf16_t) {
     unsigned int a = u[0].x, b = u[0].y, c = u[0].z, d = u[0].w;
 #pragma unroll
-    for (int k = 1; k < CE_WARP_U; ++k) {
+    for (int k = 1; k < U; ++k) {
         a = bf16x2_max(a, u[k].x);
         b = bf16x2_max(b, u[k].y);
         c = bf16x2_max(c, u[k].z);
@@ -212,12 +214,11 @@ __device__ __forceinline__ float ce_batch_max(const uint4* u, bf16_t) {
     return fmaxf(__uint_as_float(a << 16), __uint_as_float(a & 0xffff0000u));
 }
 
-// One lane's running max m and sum s = Σ 2^{(x − m)·log2e} updated with a batch of
-// CE_WARP_U vectors.
-template <typename T>
+// One lane's running max m and sum s = Σ 2^{(x − m)·log2e} updated with a batch of U vectors.
+template <typename T, int U = CE_WARP_U>
 __device__ __forceinline__ void ce_batch_add(const uint4* u, float& m, float& s) {
     constexpr int N = Vec<T>::N;
-    const float bm = ce_batch_max(u, T());
+    const float bm = ce_batch_max<U>(u, T());
     if (bm > m) {
         s = m > NEG_INF ? s * fast_exp2((m - bm) * LOG2E_F) : 0.f;
         m = bm;
@@ -225,7 +226,7 @@ __device__ __forceinline__ void ce_batch_add(const uint4* u, float& m, float& s)
     if (m > NEG_INF) {  // else every value so far is −inf: nothing to add
         const float mlog2e = m * LOG2E_F;
 #pragma unroll
-        for (int k = 0; k < CE_WARP_U; ++k) {
+        for (int k = 0; k < U; ++k) {
             float f[N];
             unpack16<T>(u[k], f);
 #pragma unroll
@@ -262,7 +263,9 @@ __device__ __forceinline__ void ce_warp_prefetch(const uint4* xv, int j0, int nv
 // PF (`TESSERA_CE_STAGES=1`, an experiment): the next batch prefetched into L2 as this one's
 // loads are issued, so its DRAM reads overlap this batch's exponentials (the batch's loads all
 // wait on one scoreboard: without it each row exposes a DRAM latency per batch). Same results.
-template <typename T, typename I, bool PF = false>
+// U (`TESSERA_CE_STAGES=4`, an experiment: 16): vectors per lane and batch, so that a row of
+// 4096 bf16 logits is one batch (one DRAM latency a row), with half the warps per SM.
+template <typename T, typename I, bool PF = false, int U = CE_WARP_U>
 __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                               i64 ignore, i64 has_ignore) {
     constexpr int N = Vec<T>::N;
@@ -271,17 +274,17 @@ __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse
     const T* xr = x + row * v;
     const uint4* xv = reinterpret_cast<const uint4*>(xr);
     const int nv = (int)(v / N);
-    uint4 u[CE_WARP_U];
-    ce_warp_load<T>(xv, 0, nv, u);
-    if (PF) ce_warp_prefetch(xv, 32 * CE_WARP_U, nv);
+    uint4 u[U];
+    ce_warp_load<T, U>(xv, 0, nv, u);
+    if (PF) ce_warp_prefetch(xv, 32 * U, nv);
     const i64 c = ce_class(t, row, v, ignore, has_ignore);
     float m = NEG_INF, s = 0.f;
     for (int j0 = 0;;) {
-        ce_batch_add<T>(u, m, s);
-        j0 += 32 * CE_WARP_U;
+        ce_batch_add<T, U>(u, m, s);
+        j0 += 32 * U;
         if (j0 >= nv) break;
-        ce_warp_load<T>(xv, j0, nv, u);
-        if (PF) ce_warp_prefetch(xv, j0 + 32 * CE_WARP_U, nv);
+        ce_warp_load<T, U>(xv, j0, nv, u);
+        if (PF) ce_warp_prefetch(xv, j0 + 32 * U, nv);
     }
     ce_warp_finish<T>(xr, c, m, s, lse, picked, row);
 }
@@ -342,8 +345,8 @@ __device__ __forceinline__ void lse_pick_staged(const T* x, const I* t, float* l
 // last block to finish (a device counter `done`, zero between launches: the last block resets
 // it) sums the partials in a fixed order and writes out = -sum / max(count, 1) and inv_count.
 // Deterministic. Counts are kept as floats (exact below 2^24 rows; the launcher checks).
-// S = 1: lse_pick_warp with the L2 prefetch; S > 1: the rows through lse_pick_staged<S>
-// (dynamic shared memory as there).
+// S = 1: lse_pick_warp with the L2 prefetch; S = 2, 3: the rows through lse_pick_staged<S>
+// (dynamic shared memory as there); S = 4: lse_pick_warp with batches of 2 · CE_WARP_U vectors.
 template <typename T, typename I, int S>
 __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                              i64 ignore, i64 has_ignore, float* partial, unsigned int* done, float* out,
@@ -352,7 +355,8 @@ __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse,
     __shared__ unsigned int is_last;
     // Both return, not exit: the block's barriers below need every warp.
     if (S <= 1) lse_pick_warp<T, I, S == 1>(x, t, lse, picked, rows, v, ignore, has_ignore);
-    else lse_pick_staged<T, I, (S > 1 ? S : 2)>(x, t, lse, picked, rows, v, ignore, has_ignore);
+    else if (S == 4) lse_pick_warp<T, I, false, 2 * CE_WARP_U>(x, t, lse, picked, rows, v, ignore, has_ignore);
+    else lse_pick_staged<T, I, (S == 2 || S == 3 ? S : 2)>(x, t, lse, picked, rows, v, ignore, has_ignore);
     __syncthreads();  // this block's picked[] are written (and visible to the block)
     const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
     if (threadIdx.y == 0) {
@@ -374,10 +378,23 @@ __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse,
     __syncthreads();
     if (!is_last) return;
     __threadfence();
+    // Each thread's partials in 8 loads issued together (L2: written by other blocks), then
+    // added in the order b = tid, tid + nthreads, ...: this tail runs after every other block,
+    // so it costs one L2 latency instead of one per step (2048 blocks at 16384 rows).
     float acc = 0.f, cnt = 0.f;
-    for (i64 b = tid; b < (i64)gridDim.x; b += nthreads) {
-        acc += __ldcg(partial + 2 * b);  // L2: written by other blocks
-        cnt += __ldcg(partial + 2 * b + 1);
+    const i64 nb = gridDim.x;
+    for (i64 b0 = tid; b0 < nb; b0 += 8 * (i64)nthreads) {
+        float2 pc[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const i64 b = b0 + (i64)k * nthreads;
+            pc[k] = b < nb ? __ldcg(reinterpret_cast<const float2*>(partial) + b) : make_float2(0.f, 0.f);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            acc += pc[k].x;
+            cnt += pc[k].y;
+        }
     }
     acc = warp_sum(acc);
     cnt = warp_sum(cnt);
@@ -559,6 +576,11 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
         float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
         ce_warp_mean<T, I, 3>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 2) ce_stage4_mean_##ISFX##_##SFX(                          \
+        const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
+        float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
+        ce_warp_mean<T, I, 4>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
     }                                                                                                            \
     extern "C" __global__ void ce_mean_##ISFX##_##SFX(const float* picked, const I* t, float* out, float* inv_count, \
                                                       i64 rows, i64 ignore, i64 has_ignore) {                    \

@@ -163,12 +163,12 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         bytes: eb * n as f64,
         ms,
     });
-    // The forward's cp.async-staged variants (2 and 3 batches in flight per lane), unless the
-    // GPU check left them out after their test.
+    // The forward's variants (an L2 prefetch; cp.async staging, 2 and 3 batches in flight per
+    // lane; batches of 16 vectors), unless the GPU check left them out after their test.
     let staged: &[usize] = if std::env::var_os("TESSERA_BENCH_SKIP_CE_STAGED").is_some() {
         &[]
     } else {
-        &[1, 2, 3]
+        &[1, 2, 3, 4]
     };
     for &stages in staged {
         cuda::ops::loss::set_ce_stages(Some(stages))?;
@@ -179,6 +179,8 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         out.push(Row {
             name: if stages == 1 {
                 "cross_entropy fwd (next batch prefetched into L2)".to_string()
+            } else if stages == 4 {
+                "cross_entropy fwd (batches of 16 vectors a lane)".to_string()
             } else {
                 format!("cross_entropy fwd (cp.async, {stages} batches in flight)")
             },

@@ -16,7 +16,7 @@
 # step with every validated switch on; PROFILE_STEP=0 for none), NCU=1 with NCU_KERNELS="regex ..."
 # (Nsight Compute), SWEEP="variant ..." (tools/sweep/tiny_base.sh on the spare cores),
 # BIG_STEP_BEFORE_S and STEP_COMBOS_BEFORE_S (skip those steps once the check has run that many
-# seconds), TINY_STEP_DTYPES (default "f32 bf16": the bench-tiny steps; empty for none), TEST_TIMEOUT, WITH_COMPILE_TEST=1, DEADLINE_S (default 540: every optional phase is
+# seconds), SKIP_MATMUL=1 (no GEMM benchmark), TINY_STEP_DTYPES (default "f32 bf16": the bench-tiny steps; empty for none), TEST_TIMEOUT, WITH_COMPILE_TEST=1, DEADLINE_S (default 540: every optional phase is
 # skipped, and every command's timeout clipped, so that the check ends by then and leaves its
 # report; the device kills a command at 600 s, and a killed check returns nothing).
 set -u
@@ -230,10 +230,12 @@ else
     WS_OK=; export TESSERA_BENCH_SKIP_WS=1; log "the ws GEMM failed its test: left out of the benchmarks"
 fi
 [ -z "$MN_OK" ] && export TESSERA_BENCH_SKIP_MN=1
-log "bench matmul"
-timeout "$(tmo 120)" "$BIN/tessera" bench matmul --device cuda --dtype bf16 \
-    --sizes 1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048 \
-    > "$OUT/bench_matmul.jsonl" 2>> "$OUT/bench_cuda.err"
+if [ -z "${SKIP_MATMUL:-}" ]; then
+    log "bench matmul"
+    timeout "$(tmo 120)" "$BIN/tessera" bench matmul --device cuda --dtype bf16 \
+        --sizes 1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048 \
+        > "$OUT/bench_matmul.jsonl" 2>> "$OUT/bench_cuda.err"
+fi
 log "torch baselines"
 timeout "$(tmo 150)" python3 tools/gpu/torch_baselines.py > "$OUT/torch.jsonl" 2> "$OUT/torch.err"
 # NCU=1: Nsight Compute on the third launch of each kernel (regex) in NCU_KERNELS (what limits it:

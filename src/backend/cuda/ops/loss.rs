@@ -251,24 +251,26 @@ fn warp_rows(v: usize, elem: usize, xp: u64) -> bool {
 
 /// The cross-entropy forward's experimental variants (`ce_stage{S}_mean`, on the forward's
 /// bandwidth): 2 or 3 batches in flight, staged through shared memory by cp.async; 1, the
-/// default kernel with the next batch prefetched into L2; 0 for the default (`ce_warp_mean`,
-/// one batch in registers). `TESSERA_CE_STAGES`, or `set_ce_stages`.
+/// default kernel with the next batch prefetched into L2; 4, the default kernel with batches
+/// twice as long (a row of 4096 bf16 logits in one batch: one DRAM latency a row, half the
+/// warps per SM); 0 for the default (`ce_warp_mean`, batches of 8 vectors a lane in
+/// registers). `TESSERA_CE_STAGES`, or `set_ce_stages`.
 pub fn ce_stages() -> usize {
     match CE_STAGES.get() {
-        Some(s @ (1..=3)) => s as usize,
+        Some(s @ (1..=4)) => s as usize,
         _ => 0,
     }
 }
 
-/// Overrides `TESSERA_CE_STAGES` for this process (0 to 3; `None`: the environment again).
+/// Overrides `TESSERA_CE_STAGES` for this process (0 to 4; `None`: the environment again).
 pub fn set_ce_stages(stages: Option<usize>) -> Result<()> {
     match stages {
-        None | Some(0..=3) => {
+        None | Some(0..=4) => {
             CE_STAGES.set(stages.map(|s| s as u8));
             Ok(())
         }
         Some(s) => Err(Error::msg(format!(
-            "cross_entropy: {s} stages (want 0 to 3)"
+            "cross_entropy: {s} stages (want 0 to 4)"
         ))),
     }
 }
@@ -327,7 +329,7 @@ fn cross_entropy_dev(
         let (grid, _, _) = row_grid(blocks, "cross_entropy")?;
         let (name, shared) = match ce_stages() {
             0 => (format!("ce_warp_mean_{}_{sfx}", tg.tag), 0),
-            1 => (format!("ce_stage1_mean_{}_{sfx}", tg.tag), 0),
+            st @ (1 | 4) => (format!("ce_stage{st}_mean_{}_{sfx}", tg.tag), 0),
             st => (
                 format!("ce_stage{st}_mean_{}_{sfx}", tg.tag),
                 (WARP_ROWS * st * 32 * CE_BATCH_BYTES) as u32,
