@@ -425,7 +425,9 @@ FLASH_FWD_WG(flash_fwd_wgp_d128, 128, 128, true, true)
 // K / V, 128-byte swizzle), 1-d maps over lse and delta [B·Hq, lstride] f32 (boxes of 64, no
 // swizzle; a tile's queries past Tq read padding, the next head's values or zeros and are
 // masked). lstride is Tq rounded up to 64 (the launcher pads), so every box starts 256-byte
-// aligned; TESSERA_FLASH_BWD_PAD=0 keeps lstride = Tq.
+// aligned: a box starting off a 16-byte boundary (lstride = Tq = 37, head 1) stopped the kernel
+// with an illegal instruction on an H200 (run 12, docs/gpu-runs.md). TESSERA_FLASH_BWD_PAD=0
+// keeps lstride = Tq, for diagnosis.
 // TESSERA_ARCH_SUFFIX_A
 
 #define FB_BK 128  // keys per block: two consumer warpgroups of 64

@@ -640,7 +640,9 @@ fn grads_wgmma(
             .map_err(|r| tma_error("flash_bwd_wgmma", r, t))
     };
     // The dK/dV kernel's lse / delta rows padded to a multiple of 64 queries, so that each
-    // 64-float box it loads starts aligned (TESSERA_FLASH_BWD_PAD=0: unpadded, for diagnosis).
+    // 64-float box it loads starts aligned: the TMA unit faults (illegal instruction) on a box
+    // that starts off a 16-byte boundary, as Tq = 37 did on an H200 (run 12).
+    // TESSERA_FLASH_BWD_PAD=0: unpadded, for diagnosis.
     let pad = tq % 64 != 0 && std::env::var("TESSERA_FLASH_BWD_PAD").map_or(true, |v| v != "0");
     let lstride = if pad { tq.next_multiple_of(64) } else { tq };
     let padded = |t: &Tensor| -> Result<Tensor> {
