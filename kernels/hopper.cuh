@@ -182,6 +182,14 @@ __device__ __forceinline__ void tma_load_3d(unsigned int dst, unsigned long long
         : "memory");
 }
 
+// Bulk copy (no tensor map) of `bytes` (a multiple of 16) from global `src` to shared `dst`
+// (both 16-byte aligned), completing `bytes` on the mbarrier `bar`.
+__device__ __forceinline__ void bulk_load(unsigned int dst, const void* src, unsigned int bytes, unsigned int bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+
 // TMA box store from shared memory at `src` (128-byte-swizzled like the loads) to the tensor at
 // element coordinates (innermost first); the engine clips what lies outside the tensor. Stores
 // join the thread's bulk group (bulk_commit); bulk_wait_read0 waits until every committed

@@ -339,41 +339,21 @@ __device__ __forceinline__ void lse_pick_staged(const T* x, const I* t, float* l
     ce_warp_finish<T>(xr, c, m, s, lse, picked, row);
 }
 
-// lse_pick_warp with cross_entropy's mean fused in (one launch instead of two: at 16384 x 4096
-// bf16 the separate one-block ce_mean cost ~5 us of a 35 us floor). Each block sums its rows'
-// picked values and counted rows (warp 0, fixed order) into partial[2b], partial[2b + 1]; the
-// last block to finish (a device counter `done`, zero between launches: the last block resets
-// it) sums the partials in a fixed order and writes out = -sum / max(count, 1) and inv_count.
-// Deterministic. Counts are kept as floats (exact below 2^24 rows; the launcher checks).
-// S = 1: lse_pick_warp with the L2 prefetch; S = 2, 3: the rows through lse_pick_staged<S>
-// (dynamic shared memory as there); S = 4: lse_pick_warp with batches of 2 · CE_WARP_U vectors.
-template <typename T, typename I, int S>
-__device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
-                                             i64 ignore, i64 has_ignore, float* partial, unsigned int* done, float* out,
-                                             float* inv_count) {
+// The cross-entropy mean's last step, called by every thread of the block (at most 8 warps)
+// with the block's sums in thread 0: p of the picked values, c of the counted rows. Thread 0
+// writes them to partial[2b], partial[2b + 1]; the last block to finish (the device counter
+// `done`, zero between launches: the last block resets it) sums the partials in a fixed order
+// and writes out = -sum / max(count, 1) and inv_count.
+__device__ __forceinline__ void ce_finish_mean(float p, float c, float* partial, unsigned int* done, float* out,
+                                               float* inv_count) {
     __shared__ float scratch[2][8];
     __shared__ unsigned int is_last;
-    // Both return, not exit: the block's barriers below need every warp.
-    if (S <= 1) lse_pick_warp<T, I, S == 1>(x, t, lse, picked, rows, v, ignore, has_ignore);
-    else if (S == 4) lse_pick_warp<T, I, false, 2 * CE_WARP_U>(x, t, lse, picked, rows, v, ignore, has_ignore);
-    else lse_pick_staged<T, I, (S == 2 || S == 3 ? S : 2)>(x, t, lse, picked, rows, v, ignore, has_ignore);
-    __syncthreads();  // this block's picked[] are written (and visible to the block)
     const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
-    if (threadIdx.y == 0) {
-        const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.x;
-        float p = 0.f, c = 0.f;
-        if (threadIdx.x < blockDim.y && row < rows) {
-            p = picked[row];
-            c = has_ignore && (i64)t[row] == ignore ? 0.f : 1.f;
-        }
-        p = warp_sum(p);
-        c = warp_sum(c);
-        if (threadIdx.x == 0) {
-            partial[2 * blockIdx.x] = p;
-            partial[2 * blockIdx.x + 1] = c;
-            __threadfence();  // the partials are visible device-wide before the count says so
-            is_last = atomicAdd(done, 1u) == gridDim.x - 1;
-        }
+    if (tid == 0) {
+        partial[2 * blockIdx.x] = p;
+        partial[2 * blockIdx.x + 1] = c;
+        __threadfence();  // the partials are visible device-wide before the count says so
+        is_last = atomicAdd(done, 1u) == gridDim.x - 1;
     }
     __syncthreads();
     if (!is_last) return;
@@ -415,6 +395,150 @@ __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse,
         inv_count[0] = inv;
         *done = 0u;  // ready for the next launch (kernels of one stream run in order)
     }
+}
+
+// lse_pick_warp with cross_entropy's mean fused in (one launch instead of two: at 16384 x 4096
+// bf16 the separate one-block ce_mean cost ~5 us of a 35 us floor). Each block sums its rows'
+// picked values and counted rows (warp 0, fixed order), then ce_finish_mean. Deterministic.
+// Counts are kept as floats (exact below 2^24 rows; the launcher checks).
+// S = 1: lse_pick_warp with the L2 prefetch; S = 2, 3: the rows through lse_pick_staged<S>
+// (dynamic shared memory as there); S = 4: lse_pick_warp with batches of 2 · CE_WARP_U vectors.
+template <typename T, typename I, int S>
+__device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
+                                             i64 ignore, i64 has_ignore, float* partial, unsigned int* done, float* out,
+                                             float* inv_count) {
+    // Both return, not exit: the block's barriers below need every warp.
+    if (S <= 1) lse_pick_warp<T, I, S == 1>(x, t, lse, picked, rows, v, ignore, has_ignore);
+    else if (S == 4) lse_pick_warp<T, I, false, 2 * CE_WARP_U>(x, t, lse, picked, rows, v, ignore, has_ignore);
+    else lse_pick_staged<T, I, (S == 2 || S == 3 ? S : 2)>(x, t, lse, picked, rows, v, ignore, has_ignore);
+    __syncthreads();  // this block's picked[] are written (and visible to the block)
+    float p = 0.f, c = 0.f;
+    if (threadIdx.y == 0) {
+        const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.x;
+        if (threadIdx.x < blockDim.y && row < rows) {
+            p = picked[row];
+            c = has_ignore && (i64)t[row] == ignore ? 0.f : 1.f;
+        }
+        p = warp_sum(p);
+        c = warp_sum(c);
+    }
+    ce_finish_mean(p, c, partial, done, out, inv_count);
+}
+
+// The cross-entropy forward with the mean fused in, rows streamed into shared memory by the
+// bulk-copy engine (sm_90; `TESSERA_CE_STAGES=5`, an experiment for issue 4's bandwidth target).
+// In lse_pick_warp a warp's next loads wait for its exponentials, so the bytes in flight per SM
+// fall while it computes, and at one warp per row the 16 MUFU ex2 a clock per SM are busy for
+// half of the memory floor (67 M exponentials at 16384 x 4096). Here lane 0 of each warp keeps
+// CE_BULK_STAGES - 1 rows in flight (cp.async.bulk into per-warp stage buffers, an mbarrier
+// each) while the warp computes the current row from shared memory: the max (bf16x2 max),
+// then one exp2 per logit, lse = max + log(sum). Persistent warps: warp w of the grid takes
+// rows w, w + W, ... (W = gridDim.x · CE_BULK_WARPS). Rows of up to CE_BULK_ROW bytes, 16-byte
+// aligned (the launcher checks). Each warp sums its rows' picked values and counts in row
+// order (lane 0), the block its warps in order, then ce_finish_mean: deterministic for a given
+// grid. Launch: block (32, CE_BULK_WARPS), dynamic shared memory CE_BULK_SMEM bytes.
+// TESSERA_ARCH_SUFFIX_A: this file gets kernels/hopper.cuh (mbarriers, bulk copies) and the
+// sm_90a target on Hopper; the kernel is empty below sm_90, where the launcher never picks it.
+#define CE_BULK_WARPS 4
+#define CE_BULK_STAGES 3
+#define CE_BULK_ROW 8192
+#define CE_BULK_SMEM (128 + CE_BULK_WARPS * CE_BULK_STAGES * CE_BULK_ROW)
+template <typename T, typename I>
+__device__ __forceinline__ void ce_bulk_mean(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
+                                             i64 ignore, i64 has_ignore, float* partial, unsigned int* done, float* out,
+                                             float* inv_count) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    constexpr int N = Vec<T>::N;
+    extern __shared__ __align__(128) unsigned char ce_bulk_smem[];
+    __shared__ float warp_sums[2][CE_BULK_WARPS];
+    const int lane = threadIdx.x, warp = threadIdx.y;
+    const unsigned int bars = smem_addr(ce_bulk_smem) + (unsigned int)warp * (CE_BULK_STAGES * 8);
+    unsigned char* bufs = ce_bulk_smem + 128 + warp * (CE_BULK_STAGES * CE_BULK_ROW);
+    const i64 gw = (i64)blockIdx.x * CE_BULK_WARPS + warp, nw = (i64)gridDim.x * CE_BULK_WARPS;
+    const int n = gw < rows ? (int)((rows - 1 - gw) / nw + 1) : 0;  // this warp's rows gw + i·nw
+    const unsigned int bytes = (unsigned int)(v * (i64)sizeof(T));
+    if (lane == 0) {
+#pragma unroll
+        for (int s = 0; s < CE_BULK_STAGES; ++s) mbar_init(bars + 8u * s, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        fence_proxy_async();
+        for (int i = 0; i < CE_BULK_STAGES - 1 && i < n; ++i) {
+            mbar_arrive_expect_tx(bars + 8u * i, bytes);
+            bulk_load(smem_addr(bufs + i * CE_BULK_ROW), x + (gw + (i64)i * nw) * v, bytes, bars + 8u * i);
+        }
+    }
+    __syncwarp();
+    const int nv = (int)(v / N);
+    float p_sum = 0.f, c_sum = 0.f;  // lane 0's, over this warp's rows in order
+    for (int i = 0; i < n; ++i) {
+        const int stage = i % CE_BULK_STAGES;
+        const i64 row = gw + (i64)i * nw;
+        if (lane == 0) {
+            // Into the stage every lane finished reading before the __syncwarp that ended row i - 1.
+            const int j = i + CE_BULK_STAGES - 1;
+            if (j < n) {
+                const int sj = j % CE_BULK_STAGES;
+                mbar_arrive_expect_tx(bars + 8u * sj, bytes);
+                bulk_load(smem_addr(bufs + sj * CE_BULK_ROW), x + (gw + (i64)j * nw) * v, bytes, bars + 8u * sj);
+            }
+        }
+        const i64 c = ce_class(t, row, v, ignore, has_ignore);  // its latency overlaps the wait
+        mbar_wait(bars + 8u * stage, (unsigned int)((i / CE_BULK_STAGES) & 1));
+        const uint4* rv = reinterpret_cast<const uint4*>(bufs + stage * CE_BULK_ROW);
+        float m = NEG_INF;
+        for (int j0 = 0; j0 < nv; j0 += 32 * CE_WARP_U) {
+            uint4 u[CE_WARP_U];
+#pragma unroll
+            for (int k = 0; k < CE_WARP_U; ++k) {
+                const int j = j0 + lane + 32 * k;
+                u[k] = j < nv ? rv[j] : neg_inf16<T>();
+            }
+            m = fmaxf(m, ce_batch_max<CE_WARP_U>(u, T()));
+        }
+        m = warp_max(m);
+        float sum = 0.f;
+        if (m > NEG_INF) {  // else every logit is −inf: lse = −inf, as the CPU logsumexp
+            const float mlog2e = m * LOG2E_F;
+            for (int j0 = 0; j0 < nv; j0 += 32 * CE_WARP_U) {
+#pragma unroll
+                for (int k = 0; k < CE_WARP_U; ++k) {
+                    const int j = j0 + lane + 32 * k;
+                    if (j < nv) {
+                        float f[N];
+                        unpack16<T>(rv[j], f);
+#pragma unroll
+                        for (int e = 0; e < N; ++e) sum += fast_exp2(fmaf(f[e], LOG2E_F, -mlog2e));
+                    }
+                }
+            }
+        }
+        sum = warp_sum(sum);
+        const float l = m > NEG_INF ? m + logf(sum) : NEG_INF;
+        if (lane == 0) {
+            const float pk =
+                c >= 0 ? ld(reinterpret_cast<const T*>(rv), c) - l : (c == CE_IGNORED ? 0.f : CE_NAN);
+            lse[row] = l;
+            picked[row] = pk;
+            p_sum += pk;
+            c_sum += has_ignore && (i64)t[row] == ignore ? 0.f : 1.f;
+        }
+        __syncwarp();
+    }
+    if (lane == 0) {
+        warp_sums[0][warp] = p_sum;
+        warp_sums[1][warp] = c_sum;
+    }
+    __syncthreads();
+    float p = 0.f, cs = 0.f;
+    if (lane == 0 && warp == 0) {
+#pragma unroll
+        for (int w = 0; w < CE_BULK_WARPS; ++w) {
+            p += warp_sums[0][w];
+            cs += warp_sums[1][w];
+        }
+    }
+    ce_finish_mean(p, cs, partial, done, out, inv_count);
+#endif
 }
 
 template <typename T, typename I>
@@ -581,6 +705,11 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
         float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
         ce_warp_mean<T, I, 4>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * CE_BULK_WARPS) ce_bulk_mean_##ISFX##_##SFX(                 \
+        const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
+        float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
+        ce_bulk_mean<T, I>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);       \
     }                                                                                                            \
     extern "C" __global__ void ce_mean_##ISFX##_##SFX(const float* picked, const I* t, float* out, float* inv_count, \
                                                       i64 rows, i64 ignore, i64 has_ignore) {                    \

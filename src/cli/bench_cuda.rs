@@ -164,11 +164,12 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         ms,
     });
     // The forward's variants (an L2 prefetch; cp.async staging, 2 and 3 batches in flight per
-    // lane; batches of 16 vectors), unless the GPU check left them out after their test.
+    // lane; batches of 16 vectors; bulk copies), unless the GPU check left them out after their
+    // test.
     let staged: &[usize] = if std::env::var_os("TESSERA_BENCH_SKIP_CE_STAGED").is_some() {
         &[]
     } else {
-        &[1, 2, 3, 4]
+        &[1, 2, 3, 4, 5]
     };
     for &stages in staged {
         cuda::ops::loss::set_ce_stages(Some(stages))?;
@@ -181,6 +182,8 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
                 "cross_entropy fwd (next batch prefetched into L2)".to_string()
             } else if stages == 4 {
                 "cross_entropy fwd (batches of 16 vectors a lane)".to_string()
+            } else if stages == 5 {
+                "cross_entropy fwd (rows by the bulk-copy engine, 2 in flight a warp)".to_string()
             } else {
                 format!("cross_entropy fwd (cp.async, {stages} batches in flight)")
             },

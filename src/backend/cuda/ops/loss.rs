@@ -253,30 +253,37 @@ fn warp_rows(v: usize, elem: usize, xp: u64) -> bool {
 /// bandwidth): 2 or 3 batches in flight, staged through shared memory by cp.async; 1, the
 /// default kernel with the next batch prefetched into L2; 4, the default kernel with batches
 /// twice as long (a row of 4096 bf16 logits in one batch: one DRAM latency a row, half the
-/// warps per SM); 0 for the default (`ce_warp_mean`, batches of 8 vectors a lane in
-/// registers). `TESSERA_CE_STAGES`, or `set_ce_stages`.
+/// warps per SM); 5, rows streamed into shared memory by the bulk-copy engine with two rows in
+/// flight a warp (`ce_bulk_mean`, sm_90, rows of at most 8 KB); 0 for the default
+/// (`ce_warp_mean`, batches of 8 vectors a lane in registers). `TESSERA_CE_STAGES`, or
+/// `set_ce_stages`.
 pub fn ce_stages() -> usize {
     match CE_STAGES.get() {
-        Some(s @ (1..=4)) => s as usize,
+        Some(s @ (1..=5)) => s as usize,
         _ => 0,
     }
 }
 
-/// Overrides `TESSERA_CE_STAGES` for this process (0 to 4; `None`: the environment again).
+/// Overrides `TESSERA_CE_STAGES` for this process (0 to 5; `None`: the environment again).
 pub fn set_ce_stages(stages: Option<usize>) -> Result<()> {
     match stages {
-        None | Some(0..=4) => {
+        None | Some(0..=5) => {
             CE_STAGES.set(stages.map(|s| s as u8));
             Ok(())
         }
         Some(s) => Err(Error::msg(format!(
-            "cross_entropy: {s} stages (want 0 to 4)"
+            "cross_entropy: {s} stages (want 0 to 5)"
         ))),
     }
 }
 
 static CE_STAGES: crate::backend::cuda::Switch =
     crate::backend::cuda::Switch::new("TESSERA_CE_STAGES");
+
+/// ce_bulk_mean's warps per block and row buffer bytes (CE_BULK_WARPS, CE_BULK_ROW in
+/// kernels/loss.cu; 3 stages a warp).
+const CE_BULK_WARPS: usize = 4;
+const CE_BULK_ROW: usize = 8192;
 
 /// Bytes of one lane's batch of ce_warp_mean: CE_WARP_U (8) 16-byte vectors.
 const CE_BATCH_BYTES: usize = 8 * 16;
@@ -317,7 +324,19 @@ fn cross_entropy_dev(
         // lse_pick_warp with the mean fused in: one launch.
         let lse = Tensor::empty_cuda(&[rows], DType::F32)?;
         let picked = Tensor::empty_cuda(&[rows], DType::F32)?;
-        let blocks = rows.div_ceil(WARP_ROWS);
+        let dev = device()?;
+        // `TESSERA_CE_STAGES=5` (ce_bulk_mean): persistent warps, two blocks an SM, on sm_90 for
+        // rows of at most CE_BULK_ROW bytes; elsewhere the default kernel.
+        let stages = match ce_stages() {
+            5 if dev.cc != (9, 0) || v * dtype.size_in_bytes() > CE_BULK_ROW => 0,
+            st => st,
+        };
+        let (blocks, block_rows) = if stages == 5 {
+            let sms = dev.sm_count.max(1) as usize;
+            ((2 * sms).min(rows.div_ceil(CE_BULK_WARPS)), CE_BULK_WARPS)
+        } else {
+            (rows.div_ceil(WARP_ROWS), WARP_ROWS)
+        };
         let partial = Tensor::empty_cuda(&[2 * blocks], DType::F32)?;
         let (lp, pp, qp, done) = (
             lse.cuda_ptr()?,
@@ -327,19 +346,23 @@ fn cross_entropy_dev(
         );
         let v64 = v as i64;
         let (grid, _, _) = row_grid(blocks, "cross_entropy")?;
-        let (name, shared) = match ce_stages() {
+        let (name, shared) = match stages {
             0 => (format!("ce_warp_mean_{}_{sfx}", tg.tag), 0),
             st @ (1 | 4) => (format!("ce_stage{st}_mean_{}_{sfx}", tg.tag), 0),
+            5 => (
+                format!("ce_bulk_mean_{}_{sfx}", tg.tag),
+                (128 + CE_BULK_WARPS * 3 * CE_BULK_ROW) as u32,
+            ),
             st => (
                 format!("ce_stage{st}_mean_{}_{sfx}", tg.tag),
                 (WARP_ROWS * st * 32 * CE_BATCH_BYTES) as u32,
             ),
         };
-        device()?.launch(
+        dev.launch(
             "loss.cu",
             &name,
             (grid, 1, 1),
-            (32, WARP_ROWS as u32, 1),
+            (32, block_rows as u32, 1),
             shared,
             &[
                 arg(&xp),
