@@ -166,7 +166,10 @@ fn flash_fwd_matches_cpu() {
 
 /// (b, hq, hkv, tq, tk, d, causal) cases both Hopper kernels' tests run: D 64 and 128, causal
 /// or not, GQA, Tq != Tk both ways, partial tiles, rows that see no key.
-const WG_SHAPES: [(usize, usize, usize, usize, usize, usize, bool); 6] = [
+/// (b, hq, hkv, tq, tk, d, causal).
+type Shape = (usize, usize, usize, usize, usize, usize, bool);
+
+const WG_SHAPES: [Shape; 6] = [
     (1, 2, 2, 64, 64, 64, false),
     (2, 4, 2, 37, 37, 64, true),
     (1, 4, 1, 100, 129, 128, true),
@@ -208,23 +211,14 @@ fn flash_bwd_wgmma_matches_cpu() {
     if !hopper_or_skip("flash_bwd_wgmma") {
         return;
     }
-    for (b, hq, hkv, tq, tk, d, causal) in WG_SHAPES.into_iter().chain([
+    for shape in WG_SHAPES.into_iter().chain([
         (1, 4, 2, 300, 300, 128, true),
         (1, 2, 1, 129, 300, 128, false),
         (1, 8, 1, 256, 256, 128, true),
         (2, 16, 2, 512, 512, 128, true),
         (1, 2, 2, 300, 40, 64, true), // query blocks that see no key tile
     ]) {
-        bwd_wgmma_case(
-            b,
-            hq,
-            hkv,
-            tq,
-            tk,
-            d,
-            causal,
-            &[(false, 2), (true, 2), (false, 3), (true, 3)],
-        );
+        bwd_wgmma_case(shape, &[(false, 2), (true, 2), (false, 3), (true, 3)]);
     }
 }
 
@@ -249,30 +243,12 @@ fn flash_bwd_wgmma_case() {
         9,
         "TESSERA_FLASH_BWD_CASE: b,hq,hkv,tq,tk,d,causal,split,stages"
     );
-    bwd_wgmma_case(
-        v[0],
-        v[1],
-        v[2],
-        v[3],
-        v[4],
-        v[5],
-        v[6] == 1,
-        &[(v[7] == 1, v[8] as u8)],
-    );
+    let shape = (v[0], v[1], v[2], v[3], v[4], v[5], v[6] == 1);
+    bwd_wgmma_case(shape, &[(v[7] == 1, v[8] as u8)]);
 }
 
 /// The Hopper backward on one shape, for each (split, stages), against the CPU's gradients.
-#[allow(clippy::too_many_arguments)]
-fn bwd_wgmma_case(
-    b: usize,
-    hq: usize,
-    hkv: usize,
-    tq: usize,
-    tk: usize,
-    d: usize,
-    causal: bool,
-    configs: &[(bool, u8)],
-) {
+fn bwd_wgmma_case((b, hq, hkv, tq, tk, d, causal): Shape, configs: &[(bool, u8)]) {
     let q = round(randn(&[b, hq, tq, d], 31));
     let k = round(randn(&[b, hkv, tk, d], 32));
     let v = round(randn(&[b, hkv, tk, d], 33));
