@@ -443,6 +443,7 @@ __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse,
 #define CE_BULK_STAGES 3
 #define CE_BULK_ROW 8192
 #define CE_BULK_SMEM (128 + CE_BULK_WARPS * CE_BULK_STAGES * CE_BULK_ROW)
+static_assert(CE_BULK_WARPS * CE_BULK_STAGES * 8 <= 128, "the barriers fit before the row buffers");
 template <typename T, typename I>
 __device__ __forceinline__ void ce_bulk_mean(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                              i64 ignore, i64 has_ignore, float* partial, unsigned int* done, float* out,
@@ -474,10 +475,13 @@ __device__ __forceinline__ void ce_bulk_mean(const T* x, const I* t, float* lse,
         const int stage = i % CE_BULK_STAGES;
         const i64 row = gw + (i64)i * nw;
         if (lane == 0) {
-            // Into the stage every lane finished reading before the __syncwarp that ended row i - 1.
+            // Into the stage every lane finished reading before the __syncwarp that ended row
+            // i - 1; the proxy fence orders those generic-proxy reads before the bulk copy's
+            // async-proxy writes, as the PTX memory model asks.
             const int j = i + CE_BULK_STAGES - 1;
             if (j < n) {
                 const int sj = j % CE_BULK_STAGES;
+                fence_proxy_async();
                 mbar_arrive_expect_tx(bars + 8u * sj, bytes);
                 bulk_load(smem_addr(bufs + sj * CE_BULK_ROW), x + (gw + (i64)j * nw) * v, bytes, bars + 8u * sj);
             }

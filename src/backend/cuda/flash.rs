@@ -526,7 +526,9 @@ fn bwd(
     let lse = lse.contiguous()?;
     if let Some(split) = wg {
         let ts = [&q, &k, &v, &g, &lse, &delta];
-        if !fallback || wgmma_bwd_addressable(&ts, rows, tk)? {
+        // grads_wgmma's own check, with lse / delta padded to rows of 64 queries.
+        let padded_rows = b * hq * tq.next_multiple_of(64);
+        if !fallback || wgmma_bwd_addressable(&ts, padded_rows, tk)? {
             return grads_wgmma(&q, &k, &v, &g, &lse, &delta, causal, scale, split);
         }
     }

@@ -280,9 +280,11 @@ pub fn set_ce_stages(stages: Option<usize>) -> Result<()> {
 static CE_STAGES: crate::backend::cuda::Switch =
     crate::backend::cuda::Switch::new("TESSERA_CE_STAGES");
 
-/// ce_bulk_mean's warps per block and row buffer bytes (CE_BULK_WARPS, CE_BULK_ROW in
-/// kernels/loss.cu; 3 stages a warp).
+/// ce_bulk_mean's warps per block, stages a warp and row buffer bytes (CE_BULK_WARPS,
+/// CE_BULK_STAGES, CE_BULK_ROW in kernels/loss.cu): dynamic shared memory CE_BULK_SMEM =
+/// 128 + their product.
 const CE_BULK_WARPS: usize = 4;
+const CE_BULK_STAGES: usize = 3;
 const CE_BULK_ROW: usize = 8192;
 
 /// Bytes of one lane's batch of ce_warp_mean: CE_WARP_U (8) 16-byte vectors.
@@ -351,7 +353,7 @@ fn cross_entropy_dev(
             st @ (1 | 4) => (format!("ce_stage{st}_mean_{}_{sfx}", tg.tag), 0),
             5 => (
                 format!("ce_bulk_mean_{}_{sfx}", tg.tag),
-                (128 + CE_BULK_WARPS * 3 * CE_BULK_ROW) as u32,
+                (128 + CE_BULK_WARPS * CE_BULK_STAGES * CE_BULK_ROW) as u32,
             ),
             st => (
                 format!("ce_stage{st}_mean_{}_{sfx}", tg.tag),
