@@ -230,10 +230,13 @@ else
     WS_OK=; export TESSERA_BENCH_SKIP_WS=1; log "the ws GEMM failed its test: left out of the benchmarks"
 fi
 [ -z "$MN_OK" ] && export TESSERA_BENCH_SKIP_MN=1
+# The 3B model's products (tokens 4096, hidden 2048, kv 256, MLP 11008): the forward's
+# m x k x n, then the weight gradients' (m = outputs, k = tokens, n = inputs; their rows
+# "Aᵀ-stored A, both MN-major" are the backward's layout).
 if [ -z "${SKIP_MATMUL:-}" ]; then
     log "bench matmul"
     timeout "$(tmo 120)" "$BIN/tessera" bench matmul --device cuda --dtype bf16 \
-        --sizes 1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048 \
+        --sizes 1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048,2048x4096x2048,256x4096x2048,11008x4096x2048,2048x4096x11008 \
         > "$OUT/bench_matmul.jsonl" 2>> "$OUT/bench_cuda.err"
 fi
 log "torch baselines"
