@@ -552,13 +552,32 @@ fn cat_and_stack_match_cpu() {
     check("stack dim -1", &parts, &[true, true, true], |x| {
         Tensor::stack(&[&x[0], &x[1], &x[2]], -1)
     });
-    // narrow's backward pads with zeros through cat.
+    // narrow's backward pads with zeros (zero_pad): middle, first and last slices, and three
+    // slices of one tensor summed (the vision block's q, k, v from one qkv projection).
     check(
         "narrow backward",
         &[randn(&[3, 37, 80], 16)],
         &[true],
         |x| x[0].narrow(1, 3, 20),
     );
+    check(
+        "narrow backward, qkv",
+        &[randn(&[37, 3, 2, 40], 17)],
+        &[true],
+        |x| {
+            let part = |k: usize| x[0].narrow(1, k, 1);
+            part(0)?.mul(&part(1)?)?.add(&part(2)?.exp()?)
+        },
+    );
+    // zero_pad itself, from a strided view, at either end and in the middle.
+    for (before, after) in [(0, 5), (4, 0), (3, 9)] {
+        check(
+            &format!("zero_pad {before}, {after}"),
+            &[randn(&[40, 3, 7], 18)],
+            &[true],
+            |x| x[0].transpose(0, 2)?.zero_pad(1, before, after),
+        );
+    }
 }
 
 // ---------------------------------------------------------------- index_select / gather

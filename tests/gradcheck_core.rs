@@ -154,6 +154,20 @@ fn index_ops() {
         Tensor::stack(&[&v[0], &v[1]], 1)
     })
     .unwrap();
+    check_grad("zero_pad", &[a.clone()], |v| {
+        v[0].t()?.zero_pad(1, 1, 3)?.exp()
+    })
+    .unwrap();
+    // The same values, bit for bit, as cat with zero tensors (narrow's backward before it).
+    let x = randn(&[4, 3, 5], 64).to_dtype(DType::BF16).unwrap();
+    let z = |n: usize| Tensor::zeros(&[4, n, 5], DType::BF16).unwrap();
+    let want = Tensor::cat(&[&z(2), &x, &z(1)], 1).unwrap();
+    let got = x.zero_pad(1, 2, 1).unwrap();
+    assert_eq!(got.shape(), want.shape());
+    assert_eq!(
+        got.to_vec::<half::bf16>().unwrap(),
+        want.to_vec::<half::bf16>().unwrap()
+    );
     let idx = Tensor::from_vec(vec![2i64, 0, 2, 1], &[4]).unwrap();
     check_grad("index_select", &[a.clone()], |v| v[0].index_select(&idx, 1)).unwrap();
     check_grad("index_select_t", &[a.clone()], |v| {

@@ -64,6 +64,34 @@ impl Tensor {
         }))
     }
 
+    /// Zero-pads along `dim`: `before` zeros, this tensor, then `after` zeros. The same values
+    /// (and bits) as `cat` with zero tensors, without building and reading them: one zeroed
+    /// output and one copy. Narrow's backward.
+    pub fn zero_pad(&self, dim: isize, before: usize, after: usize) -> Result<Tensor> {
+        let d = self.normalize_dim(dim, "zero_pad")?;
+        let len = self.shape()[d];
+        let mut shape = self.shape().to_vec();
+        shape[d] = before + len + after;
+        let out = if self.is_cuda() {
+            crate::backend::cuda::ops::index::zero_pad(self, d, before, &shape)?
+        } else {
+            let (outer, size, inner) = split_at(&shape, d);
+            any_dispatch!(self.dtype(), T => {
+                let src = self.to_vec::<T>()?;
+                let mut out = vec![<T as crate::tensor::WithDType>::from_f64(0.0); outer * size * inner];
+                let row = len * inner;
+                for o in 0..outer {
+                    let at = o * size * inner + before * inner;
+                    out[at..at + row].copy_from_slice(&src[o * row..(o + 1) * row]);
+                }
+                Tensor::from_vec(out, &shape)?
+            })
+        };
+        Ok(record("zero_pad", out, &[self], move |g| {
+            Ok(vec![Some(g.narrow(d as isize, before, len)?)])
+        }))
+    }
+
     /// Stacks same-shape tensors along a new dim.
     pub fn stack(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
         let u: Vec<Tensor> = tensors

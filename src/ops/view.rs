@@ -136,23 +136,12 @@ impl Tensor {
         layout.offset += start * layout.strides[d];
         layout.shape[d] = len;
         let out = self.view_with(layout);
-        let in_shape = self.shape().to_vec();
         Ok(record("narrow", out, &[self], move |g| {
-            // Pad the gradient with zeros back to the input's extent along `d`.
-            let mut parts = Vec::new();
-            let mut zshape = in_shape.clone();
-            if start > 0 {
-                zshape[d] = start;
-                parts.push(Tensor::zeros_on(&zshape, g.dtype(), g.device())?);
-            }
-            parts.push(g.clone());
-            if start + len < size {
-                zshape[d] = size - start - len;
-                parts.push(Tensor::zeros_on(&zshape, g.dtype(), g.device())?);
-            }
-            Ok(vec![Some(Tensor::cat(
-                &parts.iter().collect::<Vec<_>>(),
+            // The gradient zero-padded back to the input's extent along `d`.
+            Ok(vec![Some(g.zero_pad(
                 d as isize,
+                start,
+                size - start - len,
             )?)])
         }))
     }

@@ -141,40 +141,55 @@ fn split_at(shape: &[usize], dim: usize) -> (usize, usize, usize) {
 /// records the backward (views of the gradient). One strided copy per input.
 pub fn cat(tensors: &[&Tensor], d: usize, shape: &[usize]) -> Result<Tensor> {
     on_cuda("cat", tensors)?;
-    let dtype = tensors[0].dtype();
-    let kernel = format!("cat_copy_{}", size_suffix(dtype, "cat")?);
-    let out = Tensor::empty_cuda(shape, dtype)?;
-    let (_, total, inner) = split_at(shape, d);
-    let dst = out.cuda_ptr()?;
+    let out = Tensor::empty_cuda(shape, tensors[0].dtype())?;
     let mut start = 0usize;
     for t in tensors {
-        let n = t.numel();
-        if n > 0 {
-            let s = Strides::of(t.layout(), "cat")?;
-            let src = t.cuda_ptr()?;
-            let (n64, block_len, dst_block, dst_off) = (
-                n as i64,
-                (t.shape()[d] * inner) as i64,
-                (total * inner) as i64,
-                (start * inner) as i64,
-            );
-            launch1d(
-                &kernel,
-                n,
-                &[
-                    arg(&src),
-                    arg(&s),
-                    arg(&dst),
-                    arg(&n64),
-                    arg(&block_len),
-                    arg(&dst_block),
-                    arg(&dst_off),
-                ],
-            )?;
-        }
+        copy_into_slice(t, &out, d, start)?;
         start += t.shape()[d];
     }
     Ok(out)
+}
+
+/// `t` zero-padded along `d` to `shape` (validated by the caller), its entries from index
+/// `before` on: a zeroed output and one strided copy (narrow's backward; no zero tensors to
+/// build and read as `cat` would).
+pub fn zero_pad(t: &Tensor, d: usize, before: usize, shape: &[usize]) -> Result<Tensor> {
+    on_cuda("zero_pad", &[t])?;
+    let out = Tensor::zeros_on(shape, t.dtype(), crate::Device::Cuda)?;
+    copy_into_slice(t, &out, d, before)?;
+    Ok(out)
+}
+
+/// Copies `t` (any layout) into the contiguous `out` at index `start` of dim `d` (every other
+/// dim as in `out`): one `cat_copy` launch.
+fn copy_into_slice(t: &Tensor, out: &Tensor, d: usize, start: usize) -> Result<()> {
+    let n = t.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let kernel = format!("cat_copy_{}", size_suffix(t.dtype(), "cat")?);
+    let (_, total, inner) = split_at(out.shape(), d);
+    let s = Strides::of(t.layout(), "cat")?;
+    let (src, dst) = (t.cuda_ptr()?, out.cuda_ptr()?);
+    let (n64, block_len, dst_block, dst_off) = (
+        n as i64,
+        (t.shape()[d] * inner) as i64,
+        (total * inner) as i64,
+        (start * inner) as i64,
+    );
+    launch1d(
+        &kernel,
+        n,
+        &[
+            arg(&src),
+            arg(&s),
+            arg(&dst),
+            arg(&n64),
+            arg(&block_len),
+            arg(&dst_block),
+            arg(&dst_off),
+        ],
+    )
 }
 
 /// `x.index_select(idx, d)` with host indices `idx` (each < x.shape()[d], checked by the
