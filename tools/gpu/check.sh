@@ -180,6 +180,11 @@ if grep -q "mn_major_products_match_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/
 else
     MN_OK=; log "the GEMM's MN-major mode failed (or skipped) its test"
 fi
+# The cross-entropy forward by bulk copies (TESSERA_CE_STAGES=5, not yet the default): the
+# model tests again with it, once its op test passed (the tiny model's rows fit its 8 KB).
+if [ -z "${TESSERA_BENCH_SKIP_CE_STAGED:-}" ]; then
+    rerun ce5 "TESSERA_CE_STAGES=5" cuda_qwen
+fi
 # The Hopper flash backward (the default since run 12): the mma.sync kernels for the rest of
 # the run if its own test failed.
 if [ -n "${TESSERA_BENCH_SKIP_FLASH_WG_BWD:-}" ]; then
