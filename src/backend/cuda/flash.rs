@@ -647,11 +647,7 @@ fn grads_wgmma(
     // TESSERA_FLASH_BWD_PAD=0: unpadded, for diagnosis.
     let pad = tq % 64 != 0 && std::env::var("TESSERA_FLASH_BWD_PAD").map_or(true, |v| v != "0");
     let lstride = if pad { tq.next_multiple_of(64) } else { tq };
-    let padded = |t: &Tensor| -> Result<Tensor> {
-        let rows = t.reshape(&[b * hq, tq])?;
-        let fill = Tensor::zeros_on(&[b * hq, lstride - tq], DType::F32, Device::Cuda)?;
-        Tensor::cat(&[&rows, &fill], 1)
-    };
+    let padded = |t: &Tensor| t.reshape(&[b * hq, tq])?.zero_pad(1, 0, lstride - tq);
     let (lse_rows, delta_rows) = if pad {
         (padded(lse)?, padded(delta)?)
     } else {
