@@ -430,40 +430,40 @@ __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse,
 // In lse_pick_warp a warp's next loads wait for its exponentials, so the bytes in flight per SM
 // fall while it computes, and at one warp per row the 16 MUFU ex2 a clock per SM are busy for
 // half of the memory floor (67 M exponentials at 16384 x 4096). Here lane 0 of each warp keeps
-// CE_BULK_STAGES - 1 rows in flight (cp.async.bulk into per-warp stage buffers, an mbarrier
+// STAGES - 1 rows in flight (cp.async.bulk into per-warp stage buffers, an mbarrier
 // each) while the warp computes the current row from shared memory: the max (bf16x2 max),
 // then one exp2 per logit, lse = max + log(sum). Persistent warps: warp w of the grid takes
 // rows w, w + W, ... (W = gridDim.x · CE_BULK_WARPS). Rows of up to CE_BULK_ROW bytes, 16-byte
 // aligned (the launcher checks). Each warp sums its rows' picked values and counts in row
 // order (lane 0), the block its warps in order, then ce_finish_mean: deterministic for a given
-// grid. Launch: block (32, CE_BULK_WARPS), dynamic shared memory CE_BULK_SMEM bytes.
+// grid. Launch: block (32, CE_BULK_WARPS), dynamic shared memory 128 + CE_BULK_WARPS · STAGES
+// · CE_BULK_ROW bytes: STAGES = 3 (`ce_bulk_mean`, 2 rows ahead a warp, 2 blocks an SM) or 2
+// (`ce_bulk2_mean`, `TESSERA_CE_STAGES=6`: 1 row ahead, 3 blocks an SM).
 // TESSERA_ARCH_SUFFIX_A: this file gets kernels/hopper.cuh (mbarriers, bulk copies) and the
 // sm_90a target on Hopper; the kernel is empty below sm_90, where the launcher never picks it.
 #define CE_BULK_WARPS 4
-#define CE_BULK_STAGES 3
 #define CE_BULK_ROW 8192
-#define CE_BULK_SMEM (128 + CE_BULK_WARPS * CE_BULK_STAGES * CE_BULK_ROW)
-static_assert(CE_BULK_WARPS * CE_BULK_STAGES * 8 <= 128, "the barriers fit before the row buffers");
-template <typename T, typename I>
+template <typename T, typename I, int STAGES>
 __device__ __forceinline__ void ce_bulk_mean(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                              i64 ignore, i64 has_ignore, float* partial, unsigned int* done, float* out,
                                              float* inv_count) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    static_assert(STAGES >= 2 && CE_BULK_WARPS * STAGES * 8 <= 128, "the barriers fit before the row buffers");
     constexpr int N = Vec<T>::N;
     extern __shared__ __align__(128) unsigned char ce_bulk_smem[];
     __shared__ float warp_sums[2][CE_BULK_WARPS];
     const int lane = threadIdx.x, warp = threadIdx.y;
-    const unsigned int bars = smem_addr(ce_bulk_smem) + (unsigned int)warp * (CE_BULK_STAGES * 8);
-    unsigned char* bufs = ce_bulk_smem + 128 + warp * (CE_BULK_STAGES * CE_BULK_ROW);
+    const unsigned int bars = smem_addr(ce_bulk_smem) + (unsigned int)warp * (STAGES * 8);
+    unsigned char* bufs = ce_bulk_smem + 128 + warp * (STAGES * CE_BULK_ROW);
     const i64 gw = (i64)blockIdx.x * CE_BULK_WARPS + warp, nw = (i64)gridDim.x * CE_BULK_WARPS;
     const int n = gw < rows ? (int)((rows - 1 - gw) / nw + 1) : 0;  // this warp's rows gw + i·nw
     const unsigned int bytes = (unsigned int)(v * (i64)sizeof(T));
     if (lane == 0) {
 #pragma unroll
-        for (int s = 0; s < CE_BULK_STAGES; ++s) mbar_init(bars + 8u * s, 1);
+        for (int s = 0; s < STAGES; ++s) mbar_init(bars + 8u * s, 1);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
         fence_proxy_async();
-        for (int i = 0; i < CE_BULK_STAGES - 1 && i < n; ++i) {
+        for (int i = 0; i < STAGES - 1 && i < n; ++i) {
             mbar_arrive_expect_tx(bars + 8u * i, bytes);
             bulk_load(smem_addr(bufs + i * CE_BULK_ROW), x + (gw + (i64)i * nw) * v, bytes, bars + 8u * i);
         }
@@ -472,22 +472,22 @@ __device__ __forceinline__ void ce_bulk_mean(const T* x, const I* t, float* lse,
     const int nv = (int)(v / N);
     float p_sum = 0.f, c_sum = 0.f;  // lane 0's, over this warp's rows in order
     for (int i = 0; i < n; ++i) {
-        const int stage = i % CE_BULK_STAGES;
+        const int stage = i % STAGES;
         const i64 row = gw + (i64)i * nw;
         if (lane == 0) {
             // Into the stage every lane finished reading before the __syncwarp that ended row
             // i - 1; the proxy fence orders those generic-proxy reads before the bulk copy's
             // async-proxy writes, as the PTX memory model asks.
-            const int j = i + CE_BULK_STAGES - 1;
+            const int j = i + STAGES - 1;
             if (j < n) {
-                const int sj = j % CE_BULK_STAGES;
+                const int sj = j % STAGES;
                 fence_proxy_async();
                 mbar_arrive_expect_tx(bars + 8u * sj, bytes);
                 bulk_load(smem_addr(bufs + sj * CE_BULK_ROW), x + (gw + (i64)j * nw) * v, bytes, bars + 8u * sj);
             }
         }
         const i64 c = ce_class(t, row, v, ignore, has_ignore);  // its latency overlaps the wait
-        mbar_wait(bars + 8u * stage, (unsigned int)((i / CE_BULK_STAGES) & 1));
+        mbar_wait(bars + 8u * stage, (unsigned int)((i / STAGES) & 1));
         const uint4* rv = reinterpret_cast<const uint4*>(bufs + stage * CE_BULK_ROW);
         float m = NEG_INF;
         for (int j0 = 0; j0 < nv; j0 += 32 * CE_WARP_U) {
@@ -713,7 +713,12 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
     extern "C" __global__ void __launch_bounds__(32 * CE_BULK_WARPS) ce_bulk_mean_##ISFX##_##SFX(                 \
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
         float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
-        ce_bulk_mean<T, I>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);       \
+        ce_bulk_mean<T, I, 3>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * CE_BULK_WARPS) ce_bulk2_mean_##ISFX##_##SFX(                \
+        const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
+        float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
+        ce_bulk_mean<T, I, 2>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
     }                                                                                                            \
     extern "C" __global__ void ce_mean_##ISFX##_##SFX(const float* picked, const I* t, float* out, float* inv_count, \
                                                       i64 rows, i64 ignore, i64 has_ignore) {                    \

@@ -1054,10 +1054,10 @@ fn cross_entropy_staged_variants_match_cpu() {
     // default kernel with batches of 16 vectors a lane; 5: rows by the bulk-copy engine (sm_90;
     // the default kernel elsewhere and for rows over 8 KB), 20001 rows: ~19 a warp, so every
     // stage's barrier turns its phase several times; 4500 x 4096 (bf16): full 8 KB rows, every
-    // stage reused.
+    // stage reused; 6: the same with 2 stages a warp.
     let hopper = tessera::backend::cuda::device().is_ok_and(|d| d.cc == (9, 0));
     tessera::backend::cuda::count_launches(true);
-    for stages in [1, 2, 3, 4, 5] {
+    for stages in [1, 2, 3, 4, 5, 6] {
         set_ce_stages(Some(stages)).unwrap();
         for (i, &(rows, v)) in [
             (64, 4096),
@@ -1082,12 +1082,11 @@ fn cross_entropy_staged_variants_match_cpu() {
         }
     }
     set_ce_stages(None).unwrap();
-    // On sm_90 the bulk kernel really ran (a silent fallback would pass the comparisons).
-    let bulk = tessera::backend::cuda::launches_where(|k| k.starts_with("ce_bulk_mean"));
-    assert!(
-        !hopper || bulk > 0,
-        "ce_bulk_mean never launched on an sm_90 device"
-    );
+    // On sm_90 the bulk kernels really ran (a silent fallback would pass the comparisons).
+    for name in ["ce_bulk_mean", "ce_bulk2_mean"] {
+        let n = tessera::backend::cuda::launches_where(|k| k.starts_with(name));
+        assert!(!hopper || n > 0, "{name} never launched on an sm_90 device");
+    }
 }
 
 /// `cross_entropy_f32` (the model's loss): from bf16 logits an f32 loss computed without an f32

@@ -169,7 +169,7 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
     let staged: &[usize] = if std::env::var_os("TESSERA_BENCH_SKIP_CE_STAGED").is_some() {
         &[]
     } else {
-        &[1, 2, 3, 4, 5]
+        &[1, 2, 3, 4, 5, 6]
     };
     for &stages in staged {
         cuda::ops::loss::set_ce_stages(Some(stages))?;
@@ -182,8 +182,11 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
                 "cross_entropy fwd (next batch prefetched into L2)".to_string()
             } else if stages == 4 {
                 "cross_entropy fwd (batches of 16 vectors a lane)".to_string()
-            } else if stages == 5 {
-                "cross_entropy fwd (rows by the bulk-copy engine, 2 in flight a warp)".to_string()
+            } else if stages >= 5 {
+                format!(
+                    "cross_entropy fwd (rows by the bulk-copy engine, {} in flight a warp)",
+                    7 - stages
+                )
             } else {
                 format!("cross_entropy fwd (cp.async, {stages} batches in flight)")
             },

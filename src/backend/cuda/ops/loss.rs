@@ -254,25 +254,25 @@ fn warp_rows(v: usize, elem: usize, xp: u64) -> bool {
 /// default kernel with the next batch prefetched into L2; 4, the default kernel with batches
 /// twice as long (a row of 4096 bf16 logits in one batch: one DRAM latency a row, half the
 /// warps per SM); 5, rows streamed into shared memory by the bulk-copy engine with two rows in
-/// flight a warp (`ce_bulk_mean`, sm_90, rows of at most 8 KB); 0 for the default
-/// (`ce_warp_mean`, batches of 8 vectors a lane in registers). `TESSERA_CE_STAGES`, or
-/// `set_ce_stages`.
+/// flight a warp (`ce_bulk_mean`, sm_90, rows of at most 8 KB); 6, the same with one row in
+/// flight a warp and 3 blocks an SM (`ce_bulk2_mean`); 0 for the default (`ce_warp_mean`,
+/// batches of 8 vectors a lane in registers). `TESSERA_CE_STAGES`, or `set_ce_stages`.
 pub fn ce_stages() -> usize {
     match CE_STAGES.get() {
-        Some(s @ (1..=5)) => s as usize,
+        Some(s @ (1..=6)) => s as usize,
         _ => 0,
     }
 }
 
-/// Overrides `TESSERA_CE_STAGES` for this process (0 to 5; `None`: the environment again).
+/// Overrides `TESSERA_CE_STAGES` for this process (0 to 6; `None`: the environment again).
 pub fn set_ce_stages(stages: Option<usize>) -> Result<()> {
     match stages {
-        None | Some(0..=5) => {
+        None | Some(0..=6) => {
             CE_STAGES.set(stages.map(|s| s as u8));
             Ok(())
         }
         Some(s) => Err(Error::msg(format!(
-            "cross_entropy: {s} stages (want 0 to 5)"
+            "cross_entropy: {s} stages (want 0 to 6)"
         ))),
     }
 }
@@ -280,11 +280,9 @@ pub fn set_ce_stages(stages: Option<usize>) -> Result<()> {
 static CE_STAGES: crate::backend::cuda::Switch =
     crate::backend::cuda::Switch::new("TESSERA_CE_STAGES");
 
-/// ce_bulk_mean's warps per block, stages a warp and row buffer bytes (CE_BULK_WARPS,
-/// CE_BULK_STAGES, CE_BULK_ROW in kernels/loss.cu): dynamic shared memory CE_BULK_SMEM =
-/// 128 + their product.
+/// The bulk kernels' warps per block and row buffer bytes (CE_BULK_WARPS, CE_BULK_ROW in
+/// kernels/loss.cu): dynamic shared memory 128 + warps · stages · row bytes.
 const CE_BULK_WARPS: usize = 4;
-const CE_BULK_STAGES: usize = 3;
 const CE_BULK_ROW: usize = 8192;
 
 /// Bytes of one lane's batch of ce_warp_mean: CE_WARP_U (8) 16-byte vectors.
@@ -327,15 +325,26 @@ fn cross_entropy_dev(
         let lse = Tensor::empty_cuda(&[rows], DType::F32)?;
         let picked = Tensor::empty_cuda(&[rows], DType::F32)?;
         let dev = device()?;
-        // `TESSERA_CE_STAGES=5` (ce_bulk_mean): persistent warps, two blocks an SM, on sm_90 for
-        // rows of at most CE_BULK_ROW bytes; elsewhere the default kernel.
+        // `TESSERA_CE_STAGES=5`, `6` (ce_bulk_mean, ce_bulk2_mean): persistent warps, on sm_90
+        // for rows of at most CE_BULK_ROW bytes; elsewhere the default kernel.
         let stages = match ce_stages() {
-            5 if dev.cc != (9, 0) || v * dtype.size_in_bytes() > CE_BULK_ROW => 0,
+            5 | 6 if dev.cc != (9, 0) || v * dtype.size_in_bytes() > CE_BULK_ROW => 0,
             st => st,
         };
-        let (blocks, block_rows) = if stages == 5 {
+        // The bulk kernels' stage buffers a warp (3: two rows ahead, two blocks an SM; 2: one
+        // row ahead, three blocks an SM).
+        let bulk_stages = match stages {
+            5 => 3,
+            6 => 2,
+            _ => 0,
+        };
+        let (blocks, block_rows) = if bulk_stages > 0 {
+            let per_sm = if bulk_stages == 3 { 2 } else { 3 };
             let sms = dev.sm_count.max(1) as usize;
-            ((2 * sms).min(rows.div_ceil(CE_BULK_WARPS)), CE_BULK_WARPS)
+            (
+                (per_sm * sms).min(rows.div_ceil(CE_BULK_WARPS)),
+                CE_BULK_WARPS,
+            )
         } else {
             (rows.div_ceil(WARP_ROWS), WARP_ROWS)
         };
@@ -351,9 +360,13 @@ fn cross_entropy_dev(
         let (name, shared) = match stages {
             0 => (format!("ce_warp_mean_{}_{sfx}", tg.tag), 0),
             st @ (1 | 4) => (format!("ce_stage{st}_mean_{}_{sfx}", tg.tag), 0),
-            5 => (
-                format!("ce_bulk_mean_{}_{sfx}", tg.tag),
-                (128 + CE_BULK_WARPS * CE_BULK_STAGES * CE_BULK_ROW) as u32,
+            5 | 6 => (
+                format!(
+                    "ce_bulk{}_mean_{}_{sfx}",
+                    if stages == 6 { "2" } else { "" },
+                    tg.tag
+                ),
+                (128 + CE_BULK_WARPS * bulk_stages * CE_BULK_ROW) as u32,
             ),
             st => (
                 format!("ce_stage{st}_mean_{}_{sfx}", tg.tag),
