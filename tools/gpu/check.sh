@@ -12,11 +12,12 @@
 # benchmarks), STEP_GEMMS="mma ws wgmma" (the 3B step per GEMM kernel), PROFILE_STEP=1 with
 # PROFILE_GEMM=..., PROFILE_MN=1, PROFILE_FLASH_WG=1, PROFILE_FLASH_WG_BWD=1, PROFILE_TS=1 (a
 # per-kernel profile of the 3B step, with the MN-major GEMM mode / the Hopper flash forward /
-# backward / the GEMM's TMA-store epilogue; by default, when time is left, the profile is of the
-# step with every validated switch on; PROFILE_STEP=0 for none), NCU=1 with NCU_KERNELS="regex ..."
+# backward / the GEMM's TMA-store epilogue, each 0 unless given; by default, when time is left,
+# the profile is of the default step; PROFILE_STEP=0 for none), NCU=1 with NCU_KERNELS="regex ..."
 # (Nsight Compute), SWEEP="variant ..." (tools/sweep/tiny_base.sh on the spare cores),
 # BIG_STEP_BEFORE_S and STEP_COMBOS_BEFORE_S (skip those steps once the check has run that many
-# seconds), SKIP_MATMUL=1 (no GEMM benchmark), TINY_STEP_DTYPES (default "f32 bf16": the bench-tiny steps; empty for none), TEST_TIMEOUT, WITH_COMPILE_TEST=1, DEADLINE_S (default 540: every optional phase is
+# seconds), SKIP_MATMUL=1 (no GEMM benchmark), TINY_STEP_DTYPES (default "f32 bf16": the
+# bench-tiny steps; empty for none), TEST_TIMEOUT, WITH_COMPILE_TEST=1, DEADLINE_S (default 540: every optional phase is
 # skipped, and every command's timeout clipped, so that the check ends by then and leaves its
 # report; the device kills a command at 600 s, and a killed check returns nothing).
 set -u
@@ -302,24 +303,24 @@ for g in ${STEP_GEMMS:-}; do
     echo "TESSERA_GEMM=$g exit $?: $(tail -c 400 "$OUT/step-gemm-$g.json")" | tee -a "$OUT/step.txt"
     grep -h "host per step" "$OUT/step-gemm-$g.json" | tee -a "$OUT/step.txt"
 done
-# The same 3B step with every validated switch on, then each default left out in turn (its
-# effect), beside the default (step_torch.py's tessera row). Switches that failed their tests
-# stay off; combinations only while the check is short (STEP_COMBOS_BEFORE_S).
-# Since runs 11 and 12 the defaults include the MN-major GEMM, the TMA-store epilogue, the
-# Hopper flash forward and backward and the one-launch AdamW: ON is what is still off by
-# default and passed its test (none now; the mechanism stays for the next), OFFS each default
-# turned off in turn.
-ON=""
+# The same 3B step with each default turned off in turn (its effect), beside the default
+# (step_torch.py's tessera row), after a per-kernel profile of the default step; only while the
+# check is short (STEP_COMBOS_BEFORE_S). Since runs 11 and 12 the defaults include the MN-major
+# GEMM, the Hopper flash forward and backward, the TMA-store epilogue and the one-launch AdamW;
+# AdamW's compute copies and the bf16 gradients on them are `bench step`'s defaults when their
+# tests passed (else they are off already).
 OFFS="TESSERA_GEMM_MN=0 TESSERA_FLASH_WG=0 TESSERA_FLASH_WG_BWD=0 TESSERA_GEMM_TS=0 TESSERA_ADAMW_MULTI=0"
-# Where the step's time goes, per kernel (run right after the all-on step, before the
-# leave-one-out steps, as it says more than each of them): with PROFILE_STEP=1 the switches PROFILE_* choose;
-# by default (PROFILE_STEP unset, time left, not SKIP_STEPS) the step with every validated switch
-# on ($ON), the data for what remains to the MFU target. PROFILE_STEP=0: none.
+[ -n "$FUSED_OK" ] && OFFS="$OFFS TESSERA_FUSED_CASTS=0"
+[ -n "$FUSED_OK" ] && [ -n "$LEAVES_OK" ] && OFFS="$OFFS TESSERA_BF16_GRADS=0"
+# Where the step's time goes, per kernel (before the leave-one-out steps, as it says more than
+# each of them): with PROFILE_STEP=1 the switches PROFILE_* choose; by default (PROFILE_STEP
+# unset, time left, not SKIP_STEPS) the default step, the data for what remains to the MFU
+# target. PROFILE_STEP=0: none.
 if [ "${PROFILE_STEP:-}" = 1 ]; then
     pg=${PROFILE_GEMM:-mma}; [ "$pg" = ws ] && [ -z "$WS_OK" ] && pg=mma
     PROFILE_ENV="TESSERA_GEMM=$pg TESSERA_GEMM_MN=${PROFILE_MN:-0} TESSERA_FLASH_WG=${PROFILE_FLASH_WG:-0} TESSERA_FLASH_WG_BWD=${PROFILE_FLASH_WG_BWD:-0} TESSERA_GEMM_TS=${PROFILE_TS:-0}"
 elif [ -z "${PROFILE_STEP:-}" ] && [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
-    PROFILE_ENV="TESSERA_GEMM=ws $ON"
+    PROFILE_ENV="TESSERA_GEMM=ws"
 else
     PROFILE_ENV=
 fi
@@ -337,42 +338,21 @@ profile_step() {
     head -n 60 "$OUT/profile.txt"
     [ -n "$FINAL" ] && mkdir -p "$FINAL" && cp "$OUT/profile.txt" "$FINAL/"
 }
+profile_step
 if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
-    combos=()
-    [ -n "$ON" ] && combos+=("${ON# }")
-    for off in $OFFS; do combos+=("$(echo "$ON $off" | sed 's|^ *||')"); done
-    [ -z "$ON" ] && profile_step  # the default step: first, as it says more than each variant
     i=0
-    for combo in "${combos[@]}"; do
+    for off in $OFFS; do
         [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-100000} ] || { log "step combos: out of time"; break; }
-        fits 60 "3B step with $combo" || break
+        fits 60 "3B step with $off" || break
         i=$((i + 1))
-        log "train step (bench-3b-8layers) tessera, $combo"
-        # shellcheck disable=SC2086
-        env $combo timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
+        log "train step (bench-3b-8layers) tessera, $off"
+        env "$off" timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
             --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
             > "$OUT/step-combo$i.json" 2>&1
-        echo "$combo exit $?: $(tail -c 400 "$OUT/step-combo$i.json")" | tee -a "$OUT/step.txt"
-        echo "$combo" > "$OUT/step-combo$i.label"
-        [ "$i" = 1 ] && [ -n "$ON" ] && profile_step
+        echo "$off exit $?: $(tail -c 400 "$OUT/step-combo$i.json")" | tee -a "$OUT/step.txt"
+        echo "$off" > "$OUT/step-combo$i.label"
     done
 fi
-profile_step
-# variant_step "VAR=V" NAME OK: the 3B step with one default switched off (step-NAME.json),
-# when OK is non-empty (the default passed its test) and the check is still short.
-variant_step() {
-    [ -z "${SKIP_STEPS:-}" ] && [ -n "$3" ] && [ $(( $(date +%s) - START )) -lt ${STEP_COMBOS_BEFORE_S:-100000} ] \
-        && fits 60 "3B step with $1" || return 0
-    log "train step (bench-3b-8layers) tessera, $1"
-    env "$1" timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step --model models/bench-3b-8layers \
-        --batch 4 --seq 1024 --image 448,448 --steps 5 --device cuda --dtype bf16 --json \
-        > "$OUT/step-$2.json" 2>&1
-    echo "$1 exit $?: $(tail -c 400 "$OUT/step-$2.json")" | tee -a "$OUT/step.txt"
-}
-# The step with a cast kernel per parameter instead of AdamW's fused compute copies, and with
-# the bf16 gradients cast to the f32 masters instead of left on the copies for AdamW.
-variant_step TESSERA_FUSED_CASTS=0 unfused "$FUSED_OK"
-variant_step TESSERA_BF16_GRADS=0 f32grads "${FUSED_OK:+$LEAVES_OK}"
 grep -v "^\[transformers\]" "$OUT/step.txt" | tail -n 14
 python3 tools/gpu/report.py "$OUT" | tee "$OUT/report.md"
 cat "$OUT/bench_cuda.err" | tail -n 20
