@@ -492,11 +492,7 @@ __device__ __forceinline__ void ce_bulk_mean(const T* x, const I* t, float* lse,
         float m = NEG_INF;
         for (int j0 = 0; j0 < nv; j0 += 32 * CE_WARP_U) {
             uint4 u[CE_WARP_U];
-#pragma unroll
-            for (int k = 0; k < CE_WARP_U; ++k) {
-                const int j = j0 + lane + 32 * k;
-                u[k] = j < nv ? rv[j] : neg_inf16<T>();
-            }
+            ce_warp_load<T>(rv, j0, nv, u);  // lane = threadIdx.x
             m = fmaxf(m, ce_batch_max<CE_WARP_U>(u, T()));
         }
         m = warp_max(m);
@@ -524,7 +520,7 @@ __device__ __forceinline__ void ce_bulk_mean(const T* x, const I* t, float* lse,
             lse[row] = l;
             picked[row] = pk;
             p_sum += pk;
-            c_sum += has_ignore && (i64)t[row] == ignore ? 0.f : 1.f;
+            c_sum += c == CE_IGNORED ? 0.f : 1.f;  // ce_class: has_ignore and t[row] == ignore
         }
         __syncwarp();
     }

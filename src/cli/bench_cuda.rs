@@ -178,17 +178,12 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         });
         cuda::ops::loss::set_ce_stages(None)?;
         out.push(Row {
-            name: if stages == 1 {
-                "cross_entropy fwd (next batch prefetched into L2)".to_string()
-            } else if stages == 4 {
-                "cross_entropy fwd (batches of 16 vectors a lane)".to_string()
-            } else if stages >= 5 {
-                format!(
-                    "cross_entropy fwd (rows by the bulk-copy engine, {} in flight a warp)",
-                    7 - stages
-                )
-            } else {
-                format!("cross_entropy fwd (cp.async, {stages} batches in flight)")
+            name: match stages {
+                1 => "cross_entropy fwd (next batch prefetched into L2)".to_string(),
+                4 => "cross_entropy fwd (batches of 16 vectors a lane)".to_string(),
+                5 => "cross_entropy fwd (rows by the bulk-copy engine, 2 in flight a warp)".into(),
+                6 => "cross_entropy fwd (rows by the bulk-copy engine, 1 in flight a warp)".into(),
+                _ => format!("cross_entropy fwd (cp.async, {stages} batches in flight)"),
             },
             shape: shape.clone(),
             bytes: eb * n as f64,

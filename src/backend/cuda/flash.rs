@@ -167,6 +167,10 @@ pub fn set_wgmma_bwd(on: Option<bool>) {
 
 static WGMMA_BWD: super::Switch = super::Switch::new("TESSERA_FLASH_WG_BWD");
 
+/// `TESSERA_FLASH_BWD_PAD=0`: the Hopper backward's lse / delta rows unpadded (a diagnosis of
+/// the misaligned TMA boxes that padding avoids; see `grads_wgmma`).
+static BWD_PAD: super::Switch = super::Switch::new("TESSERA_FLASH_BWD_PAD");
+
 /// Pipeline stages of the Hopper dK/dV kernel's Q/dO/lse/delta stream: 2, or 3 with
 /// `TESSERA_FLASH_WG_BWD_STAGES=3` (or `set_wgmma_bwd_stages`; more loads in flight against the
 /// L2 latency, 33 KiB more shared memory at D 128; benchmarked beside 2 stages by the GPU check,
@@ -645,7 +649,7 @@ fn grads_wgmma(
     // 64-float box it loads starts aligned: the TMA unit faults (illegal instruction) on a box
     // that starts off a 16-byte boundary, as Tq = 37 did on an H200 (run 12).
     // TESSERA_FLASH_BWD_PAD=0: unpadded, for diagnosis.
-    let pad = tq % 64 != 0 && std::env::var("TESSERA_FLASH_BWD_PAD").map_or(true, |v| v != "0");
+    let pad = tq % 64 != 0 && BWD_PAD.get() != Some(0);
     let lstride = if pad { tq.next_multiple_of(64) } else { tq };
     let padded = |t: &Tensor| t.reshape(&[b * hq, tq])?.zero_pad(1, 0, lstride - tq);
     let (lse_rows, delta_rows) = if pad {

@@ -331,22 +331,20 @@ fn cross_entropy_dev(
             5 | 6 if dev.cc != (9, 0) || v * dtype.size_in_bytes() > CE_BULK_ROW => 0,
             st => st,
         };
-        // The bulk kernels' stage buffers a warp (3: two rows ahead, two blocks an SM; 2: one
-        // row ahead, three blocks an SM).
-        let bulk_stages = match stages {
-            5 => 3,
-            6 => 2,
-            _ => 0,
+        // The bulk kernels: (kernel, stage buffers a warp, blocks an SM); 3 stages keep two rows
+        // ahead a warp, 2 stages one.
+        let bulk = match stages {
+            5 => Some(("ce_bulk", 3, 2)),
+            6 => Some(("ce_bulk2", 2, 3)),
+            _ => None,
         };
-        let (blocks, block_rows) = if bulk_stages > 0 {
-            let per_sm = if bulk_stages == 3 { 2 } else { 3 };
-            let sms = dev.sm_count.max(1) as usize;
-            (
-                (per_sm * sms).min(rows.div_ceil(CE_BULK_WARPS)),
-                CE_BULK_WARPS,
-            )
-        } else {
-            (rows.div_ceil(WARP_ROWS), WARP_ROWS)
+        let (blocks, block_rows) = match bulk {
+            Some((_, _, per_sm)) => {
+                let sms = dev.sm_count.max(1) as usize;
+                let blocks = (per_sm * sms).min(rows.div_ceil(CE_BULK_WARPS));
+                (blocks, CE_BULK_WARPS)
+            }
+            None => (rows.div_ceil(WARP_ROWS), WARP_ROWS),
         };
         let partial = Tensor::empty_cuda(&[2 * blocks], DType::F32)?;
         let (lp, pp, qp, done) = (
@@ -357,18 +355,14 @@ fn cross_entropy_dev(
         );
         let v64 = v as i64;
         let (grid, _, _) = row_grid(blocks, "cross_entropy")?;
-        let (name, shared) = match stages {
-            0 => (format!("ce_warp_mean_{}_{sfx}", tg.tag), 0),
-            st @ (1 | 4) => (format!("ce_stage{st}_mean_{}_{sfx}", tg.tag), 0),
-            5 | 6 => (
-                format!(
-                    "ce_bulk{}_mean_{}_{sfx}",
-                    if stages == 6 { "2" } else { "" },
-                    tg.tag
-                ),
-                (128 + CE_BULK_WARPS * bulk_stages * CE_BULK_ROW) as u32,
+        let (name, shared) = match (stages, bulk) {
+            (_, Some((kernel, st, _))) => (
+                format!("{kernel}_mean_{}_{sfx}", tg.tag),
+                (128 + CE_BULK_WARPS * st * CE_BULK_ROW) as u32,
             ),
-            st => (
+            (0, _) => (format!("ce_warp_mean_{}_{sfx}", tg.tag), 0),
+            (st @ (1 | 4), _) => (format!("ce_stage{st}_mean_{}_{sfx}", tg.tag), 0),
+            (st, _) => (
                 format!("ce_stage{st}_mean_{}_{sfx}", tg.tag),
                 (WARP_ROWS * st * 32 * CE_BATCH_BYTES) as u32,
             ),
