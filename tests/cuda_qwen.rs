@@ -7,7 +7,8 @@ mod common;
 use common::load_batch;
 use std::path::Path;
 use tessera::backend::cuda;
-use tessera::qwen2_5_vl::QwenVl;
+use tessera::qwen2_5_vl::{Batch, QwenVl};
+use tessera::{nn::Params, Rng, Tensor};
 use tessera::{DType, Device};
 
 fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
@@ -26,15 +27,22 @@ fn case(name: &str) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/qwen_parity")
         .join(name);
-    let cpu = QwenVl::load(&dir, DType::F32).unwrap();
-    let batch = load_batch(&dir);
-    let out = cpu.forward(&batch).unwrap();
+    compare(
+        name,
+        QwenVl::load(&dir, DType::F32).unwrap(),
+        &load_batch(&dir),
+    );
+}
+
+/// `cpu`'s forward and backward on `batch`, on the CPU and on CUDA.
+fn compare(name: &str, cpu: QwenVl, batch: &Batch) {
+    let out = cpu.forward(batch).unwrap();
     let loss = out.loss.unwrap();
     loss.backward().unwrap();
 
     let gpu = cpu.to_device(Device::Cuda).unwrap();
     let t = std::time::Instant::now();
-    let gout = gpu.forward(&batch).unwrap();
+    let gout = gpu.forward(batch).unwrap();
     assert!(gout.logits.is_cuda());
     let gloss = gout.loss.unwrap();
     gloss.backward().unwrap();
@@ -78,7 +86,7 @@ fn case(name: &str) {
         config: bf.config.clone(),
         params: bf.params.to_dtype(DType::BF16).unwrap(),
     };
-    let bout = tessera::no_grad(|| bf.forward(&batch)).unwrap();
+    let bout = tessera::no_grad(|| bf.forward(batch)).unwrap();
     assert_eq!(bout.logits.dtype(), DType::BF16);
     let e = rel_l2(
         &bout.logits.to_f64s().unwrap(),
@@ -96,6 +104,30 @@ fn tied_gqa_on_cuda_matches_cpu() {
 #[test]
 fn untied_mha_on_cuda_matches_cpu() {
     case("untied_mha_hf_names");
+}
+
+/// A vision MLP 44 wide, which CUDA pads to 48 (`vision::Mlp`) and the CPU does not: random
+/// weights and biases over the tied_gqa fixture's inputs.
+#[test]
+fn padded_vision_mlp_on_cuda_matches_cpu() {
+    if cuda::device_or_skip("cuda_qwen padded vision MLP").is_none() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen_parity/tied_gqa");
+    let mut config = tessera::qwen2_5_vl::Config::from_file(dir.join("config.json")).unwrap();
+    config.vision.intermediate_size = 44;
+    let mut rng = Rng::new(5);
+    let model = QwenVl::random(config, DType::F32, &mut rng).unwrap();
+    let mut params = Params::default();
+    for (n, t) in model.params.iter() {
+        let r = Tensor::randn(t.shape(), 0.05, DType::F32, &mut rng).unwrap();
+        params.push(n, &r.requires_grad_());
+    }
+    let model = QwenVl {
+        config: model.config,
+        params,
+    };
+    compare("padded vision MLP", model, &load_batch(&dir));
 }
 
 #[test]

@@ -127,6 +127,7 @@ fn block(
     c: &VisionConfig,
     plan: &VisionPlan,
     cu: &[usize],
+    pad_mlp: bool,
 ) -> Result<Tensor> {
     let name = |s: &str| format!("visual.blocks.{i}.{s}");
     let w = |s: &str| p.require(&name(s));
@@ -151,13 +152,57 @@ fn block(
         .reshape(&[s, nh * hd])?;
     let x = x.add(&a.linear(w("attn.proj.weight")?, Some(w("attn.proj.bias")?))?)?;
     let y = x.rms_norm(w("norm2.weight")?, 1e-6)?;
-    let gate = y.linear(w("mlp.gate_proj.weight")?, Some(w("mlp.gate_proj.bias")?))?;
-    let up = y.linear(w("mlp.up_proj.weight")?, Some(w("mlp.up_proj.bias")?))?;
-    x.add(
-        &gate
-            .swiglu(&up)?
-            .linear(w("mlp.down_proj.weight")?, Some(w("mlp.down_proj.bias")?))?,
-    )
+    let m = Mlp::new(&w, pad_mlp)?;
+    let gate = y.linear(&m.gate_w, Some(&m.gate_b))?;
+    let up = y.linear(&m.up_w, Some(&m.up_b))?;
+    x.add(&gate.swiglu(&up)?.linear(&m.down_w, Some(&m.down_b))?)
+}
+
+/// A block's MLP weights. On CUDA an intermediate size that is not a multiple of 8 (the 3B
+/// model's 3420) is rounded up with zero rows of gate and up (and their biases) and zero
+/// columns of down: the extra activations are SiLU(0)·0 = 0 and meet zero weights, and the
+/// extra gradients are dropped by `zero_pad`'s backward, so the results are the same. The
+/// tensor-core GEMM reads operands by TMA, which needs 16-byte row strides: unpadded, each
+/// block's backward copied its [tokens, 3420] operands into padded or transposed buffers (6
+/// `pad_cols` and 9 `transpose` launches, 3.1 ms of the 3B step in run 12's profile) and 4 of
+/// its GEMMs stored without the TMA epilogue. Padding the weights copies 17 MB instead.
+struct Mlp {
+    gate_w: Tensor,
+    gate_b: Tensor,
+    up_w: Tensor,
+    up_b: Tensor,
+    down_w: Tensor,
+    down_b: Tensor,
+}
+
+impl Mlp {
+    fn new<'a>(w: &impl Fn(&str) -> Result<&'a Tensor>, pad: bool) -> Result<Mlp> {
+        let (gate_w, up_w, down_w) = (
+            w("mlp.gate_proj.weight")?,
+            w("mlp.up_proj.weight")?,
+            w("mlp.down_proj.weight")?,
+        );
+        let extra = gate_w.dim(0)?.next_multiple_of(8) - gate_w.dim(0)?;
+        let rows = |t: &Tensor| -> Result<Tensor> {
+            if pad && extra > 0 {
+                t.zero_pad(0, 0, extra)
+            } else {
+                Ok(t.clone())
+            }
+        };
+        Ok(Mlp {
+            gate_w: rows(gate_w)?,
+            gate_b: rows(w("mlp.gate_proj.bias")?)?,
+            up_w: rows(up_w)?,
+            up_b: rows(w("mlp.up_proj.bias")?)?,
+            down_w: if pad && extra > 0 {
+                down_w.zero_pad(1, 0, extra)?
+            } else {
+                down_w.clone()
+            },
+            down_b: w("mlp.down_proj.bias")?.clone(),
+        })
+    }
 }
 
 /// pixel_values [S, patch_dim] and the image grids -> features [S/4, out_hidden] (raster order).
@@ -166,6 +211,19 @@ pub fn vision_forward(
     c: &VisionConfig,
     pixel_values: &Tensor,
     grids: &[[usize; 3]],
+) -> Result<Tensor> {
+    let cuda = p.require("visual.patch_embed.proj.weight")?.is_cuda();
+    forward_with(p, c, pixel_values, grids, cuda)
+}
+
+/// `vision_forward`, with the MLP's intermediate size padded to a multiple of 8 or not
+/// (see [`Mlp`]).
+fn forward_with(
+    p: &Params,
+    c: &VisionConfig,
+    pixel_values: &Tensor,
+    grids: &[[usize; 3]],
+    pad_mlp: bool,
 ) -> Result<Tensor> {
     let s: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
     if pixel_values.rank() != 2
@@ -201,7 +259,7 @@ pub fn vision_forward(
         } else {
             &plan.cu_window
         };
-        x = block(&x, p, i, c, &plan, cu)?;
+        x = block(&x, p, i, c, &plan, cu, pad_mlp)?;
     }
     let unit = c.spatial_merge_size * c.spatial_merge_size;
     let y = x
@@ -223,4 +281,70 @@ pub fn vision_forward(
 /// Number of language-model tokens an image of this grid becomes.
 pub fn tokens_for_grid(g: &[usize; 3], c: &VisionConfig) -> usize {
     g[0] * g[1] * g[2] / (c.spatial_merge_size * c.spatial_merge_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qwen2_5_vl::{config::Config, weights};
+    use crate::{DType, Rng};
+
+    /// The MLP padded to a multiple of 8 (CUDA's layout) gives the unpadded features and
+    /// vision gradients: a 44-wide MLP (padded to 48), biases and weights random, in f64.
+    #[test]
+    fn padded_mlp_matches_unpadded() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/qwen_parity/tied_gqa/config.json");
+        let mut config = Config::from_file(dir).unwrap();
+        config.vision.intermediate_size = 44;
+        let c = &config.vision;
+        let mut rng = Rng::new(11);
+        let base = weights::random_params(&config, DType::F64, &mut rng).unwrap();
+        let mut p = Params::default();
+        for (name, t) in base.iter() {
+            if name.starts_with("visual.") {
+                let r = Tensor::randn(t.shape(), 0.3, DType::F64, &mut rng).unwrap();
+                p.push(name, &r.requires_grad_());
+            }
+        }
+        let grids = [[1, 4, 8], [1, 2, 2]];
+        let s: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        let pixels = Tensor::randn(&[s, c.patch_dim()], 1.0, DType::F64, &mut rng).unwrap();
+        let probe = Tensor::randn(&[s / 4, c.out_hidden_size], 1.0, DType::F64, &mut rng).unwrap();
+        let run = |pad: bool| {
+            for (_, t) in p.iter() {
+                t.zero_grad();
+            }
+            let f = forward_with(&p, c, &pixels, &grids, pad).unwrap();
+            f.mul(&probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads: Vec<Vec<f64>> = p
+                .iter()
+                .map(|(n, t)| {
+                    let g = t.grad().unwrap_or_else(|| panic!("{n}: no gradient"));
+                    assert_eq!(g.shape(), t.shape(), "{n}");
+                    g.to_f64s().unwrap()
+                })
+                .collect();
+            (f.to_f64s().unwrap(), grads)
+        };
+        let (f0, g0) = run(false);
+        let (f1, g1) = run(true);
+        let close = |a: &[f64], b: &[f64], what: &str| {
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-12 * (1.0 + y.abs()),
+                    "{what}: {x} vs {y}"
+                );
+            }
+        };
+        close(&f1, &f0, "features");
+        for ((name, _), (a, b)) in p.iter().zip(g1.iter().zip(&g0)) {
+            close(a, b, name);
+        }
+    }
 }
