@@ -51,6 +51,22 @@ __device__ __forceinline__ void index_select_bwd(const T* g, const i64* starts, 
     }
 }
 
+// The same sums when few rows are selected (an embedding's gradient: a few thousand ids of a
+// 151936-row table): dx is zeroed by a memset first, and only the u distinct selected rows are
+// visited: dx[o, rows[r], j] = Σ_{p in seg[r] .. seg[r+1]} g[o, srcs[p], j] for r < u, in the
+// dense kernel's order (the same bits). n = outer·u·inner.
+template <typename T>
+__device__ __forceinline__ void index_select_bwd_rows(const T* g, const i64* seg, const i64* srcs, const i64* rows,
+                                                      T* dx, i64 n, i64 u, i64 size, i64 k, i64 inner) {
+    GRID_LOOP(i, n) {
+        const i64 q = i / inner, j = i - q * inner;
+        const i64 o = q / u, r = q - o * u;
+        float acc = 0.f;
+        for (i64 p = seg[r]; p < seg[r + 1]; ++p) acc += ld(g, (o * k + srcs[p]) * inner + j);
+        st(dx, (o * size + rows[r]) * inner + j, acc);
+    }
+}
+
 // ---------------------------------------------------------------- gather
 // out[i] = x[src[i]]: src holds the element offset into contiguous x of every output element.
 #define GATHER(NAME, U)                                                    \
@@ -136,16 +152,21 @@ __device__ __forceinline__ void masked_scatter_bwd(const T* g, const i64* rowsrc
 }
 
 #define INDEX_FLOAT_KERNELS(SFX, T)                                                                                 \
-    extern "C" __global__ void index_select_bwd_##SFX(const T* g, const i64* starts, const i64* srcs, T* dx, i64 n,  \
+    extern "C" __global__ void index_select_bwd_##SFX(const T* g, const i64* starts, const i64* srcs, T* dx, i64 n, \
                                                       i64 size, i64 k, i64 inner) {                                 \
         index_select_bwd<T>(g, starts, srcs, dx, n, size, k, inner);                                                \
+    }                                                                                                               \
+    extern "C" __global__ void index_select_bwd_rows_##SFX(const T* g, const i64* seg, const i64* srcs,             \
+                                                           const i64* rows, T* dx, i64 n, i64 u, i64 size, i64 k,   \
+                                                           i64 inner) {                                             \
+        index_select_bwd_rows<T>(g, seg, srcs, rows, dx, n, u, size, k, inner);                                     \
     }                                                                                                               \
     extern "C" __global__ void gather_bwd_##SFX(const T* g, const i64* seg, const i64* order, const i64* dst, T* dx, \
                                                 i64 u) {                                                            \
         gather_bwd<T>(g, seg, order, dst, dx, u);                                                                   \
     }                                                                                                               \
     extern "C" __global__ void where_fwd_##SFX(const unsigned int* m, Strides ms, const T* a, Strides sa, const T* b, \
-                                               Strides sb, T* out, i64 n) {                                          \
+                                               Strides sb, T* out, i64 n) {                                         \
         where_fwd<T>(m, ms, a, sa, b, sb, out, n);                                                                  \
     }                                                                                                               \
     extern "C" __global__ void where_bwd_##SFX(const unsigned int* m, Strides ms, const T* g, Strides gs, T* ga,      \

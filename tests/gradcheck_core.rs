@@ -116,6 +116,16 @@ fn shape_ops() {
         p[0].mul(&p[2])?.add(&p[1].sum(-1, true)?)
     })
     .unwrap();
+    // One piece unused (its gradient is zeros), one used twice, a split of a split.
+    check_grad("split_partial", &[x.clone()], |v| {
+        let p = v[0].split(&[2, 1, 1], 2)?;
+        let q = p[0].split(&[2, 1], 1)?;
+        q[0].exp()?
+            .sum_all()?
+            .add(&q[1].mul(&q[1])?.sum_all()?)?
+            .add(&p[2].exp()?.mul(&p[2])?.sum_all()?)
+    })
+    .unwrap();
     check_grad("broadcast", &[randn(&[3, 1], 51)], |v| {
         v[0].broadcast_as(&[2, 3, 4])?.exp()
     })

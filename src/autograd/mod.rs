@@ -13,15 +13,28 @@ use std::sync::{Arc, Mutex};
 /// Maps the output gradient to one gradient per input (None where the input needs none).
 pub type BackwardFn = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
 
+/// An op with several outputs (`record_many`): maps one gradient per output (None for an
+/// output no gradient reached) to one gradient per input.
+pub type ManyBackwardFn =
+    Box<dyn FnOnce(&[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
+
+enum Backward {
+    One(BackwardFn),
+    Many(ManyBackwardFn),
+}
+
+/// Where an input's gradient goes: output `slot` of the node that made it, or a leaf.
 pub enum Edge {
-    Node(Arc<Node>),
+    Node(Arc<Node>, usize),
     Leaf(Tensor),
 }
 
 pub struct Node {
     name: &'static str,
     edges: Vec<Option<Edge>>,
-    backward: Mutex<Option<BackwardFn>>,
+    /// Number of outputs (1 except for `record_many`'s nodes).
+    slots: usize,
+    backward: Mutex<Option<Backward>>,
 }
 
 impl Node {
@@ -76,20 +89,58 @@ pub fn record(
     if !needs_grad(inputs) {
         return out;
     }
-    let edges = inputs
+    let node = Arc::new(Node {
+        name,
+        edges: edges_of(inputs),
+        slots: 1,
+        backward: Mutex::new(Some(Backward::One(Box::new(backward)))),
+    });
+    out.with_grad_fn(node)
+}
+
+fn edges_of(inputs: &[&Tensor]) -> Vec<Option<Edge>> {
+    inputs
         .iter()
         .map(|t| match t.grad_fn() {
-            Some(n) => Some(Edge::Node(n.clone())),
+            Some(n) => Some(Edge::Node(n.clone(), 0)),
             None if t.requires_grad() => Some(Edge::Leaf((*t).clone())),
             None => None,
         })
-        .collect();
+        .collect()
+}
+
+/// `record` for an op with several outputs: one node whose backward sees every output's
+/// gradient at once (a split's backward writes them into one buffer instead of zero-padding
+/// each and adding). Each output gets a pass-through node of its own into its slot.
+pub fn record_many(
+    name: &'static str,
+    outs: Vec<Tensor>,
+    inputs: &[&Tensor],
+    backward: impl FnOnce(&[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Vec<Tensor> {
+    if !needs_grad(inputs) {
+        return outs;
+    }
     let node = Arc::new(Node {
         name,
-        edges,
-        backward: Mutex::new(Some(Box::new(backward))),
+        edges: edges_of(inputs),
+        slots: outs.len(),
+        backward: Mutex::new(Some(Backward::Many(Box::new(backward)))),
     });
-    out.with_grad_fn(node)
+    outs.into_iter()
+        .enumerate()
+        .map(|(i, out)| {
+            let part = Arc::new(Node {
+                name,
+                edges: vec![Some(Edge::Node(node.clone(), i))],
+                slots: 1,
+                backward: Mutex::new(Some(Backward::One(Box::new(|g: &Tensor| {
+                    Ok(vec![Some(g.clone())])
+                })))),
+            });
+            out.with_grad_fn(part)
+        })
+        .collect()
 }
 
 fn node_key(n: &Arc<Node>) -> usize {
@@ -106,7 +157,7 @@ fn topo_order(root: &Arc<Node>) -> Vec<Arc<Node>> {
     while let Some((node, i)) = stack.pop() {
         if i < node.edges.len() {
             stack.push((node.clone(), i + 1));
-            if let Some(Edge::Node(child)) = &node.edges[i] {
+            if let Some(Edge::Node(child, _)) = &node.edges[i] {
                 if visited.insert(node_key(child)) {
                     stack.push((child.clone(), 0));
                 }
@@ -159,12 +210,16 @@ fn run_backward(root: &Tensor, root_grad: Tensor) -> Result<HashMap<TensorId, (T
         ));
     };
     let order = topo_order(root_node);
-    let mut grads: HashMap<usize, Option<Tensor>> = HashMap::new();
-    grads.insert(node_key(root_node), Some(root_grad));
+    // Per node, the gradient of each of its outputs so far.
+    let mut grads: HashMap<usize, Vec<Option<Tensor>>> = HashMap::new();
+    grads.insert(node_key(root_node), vec![Some(root_grad)]);
     for node in order {
-        let Some(Some(g)) = grads.remove(&node_key(&node)) else {
+        let Some(g) = grads.remove(&node_key(&node)) else {
             continue;
         };
+        if g.iter().all(Option::is_none) {
+            continue;
+        }
         let f = node
             .backward
             .lock()
@@ -176,7 +231,10 @@ fn run_backward(root: &Tensor, root_grad: Tensor) -> Result<HashMap<TensorId, (T
                     node.name
                 ))
             })?;
-        let input_grads = f(&g)?;
+        let input_grads = match f {
+            Backward::One(f) => f(g[0].as_ref().expect("one-output node with a gradient"))?,
+            Backward::Many(f) => f(&g)?,
+        };
         if input_grads.len() != node.edges.len() {
             return Err(Error::Autograd(format!(
                 "{} backward returned {} gradients for {} inputs",
@@ -190,7 +248,12 @@ fn run_backward(root: &Tensor, root_grad: Tensor) -> Result<HashMap<TensorId, (T
                 continue;
             };
             match edge {
-                Edge::Node(n) => accumulate(grads.entry(node_key(n)).or_default(), ig)?,
+                Edge::Node(n, slot) => {
+                    let slots = grads
+                        .entry(node_key(n))
+                        .or_insert_with(|| vec![None; n.slots]);
+                    accumulate(&mut slots[*slot], ig)?
+                }
                 Edge::Leaf(l) => {
                     if ig.shape() != l.shape() {
                         return Err(Error::Autograd(format!(

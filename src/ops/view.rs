@@ -146,7 +146,9 @@ impl Tensor {
         }))
     }
 
-    /// Splits `dim` into pieces of the given sizes (views).
+    /// Splits `dim` into pieces of the given sizes (views). One node for all the pieces: the
+    /// backward concatenates their gradients (zeros for a piece without one) into one new
+    /// tensor, where a narrow per piece would zero-pad each gradient to the whole and add.
     pub fn split(&self, sizes: &[usize], dim: isize) -> Result<Vec<Tensor>> {
         let d = self.normalize_dim(dim, "split")?;
         if sizes.iter().sum::<usize>() != self.shape()[d] {
@@ -159,14 +161,37 @@ impl Tensor {
             ));
         }
         let mut start = 0;
-        sizes
-            .iter()
-            .map(|&s| {
-                let t = self.narrow(d as isize, start, s);
-                start += s;
-                t
-            })
-            .collect()
+        let parts = crate::autograd::no_grad(|| {
+            sizes
+                .iter()
+                .map(|&s| {
+                    let t = self.narrow(d as isize, start, s);
+                    start += s;
+                    t
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let shapes: Vec<Vec<usize>> = parts.iter().map(|t| t.shape().to_vec()).collect();
+        let (dtype, device) = (self.dtype(), self.device());
+        Ok(crate::autograd::record_many(
+            "split",
+            parts,
+            &[self],
+            move |gs| {
+                let full: Vec<Tensor> = gs
+                    .iter()
+                    .zip(&shapes)
+                    .map(|(g, shape)| match g {
+                        Some(g) => Ok(g.clone()),
+                        None => Tensor::zeros_on(shape, dtype, device),
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(vec![Some(Tensor::cat(
+                    &full.iter().collect::<Vec<_>>(),
+                    d as isize,
+                )?)])
+            },
+        ))
     }
 
     /// Numpy-style broadcast to `shape` (a view with zero strides).

@@ -214,17 +214,37 @@ impl QwenVl {
         let (hd, nh, nkv) = (t.head_dim(), t.num_attention_heads, t.num_key_value_heads);
         let w = |s: &str| self.p(&format!("model.layers.{i}.{s}"));
         let x = h.rms_norm(w("input_layernorm.weight")?, t.rms_norm_eps)?;
-        let proj = |name: &str, n: usize| -> Result<Tensor> {
-            x.linear(
-                w(&format!("self_attn.{name}.weight"))?,
-                Some(w(&format!("self_attn.{name}.bias"))?),
-            )?
-            .reshape(&[b, seq, n, hd])?
-            .transpose(1, 2)
+        let [q, k, v] = if seq > 1 {
+            // One product for q, k and v (their weights and biases concatenated: 10 MB a layer
+            // in the 3B model) instead of three: k and v alone are 256 columns wide, too few
+            // to fill the GPU, and x's gradient is then one product with no adds. Decoding
+            // (one token a row) keeps three, where the concatenation would cost more than
+            // it saves.
+            let cat = |what: &str| -> Result<Tensor> {
+                let [q, k, v] = ["q_proj", "k_proj", "v_proj"]
+                    .map(|name| w(&format!("self_attn.{name}.{what}")));
+                Tensor::cat(&[q?, k?, v?], 0)
+            };
+            let parts = x
+                .linear(&cat("weight")?, Some(&cat("bias")?))?
+                .reshape(&[b, seq, nh + 2 * nkv, hd])?
+                .split(&[nh, nkv, nkv], 2)?;
+            let mut heads = parts.iter().map(|t| t.transpose(1, 2));
+            [(); 3].map(|_| heads.next().expect("three parts"))
+        } else {
+            let proj = |name: &str, n: usize| -> Result<Tensor> {
+                x.linear(
+                    w(&format!("self_attn.{name}.weight"))?,
+                    Some(w(&format!("self_attn.{name}.bias"))?),
+                )?
+                .reshape(&[b, seq, n, hd])?
+                .transpose(1, 2)
+            };
+            [proj("q_proj", nh), proj("k_proj", nkv), proj("v_proj", nkv)]
         };
-        let q = proj("q_proj", nh)?.rope(cos, sin)?;
-        let mut k = proj("k_proj", nkv)?.rope(cos, sin)?;
-        let mut v = proj("v_proj", nkv)?;
+        let q = q?.rope(cos, sin)?;
+        let mut k = k?.rope(cos, sin)?;
+        let mut v = v?;
         if let Some(past) = past {
             k = Tensor::cat(&[&past.keys, &k], 2)?;
             v = Tensor::cat(&[&past.values, &v], 2)?;

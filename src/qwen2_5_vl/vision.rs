@@ -135,8 +135,9 @@ fn block(
     let y = x.rms_norm(w("norm1.weight")?, 1e-6)?;
     let qkv = y
         .linear(w("attn.qkv.weight")?, Some(w("attn.qkv.bias")?))?
-        .reshape(&[s, 3, nh, hd])?;
-    let part = |k: usize| qkv.narrow(1, k, 1)?.squeeze(1); // [S, H, hd]
+        .reshape(&[s, 3, nh, hd])?
+        .split(&[1, 1, 1], 1)?;
+    let part = |k: usize| qkv[k].squeeze(1); // [S, H, hd]
     let (cos, sin) = (&plan.cos, &plan.sin);
     let heads = |t: Tensor| t.transpose(0, 1)?.unsqueeze(0); // [1, H, S, hd]
     let q = heads(part(0)?.rope(cos, sin)?)?;

@@ -242,6 +242,50 @@ pub fn index_select(x: &Tensor, idx: Vec<usize>, d: usize) -> Result<Tensor> {
             srcs[fill[i] as usize] = kk as i64;
             fill[i] += 1;
         }
+        // Distinct selected rows. When they are under half the rows (an embedding's
+        // gradient), only those are summed, over a zeroed dx, instead of visiting every row.
+        let rows: Vec<i64> = (0..size as i64)
+            .filter(|&s| starts[s as usize + 1] > starts[s as usize])
+            .collect();
+        if 2 * rows.len() < size && outer * inner > 0 {
+            let dx = Tensor::zeros_on(&in_shape, dtype, crate::Device::Cuda)?;
+            let u = rows.len();
+            if u > 0 {
+                let mut seg: Vec<i64> = rows.iter().map(|&s| starts[s as usize]).collect();
+                seg.push(k as i64);
+                let (seg_dev, srcs_dev, rows_dev) = (
+                    upload_i64(&seg, &[u + 1])?,
+                    upload_i64(&srcs, &[k])?,
+                    upload_i64(&rows, &[u])?,
+                );
+                let n = outer * u * inner;
+                let [n64, u64_, size64, k64, inner64] = [n, u, size, k, inner].map(|v| v as i64);
+                let (gp, sp, cp, rp, dp) = (
+                    g.cuda_ptr()?,
+                    seg_dev.cuda_ptr()?,
+                    srcs_dev.cuda_ptr()?,
+                    rows_dev.cuda_ptr()?,
+                    dx.cuda_ptr()?,
+                );
+                launch1d(
+                    &format!("index_select_bwd_rows_{sfx}"),
+                    n,
+                    &[
+                        arg(&gp),
+                        arg(&sp),
+                        arg(&cp),
+                        arg(&rp),
+                        arg(&dp),
+                        arg(&n64),
+                        arg(&u64_),
+                        arg(&size64),
+                        arg(&k64),
+                        arg(&inner64),
+                    ],
+                )?;
+            }
+            return Ok(vec![Some(dx)]);
+        }
         let dx = Tensor::empty_cuda(&in_shape, dtype)?;
         let n = dx.numel();
         if n > 0 {
