@@ -263,3 +263,26 @@ template <>
 __device__ __forceinline__ uint4 neg_inf16<bf16_t>() {
     return make_uint4(0xff80ff80u, 0xff80ff80u, 0xff80ff80u, 0xff80ff80u);
 }
+
+// Column sums in two passes (linear's bias gradient, rmsnorm's weight gradient): pass 1 writes
+// the f32 sums of chunks of rows, partial[c, j]; pass 2 adds them. Pass 2: grid ceil(d / 32),
+// block (32, 8): warp w sums chunks w, w + 8, ... of its 32 columns, then warp 0 adds the 8
+// sums in order. Deterministic, and 8 loads in flight per column where one thread per column
+// walked every chunk in turn.
+template <typename T>
+__device__ __forceinline__ void col_partials_sum(const float* __restrict__ partial, T* __restrict__ out, i64 chunks,
+                                                 i64 d) {
+    __shared__ float s[8][33];
+    const i64 j = (i64)blockIdx.x * 32 + threadIdx.x;
+    float acc = 0.f;
+    if (j < d)
+        for (i64 c = threadIdx.y; c < chunks; c += 8) acc += partial[c * d + j];
+    s[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < d) {
+        float t = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) t += s[w][threadIdx.x];
+        st(out, j, t);
+    }
+}

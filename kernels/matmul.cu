@@ -170,25 +170,46 @@ __device__ __forceinline__ void colsum_partial(const T* __restrict__ g, float* _
     part[(i64)blockIdx.y * cols + col] = s;
 }
 
-// Pass 2: out[col] = sum over chunks of part[c, col], stored in the output dtype.
+// Pass 1 with one 16-byte vector (Vec<T>::N columns) per thread, when cols is a multiple of N
+// and g is 16-byte aligned: the same sums in the same order. grid (ceil(cols / N / 256), chunks).
 template <typename T>
-__device__ __forceinline__ void colsum_final(const float* __restrict__ part, T* __restrict__ out,
-                                             i64 chunks, i64 cols) {
-    GRID_LOOP(col, cols) {
-        float s = 0.f;
-        for (i64 c = 0; c < chunks; ++c) s += part[c * cols + col];
-        st(out, col, s);
+__device__ __forceinline__ void colsum_partial_vec(const T* __restrict__ g, float* __restrict__ part, i64 rows,
+                                                   i64 cols, i64 rows_per_chunk) {
+    constexpr int N = Vec<T>::N;
+    const i64 nv = cols / N;
+    const i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= nv) return;
+    const i64 r0 = (i64)blockIdx.y * rows_per_chunk;
+    const i64 r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+    const uint4* gv = reinterpret_cast<const uint4*>(g);
+    float acc[N];
+#pragma unroll
+    for (int e = 0; e < N; ++e) acc[e] = 0.f;
+#pragma unroll 4
+    for (i64 r = r0; r < r1; ++r) {
+        float f[N];
+        unpack16<T>(gv[r * nv + j], f);
+#pragma unroll
+        for (int e = 0; e < N; ++e) acc[e] += f[e];
     }
+    float* out = part + (i64)blockIdx.y * cols + j * N;
+#pragma unroll
+    for (int e = 0; e < N; ++e) out[e] = acc[e];
 }
 
+// Pass 2: out[col] = the sum over chunks of part[c, col] (col_partials_sum), in the output dtype.
 #define COLSUM_KERNELS(SFX, T)                                                                \
     extern "C" __global__ void colsum_partial_##SFX(const T* g, float* part, i64 rows,        \
                                                     i64 cols, i64 rows_per_chunk) {           \
         colsum_partial<T>(g, part, rows, cols, rows_per_chunk);                               \
     }                                                                                         \
-    extern "C" __global__ void colsum_final_##SFX(const float* part, T* out, i64 chunks,      \
-                                                  i64 cols) {                                 \
-        colsum_final<T>(part, out, chunks, cols);                                             \
+    extern "C" __global__ void colsum_partial_vec_##SFX(const T* g, float* part, i64 rows,    \
+                                                        i64 cols, i64 rows_per_chunk) {       \
+        colsum_partial_vec<T>(g, part, rows, cols, rows_per_chunk);                           \
+    }                                                                                         \
+    extern "C" __global__ void colsum_sum_##SFX(const float* part, T* out, i64 chunks,        \
+                                                i64 cols) {                                   \
+        col_partials_sum<T>(part, out, chunks, cols);                                         \
     }
 COLSUM_KERNELS(f32, float)
 COLSUM_KERNELS(bf16, bf16_t)

@@ -5,7 +5,7 @@
 //   backward: dx = r·(g·w − x·r·m),  m = r·Σ_j(g·w·x)/d              (one block per row)
 //             dw = Σ_rows g·x·r: deterministic two passes — per-chunk column sums
 //             (rms_norm_dw_partial, one thread per column and row chunk) then a sum over chunks
-//             (rms_norm_dw_reduce).
+//             (rms_norm_dw_sum: col_partials_sum of common.cuh).
 
 template <typename T>
 __device__ __forceinline__ void rms_norm_fwd(const T* x, const T* w, T* y, float* rstd, i64 d, float eps) {
@@ -55,16 +55,6 @@ __device__ __forceinline__ void rms_norm_dw_partial(const T* x, const T* g, cons
     partial[c * d + j] = acc;
 }
 
-// dw[j] = Σ_c partial[c, j] (grid-stride over the d columns).
-template <typename T>
-__device__ __forceinline__ void rms_norm_dw_reduce(const float* partial, T* dw, i64 chunks, i64 d) {
-    GRID_LOOP(j, d) {
-        float acc = 0.f;
-        for (i64 c = 0; c < chunks; ++c) acc += partial[c * d + j];
-        st(dw, j, acc);
-    }
-}
-
 #define NORM_KERNELS(SFX, T)                                                                                        \
     extern "C" __global__ void rms_norm_fwd_##SFX(const T* x, const T* w, T* y, float* rstd, i64 d, float eps) {    \
         rms_norm_fwd<T>(x, w, y, rstd, d, eps);                                                                     \
@@ -77,8 +67,8 @@ __device__ __forceinline__ void rms_norm_dw_reduce(const float* partial, T* dw, 
                                                          i64 rows, i64 d, i64 rows_per_chunk) {                     \
         rms_norm_dw_partial<T>(x, g, rstd, partial, rows, d, rows_per_chunk);                                       \
     }                                                                                                               \
-    extern "C" __global__ void rms_norm_dw_reduce_##SFX(const float* partial, T* dw, i64 chunks, i64 d) {           \
-        rms_norm_dw_reduce<T>(partial, dw, chunks, d);                                                              \
+    extern "C" __global__ void rms_norm_dw_sum_##SFX(const float* partial, T* dw, i64 chunks, i64 d) {              \
+        col_partials_sum<T>(partial, dw, chunks, d);                                                                \
     }
 
 NORM_KERNELS(f32, float)

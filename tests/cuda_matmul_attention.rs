@@ -159,6 +159,16 @@ fn linear_with_and_without_bias() {
     check("linear 3000 rows", &[x, w, b], &[true, true, true], |xs| {
         xs[0].linear(&xs[1], Some(&xs[2]))
     });
+    // Columns a multiple of 16 bytes: the bias gradient's 16-byte path, in many chunks.
+    let x = randn(&[2000, 16], 13);
+    let w = randn(&[24, 16], 14);
+    let b = randn(&[24], 15);
+    check(
+        "linear 2000 rows -> 24",
+        &[x, w, b],
+        &[true, true, true],
+        |xs| xs[0].linear(&xs[1], Some(&xs[2])),
+    );
 }
 
 #[test]

@@ -61,6 +61,8 @@ fn rms_norm_matches_cpu() {
         (5, 3584),
         (37, 2048),
         (300, 64),
+        // Many row chunks for the weight gradient's column sum (the vision tower's width).
+        (1000, 1280),
     ]
     .iter()
     .enumerate()

@@ -458,34 +458,36 @@ fn column_sums(g2: &Tensor) -> Result<Tensor> {
     if rows == 0 {
         return Tensor::zeros_on(&[cols], dtype, crate::Device::Cuda);
     }
-    // At most 64 chunks of at least 32 rows.
-    let rows_per_chunk = rows.div_ceil(64).max(32);
-    let chunks = rows.div_ceil(rows_per_chunk);
+    // 16-byte vectors (one per thread) when the columns and the pointer allow it.
+    let gp = g2.cuda_ptr()?;
+    let per = 16 / dtype.size_in_bytes();
+    let vec = cols.is_multiple_of(per) && gp.is_multiple_of(16);
+    let (kernel, threads) = if vec {
+        (format!("colsum_partial_vec_{sfx}"), cols / per)
+    } else {
+        (format!("colsum_partial_{sfx}"), cols)
+    };
+    let col_blocks = threads.div_ceil(THREADS);
+    let (rows_per_chunk, chunks) = super::col_chunks(rows, col_blocks);
     let part = Tensor::empty_cuda(&[chunks, cols], DType::F32)?;
     let out = Tensor::empty_cuda(&[cols], dtype)?;
-    let (gp, pp, op) = (g2.cuda_ptr()?, part.cuda_ptr()?, out.cuda_ptr()?);
-    let (rows64, cols64, rpc64, chunks64) = (
-        rows as i64,
-        cols as i64,
-        rows_per_chunk as i64,
-        chunks as i64,
-    );
-    let dev = device()?;
-    dev.launch(
+    let pp = part.cuda_ptr()?;
+    let (rows64, cols64, rpc64) = (rows as i64, cols as i64, rows_per_chunk as i64);
+    device()?.launch(
         "matmul.cu",
-        &format!("colsum_partial_{sfx}"),
-        (cols.div_ceil(THREADS) as u32, chunks as u32, 1),
+        &kernel,
+        (col_blocks as u32, chunks as u32, 1),
         (THREADS as u32, 1, 1),
         0,
         &[arg(&gp), arg(&pp), arg(&rows64), arg(&cols64), arg(&rpc64)],
     )?;
-    dev.launch(
+    super::col_partials_sum(
         "matmul.cu",
-        &format!("colsum_final_{sfx}"),
-        (grid_for(cols), 1, 1),
-        (THREADS as u32, 1, 1),
-        0,
-        &[arg(&pp), arg(&op), arg(&chunks64), arg(&cols64)],
+        &format!("colsum_sum_{sfx}"),
+        pp,
+        out.cuda_ptr()?,
+        chunks,
+        cols,
     )?;
     Ok(out)
 }

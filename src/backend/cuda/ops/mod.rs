@@ -69,6 +69,38 @@ pub fn grid_for(n: usize) -> u32 {
     blocks_for(n, THREADS).clamp(1, cap)
 }
 
+/// Row chunks of a two-pass column sum (linear's bias gradient, rmsnorm's weight gradient)
+/// over `rows` rows, with `col_blocks` blocks across the columns: about 4 blocks an SM in all,
+/// chunks of at least 16 rows, at most 1024 chunks. Returns (rows per chunk, chunks).
+pub fn col_chunks(rows: usize, col_blocks: usize) -> (usize, usize) {
+    let sms = device().map(|d| d.sm_count as usize).unwrap_or(108).max(1);
+    let want = (4 * sms).div_ceil(col_blocks.max(1)).clamp(1, 1024);
+    let chunks = want.min(rows.div_ceil(16)).max(1);
+    let per = rows.div_ceil(chunks).max(1);
+    (per, rows.div_ceil(per))
+}
+
+/// The second pass of a two-pass column sum: `out[j] = Σ_c partial[c, j]` by the
+/// `col_partials_sum` kernel `kernel` of `module` (grid ceil(d / 32), block (32, 8)).
+pub fn col_partials_sum(
+    module: &'static str,
+    kernel: &str,
+    partial: u64,
+    out: u64,
+    chunks: usize,
+    d: usize,
+) -> Result<()> {
+    let (c64, d64) = (chunks as i64, d as i64);
+    device()?.launch(
+        module,
+        kernel,
+        (d.div_ceil(32) as u32, 1, 1),
+        (32, 8, 1),
+        0,
+        &[arg(&partial), arg(&out), arg(&c64), arg(&d64)],
+    )
+}
+
 /// A device tensor of `shape` filled with `v`.
 pub fn fill(shape: &[usize], v: f64, dtype: DType) -> Result<Tensor> {
     let t = Tensor::empty_cuda(shape, dtype)?;

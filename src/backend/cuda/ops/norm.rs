@@ -10,7 +10,6 @@
 
 use super::index::{on_cuda, upstream};
 use super::reduce::RowVec;
-use super::{grid_for, THREADS};
 use crate::autograd::record;
 use crate::backend::cuda::kernels::suffix;
 use crate::backend::cuda::{arg, device};
@@ -144,14 +143,6 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             if rows == 0 || d == 0 {
                 Some(Tensor::zeros_on(&[d], dtype, Device::Cuda)?)
             } else {
-                // Chunks of about 64 rows (at most 256 chunks): partial[c, j] in f32, then a sum
-                // over the chunks in order.
-                let chunks0 = rows.div_ceil(64).clamp(1, 256);
-                let rows_per_chunk = rows.div_ceil(chunks0);
-                let chunks = rows.div_ceil(rows_per_chunk);
-                let partial = Tensor::empty_cuda(&[chunks, d], DType::F32)?;
-                let pp = partial.cuda_ptr()?;
-                let (rows64, rpc64, chunks64) = (rows as i64, rows_per_chunk as i64, chunks as i64);
                 // 16-byte vectors (one per thread) when d and both pointers allow it.
                 let per = 16 / dtype.size_in_bytes();
                 let vec = d.is_multiple_of(per) && xp.is_multiple_of(16) && gp.is_multiple_of(16);
@@ -160,10 +151,16 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
                 } else {
                     (format!("rms_norm_dw_partial_{sfx}"), d)
                 };
+                // partial[c, j] in f32 over chunks of rows, then the sum over the chunks.
+                let col_blocks = cols.div_ceil(COL_THREADS);
+                let (rows_per_chunk, chunks) = super::col_chunks(rows, col_blocks);
+                let partial = Tensor::empty_cuda(&[chunks, d], DType::F32)?;
+                let pp = partial.cuda_ptr()?;
+                let (rows64, rpc64) = (rows as i64, rows_per_chunk as i64);
                 dev.launch(
                     "norm.cu",
                     &kernel,
-                    (cols.div_ceil(COL_THREADS) as u32, chunks as u32, 1),
+                    (col_blocks as u32, chunks as u32, 1),
                     (COL_THREADS as u32, 1, 1),
                     0,
                     &[
@@ -177,14 +174,13 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
                     ],
                 )?;
                 let dw = Tensor::empty_cuda(&[d], dtype)?;
-                let dwp = dw.cuda_ptr()?;
-                dev.launch(
+                super::col_partials_sum(
                     "norm.cu",
-                    &format!("rms_norm_dw_reduce_{sfx}"),
-                    (grid_for(d), 1, 1),
-                    (THREADS as u32, 1, 1),
-                    0,
-                    &[arg(&pp), arg(&dwp), arg(&chunks64), arg(&d64)],
+                    &format!("rms_norm_dw_sum_{sfx}"),
+                    pp,
+                    dw.cuda_ptr()?,
+                    chunks,
+                    d,
                 )?;
                 Some(dw)
             }
