@@ -18,7 +18,7 @@ pub struct VisionPlan {
     /// Segment boundaries (in patches) of the windows and of the full images.
     pub cu_window: Vec<usize>,
     pub cu_full: Vec<usize>,
-    /// Rotary tables in window order, [S, head_dim].
+    /// Rotary tables in window order, [S, head_dim] (they broadcast over [1, heads, S, hd]).
     pub cos: Tensor,
     pub sin: Tensor,
 }
@@ -113,8 +113,8 @@ impl VisionPlan {
             unit_inverse: Tensor::from_vec(inverse, &[s / unit])?,
             cu_window,
             cu_full,
-            cos: Tensor::from_vec(cos, &[s, 1, hd])?,
-            sin: Tensor::from_vec(sin, &[s, 1, hd])?,
+            cos: Tensor::from_vec(cos, &[s, hd])?,
+            sin: Tensor::from_vec(sin, &[s, hd])?,
         })
     }
 }
@@ -140,8 +140,10 @@ fn block(
     let part = |k: usize| qkv[k].squeeze(1); // [S, H, hd]
     let (cos, sin) = (&plan.cos, &plan.sin);
     let heads = |t: Tensor| t.transpose(0, 1)?.unsqueeze(0); // [1, H, S, hd]
-    let q = heads(part(0)?.rope(cos, sin)?)?;
-    let k = heads(part(1)?.rope(cos, sin)?)?;
+                                                             // Rope of the heads-first views writes q and k contiguous, as attention reads them (the
+                                                             // other order needed a copy of each).
+    let q = heads(part(0)?)?.rope(cos, sin)?;
+    let k = heads(part(1)?)?.rope(cos, sin)?;
     let v = heads(part(2)?)?;
     let opts = AttentionOptions {
         cu_seqlens: Some(cu.to_vec()),
