@@ -201,7 +201,42 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         bytes: (1.0 + 2.0) * eb * n as f64,
         ms,
     });
-    drop((x, g, q));
+    // The loss as the 3B model computes it: f32 cross-entropy of bf16 logits [4096 tokens,
+    // 151936 vocabulary] (1.2 GB; the values are x's, repeated), forward and forward+backward.
+    let (lt, lv) = (4096usize, 151936usize);
+    let flat = x.reshape(&[n])?;
+    let copies: Vec<&Tensor> = std::iter::repeat_n(&flat, (lt * lv).div_ceil(n)).collect();
+    let logits = Tensor::cat(&copies, 0)?
+        .narrow(0, 0, lt * lv)?
+        .reshape(&[lt, lv])?;
+    let lt_targets = Tensor::from_vec(
+        (0..lt)
+            .map(|i| ((i * 7919) % lv) as i64)
+            .collect::<Vec<_>>(),
+        &[lt],
+    )?;
+    let model_shape = format!("{lt}x{lv} bf16");
+    let ms = time_ms(reps, || {
+        no_grad(|| logits.cross_entropy_f32(&lt_targets, -100)).map(|_| ())
+    })?;
+    out.push(Row {
+        name: "cross_entropy fwd, the 3B model's loss".into(),
+        shape: model_shape.clone(),
+        bytes: eb * (lt * lv) as f64,
+        ms,
+    });
+    let ms = time_ms(reps, || {
+        let xr = logits.detach().requires_grad_();
+        let l = xr.cross_entropy_f32(&lt_targets, -100)?;
+        grad(&l, None, &[&xr]).map(|_| ())
+    })?;
+    out.push(Row {
+        name: "cross_entropy fwd+bwd, the 3B model's loss".into(),
+        shape: model_shape,
+        bytes: (1.0 + 2.0) * eb * (lt * lv) as f64,
+        ms,
+    });
+    drop((x, g, q, logits, flat));
 
     // AdamW over n f32 parameters: reads p, g, m, v and writes p, m, v.
     let p = Tensor::randn(&[n], 0.02, DType::F32, &mut rng)?

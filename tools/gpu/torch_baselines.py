@@ -85,6 +85,18 @@ def main():
 
     emit(kernel="cross_entropy fwd+bwd", ms=time_ms(ce_fb))
     del x, g, y, q
+    # The 3B model's loss as transformers computes it: bf16 logits [4096, 151936] upcast to f32.
+    lg = torch.randn(4096, 151936, device=dev, dtype=bf)
+    lt = (torch.arange(4096, device=dev) * 7919) % 151936
+    emit(kernel="cross_entropy fwd, the 3B model's loss",
+         ms=time_ms(lambda: F.cross_entropy(lg.float(), lt)))
+
+    def ce_model_fb():
+        t_ = lg.detach().requires_grad_()
+        torch.autograd.grad(F.cross_entropy(t_.float(), lt), [t_])
+
+    emit(kernel="cross_entropy fwd+bwd, the 3B model's loss", ms=time_ms(ce_model_fb))
+    del lg
     p = torch.nn.Parameter(torch.randn(n, device=dev) * 0.02)
     p.grad = torch.randn(n, device=dev)
     opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
