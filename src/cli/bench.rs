@@ -448,7 +448,7 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
     }
     if device == crate::Device::Cuda && crate::backend::cuda::profiling() {
         // Kernel time per step, by kernel (TESSERA_PROFILE=1), against the measured step.
-        let report = crate::backend::cuda::profile_report()?;
+        let (report, gaps) = crate::backend::cuda::profile_timeline()?;
         let steps = times.len() as f64;
         let total: f64 = report.iter().map(|r| r.2).sum::<f64>() / steps;
         let wall = times.iter().sum::<f64>() * 1e3 / steps;
@@ -475,6 +475,19 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
                 (n as f64 / steps).round(),
                 ms / steps,
                 100.0 * ms / steps / wall
+            );
+        }
+        // Where the device was outside kernels (waiting for the host, or in memsets and
+        // copies), by the kernel that came next; the first kernel of a step carries the time
+        // since the last one of the step before (the host's start of a step and the loss read).
+        let idle: f64 = gaps.iter().map(|g| g.2).sum::<f64>() / steps;
+        eprintln!("outside kernels {idle:.1} ms per step, before:");
+        eprintln!("{:<36} {:>9} {:>10}", "kernel", "gaps", "ms/step");
+        for (name, n, ms) in gaps.iter().take(15) {
+            eprintln!(
+                "{name:<36} {:>9} {:>10.2}",
+                (*n as f64 / steps).round(),
+                ms / steps
             );
         }
     }

@@ -335,7 +335,7 @@ profile_step() {
         --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 3 --device cuda \
         --dtype bf16 >> "$OUT/profile.txt" 2>&1
     echo "profile exit $?" >> "$OUT/profile.txt"
-    head -n 60 "$OUT/profile.txt"
+    head -n 80 "$OUT/profile.txt"
     [ -n "$FINAL" ] && mkdir -p "$FINAL" && cp "$OUT/profile.txt" "$FINAL/"
 }
 profile_step

@@ -155,28 +155,54 @@ pub fn profiling() -> bool {
 /// GPU time per kernel since the last report (or start): (kernel, launches, total ms), the
 /// most expensive first. Synchronises the device. Empty unless `TESSERA_PROFILE` is set.
 pub fn profile_report() -> Result<Vec<(String, usize, f64)>> {
+    Ok(profile_timeline()?.0)
+}
+
+/// `profile_report`, and where the device was outside kernels: for each kernel, the time from
+/// the end of the kernel launched before it to its own start, summed by that kernel's name
+/// (kernel, gaps, total ms), the largest first. A gap is the device waiting for the host, or
+/// running a memset or copy (those carry no events).
+#[allow(clippy::type_complexity)]
+pub fn profile_timeline() -> Result<(Vec<(String, usize, f64)>, Vec<(String, usize, f64)>)> {
     let p = profile();
     if !p.on {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     device()?.synchronize()?;
     let events = std::mem::take(&mut *p.events.lock().expect("profile lock"));
     let mut by: HashMap<String, (usize, f64)> = HashMap::new();
-    for (name, a, b) in events {
-        let (a, b) = (a as sys::CUevent, b as sys::CUevent);
-        // SAFETY: both events were recorded on the stream, which is now idle.
+    let mut gaps: HashMap<String, (usize, f64)> = HashMap::new();
+    let mut prev_end: Option<sys::CUevent> = None;
+    for (name, a, b) in &events {
+        let (a, b) = (*a as sys::CUevent, *b as sys::CUevent);
+        // SAFETY: the events were recorded on the stream, which is now idle.
         let ms = unsafe { result::event::elapsed(a, b) }.unwrap_or(0.0) as f64;
-        unsafe {
-            let _ = result::event::destroy(a);
-            let _ = result::event::destroy(b);
-        }
-        let e = by.entry(name).or_insert((0, 0.0));
+        let e = by.entry(name.clone()).or_insert((0, 0.0));
         e.0 += 1;
         e.1 += ms;
+        if let Some(pe) = prev_end {
+            // SAFETY: as above.
+            let gap = unsafe { result::event::elapsed(pe, a) }.unwrap_or(0.0) as f64;
+            let g = gaps.entry(name.clone()).or_insert((0, 0.0));
+            g.0 += 1;
+            g.1 += gap.max(0.0);
+        }
+        prev_end = Some(b);
     }
-    let mut v: Vec<(String, usize, f64)> = by.into_iter().map(|(k, (n, ms))| (k, n, ms)).collect();
-    v.sort_by(|a, b| b.2.total_cmp(&a.2));
-    Ok(v)
+    for (_, a, b) in events {
+        // SAFETY: destroyed once, after every elapsed time is read.
+        unsafe {
+            let _ = result::event::destroy(a as sys::CUevent);
+            let _ = result::event::destroy(b as sys::CUevent);
+        }
+    }
+    let sorted = |m: HashMap<String, (usize, f64)>| {
+        let mut v: Vec<(String, usize, f64)> =
+            m.into_iter().map(|(k, (n, ms))| (k, n, ms)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
+    };
+    Ok((sorted(by), sorted(gaps)))
 }
 
 thread_local! {
