@@ -90,9 +90,11 @@ __device__ __forceinline__ float rn_row_sum(float v, float* scratch) {
     return blockDim.x == 32 ? warp_sum(v) : block_sum(v, scratch);
 }
 
-template <typename T, int VPT>
-__device__ __forceinline__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, float* rstd, i64 rows, i64 d,
-                                                 float eps) {
+// ADD (add_rms_norm): the normalised row is h = x + b, rounded to T and stored to h_out, as the
+// separate add would store it; the norm reads the rounded h. Otherwise b and h_out are unused.
+template <typename T, int VPT, bool ADD>
+__device__ __forceinline__ void rms_norm_fwd_vec(const T* x, const T* b, T* h_out, const T* w, T* y, float* rstd,
+                                                 i64 rows, i64 d, float eps) {
     constexpr int N = Vec<T>::N;
     __shared__ float scratch[32];
     const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
@@ -106,6 +108,23 @@ __device__ __forceinline__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, f
     for (int k = 0; k < VPT; ++k) {
         const int j = (int)threadIdx.x + k * (int)blockDim.x;
         xv[k] = j < nv ? xr[j] : make_uint4(0u, 0u, 0u, 0u);  // zero bits = 0.f in both types
+    }
+    if (ADD) {
+        const uint4* br = reinterpret_cast<const uint4*>(b + row * d);
+        uint4* hr = reinterpret_cast<uint4*>(h_out + row * d);
+#pragma unroll
+        for (int k = 0; k < VPT; ++k) {
+            const int j = (int)threadIdx.x + k * (int)blockDim.x;
+            if (j < nv) {
+                float f[N], g[N];
+                unpack16<T>(xv[k], f);
+                unpack16<T>(br[j], g);
+#pragma unroll
+                for (int e = 0; e < N; ++e) f[e] += g[e];
+                xv[k] = pack16<T>(f);
+                hr[j] = xv[k];
+            }
+        }
     }
     float ss = 0.f;
 #pragma unroll
@@ -133,9 +152,11 @@ __device__ __forceinline__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, f
 }
 
 // dx_j = r · (g_j w_j − x_j · r · mean),  mean = r · Σ_k g_k w_k x_k / d (as rms_norm_bwd_dx).
-template <typename T, int VPT>
-__device__ __forceinline__ void rms_norm_bwd_dx_vec(const T* x, const T* w, const T* g, const float* rstd, T* dx,
-                                                    i64 rows, i64 d) {
+// ADD (add_rms_norm's backward): gh, the gradient of the sum h itself, is added before the
+// store: dx = gh + the norm's gradient, rounded once. Otherwise gh is unused.
+template <typename T, int VPT, bool ADD>
+__device__ __forceinline__ void rms_norm_bwd_dx_vec(const T* x, const T* w, const T* g, const float* rstd,
+                                                    const T* gh, T* dx, i64 rows, i64 d) {
     constexpr int N = Vec<T>::N;
     __shared__ float scratch[32];
     const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
@@ -178,6 +199,12 @@ __device__ __forceinline__ void rms_norm_bwd_dx_vec(const T* x, const T* w, cons
             unpack16<T>(wv[j], wf);
 #pragma unroll
             for (int e = 0; e < N; ++e) xf[e] = r * (gf[e] * wf[e] - xf[e] * r * mean);
+            if (ADD) {
+                float hf[N];
+                unpack16<T>(reinterpret_cast<const uint4*>(gh + row * d)[j], hf);
+#pragma unroll
+                for (int e = 0; e < N; ++e) xf[e] += hf[e];
+            }
             dr[j] = pack16<T>(xf);
         }
     }
@@ -216,25 +243,34 @@ __device__ __forceinline__ void rms_norm_dw_partial_vec(const T* x, const T* g, 
 
 // Launch bounds: at most 256 threads per block for VPT <= 4 and 512 for VPT = 8 (the host's
 // plan, row_vec_plan in src/backend/cuda/ops/reduce.rs); VPT <= 2 also fits 8 blocks per SM
-// (32 registers, no spills).
-#define NORM_VEC_KERNELS(SFX, T, VPT, MAXT, MINB)                                                            \
+// (32 registers, no spills), except add_rms_norm's backward at VPT = 2, which needs 6 blocks
+// (40 registers) not to spill.
+#define NORM_VEC_KERNELS(SFX, T, VPT, MAXT, MINB, ADD_MINB)                                                  \
     extern "C" __global__ void __launch_bounds__(MAXT, MINB)                                                 \
         rms_norm_fwd_v##VPT##_##SFX(const T* x, const T* w, T* y, float* rstd, i64 rows, i64 d, float eps) { \
-        rms_norm_fwd_vec<T, VPT>(x, w, y, rstd, rows, d, eps);                                               \
+        rms_norm_fwd_vec<T, VPT, false>(x, nullptr, nullptr, w, y, rstd, rows, d, eps);                      \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(MAXT, MINB) rms_norm_bwd_dx_v##VPT##_##SFX(                 \
         const T* x, const T* w, const T* g, const float* rstd, T* dx, i64 rows, i64 d) {                     \
-        rms_norm_bwd_dx_vec<T, VPT>(x, w, g, rstd, dx, rows, d);                                             \
+        rms_norm_bwd_dx_vec<T, VPT, false>(x, w, g, rstd, nullptr, dx, rows, d);                             \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(MAXT, MINB) add_rms_norm_fwd_v##VPT##_##SFX(                \
+        const T* x, const T* b, T* h, const T* w, T* y, float* rstd, i64 rows, i64 d, float eps) {           \
+        rms_norm_fwd_vec<T, VPT, true>(x, b, h, w, y, rstd, rows, d, eps);                                   \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(MAXT, ADD_MINB) add_rms_norm_bwd_dx_v##VPT##_##SFX(         \
+        const T* x, const T* w, const T* g, const float* rstd, const T* gh, T* dx, i64 rows, i64 d) {        \
+        rms_norm_bwd_dx_vec<T, VPT, true>(x, w, g, rstd, gh, dx, rows, d);                                   \
     }
 
-NORM_VEC_KERNELS(f32, float, 1, 256, 8)
-NORM_VEC_KERNELS(f32, float, 2, 256, 8)
-NORM_VEC_KERNELS(f32, float, 4, 256, 1)
-NORM_VEC_KERNELS(f32, float, 8, 512, 1)
-NORM_VEC_KERNELS(bf16, bf16_t, 1, 256, 8)
-NORM_VEC_KERNELS(bf16, bf16_t, 2, 256, 8)
-NORM_VEC_KERNELS(bf16, bf16_t, 4, 256, 1)
-NORM_VEC_KERNELS(bf16, bf16_t, 8, 512, 1)
+NORM_VEC_KERNELS(f32, float, 1, 256, 8, 8)
+NORM_VEC_KERNELS(f32, float, 2, 256, 8, 6)
+NORM_VEC_KERNELS(f32, float, 4, 256, 1, 1)
+NORM_VEC_KERNELS(f32, float, 8, 512, 1, 1)
+NORM_VEC_KERNELS(bf16, bf16_t, 1, 256, 8, 8)
+NORM_VEC_KERNELS(bf16, bf16_t, 2, 256, 8, 6)
+NORM_VEC_KERNELS(bf16, bf16_t, 4, 256, 1, 1)
+NORM_VEC_KERNELS(bf16, bf16_t, 8, 512, 1, 1)
 
 extern "C" __global__ void rms_norm_dw_partial_vec_f32(const float* x, const float* g, const float* rstd,
                                                        float* partial, i64 rows, i64 d, i64 rows_per_chunk) {

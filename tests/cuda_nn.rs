@@ -97,6 +97,77 @@ fn rms_norm_matches_cpu() {
     );
 }
 
+/// `add_rms_norm` (a residual add and the norm after it): the fused kernels against the two
+/// ops on the CPU, with both outputs used, only the norm, only the sum; rows the fused kernels
+/// do not take (odd d, a misaligned view) compose the two ops on CUDA too.
+#[test]
+fn add_rms_norm_matches_cpu() {
+    let both = |x: &[Tensor]| {
+        let (h, y) = x[0].add_rms_norm(&x[1], &x[2], 1e-6)?;
+        Tensor::cat(&[&h, &y], -1)
+    };
+    tessera::backend::cuda::count_launches(true);
+    for (i, &(rows, d)) in [(37, 2048), (3, 80), (300, 64), (5, 3584), (1000, 1280)]
+        .iter()
+        .enumerate()
+    {
+        let s = 40 + 10 * i as u64;
+        let inputs = [
+            randn(&[rows, d], s),
+            randn(&[rows, d], s + 1),
+            randn(&[d], s + 2),
+        ];
+        check(
+            &format!("add_rms_norm {rows}x{d}"),
+            &inputs,
+            &[true, true, true],
+            both,
+        );
+    }
+    let inputs = [
+        randn(&[2, 7, 64], 1),
+        randn(&[2, 7, 64], 2),
+        randn(&[64], 3),
+    ];
+    check(
+        "add_rms_norm, norm only",
+        &inputs,
+        &[true, true, true],
+        |x| Ok(x[0].add_rms_norm(&x[1], &x[2], 1e-5)?.1),
+    );
+    check(
+        "add_rms_norm, sum only",
+        &inputs,
+        &[true, false, true],
+        |x| Ok(x[0].add_rms_norm(&x[1], &x[2], 1e-5)?.0),
+    );
+    check(
+        "add_rms_norm, frozen weight",
+        &inputs,
+        &[false, true, false],
+        both,
+    );
+    let odd = [randn(&[9, 81], 4), randn(&[9, 81], 5), randn(&[81], 6)];
+    check("add_rms_norm 9x81", &odd, &[true, true, true], both);
+    check(
+        "add_rms_norm misaligned view",
+        &[randn(&[5 * 64 + 1], 7), randn(&[5, 64], 8), randn(&[64], 9)],
+        &[true, true, true],
+        |x| {
+            let a = x[0].narrow(0, 1, 5 * 64)?.reshape(&[5, 64])?;
+            let (h, y) = a.add_rms_norm(&x[1], &x[2], 1e-6)?;
+            Tensor::cat(&[&h, &y], -1)
+        },
+    );
+    // The fused kernels really ran (a composition would pass the comparisons too).
+    if has_gpu("add_rms_norm launches") {
+        for name in ["add_rms_norm_fwd_v", "add_rms_norm_bwd_dx_v"] {
+            let n = tessera::backend::cuda::launches_where(|k| k.starts_with(name));
+            assert!(n > 0, "{name}* never launched");
+        }
+    }
+}
+
 // ---------------------------------------------------------------- rope
 
 #[test]

@@ -13,6 +13,29 @@ use num_traits::{One, Zero};
 use rayon::prelude::*;
 
 impl Tensor {
+    /// A residual add and the RMSNorm that follows it: `(h, h.rms_norm(weight, eps))` with
+    /// h = self + delta. On CUDA one kernel reads both inputs and writes both outputs (and the
+    /// backward adds h's gradient into the norm's in the same pass), where the two ops take
+    /// two launches and read h again; elsewhere, and for rows the fused kernels do not take,
+    /// it is the two ops. The values are the two ops' (h rounded to the dtype first).
+    pub fn add_rms_norm(
+        &self,
+        delta: &Tensor,
+        weight: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        if self.is_cuda() {
+            if let Some(r) =
+                crate::backend::cuda::ops::norm::add_rms_norm(self, delta, weight, eps)?
+            {
+                return Ok(r);
+            }
+        }
+        let h = self.add(delta)?;
+        let y = h.rms_norm(weight, eps)?;
+        Ok((h, y))
+    }
+
     pub fn rms_norm(&self, weight: &Tensor, eps: f64) -> Result<Tensor> {
         let d = *self.shape().last().unwrap_or(&0);
         if weight.shape() != [d] {

@@ -209,11 +209,36 @@ impl QwenVl {
         opts: &AttentionOptions,
         past: Option<&LayerKv>,
     ) -> Result<(Tensor, LayerKv)> {
+        let (h, mlp, kv) = self.layer(i, h, None, cos, sin, opts, past)?;
+        Ok((h.add(&mlp)?, kv))
+    }
+
+    /// `decoder_layer` with its last residual add left to the caller: given h and the previous
+    /// layer's MLP output still to be added (`pending`), returns (h after attention, this
+    /// layer's MLP output, keys/values). Each residual add is then fused with the norm that
+    /// follows it (`add_rms_norm`).
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        i: usize,
+        h: &Tensor,
+        pending: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+        opts: &AttentionOptions,
+        past: Option<&LayerKv>,
+    ) -> Result<(Tensor, Tensor, LayerKv)> {
         let t = &self.config.text;
         let (b, seq) = (h.dim(0)?, h.dim(1)?);
         let (hd, nh, nkv) = (t.head_dim(), t.num_attention_heads, t.num_key_value_heads);
         let w = |s: &str| self.p(&format!("model.layers.{i}.{s}"));
-        let x = h.rms_norm(w("input_layernorm.weight")?, t.rms_norm_eps)?;
+        let (h, x) = match pending {
+            Some(d) => h.add_rms_norm(d, w("input_layernorm.weight")?, t.rms_norm_eps)?,
+            None => (
+                h.clone(),
+                h.rms_norm(w("input_layernorm.weight")?, t.rms_norm_eps)?,
+            ),
+        };
         let [q, k, v] = if seq > 1 {
             // One product for q, k and v (their weights and biases concatenated: 10 MB a layer
             // in the 3B model) instead of three: k and v alone are 256 columns wide, too few
@@ -252,13 +277,16 @@ impl QwenVl {
         let a = Tensor::attention(&q, &k, &v, opts)?
             .transpose(1, 2)?
             .reshape(&[b, seq, nh * hd])?;
-        let h = h.add(&a.linear(w("self_attn.o_proj.weight")?, None)?)?;
-        let x = h.rms_norm(w("post_attention_layernorm.weight")?, t.rms_norm_eps)?;
+        let (h, x) = h.add_rms_norm(
+            &a.linear(w("self_attn.o_proj.weight")?, None)?,
+            w("post_attention_layernorm.weight")?,
+            t.rms_norm_eps,
+        )?;
         let m = x
             .linear(w("mlp.gate_proj.weight")?, None)?
             .swiglu(&x.linear(w("mlp.up_proj.weight")?, None)?)?;
-        let h = h.add(&m.linear(w("mlp.down_proj.weight")?, None)?)?;
-        Ok((h, LayerKv { keys: k, values: v }))
+        let m = m.linear(w("mlp.down_proj.weight")?, None)?;
+        Ok((h, m, LayerKv { keys: k, values: v }))
     }
 
     /// All decoder layers over `hidden` [B, T, C] (causal, `key_padding` [B, Tk] masks
@@ -287,11 +315,11 @@ impl QwenVl {
                 )));
             }
         }
-        let mut h = hidden;
+        let (mut h, mut pending) = (hidden, None);
         for i in 0..layers {
             let past = cache.as_deref().and_then(|c| c.get(i));
-            let (next, kv) = self.decoder_layer(i, &h, cos, sin, &opts, past)?;
-            h = next;
+            let (next, mlp, kv) = self.layer(i, &h, pending.as_ref(), cos, sin, &opts, past)?;
+            (h, pending) = (next, Some(mlp));
             if let Some(c) = cache.as_deref_mut() {
                 if c.len() == layers {
                     c[i] = kv;
@@ -300,7 +328,10 @@ impl QwenVl {
                 }
             }
         }
-        Ok(h)
+        match pending {
+            Some(m) => h.add(&m),
+            None => Ok(h),
+        }
     }
 
     /// Final RMSNorm and lm_head: h [B, T, C] -> logits [B, T, V].

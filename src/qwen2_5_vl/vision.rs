@@ -120,19 +120,27 @@ impl VisionPlan {
 }
 
 /// One block: x + proj(attn(rope(qkv(norm1 x)))) then x + mlp(norm2 x), all with biases.
+/// The last add is left to the caller: given x and the previous block's MLP output still to
+/// be added (`pending`), returns (x after attention, this block's MLP output), so that each
+/// residual add is fused with the norm after it (`add_rms_norm`).
+#[allow(clippy::too_many_arguments)]
 fn block(
     x: &Tensor,
+    pending: Option<&Tensor>,
     p: &Params,
     i: usize,
     c: &VisionConfig,
     plan: &VisionPlan,
     cu: &[usize],
     pad_mlp: bool,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor)> {
     let name = |s: &str| format!("visual.blocks.{i}.{s}");
     let w = |s: &str| p.require(&name(s));
     let (s, hd, nh) = (x.dim(0)?, c.head_dim(), c.num_heads);
-    let y = x.rms_norm(w("norm1.weight")?, 1e-6)?;
+    let (x, y) = match pending {
+        Some(d) => x.add_rms_norm(d, w("norm1.weight")?, 1e-6)?,
+        None => (x.clone(), x.rms_norm(w("norm1.weight")?, 1e-6)?),
+    };
     let qkv = y
         .linear(w("attn.qkv.weight")?, Some(w("attn.qkv.bias")?))?
         .reshape(&[s, 3, nh, hd])?
@@ -153,12 +161,15 @@ fn block(
         .squeeze(0)?
         .transpose(0, 1)?
         .reshape(&[s, nh * hd])?;
-    let x = x.add(&a.linear(w("attn.proj.weight")?, Some(w("attn.proj.bias")?))?)?;
-    let y = x.rms_norm(w("norm2.weight")?, 1e-6)?;
+    let (x, y) = x.add_rms_norm(
+        &a.linear(w("attn.proj.weight")?, Some(w("attn.proj.bias")?))?,
+        w("norm2.weight")?,
+        1e-6,
+    )?;
     let m = Mlp::new(&w, pad_mlp)?;
     let gate = y.linear(&m.gate_w, Some(&m.gate_b))?;
     let up = y.linear(&m.up_w, Some(&m.up_b))?;
-    x.add(&gate.swiglu(&up)?.linear(&m.down_w, Some(&m.down_b))?)
+    Ok((x, gate.swiglu(&up)?.linear(&m.down_w, Some(&m.down_b))?))
 }
 
 /// A block's MLP weights. On CUDA an intermediate size that is not a multiple of 8 (the 3B
@@ -256,18 +267,23 @@ fn forward_with(
         .to_dtype(dtype)?
         .linear(&pe, None)?;
     let mut x = x.index_select(&plan.window_rows, 0)?;
+    let mut pending = None;
     for i in 0..c.depth {
         let cu = if c.fullatt_block_indexes.contains(&i) {
             &plan.cu_full
         } else {
             &plan.cu_window
         };
-        x = block(&x, p, i, c, &plan, cu, pad_mlp)?;
+        let (next, mlp) = block(&x, pending.as_ref(), p, i, c, &plan, cu, pad_mlp)?;
+        (x, pending) = (next, Some(mlp));
     }
     let unit = c.spatial_merge_size * c.spatial_merge_size;
-    let y = x
-        .rms_norm(p.require("visual.merger.ln_q.weight")?, 1e-6)?
-        .reshape(&[s / unit, c.hidden_size * unit])?;
+    let ln_q = p.require("visual.merger.ln_q.weight")?;
+    let y = match &pending {
+        Some(d) => x.add_rms_norm(d, ln_q, 1e-6)?.1,
+        None => x.rms_norm(ln_q, 1e-6)?,
+    }
+    .reshape(&[s / unit, c.hidden_size * unit])?;
     let z = y
         .linear(
             p.require("visual.merger.mlp.0.weight")?,
