@@ -75,7 +75,7 @@ pub fn grid_for(n: usize) -> u32 {
 pub fn col_chunks(rows: usize, col_blocks: usize) -> (usize, usize) {
     let sms = device().map(|d| d.sm_count as usize).unwrap_or(108).max(1);
     let want = (4 * sms).div_ceil(col_blocks.max(1)).clamp(1, 1024);
-    let chunks = want.min(rows.div_ceil(16)).max(1);
+    let chunks = want.min(rows / 16).max(1);
     let per = rows.div_ceil(chunks).max(1);
     (per, rows.div_ceil(per))
 }
@@ -314,6 +314,24 @@ mod tests {
         // broadcast dim (stride 0) and size-1 dims
         let s = Strides::new(&[1, 5, 4], &[0, 0, 1], "t").unwrap();
         assert_eq!((s.rank, s.shape[0], s.stride[0], s.shape[1]), (2, 5, 0, 4));
+    }
+
+    /// Row chunks cover every row once, none empty, at least 16 rows each unless there are
+    /// fewer rows, and at most 1024 of them.
+    #[test]
+    fn col_chunks_cover_the_rows() {
+        for rows in [1, 15, 16, 17, 37, 300, 1000, 4096, 100_000, 1 << 22] {
+            for col_blocks in [1, 2, 7, 600] {
+                let (per, chunks) = super::col_chunks(rows, col_blocks);
+                assert!(
+                    per * chunks >= rows && per * (chunks - 1) < rows,
+                    "{rows} {col_blocks}"
+                );
+                assert!(per >= 16.min(rows) && (1..=1024).contains(&chunks));
+            }
+        }
+        // The 3B step's shapes: 4096 rows of one block of columns -> 256 chunks of 16 rows.
+        assert_eq!(super::col_chunks(4096, 1), (16, 256));
     }
 }
 pub mod activation;
