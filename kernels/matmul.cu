@@ -171,7 +171,8 @@ __device__ __forceinline__ void colsum_partial(const T* __restrict__ g, float* _
 }
 
 // Pass 1 with one 16-byte vector (Vec<T>::N columns) per thread, when cols is a multiple of N
-// and g is 16-byte aligned: the same sums in the same order. grid (ceil(cols / N / 256), chunks).
+// and g is 16-byte aligned: the same sums in the same order (the chunks depend on the rows
+// alone, `col_chunks`). grid (ceil(cols / N / 256), chunks).
 template <typename T>
 __device__ __forceinline__ void colsum_partial_vec(const T* __restrict__ g, float* __restrict__ part, i64 rows,
                                                    i64 cols, i64 rows_per_chunk) {

@@ -214,7 +214,8 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
             .map(|i| ((i * 7919) % lv) as i64)
             .collect::<Vec<_>>(),
         &[lt],
-    )?;
+    )?
+    .to_cuda()?;
     let model_shape = format!("{lt}x{lv} bf16");
     let ms = time_ms(reps, || {
         no_grad(|| logits.cross_entropy_f32(&lt_targets, -100)).map(|_| ())

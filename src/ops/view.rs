@@ -178,6 +178,8 @@ impl Tensor {
             parts,
             &[self],
             move |gs| {
+                // Zeros in the dtype of the gradients that came (cat wants one dtype).
+                let dtype = gs.iter().flatten().next().map_or(dtype, |g| g.dtype());
                 let full: Vec<Tensor> = gs
                     .iter()
                     .zip(&shapes)

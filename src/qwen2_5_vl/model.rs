@@ -269,7 +269,9 @@ impl QwenVl {
         };
         let q = q?.rope(cos, sin)?;
         let mut k = k?.rope(cos, sin)?;
-        let mut v = v?;
+        // Contiguous once: attention reads it so (it copied v in its forward and again in its
+        // backward), and the saved v no longer holds the whole q/k/v product alive.
+        let mut v = v?.contiguous()?;
         if let Some(past) = past {
             k = Tensor::cat(&[&past.keys, &k], 2)?;
             v = Tensor::cat(&[&past.values, &v], 2)?;

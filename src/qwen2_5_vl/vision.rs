@@ -152,7 +152,9 @@ fn block(
                                                              // other order needed a copy of each).
     let q = heads(part(0)?)?.rope(cos, sin)?;
     let k = heads(part(1)?)?.rope(cos, sin)?;
-    let v = heads(part(2)?)?;
+    // Contiguous once, as attention reads it (else copied in its forward and backward), and so
+    // that the saved v does not hold the whole qkv product alive.
+    let v = heads(part(2)?)?.contiguous()?;
     let opts = AttentionOptions {
         cu_seqlens: Some(cu.to_vec()),
         ..Default::default()
@@ -179,7 +181,8 @@ fn block(
 /// tensor-core GEMM reads operands by TMA, which needs 16-byte row strides: unpadded, each
 /// block's backward copied its [tokens, 3420] operands into padded or transposed buffers (6
 /// `pad_cols` and 9 `transpose` launches, 3.1 ms of the 3B step in run 12's profile) and 4 of
-/// its GEMMs stored without the TMA epilogue. Padding the weights copies 17 MB instead.
+/// its GEMMs stored without the TMA epilogue. Padding the weights copies 26 MB a block instead
+/// (gate, up and down: 3 x 1280 x 3424 bf16), inference included.
 struct Mlp {
     gate_w: Tensor,
     gate_b: Tensor,

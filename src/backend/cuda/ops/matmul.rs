@@ -468,7 +468,7 @@ fn column_sums(g2: &Tensor) -> Result<Tensor> {
         (format!("colsum_partial_{sfx}"), cols)
     };
     let col_blocks = threads.div_ceil(THREADS);
-    let (rows_per_chunk, chunks) = super::col_chunks(rows, col_blocks);
+    let (rows_per_chunk, chunks) = super::col_chunks(rows);
     let part = Tensor::empty_cuda(&[chunks, cols], DType::F32)?;
     let out = Tensor::empty_cuda(&[cols], dtype)?;
     let pp = part.cuda_ptr()?;

@@ -70,12 +70,12 @@ pub fn grid_for(n: usize) -> u32 {
 }
 
 /// Row chunks of a two-pass column sum (linear's bias gradient, rmsnorm's weight gradient)
-/// over `rows` rows, with `col_blocks` blocks across the columns: about 4 blocks an SM in all,
-/// chunks of at least 16 rows, at most 1024 chunks. Returns (rows per chunk, chunks).
-pub fn col_chunks(rows: usize, col_blocks: usize) -> (usize, usize) {
-    let sms = device().map(|d| d.sm_count as usize).unwrap_or(108).max(1);
-    let want = (4 * sms).div_ceil(col_blocks.max(1)).clamp(1, 1024);
-    let chunks = want.min(rows / 16).max(1);
+/// over `rows` rows: up to 256 chunks of at least 16 rows (256 blocks for the 3B model's
+/// 4096 rows, where 64 chunks left half the SMs idle). They depend on the rows alone, so the
+/// sums are the same bits on every GPU and on both the 16-byte and the scalar path. Returns
+/// (rows per chunk, chunks).
+pub fn col_chunks(rows: usize) -> (usize, usize) {
+    let chunks = (rows / 16).clamp(1, 256);
     let per = rows.div_ceil(chunks).max(1);
     (per, rows.div_ceil(per))
 }
@@ -317,21 +317,16 @@ mod tests {
     }
 
     /// Row chunks cover every row once, none empty, at least 16 rows each unless there are
-    /// fewer rows, and at most 1024 of them.
+    /// fewer rows, and at most 256 of them.
     #[test]
     fn col_chunks_cover_the_rows() {
         for rows in [1, 15, 16, 17, 37, 300, 1000, 4096, 100_000, 1 << 22] {
-            for col_blocks in [1, 2, 7, 600] {
-                let (per, chunks) = super::col_chunks(rows, col_blocks);
-                assert!(
-                    per * chunks >= rows && per * (chunks - 1) < rows,
-                    "{rows} {col_blocks}"
-                );
-                assert!(per >= 16.min(rows) && (1..=1024).contains(&chunks));
-            }
+            let (per, chunks) = super::col_chunks(rows);
+            assert!(per * chunks >= rows && per * (chunks - 1) < rows, "{rows}");
+            assert!(per >= 16.min(rows) && (1..=256).contains(&chunks), "{rows}");
         }
-        // The 3B step's shapes: 4096 rows of one block of columns -> 256 chunks of 16 rows.
-        assert_eq!(super::col_chunks(4096, 1), (16, 256));
+        // The 3B step's 4096 rows: 256 chunks of 16 rows.
+        assert_eq!(super::col_chunks(4096), (16, 256));
     }
 }
 pub mod activation;

@@ -201,7 +201,7 @@ fn backward(
             };
             // partial[c, j] in f32 over chunks of rows, then the sum over the chunks.
             let col_blocks = cols.div_ceil(COL_THREADS);
-            let (rows_per_chunk, chunks) = super::col_chunks(rows, col_blocks);
+            let (rows_per_chunk, chunks) = super::col_chunks(rows);
             let partial = Tensor::empty_cuda(&[chunks, d], DType::F32)?;
             let pp = partial.cuda_ptr()?;
             let (rows64, rpc64) = (rows as i64, rows_per_chunk as i64);
@@ -267,23 +267,18 @@ pub fn add_rms_norm(
         weight.detach().contiguous()?,
     );
     let rows = xc.numel().checked_div(d).unwrap_or(0);
-    let h = Tensor::empty_cuda(x.shape(), dtype)?;
-    let y = Tensor::empty_cuda(x.shape(), dtype)?;
-    let rstd = Tensor::empty_cuda(&[rows], DType::F32)?;
-    let (xp, bp, hp, wp, yp, rp) = (
-        xc.cuda_ptr()?,
-        bc.cuda_ptr()?,
-        h.cuda_ptr()?,
-        w.cuda_ptr()?,
-        y.cuda_ptr()?,
-        rstd.cuda_ptr()?,
-    );
-    let Some(pl) = RowVec::plan(d, dtype.size_in_bytes(), 8, &[xp, bp, hp, wp, yp]) else {
+    let (xp, bp, wp) = (xc.cuda_ptr()?, bc.cuda_ptr()?, w.cuda_ptr()?);
+    // The outputs are fresh allocations (aligned): the inputs decide.
+    let Some(pl) = RowVec::plan(d, dtype.size_in_bytes(), 8, &[xp, bp, wp]) else {
         return Ok(None);
     };
     if rows == 0 {
         return Ok(None);
     }
+    let h = Tensor::empty_cuda(x.shape(), dtype)?;
+    let y = Tensor::empty_cuda(x.shape(), dtype)?;
+    let rstd = Tensor::empty_cuda(&[rows], DType::F32)?;
+    let (hp, yp, rp) = (h.cuda_ptr()?, y.cuda_ptr()?, rstd.cuda_ptr()?);
     let (grid, block) = pl.dims(rows, "add_rms_norm")?;
     let (rows64, d64, eps32) = (rows as i64, d as i64, eps as f32);
     device()?.launch(
