@@ -12,6 +12,11 @@ use crate::{float_dispatch, Error, Result};
 use num_traits::{One, Zero};
 use rayon::prelude::*;
 
+/// `TESSERA_ADD_NORM=0`: `add_rms_norm` as the two ops on CUDA too, for measuring what the
+/// fused kernels save.
+static ADD_NORM: crate::backend::cuda::Switch =
+    crate::backend::cuda::Switch::new("TESSERA_ADD_NORM");
+
 impl Tensor {
     /// A residual add and the RMSNorm that follows it: `(h, h.rms_norm(weight, eps))` with
     /// h = self + delta. On CUDA one kernel reads both inputs and writes both outputs (and the
@@ -24,7 +29,7 @@ impl Tensor {
         weight: &Tensor,
         eps: f64,
     ) -> Result<(Tensor, Tensor)> {
-        if self.is_cuda() {
+        if self.is_cuda() && ADD_NORM.get() != Some(0) {
             if let Some(r) =
                 crate::backend::cuda::ops::norm::add_rms_norm(self, delta, weight, eps)?
             {

@@ -27,6 +27,11 @@ pub struct Batch {
     pub labels: Option<Tensor>,
 }
 
+/// `TESSERA_QKV_FUSED=0`: three q/k/v products in training too (see `QwenVl::layer`), for
+/// measuring what the one product saves.
+static QKV_FUSED: crate::backend::cuda::Switch =
+    crate::backend::cuda::Switch::new("TESSERA_QKV_FUSED");
+
 /// The decoder stack's inputs for a batch (see [`QwenVl::decoder_inputs`]).
 pub struct DecoderInputs {
     /// Token embeddings with image features merged: [B, T, C].
@@ -239,7 +244,7 @@ impl QwenVl {
                 h.rms_norm(w("input_layernorm.weight")?, t.rms_norm_eps)?,
             ),
         };
-        let [q, k, v] = if seq > 1 {
+        let [q, k, v] = if seq > 1 && QKV_FUSED.get() != Some(0) {
             // One product for q, k and v (their weights and biases concatenated: 10 MB a layer
             // in the 3B model) instead of three: k and v alone are 256 columns wide, too few
             // to fill the GPU, and x's gradient is then one product with no adds. Decoding

@@ -230,8 +230,13 @@ pub fn vision_forward(
     grids: &[[usize; 3]],
 ) -> Result<Tensor> {
     let cuda = p.require("visual.patch_embed.proj.weight")?.is_cuda();
-    forward_with(p, c, pixel_values, grids, cuda)
+    forward_with(p, c, pixel_values, grids, cuda && MLP_PAD.get() != Some(0))
 }
+
+/// `TESSERA_VISION_MLP_PAD=0`: the vision MLP unpadded on CUDA too (see [`Mlp`]), for measuring
+/// what the padding saves.
+static MLP_PAD: crate::backend::cuda::Switch =
+    crate::backend::cuda::Switch::new("TESSERA_VISION_MLP_PAD");
 
 /// `vision_forward`, with the MLP's intermediate size padded to a multiple of 8 or not
 /// (see [`Mlp`]).

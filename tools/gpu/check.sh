@@ -310,6 +310,8 @@ done
 # AdamW's compute copies and the bf16 gradients on them are `bench step`'s defaults when their
 # tests passed (else they are off already).
 OFFS="TESSERA_GEMM_MN=0 TESSERA_FLASH_WG=0 TESSERA_FLASH_WG_BWD=0 TESSERA_GEMM_TS=0 TESSERA_ADAMW_MULTI=0"
+# The seventh session's changes, prepared without a GPU: what each saves in the step.
+OFFS="TESSERA_VISION_MLP_PAD=0 TESSERA_QKV_FUSED=0 TESSERA_ADD_NORM=0 $OFFS"
 [ -n "$FUSED_OK" ] && OFFS="$OFFS TESSERA_FUSED_CASTS=0"
 [ -n "$FUSED_OK" ] && [ -n "$LEAVES_OK" ] && OFFS="$OFFS TESSERA_BF16_GRADS=0"
 # Where the step's time goes, per kernel (before the leave-one-out steps, as it says more than
