@@ -265,10 +265,50 @@ __device__ __forceinline__ uint4 neg_inf16<bf16_t>() {
 }
 
 // Column sums in two passes (linear's bias gradient, rmsnorm's weight gradient): pass 1 writes
-// the f32 sums of chunks of rows, partial[c, j]; pass 2 adds them. Pass 2: grid ceil(d / 32),
-// block (32, 8): warp w sums chunks w, w + 8, ... of its 32 columns, then warp 0 adds the 8
-// sums in order. Deterministic, and 8 loads in flight per column where one thread per column
-// walked every chunk in turn.
+// the f32 sums of chunks of rows, partial[c, j]; pass 2 adds them.
+//
+// Pass 1 with one 16-byte vector (Vec<T>::N columns) per thread: partial[c, j] = Σ over rows r
+// of chunk c of g[r, j], or of g[r, j]·x[r, j]·rstd[r] when SCALED (rmsnorm's weight
+// gradient). g, x: contiguous [rows, d], d a multiple of N, 16-byte aligned. grid
+// (ceil((d / N) / blockDim.x), chunks); chunk c covers rows [c·rows_per_chunk, ...).
+template <typename T, bool SCALED>
+__device__ __forceinline__ void col_partials_vec(const T* g, const T* x, const float* rstd, float* partial, i64 rows,
+                                                 i64 d, i64 rows_per_chunk) {
+    constexpr int N = Vec<T>::N;
+    const i64 nv = d / N;
+    const i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= nv) return;
+    const i64 c = blockIdx.y;
+    const i64 r0 = c * rows_per_chunk;
+    const i64 r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+    const uint4* gv = reinterpret_cast<const uint4*>(g);
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    float acc[N];
+#pragma unroll
+    for (int e = 0; e < N; ++e) acc[e] = 0.f;
+#pragma unroll 4
+    for (i64 r = r0; r < r1; ++r) {
+        float gf[N];
+        unpack16<T>(gv[r * nv + j], gf);
+        if (SCALED) {
+            float xf[N];
+            unpack16<T>(xv[r * nv + j], xf);
+            const float rs = rstd[r];
+#pragma unroll
+            for (int e = 0; e < N; ++e) acc[e] += gf[e] * xf[e] * rs;
+        } else {
+#pragma unroll
+            for (int e = 0; e < N; ++e) acc[e] += gf[e];
+        }
+    }
+    float* out = partial + c * d + j * N;
+#pragma unroll
+    for (int e = 0; e < N; ++e) out[e] = acc[e];
+}
+
+// Pass 2: grid ceil(d / 32), block (32, 8): warp w sums chunks w, w + 8, ... of its 32
+// columns, then warp 0 adds the 8 sums in order. Deterministic, and 8 loads in flight per
+// column where one thread per column walked every chunk in turn.
 template <typename T>
 __device__ __forceinline__ void col_partials_sum(const float* __restrict__ partial, T* __restrict__ out, i64 chunks,
                                                  i64 d) {

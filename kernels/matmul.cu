@@ -171,32 +171,8 @@ __device__ __forceinline__ void colsum_partial(const T* __restrict__ g, float* _
 }
 
 // Pass 1 with one 16-byte vector (Vec<T>::N columns) per thread, when cols is a multiple of N
-// and g is 16-byte aligned: the same sums in the same order (the chunks depend on the rows
-// alone, `col_chunks`). grid (ceil(cols / N / 256), chunks).
-template <typename T>
-__device__ __forceinline__ void colsum_partial_vec(const T* __restrict__ g, float* __restrict__ part, i64 rows,
-                                                   i64 cols, i64 rows_per_chunk) {
-    constexpr int N = Vec<T>::N;
-    const i64 nv = cols / N;
-    const i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= nv) return;
-    const i64 r0 = (i64)blockIdx.y * rows_per_chunk;
-    const i64 r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
-    const uint4* gv = reinterpret_cast<const uint4*>(g);
-    float acc[N];
-#pragma unroll
-    for (int e = 0; e < N; ++e) acc[e] = 0.f;
-#pragma unroll 4
-    for (i64 r = r0; r < r1; ++r) {
-        float f[N];
-        unpack16<T>(gv[r * nv + j], f);
-#pragma unroll
-        for (int e = 0; e < N; ++e) acc[e] += f[e];
-    }
-    float* out = part + (i64)blockIdx.y * cols + j * N;
-#pragma unroll
-    for (int e = 0; e < N; ++e) out[e] = acc[e];
-}
+// and g is 16-byte aligned (col_partials_vec of common.cuh): the same sums in the same order
+// (the chunks depend on the rows alone, `col_chunks`). grid (ceil(cols / N / 256), chunks).
 
 // Pass 2: out[col] = the sum over chunks of part[c, col] (col_partials_sum), in the output dtype.
 #define COLSUM_KERNELS(SFX, T)                                                                \
@@ -206,7 +182,7 @@ __device__ __forceinline__ void colsum_partial_vec(const T* __restrict__ g, floa
     }                                                                                         \
     extern "C" __global__ void colsum_partial_vec_##SFX(const T* g, float* part, i64 rows,    \
                                                         i64 cols, i64 rows_per_chunk) {       \
-        colsum_partial_vec<T>(g, part, rows, cols, rows_per_chunk);                           \
+        col_partials_vec<T, false>(g, nullptr, nullptr, part, rows, cols, rows_per_chunk);                           \
     }                                                                                         \
     extern "C" __global__ void colsum_sum_##SFX(const float* part, T* out, i64 chunks,        \
                                                 i64 cols) {                                   \

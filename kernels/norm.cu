@@ -210,37 +210,8 @@ __device__ __forceinline__ void rms_norm_bwd_dx_vec(const T* x, const T* w, cons
     }
 }
 
-// rms_norm_dw_partial with one 16-byte vector (N columns) per thread: the same sums in the
-// same (row) order. grid (ceil((d / N) / blockDim.x), chunks).
-template <typename T>
-__device__ __forceinline__ void rms_norm_dw_partial_vec(const T* x, const T* g, const float* rstd, float* partial,
-                                                        i64 rows, i64 d, i64 rows_per_chunk) {
-    constexpr int N = Vec<T>::N;
-    const i64 nv = d / N;
-    const i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= nv) return;
-    const i64 c = blockIdx.y;
-    const i64 r0 = c * rows_per_chunk;
-    const i64 r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
-    const uint4* xv = reinterpret_cast<const uint4*>(x);
-    const uint4* gv = reinterpret_cast<const uint4*>(g);
-    float acc[N];
-#pragma unroll
-    for (int e = 0; e < N; ++e) acc[e] = 0.f;
-#pragma unroll 4
-    for (i64 r = r0; r < r1; ++r) {
-        float xf[N], gf[N];
-        unpack16<T>(xv[r * nv + j], xf);
-        unpack16<T>(gv[r * nv + j], gf);
-        const float rs = rstd[r];
-#pragma unroll
-        for (int e = 0; e < N; ++e) acc[e] += gf[e] * xf[e] * rs;
-    }
-    float* out = partial + c * d + j * N;
-#pragma unroll
-    for (int e = 0; e < N; ++e) out[e] = acc[e];
-}
-
+// rms_norm_dw_partial with one 16-byte vector (N columns) per thread: col_partials_vec of
+// common.cuh with the product g·x·rstd. grid (ceil((d / N) / blockDim.x), chunks).
 // Launch bounds: at most 256 threads per block for VPT <= 4 and 512 for VPT = 8 (the host's
 // plan, row_vec_plan in src/backend/cuda/ops/reduce.rs); VPT <= 2 also fits 8 blocks per SM
 // (32 registers, no spills), except add_rms_norm's backward at VPT = 2, which needs 6 blocks
@@ -274,9 +245,9 @@ NORM_VEC_KERNELS(bf16, bf16_t, 8, 512, 1, 1)
 
 extern "C" __global__ void rms_norm_dw_partial_vec_f32(const float* x, const float* g, const float* rstd,
                                                        float* partial, i64 rows, i64 d, i64 rows_per_chunk) {
-    rms_norm_dw_partial_vec<float>(x, g, rstd, partial, rows, d, rows_per_chunk);
+    col_partials_vec<float, true>(g, x, rstd, partial, rows, d, rows_per_chunk);
 }
 extern "C" __global__ void rms_norm_dw_partial_vec_bf16(const bf16_t* x, const bf16_t* g, const float* rstd,
                                                         float* partial, i64 rows, i64 d, i64 rows_per_chunk) {
-    rms_norm_dw_partial_vec<bf16_t>(x, g, rstd, partial, rows, d, rows_per_chunk);
+    col_partials_vec<bf16_t, true>(g, x, rstd, partial, rows, d, rows_per_chunk);
 }

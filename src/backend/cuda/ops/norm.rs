@@ -132,43 +132,24 @@ fn backward(
             if let Some(pl) = RowVec::plan(d, dtype.size_in_bytes(), 8, &ptrs) {
                 let (grid, block) = pl.dims(rows, "rms_norm_backward")?;
                 let rows64 = rows as i64;
-                if let Some(ghp) = ghp {
-                    dev.launch(
-                        "norm.cu",
-                        &format!("add_rms_norm_bwd_dx_v{}_{sfx}", pl.vpt),
-                        grid,
-                        block,
-                        0,
-                        &[
-                            arg(&xp),
-                            arg(&wp),
-                            arg(&gp),
-                            arg(&rp),
-                            arg(&ghp),
-                            arg(&dp),
-                            arg(&rows64),
-                            arg(&d64),
-                        ],
-                    )?;
-                    added = true;
+                // With gh: the kernel that adds it, one more argument after rstd.
+                let mut args = vec![arg(&xp), arg(&wp), arg(&gp), arg(&rp)];
+                args.extend(ghp.as_ref().map(arg));
+                args.extend([arg(&dp), arg(&rows64), arg(&d64)]);
+                let kernel = if ghp.is_some() {
+                    "add_rms_norm_bwd_dx"
                 } else {
-                    dev.launch(
-                        "norm.cu",
-                        &format!("rms_norm_bwd_dx_v{}_{sfx}", pl.vpt),
-                        grid,
-                        block,
-                        0,
-                        &[
-                            arg(&xp),
-                            arg(&wp),
-                            arg(&gp),
-                            arg(&rp),
-                            arg(&dp),
-                            arg(&rows64),
-                            arg(&d64),
-                        ],
-                    )?;
-                }
+                    "rms_norm_bwd_dx"
+                };
+                dev.launch(
+                    "norm.cu",
+                    &format!("{kernel}_v{}_{sfx}", pl.vpt),
+                    grid,
+                    block,
+                    0,
+                    &args,
+                )?;
+                added = ghp.is_some();
             } else {
                 dev.launch(
                     "norm.cu",
