@@ -139,3 +139,75 @@ fn seeded_randomness_is_reproducible() {
     let c = Tensor::randn(&[16], 1.0, DType::F32, &mut Rng::new(12)).unwrap();
     assert_ne!(a.to_vec::<f32>().unwrap(), c.to_vec::<f32>().unwrap());
 }
+
+/// Activation checkpointing gives the gradients of the plain graph (to rounding: the sums of a
+/// tensor's gradient contributions associate differently): inputs,
+/// params, two outputs of which one feeds the other's consumer, an output without a gradient,
+/// and a chain of two checkpoints. A tensor needing gradients captured by the function (not
+/// passed) is an error at the backward, not a silently missing gradient.
+#[test]
+fn checkpoint_gives_the_plain_gradients() {
+    use tessera::autograd::checkpoint;
+    let mut rng = Rng::new(3);
+    let mk = |rng: &mut Rng, shape: &[usize]| {
+        Tensor::randn(shape, 1.0, DType::F64, rng)
+            .unwrap()
+            .requires_grad_()
+    };
+    let (x, w1, w2) = (
+        mk(&mut rng, &[4, 5]),
+        mk(&mut rng, &[5, 5]),
+        mk(&mut rng, &[5]),
+    );
+    let block = |xs: &[Tensor], ps: &[Tensor]| -> tessera::Result<Vec<Tensor>> {
+        let h = xs[0].matmul(&ps[0])?.tanh()?;
+        let y = h.mul(&ps[1])?.exp()?;
+        Ok(vec![h, y, xs[0].mul_scalar(2.0)?])
+    };
+    let loss_of = |outs: &[Tensor]| -> Tensor {
+        let (h, y) = (&outs[0], &outs[1]);
+        h.sum_all()
+            .unwrap()
+            .add(&y.mul(h).unwrap().sum_all().unwrap())
+            .unwrap()
+    };
+    let run = |ckpt: bool| -> Vec<Vec<f64>> {
+        for t in [&x, &w1, &w2] {
+            t.zero_grad();
+        }
+        let (a, b) = if ckpt {
+            let a = checkpoint(&[&x], &[&w1, &w2], block).unwrap();
+            let b = checkpoint(&[&a[1]], &[&w1, &w2], block).unwrap();
+            (a, b)
+        } else {
+            let p = [w1.clone(), w2.clone()];
+            let a = block(std::slice::from_ref(&x), &p).unwrap();
+            let b = block(&[a[1].clone()], &p).unwrap();
+            (a, b)
+        };
+        loss_of(&a).add(&loss_of(&b)).unwrap().backward().unwrap();
+        [&x, &w1, &w2]
+            .iter()
+            .map(|t| t.grad().unwrap().to_f64s().unwrap())
+            .collect()
+    };
+    for (a, b) in run(true).iter().flatten().zip(run(false).iter().flatten()) {
+        assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+
+    let captured = w1.clone();
+    let outs = checkpoint(&[&x], &[&w2], move |xs, ps| {
+        Ok(vec![xs[0].matmul(&captured)?.mul(&ps[0])?])
+    })
+    .unwrap();
+    let err = outs[0]
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("neither among its inputs nor its params"),
+        "{err}"
+    );
+}

@@ -67,6 +67,22 @@ impl Drop for NoGradGuard {
     }
 }
 
+/// While alive, ops record a graph again (a recomputation inside a backward, which runs
+/// under `NoGradGuard`); restores the previous mode on drop.
+struct GradGuard(bool);
+
+impl GradGuard {
+    fn new() -> Self {
+        GradGuard(GRAD_ENABLED.with(|g| g.replace(true)))
+    }
+}
+
+impl Drop for GradGuard {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.0));
+    }
+}
+
 /// Runs `f` without recording a graph.
 pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
     let _g = NoGradGuard::new();
@@ -147,23 +163,28 @@ fn node_key(n: &Arc<Node>) -> usize {
     Arc::as_ptr(n) as usize
 }
 
-/// Nodes reachable from `root`, each after all nodes that consume it.
-fn topo_order(root: &Arc<Node>) -> Vec<Arc<Node>> {
+/// Nodes reachable from `roots`, each after all nodes that consume it.
+fn topo_order(roots: &[&Arc<Node>]) -> Vec<Arc<Node>> {
     let mut order = Vec::new();
     let mut visited = std::collections::HashSet::new();
-    // Iterative post-order DFS: (node, next edge to visit).
-    let mut stack: Vec<(Arc<Node>, usize)> = vec![(root.clone(), 0)];
-    visited.insert(node_key(root));
-    while let Some((node, i)) = stack.pop() {
-        if i < node.edges.len() {
-            stack.push((node.clone(), i + 1));
-            if let Some(Edge::Node(child, _)) = &node.edges[i] {
-                if visited.insert(node_key(child)) {
-                    stack.push((child.clone(), 0));
+    // Iterative post-order DFS from each root in turn, to completion, with one visited set:
+    // (node, next edge to visit).
+    for root in roots {
+        if !visited.insert(node_key(root)) {
+            continue;
+        }
+        let mut stack: Vec<(Arc<Node>, usize)> = vec![((*root).clone(), 0)];
+        while let Some((node, i)) = stack.pop() {
+            if i < node.edges.len() {
+                stack.push((node.clone(), i + 1));
+                if let Some(Edge::Node(child, _)) = &node.edges[i] {
+                    if visited.insert(node_key(child)) {
+                        stack.push((child.clone(), 0));
+                    }
                 }
+            } else {
+                order.push(node);
             }
-        } else {
-            order.push(node);
         }
     }
     order.reverse();
@@ -181,14 +202,20 @@ fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
 /// Runs the graph under `root` backwards from `root_grad`; returns the gradient of every
 /// leaf reached, keyed by leaf id, with the leaf itself.
 fn run_backward(root: &Tensor, root_grad: Tensor) -> Result<HashMap<TensorId, (Tensor, Tensor)>> {
-    let _g = NoGradGuard::new();
-    if root_grad.shape() != root.shape() {
-        return Err(Error::Autograd(format!(
-            "upstream gradient has shape {:?} but the tensor has {:?}",
-            root_grad.shape(),
-            root.shape()
-        )));
+    if root.grad_fn().is_none() && !root.requires_grad() {
+        return Err(Error::Autograd(
+            "backward on a tensor that does not require gradients (no parameter in its graph, \
+             or computed under no_grad)"
+                .into(),
+        ));
     }
+    run_backward_many(&[(root.clone(), root_grad)])
+}
+
+/// `run_backward` from several roots at once, each with its upstream gradient (one pass over
+/// the graph they share). Roots that do not require gradients are skipped.
+fn run_backward_many(roots: &[(Tensor, Tensor)]) -> Result<HashMap<TensorId, (Tensor, Tensor)>> {
+    let _g = NoGradGuard::new();
     let mut leaves: HashMap<TensorId, (Tensor, Tensor)> = HashMap::new();
     let add_leaf = |leaves: &mut HashMap<TensorId, (Tensor, Tensor)>, leaf: &Tensor, g: Tensor| {
         let id = leaf.id();
@@ -198,21 +225,30 @@ fn run_backward(root: &Tensor, root_grad: Tensor) -> Result<HashMap<TensorId, (T
         };
         Ok::<(), Error>(())
     };
-    let Some(root_node) = root.grad_fn() else {
-        if root.requires_grad() {
-            add_leaf(&mut leaves, root, root_grad)?;
-            return Ok(leaves);
-        }
-        return Err(Error::Autograd(
-            "backward on a tensor that does not require gradients (no parameter in its graph, \
-             or computed under no_grad)"
-                .into(),
-        ));
-    };
-    let order = topo_order(root_node);
     // Per node, the gradient of each of its outputs so far.
     let mut grads: HashMap<usize, Vec<Option<Tensor>>> = HashMap::new();
-    grads.insert(node_key(root_node), vec![Some(root_grad)]);
+    let mut root_nodes = Vec::new();
+    for (root, root_grad) in roots {
+        if root_grad.shape() != root.shape() {
+            return Err(Error::Autograd(format!(
+                "upstream gradient has shape {:?} but the tensor has {:?}",
+                root_grad.shape(),
+                root.shape()
+            )));
+        }
+        match root.grad_fn() {
+            Some(n) => {
+                let slots = grads
+                    .entry(node_key(n))
+                    .or_insert_with(|| vec![None; n.slots]);
+                accumulate(&mut slots[0], root_grad.clone())?;
+                root_nodes.push(n.clone());
+            }
+            None if root.requires_grad() => add_leaf(&mut leaves, root, root_grad.clone())?,
+            None => {}
+        }
+    }
+    let order = topo_order(&root_nodes.iter().collect::<Vec<_>>());
     for node in order {
         let Some(g) = grads.remove(&node_key(&node)) else {
             continue;
@@ -324,4 +360,71 @@ pub fn grad(
         .iter()
         .map(|t| leaves.remove(&t.id()).map(|(_, g)| g))
         .collect())
+}
+
+/// Activation checkpointing: `f(inputs, params)` computed without keeping its intermediate
+/// tensors; the backward computes it again, with a graph over detached copies of `inputs`
+/// and `params`, and backpropagates the outputs' gradients through that. Memory: the inputs
+/// instead of everything `f` saves for its backward; time: one more forward of `f`.
+///
+/// `params` are the tensors needing gradients that `f` uses besides its inputs (a layer's
+/// weights): they get their gradients through this node, so they must be passed, not
+/// captured; a captured one is an error at the backward. `f` must compute the same values
+/// both times (no randomness).
+pub fn checkpoint(
+    inputs: &[&Tensor],
+    params: &[&Tensor],
+    f: impl Fn(&[Tensor], &[Tensor]) -> Result<Vec<Tensor>> + Send + Sync + 'static,
+) -> Result<Vec<Tensor>> {
+    let all: Vec<&Tensor> = inputs.iter().chain(params).copied().collect();
+    let owned = |ts: &[&Tensor]| ts.iter().map(|t| (*t).clone()).collect::<Vec<_>>();
+    if !needs_grad(&all) {
+        return f(&owned(inputs), &owned(params));
+    }
+    let saved: Vec<Tensor> = all.iter().map(|t| t.detach()).collect();
+    let n_in = inputs.len();
+    let outs = no_grad(|| f(&saved[..n_in], &saved[n_in..]))?;
+    let want: Vec<bool> = all.iter().map(|t| t.requires_grad()).collect();
+    Ok(record_many("checkpoint", outs, &all, move |gs| {
+        let _g = GradGuard::new();
+        let xs: Vec<Tensor> = saved
+            .iter()
+            .zip(&want)
+            .map(|(t, &w)| {
+                if w {
+                    t.detach().requires_grad_()
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        let outs = f(&xs[..n_in], &xs[n_in..])?;
+        if outs.len() != gs.len() {
+            return Err(Error::Autograd(format!(
+                "checkpoint: the recomputation gave {} outputs, the forward {}",
+                outs.len(),
+                gs.len()
+            )));
+        }
+        let roots: Vec<(Tensor, Tensor)> = outs
+            .iter()
+            .zip(gs)
+            .filter_map(|(o, g)| g.clone().map(|g| (o.clone(), g)))
+            .collect();
+        let mut leaves = run_backward_many(&roots)?;
+        let grads = xs
+            .iter()
+            .zip(&want)
+            .map(|(x, &w)| w.then(|| leaves.remove(&x.id()).map(|(_, g)| g)).flatten())
+            .collect();
+        if let Some((l, _)) = leaves.values().next() {
+            return Err(Error::Autograd(format!(
+                "checkpoint: the function used a tensor that needs gradients ({:?} {}) and is \
+                 neither among its inputs nor its params",
+                l.shape(),
+                l.dtype()
+            )));
+        }
+        Ok(grads)
+    }))
 }

@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// step: timed steps (after one warm-up step).
     #[arg(long, default_value_t = 10)]
     steps: usize,
+    /// step: activation checkpointing (each decoder layer and vision block computed again in
+    /// the backward; for configs whose activations do not fit, such as the whole 3B model).
+    #[arg(long)]
+    checkpoint: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long, default_value = "f32")]
@@ -367,7 +371,8 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
     let [h, w] = a.image[..] else {
         return Err(Error::msg("--image wants H,W"));
     };
-    let config = Config::from_file(a.model.join("config.json"))?;
+    let mut config = Config::from_file(a.model.join("config.json"))?;
+    config.gradient_checkpointing = a.checkpoint;
     let mut rng = Rng::new(0);
     // f32 master weights on the device; a bf16 run computes with bf16 copies of them (below).
     let model = QwenVl::random(config.clone(), DType::F32, &mut rng)?.to_device(device)?;

@@ -64,6 +64,10 @@ pub struct Config {
     pub video_token_id: i64,
     pub vision_start_token_id: i64,
     pub vision_end_token_id: i64,
+    /// Activation checkpointing in training (not part of config.json; transformers'
+    /// `gradient_checkpointing_enable()`): each decoder layer and vision block keeps only its
+    /// inputs for the backward and computes its forward again there.
+    pub gradient_checkpointing: bool,
 }
 
 fn field<'a>(objs: &[&'a Value], key: &str) -> Option<&'a Value> {
@@ -189,6 +193,7 @@ impl Config {
             video_token_id: id("video_token_id", 151656),
             vision_start_token_id: id("vision_start_token_id", 151652),
             vision_end_token_id: id("vision_end_token_id", 151653),
+            gradient_checkpointing: false,
         };
         c.validate()?;
         Ok(c)

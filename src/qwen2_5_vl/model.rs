@@ -3,7 +3,7 @@
 
 use super::config::Config;
 use super::rope::{mrope_tables, rope_index, Positions};
-use super::vision::vision_forward;
+use super::vision::vision_forward_with;
 use super::weights;
 use crate::nn::Params;
 use crate::ops::attention::AttentionOptions;
@@ -123,11 +123,12 @@ impl QwenVl {
             }
             return Ok(e);
         };
-        let feats = vision_forward(
+        let feats = vision_forward_with(
             &self.params,
             &self.config.vision,
             pixels,
             &batch.image_grid_thw,
+            self.config.gradient_checkpointing,
         )?;
         if feats.dim(0)? != n_img {
             return Err(Error::msg(format!(
@@ -296,6 +297,48 @@ impl QwenVl {
         Ok((h, m, LayerKv { keys: k, values: v }))
     }
 
+    /// `layer` (no cache) under `autograd::checkpoint`: its inputs kept, its forward computed
+    /// again in the backward with the layer's weights (`model.layers.{i}.*`) passed as params.
+    fn layer_checkpointed(
+        &self,
+        i: usize,
+        h: &Tensor,
+        pending: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+        opts: &AttentionOptions,
+    ) -> Result<(Tensor, Tensor)> {
+        let prefix = format!("model.layers.{i}.");
+        let (names, weights): (Vec<String>, Vec<Tensor>) = self
+            .params
+            .iter()
+            .filter(|(n, _)| n.starts_with(&prefix))
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .unzip();
+        let (config, cos, sin, opts) =
+            (self.config.clone(), cos.clone(), sin.clone(), opts.clone());
+        let mut inputs = vec![h];
+        inputs.extend(pending);
+        let outs = crate::autograd::checkpoint(
+            &inputs,
+            &weights.iter().collect::<Vec<_>>(),
+            move |xs, ws| {
+                let mut params = Params::default();
+                for (n, w) in names.iter().zip(ws) {
+                    params.push(n.as_str(), w);
+                }
+                let layer = QwenVl {
+                    config: config.clone(),
+                    params,
+                };
+                let (h, mlp, _) = layer.layer(i, &xs[0], xs.get(1), &cos, &sin, &opts, None)?;
+                Ok(vec![h, mlp])
+            },
+        )?;
+        let mut it = outs.into_iter();
+        Ok((it.next().expect("h"), it.next().expect("mlp")))
+    }
+
     /// All decoder layers over `hidden` [B, T, C] (causal, `key_padding` [B, Tk] masks
     /// padding keys). Without a cache Tk = T. With one, `cache` holds one `LayerKv` per layer
     /// for the earlier tokens (Tk = earlier + T) and is replaced by the extended keys/values;
@@ -323,7 +366,16 @@ impl QwenVl {
             }
         }
         let (mut h, mut pending) = (hidden, None);
+        let checkpoint = self.config.gradient_checkpointing
+            && cache.is_none()
+            && crate::autograd::is_grad_enabled();
         for i in 0..layers {
+            if checkpoint {
+                let (next, mlp) =
+                    self.layer_checkpointed(i, &h, pending.as_ref(), cos, sin, &opts)?;
+                (h, pending) = (next, Some(mlp));
+                continue;
+            }
             let past = cache.as_deref().and_then(|c| c.get(i));
             let (next, mlp, kv) = self.layer(i, &h, pending.as_ref(), cos, sin, &opts, past)?;
             (h, pending) = (next, Some(mlp));

@@ -10,6 +10,7 @@ use crate::ops::attention::AttentionOptions;
 use crate::{Error, Result, Tensor};
 
 /// Everything about the token layout that depends only on the grids (no weights).
+#[derive(Clone)]
 pub struct VisionPlan {
     /// Patch rows in window order (index into the raster-order rows), [S].
     pub window_rows: Tensor,
@@ -222,6 +223,44 @@ impl Mlp {
     }
 }
 
+/// `block` under `autograd::checkpoint`: its inputs kept, its forward computed again in the
+/// backward with the block's weights (`visual.blocks.{i}.*`) passed as params.
+#[allow(clippy::too_many_arguments)]
+fn block_checkpointed(
+    x: &Tensor,
+    pending: Option<&Tensor>,
+    p: &Params,
+    i: usize,
+    c: &VisionConfig,
+    plan: &VisionPlan,
+    cu: &[usize],
+    pad_mlp: bool,
+) -> Result<(Tensor, Tensor)> {
+    let prefix = format!("visual.blocks.{i}.");
+    let (names, weights): (Vec<String>, Vec<Tensor>) = p
+        .iter()
+        .filter(|(n, _)| n.starts_with(&prefix))
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .unzip();
+    let (c, plan, cu) = (c.clone(), plan.clone(), cu.to_vec());
+    let mut inputs = vec![x];
+    inputs.extend(pending);
+    let outs = crate::autograd::checkpoint(
+        &inputs,
+        &weights.iter().collect::<Vec<_>>(),
+        move |xs, ws| {
+            let mut p = Params::default();
+            for (n, w) in names.iter().zip(ws) {
+                p.push(n.as_str(), w);
+            }
+            let (x, mlp) = block(&xs[0], xs.get(1), &p, i, &c, &plan, &cu, pad_mlp)?;
+            Ok(vec![x, mlp])
+        },
+    )?;
+    let mut it = outs.into_iter();
+    Ok((it.next().expect("x"), it.next().expect("mlp")))
+}
+
 /// pixel_values [S, patch_dim] and the image grids -> features [S/4, out_hidden] (raster order).
 pub fn vision_forward(
     p: &Params,
@@ -229,8 +268,21 @@ pub fn vision_forward(
     pixel_values: &Tensor,
     grids: &[[usize; 3]],
 ) -> Result<Tensor> {
+    vision_forward_with(p, c, pixel_values, grids, false)
+}
+
+/// `vision_forward`, with each block checkpointed (`autograd::checkpoint`: it keeps its inputs
+/// and computes its forward again in the backward) when `checkpoint` and gradients are on.
+pub fn vision_forward_with(
+    p: &Params,
+    c: &VisionConfig,
+    pixel_values: &Tensor,
+    grids: &[[usize; 3]],
+    checkpoint: bool,
+) -> Result<Tensor> {
     let cuda = p.require("visual.patch_embed.proj.weight")?.is_cuda();
-    forward_with(p, c, pixel_values, grids, cuda && MLP_PAD.get() != Some(0))
+    let pad = cuda && MLP_PAD.get() != Some(0);
+    forward_with(p, c, pixel_values, grids, pad, checkpoint)
 }
 
 /// `TESSERA_VISION_MLP_PAD=0`: the vision MLP unpadded on CUDA too (see [`Mlp`]), for measuring
@@ -246,6 +298,7 @@ fn forward_with(
     pixel_values: &Tensor,
     grids: &[[usize; 3]],
     pad_mlp: bool,
+    checkpoint: bool,
 ) -> Result<Tensor> {
     let s: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
     if pixel_values.rank() != 2
@@ -282,7 +335,11 @@ fn forward_with(
         } else {
             &plan.cu_window
         };
-        let (next, mlp) = block(&x, pending.as_ref(), p, i, c, &plan, cu, pad_mlp)?;
+        let (next, mlp) = if checkpoint && crate::autograd::is_grad_enabled() {
+            block_checkpointed(&x, pending.as_ref(), p, i, c, &plan, cu, pad_mlp)?
+        } else {
+            block(&x, pending.as_ref(), p, i, c, &plan, cu, pad_mlp)?
+        };
         (x, pending) = (next, Some(mlp));
     }
     let unit = c.spatial_merge_size * c.spatial_merge_size;
@@ -342,7 +399,7 @@ mod tests {
             for (_, t) in p.iter() {
                 t.zero_grad();
             }
-            let f = forward_with(&p, c, &pixels, &grids, pad).unwrap();
+            let f = forward_with(&p, c, &pixels, &grids, pad, false).unwrap();
             f.mul(&probe)
                 .unwrap()
                 .sum_all()

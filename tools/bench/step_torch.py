@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--tessera", default=None, help="path of the tessera binary to compare with")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="f32", help="f32, or bf16 (autocast over f32 weights, as tessera does)")
+    ap.add_argument("--checkpoint", action="store_true",
+                    help="activation checkpointing on both sides (transformers' gradient_checkpointing_enable)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -36,6 +38,8 @@ def main():
     cfg._attn_implementation = a.attn
     dev = torch.device(a.device)
     model = Qwen2_5_VLForConditionalGeneration(cfg).float().train().to(dev)
+    if a.checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     h, w = (int(x) for x in a.image.split(","))
     v = cfg.vision_config
     grid = [1, h // v.patch_size, w // v.patch_size]
@@ -114,7 +118,8 @@ def main():
         out = subprocess.run([a.tessera, "--threads", str(a.threads), "bench", "step", "--model", a.model,
                               "--batch", str(a.batch), "--seq", str(a.seq), "--image", a.image,
                               "--steps", str(a.steps), "--device", a.device, "--dtype", a.dtype,
-                              "--json"], check=True, capture_output=True, text=True).stdout
+                              "--json"] + (["--checkpoint"] if a.checkpoint else []),
+                             check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         print(f"tessera: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
               f"peak {r.get('peak_gib', float('nan')):.1f} GiB, "
