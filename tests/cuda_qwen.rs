@@ -210,3 +210,55 @@ fn bf16_gradients_on_the_compute_copies_are_exact() {
         }
     }
 }
+
+/// Activation checkpointing on CUDA, in bf16 over AdamW's compute copies as leaves (as `bench
+/// step --checkpoint` trains): the loss, and every gradient on the copies, within bf16
+/// rounding of the plain model's (the checkpointed forward runs without a graph, which may
+/// pick other kernels, and a weight's gradient contributions are summed in another order).
+#[test]
+fn checkpointed_layers_on_cuda_match_the_plain_model() {
+    use tessera::optim::{AdamW, AdamWConfig};
+    if cuda::device_or_skip("cuda_qwen checkpointing").is_none() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen_parity/tied_gqa");
+    let batch = load_batch(&dir);
+    let gpu = QwenVl::load(&dir, DType::F32)
+        .unwrap()
+        .to_device(Device::Cuda)
+        .unwrap();
+    let mut opt = AdamW::new(gpu.params.tensors(), AdamWConfig::default()).unwrap();
+    let leaves = opt.compute_leaves(DType::BF16).unwrap();
+    let run = |ckpt: bool| {
+        for l in &leaves {
+            l.zero_grad();
+        }
+        let mut config = gpu.config.clone();
+        config.gradient_checkpointing = ckpt;
+        let m = QwenVl {
+            config,
+            params: gpu.params.with_tensors(leaves.clone()).unwrap(),
+        };
+        let loss = m.forward(&batch).unwrap().loss.unwrap();
+        loss.backward().unwrap();
+        let grads: Vec<Option<Vec<f64>>> = leaves
+            .iter()
+            .map(|l| l.grad().map(|g| g.to_f64s().unwrap()))
+            .collect();
+        (loss.to_scalar().unwrap(), grads)
+    };
+    let (l0, g0) = run(false);
+    let (l1, g1) = run(true);
+    assert!(((l1 - l0) / l0).abs() <= 1e-3, "loss {l1} vs {l0}");
+    for ((name, _), (a, b)) in gpu.params.iter().zip(g1.iter().zip(&g0)) {
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                let e = rel_l2(a, b);
+                assert!(e <= 2e-2, "{name}: checkpointed gradient rel error {e}");
+            }
+            (None, None) => {}
+            _ => panic!("{name}: a gradient with one and not the other"),
+        }
+    }
+    drop(opt);
+}
