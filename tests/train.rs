@@ -151,6 +151,37 @@ fn sft_length_buckets_give_the_same_loss_and_gradient() {
     }
 }
 
+/// `model.gradient_checkpointing` trains the same model: the same losses and gradient norms
+/// over three SFT steps with images (to rounding: a weight's gradient contributions are
+/// summed in another order).
+#[test]
+fn sft_with_gradient_checkpointing_gives_the_same_steps() {
+    let run = |ckpt: bool| {
+        let out = tmp(&format!("ckpt-{ckpt}"));
+        let mut cfg = config(&out, "mix:colour,facts", 3);
+        cfg.model.gradient_checkpointing = ckpt;
+        Trainer::new(Kind::Sft, cfg.clone(), open(&cfg), vec![], false)
+            .unwrap()
+            .train()
+            .unwrap();
+        let m = metrics(&out);
+        (field(&m, "loss"), field(&m, "grad_norm"))
+    };
+    let (plain, ckpt) = (run(false), run(true));
+    assert_eq!(plain.0.len(), 3);
+    for (a, b) in plain
+        .0
+        .iter()
+        .chain(&plain.1)
+        .zip(ckpt.0.iter().chain(&ckpt.1))
+    {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+            "{plain:?} vs {ckpt:?}"
+        );
+    }
+}
+
 #[test]
 fn grpo_log_probabilities_are_those_of_the_tempered_sampler() {
     // TRL's GRPO divides the logits by the sampling temperature before the log-softmax; at

@@ -45,6 +45,10 @@ pub struct ModelConfig {
     pub init_seed: Option<u64>,
     /// "cpu" or "cuda".
     pub device: String,
+    /// Activation checkpointing: each decoder layer and vision block keeps only its inputs
+    /// for the backward and computes its forward again there (memory for about a third more
+    /// compute; `autograd::checkpoint`).
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -153,6 +157,7 @@ impl Default for ModelConfig {
             tokenizer: None,
             init_seed: None,
             device: "cpu".into(),
+            gradient_checkpointing: false,
         }
     }
 }

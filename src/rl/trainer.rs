@@ -151,11 +151,12 @@ impl Trainer {
                 (model, config_json)
             }
         };
-        let model = if device == Device::Cpu {
+        let mut model = if device == Device::Cpu {
             model
         } else {
             model.to_device(device)?
         };
+        model.config.gradient_checkpointing = cfg.model.gradient_checkpointing;
         let encoder = Encoder::new(tokenizer, &model.config);
         let reference = if kind == Kind::Grpo && cfg.grpo.beta > 0.0 {
             // The frozen reference is the starting policy: the model directory's weights.
