@@ -8,6 +8,7 @@ and thread count. With --tessera it also runs tessera's binary and prints the ra
         --threads 2 --tessera target/release/tessera
 """
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -115,6 +116,12 @@ def main():
         print(f"PyTorch pipelined (steps back to back): {torch_pipe_ms:.1f} ms/step, "
               f"approx MFU {flops / (torch_pipe_ms * 1e-3) / 989e12:.1%}")
     if a.tessera:
+        # The GPU's memory back before tessera's process starts (the whole 3B model's weights,
+        # gradients and AdamW state would not fit twice on one card).
+        del opt, model
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         out = subprocess.run([a.tessera, "--threads", str(a.threads), "bench", "step", "--model", a.model,
                               "--batch", str(a.batch), "--seq", str(a.seq), "--image", a.image,
                               "--steps", str(a.steps), "--device", a.device, "--dtype", a.dtype,

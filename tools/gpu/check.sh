@@ -227,6 +227,19 @@ if [ -n "${ONLY_TESTS:-}" ]; then
     exit 0
 fi
 
+# The whole 3B model (36 + 32 layers, 3.75B parameters) with activation checkpointing on both
+# sides (`bench step --checkpoint`, transformers' gradient_checkpointing_enable): issue 5's
+# "3B config" step, where the 8 + 8 layers below are its architecture. Optional (FULL_3B=1),
+# and then first after the tests, before the benchmarks: the random init of 3.75B parameters
+# on the host takes tens of seconds of device time.
+if [ -n "${FULL_3B:-}" ] && fits 300 "train step (qwen2.5-vl-3b, checkpointed)"; then
+    log "train step (qwen2.5-vl-3b, activation checkpointing) tessera vs PyTorch + transformers"
+    timeout "$(tmo 360)" python3 tools/bench/step_torch.py --model models/qwen2.5-vl-3b --batch 4 --seq 1024 \
+        --image 448,448 --steps 3 --threads 16 --device cuda --dtype bf16 --checkpoint \
+        --tessera "$BIN/tessera" > "$OUT/step-3b-full.txt" 2>&1
+    echo "step qwen2.5-vl-3b checkpointed exit $?" >> "$OUT/step-3b-full.txt"
+    grep -v "^\[transformers\]" "$OUT/step-3b-full.txt" | tail -n 8
+fi
 log "bench cuda"
 timeout "$(tmo 150)" "$BIN/tessera" bench cuda --json > "$OUT/bench_cuda.jsonl" 2> "$OUT/bench_cuda.err"
 echo "exit $?" >> "$OUT/bench_cuda.err"
@@ -355,18 +368,6 @@ if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
         echo "$off exit $?: $(tail -c 400 "$OUT/step-combo$i.json")" | tee -a "$OUT/step.txt"
         echo "$off" > "$OUT/step-combo$i.label"
     done
-fi
-# The whole 3B model (36 + 32 layers, 3.75B parameters) with activation checkpointing on both
-# sides (`bench step --checkpoint`, transformers' gradient_checkpointing_enable): issue 5's
-# "3B config" step, where the 8 + 8 layers above are its architecture. Optional (FULL_3B=1):
-# the random init of 3.75B parameters on the host takes tens of seconds of device time.
-if [ -n "${FULL_3B:-}" ] && fits 300 "train step (qwen2.5-vl-3b, checkpointed)"; then
-    log "train step (qwen2.5-vl-3b, activation checkpointing) tessera vs PyTorch + transformers"
-    timeout "$(tmo 360)" python3 tools/bench/step_torch.py --model models/qwen2.5-vl-3b --batch 4 --seq 1024 \
-        --image 448,448 --steps 3 --threads 16 --device cuda --dtype bf16 --checkpoint \
-        --tessera "$BIN/tessera" > "$OUT/step-3b-full.txt" 2>&1
-    echo "step qwen2.5-vl-3b checkpointed exit $?" >> "$OUT/step-3b-full.txt"
-    grep -v "^\[transformers\]" "$OUT/step-3b-full.txt" | tail -n 8
 fi
 grep -v "^\[transformers\]" "$OUT/step.txt" | tail -n 14
 python3 tools/gpu/report.py "$OUT" | tee "$OUT/report.md"
