@@ -27,7 +27,7 @@ pub struct Batch {
     pub labels: Option<Tensor>,
 }
 
-/// `TESSERA_QKV_FUSED=0`: three q/k/v products in training too (see `QwenVl::layer`), for
+/// `TESSERA_QKV_FUSED=0`: three q/k/v products on CUDA too (see `QwenVl::layer`), for
 /// measuring what the one product saves.
 static QKV_FUSED: crate::backend::cuda::Switch =
     crate::backend::cuda::Switch::new("TESSERA_QKV_FUSED");
@@ -245,12 +245,14 @@ impl QwenVl {
                 h.rms_norm(w("input_layernorm.weight")?, t.rms_norm_eps)?,
             ),
         };
-        let [q, k, v] = if seq > 1 && QKV_FUSED.get() != Some(0) {
-            // One product for q, k and v (their weights and biases concatenated: 10 MB a layer
-            // in the 3B model) instead of three: k and v alone are 256 columns wide, too few
-            // to fill the GPU, and x's gradient is then one product with no adds. Decoding
-            // (one token a row) keeps three, where the concatenation would cost more than
-            // it saves.
+        let [q, k, v] = if seq > 1 && x.is_cuda() && QKV_FUSED.get() != Some(0) {
+            // On CUDA, one product for q, k and v (their weights and biases concatenated: 10 MB
+            // a layer in the 3B model) instead of three: k and v alone are 256 columns wide,
+            // too few to fill the GPU, and x's gradient is then one product with no adds.
+            // Decoding (one token a row) keeps three, where the concatenation would cost more
+            // than it saves, and so does the CPU, whose GEMM gains nothing from it: there the
+            // one product would only round x's gradient differently (the tiny study's GRPO arm
+            // is sensitive enough to that to find no correct jigsaw in 300 steps).
             let cat = |what: &str| -> Result<Tensor> {
                 let [q, k, v] = ["q_proj", "k_proj", "v_proj"]
                     .map(|name| w(&format!("self_attn.{name}.{what}")));
