@@ -13,6 +13,34 @@ pub struct Params {
 }
 
 impl Params {
+    /// `autograd::checkpoint` of a block whose weights are the parameters named `prefix*`
+    /// (a decoder layer's `model.layers.{i}.`): `f` gets the block's inputs and those
+    /// parameters by their names (detached copies in the backward's recomputation), and the
+    /// parameters get their gradients through the checkpoint.
+    pub fn checkpoint_block(
+        &self,
+        prefix: &str,
+        inputs: &[&Tensor],
+        f: impl Fn(&[Tensor], &Params) -> Result<Vec<Tensor>> + Send + Sync + 'static,
+    ) -> Result<Vec<Tensor>> {
+        let (names, weights): (Vec<String>, Vec<Tensor>) = self
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .unzip();
+        crate::autograd::checkpoint(
+            inputs,
+            &weights.iter().collect::<Vec<_>>(),
+            move |xs, ws| {
+                let mut p = Params::default();
+                for (n, w) in names.iter().zip(ws) {
+                    p.push(n.as_str(), w);
+                }
+                f(xs, &p)
+            },
+        )
+    }
+
     /// Adds (or replaces) a parameter.
     pub fn push(&mut self, name: impl Into<String>, t: &Tensor) {
         let name = name.into();

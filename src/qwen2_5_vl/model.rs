@@ -310,33 +310,21 @@ impl QwenVl {
         sin: &Tensor,
         opts: &AttentionOptions,
     ) -> Result<(Tensor, Tensor)> {
-        let prefix = format!("model.layers.{i}.");
-        let (names, weights): (Vec<String>, Vec<Tensor>) = self
-            .params
-            .iter()
-            .filter(|(n, _)| n.starts_with(&prefix))
-            .map(|(n, t)| (n.to_string(), t.clone()))
-            .unzip();
         let (config, cos, sin, opts) =
             (self.config.clone(), cos.clone(), sin.clone(), opts.clone());
         let mut inputs = vec![h];
         inputs.extend(pending);
-        let outs = crate::autograd::checkpoint(
-            &inputs,
-            &weights.iter().collect::<Vec<_>>(),
-            move |xs, ws| {
-                let mut params = Params::default();
-                for (n, w) in names.iter().zip(ws) {
-                    params.push(n.as_str(), w);
-                }
+        let prefix = format!("model.layers.{i}.");
+        let outs = self
+            .params
+            .checkpoint_block(&prefix, &inputs, move |xs, params| {
                 let layer = QwenVl {
                     config: config.clone(),
-                    params,
+                    params: params.clone(),
                 };
                 let (h, mlp, _) = layer.layer(i, &xs[0], xs.get(1), &cos, &sin, &opts, None)?;
                 Ok(vec![h, mlp])
-            },
-        )?;
+            })?;
         let mut it = outs.into_iter();
         Ok((it.next().expect("h"), it.next().expect("mlp")))
     }

@@ -236,27 +236,14 @@ fn block_checkpointed(
     cu: &[usize],
     pad_mlp: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let prefix = format!("visual.blocks.{i}.");
-    let (names, weights): (Vec<String>, Vec<Tensor>) = p
-        .iter()
-        .filter(|(n, _)| n.starts_with(&prefix))
-        .map(|(n, t)| (n.to_string(), t.clone()))
-        .unzip();
     let (c, plan, cu) = (c.clone(), plan.clone(), cu.to_vec());
     let mut inputs = vec![x];
     inputs.extend(pending);
-    let outs = crate::autograd::checkpoint(
-        &inputs,
-        &weights.iter().collect::<Vec<_>>(),
-        move |xs, ws| {
-            let mut p = Params::default();
-            for (n, w) in names.iter().zip(ws) {
-                p.push(n.as_str(), w);
-            }
-            let (x, mlp) = block(&xs[0], xs.get(1), &p, i, &c, &plan, &cu, pad_mlp)?;
-            Ok(vec![x, mlp])
-        },
-    )?;
+    let prefix = format!("visual.blocks.{i}.");
+    let outs = p.checkpoint_block(&prefix, &inputs, move |xs, p| {
+        let (x, mlp) = block(&xs[0], xs.get(1), p, i, &c, &plan, &cu, pad_mlp)?;
+        Ok(vec![x, mlp])
+    })?;
     let mut it = outs.into_iter();
     Ok((it.next().expect("x"), it.next().expect("mlp")))
 }
