@@ -41,6 +41,20 @@ impl Tensor {
         Ok((h, y))
     }
 
+    /// `add_rms_norm` for a residual add that may not be there (the first block of a stack
+    /// carries none): without `pending`, h is `self` and only the norm runs.
+    pub fn add_opt_rms_norm(
+        &self,
+        pending: Option<&Tensor>,
+        weight: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        match pending {
+            Some(d) => self.add_rms_norm(d, weight, eps),
+            None => Ok((self.clone(), self.rms_norm(weight, eps)?)),
+        }
+    }
+
     pub fn rms_norm(&self, weight: &Tensor, eps: f64) -> Result<Tensor> {
         let d = *self.shape().last().unwrap_or(&0);
         if weight.shape() != [d] {

@@ -238,13 +238,7 @@ impl QwenVl {
         let (b, seq) = (h.dim(0)?, h.dim(1)?);
         let (hd, nh, nkv) = (t.head_dim(), t.num_attention_heads, t.num_key_value_heads);
         let w = |s: &str| self.p(&format!("model.layers.{i}.{s}"));
-        let (h, x) = match pending {
-            Some(d) => h.add_rms_norm(d, w("input_layernorm.weight")?, t.rms_norm_eps)?,
-            None => (
-                h.clone(),
-                h.rms_norm(w("input_layernorm.weight")?, t.rms_norm_eps)?,
-            ),
-        };
+        let (h, x) = h.add_opt_rms_norm(pending, w("input_layernorm.weight")?, t.rms_norm_eps)?;
         let [q, k, v] = if seq > 1 && x.is_cuda() && QKV_FUSED.get() != Some(0) {
             // On CUDA, one product for q, k and v (their weights and biases concatenated: 10 MB
             // a layer in the 3B model) instead of three: k and v alone are 256 columns wide,

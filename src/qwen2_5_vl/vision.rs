@@ -138,10 +138,7 @@ fn block(
     let name = |s: &str| format!("visual.blocks.{i}.{s}");
     let w = |s: &str| p.require(&name(s));
     let (s, hd, nh) = (x.dim(0)?, c.head_dim(), c.num_heads);
-    let (x, y) = match pending {
-        Some(d) => x.add_rms_norm(d, w("norm1.weight")?, 1e-6)?,
-        None => (x.clone(), x.rms_norm(w("norm1.weight")?, 1e-6)?),
-    };
+    let (x, y) = x.add_opt_rms_norm(pending, w("norm1.weight")?, 1e-6)?;
     let qkv = y
         .linear(w("attn.qkv.weight")?, Some(w("attn.qkv.bias")?))?
         .reshape(&[s, 3, nh, hd])?
@@ -149,8 +146,9 @@ fn block(
     let part = |k: usize| qkv[k].squeeze(1); // [S, H, hd]
     let (cos, sin) = (&plan.cos, &plan.sin);
     let heads = |t: Tensor| t.transpose(0, 1)?.unsqueeze(0); // [1, H, S, hd]
-                                                             // Rope of the heads-first views writes q and k contiguous, as attention reads them (the
-                                                             // other order needed a copy of each).
+
+    // Rope of the heads-first views writes q and k contiguous, as attention reads them (the
+    // other order needed a copy of each).
     let q = heads(part(0)?)?.rope(cos, sin)?;
     let k = heads(part(1)?)?.rope(cos, sin)?;
     // Contiguous once, as attention reads it (else copied in its forward and backward), and so
@@ -200,24 +198,22 @@ impl Mlp {
             w("mlp.up_proj.weight")?,
             w("mlp.down_proj.weight")?,
         );
-        let extra = gate_w.dim(0)?.next_multiple_of(8) - gate_w.dim(0)?;
-        let rows = |t: &Tensor| -> Result<Tensor> {
-            if pad && extra > 0 {
-                t.zero_pad(0, 0, extra)
+        let n = gate_w.dim(0)?;
+        let extra = if pad { n.next_multiple_of(8) - n } else { 0 };
+        // The intermediate dim (`dim` of `t`) with `extra` zeros after it.
+        let padded = |t: &Tensor, dim: isize| -> Result<Tensor> {
+            if extra > 0 {
+                t.zero_pad(dim, 0, extra)
             } else {
                 Ok(t.clone())
             }
         };
         Ok(Mlp {
-            gate_w: rows(gate_w)?,
-            gate_b: rows(w("mlp.gate_proj.bias")?)?,
-            up_w: rows(up_w)?,
-            up_b: rows(w("mlp.up_proj.bias")?)?,
-            down_w: if pad && extra > 0 {
-                down_w.zero_pad(1, 0, extra)?
-            } else {
-                down_w.clone()
-            },
+            gate_w: padded(gate_w, 0)?,
+            gate_b: padded(w("mlp.gate_proj.bias")?, 0)?,
+            up_w: padded(up_w, 0)?,
+            up_b: padded(w("mlp.up_proj.bias")?, 0)?,
+            down_w: padded(down_w, 1)?,
             down_b: w("mlp.down_proj.bias")?.clone(),
         })
     }
@@ -331,11 +327,10 @@ fn forward_with(
     }
     let unit = c.spatial_merge_size * c.spatial_merge_size;
     let ln_q = p.require("visual.merger.ln_q.weight")?;
-    let y = match &pending {
-        Some(d) => x.add_rms_norm(d, ln_q, 1e-6)?.1,
-        None => x.rms_norm(ln_q, 1e-6)?,
-    }
-    .reshape(&[s / unit, c.hidden_size * unit])?;
+    let y = x
+        .add_opt_rms_norm(pending.as_ref(), ln_q, 1e-6)?
+        .1
+        .reshape(&[s / unit, c.hidden_size * unit])?;
     let z = y
         .linear(
             p.require("visual.merger.mlp.0.weight")?,
