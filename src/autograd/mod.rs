@@ -52,32 +52,30 @@ pub fn is_grad_enabled() -> bool {
 }
 
 /// While alive, ops record no graph (restores the previous mode on drop).
-pub struct NoGradGuard(bool);
+pub struct NoGradGuard {
+    _mode: GradMode,
+}
 
 impl NoGradGuard {
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
-        NoGradGuard(GRAD_ENABLED.with(|g| g.replace(false)))
+        NoGradGuard {
+            _mode: GradMode::set(false),
+        }
     }
 }
 
-impl Drop for NoGradGuard {
-    fn drop(&mut self) {
-        GRAD_ENABLED.with(|g| g.set(self.0));
+/// While alive, ops record a graph (`set(true)`: a recomputation inside a backward, which
+/// runs under `NoGradGuard`) or not; restores the previous mode on drop.
+struct GradMode(bool);
+
+impl GradMode {
+    fn set(enabled: bool) -> Self {
+        GradMode(GRAD_ENABLED.with(|g| g.replace(enabled)))
     }
 }
 
-/// While alive, ops record a graph again (a recomputation inside a backward, which runs
-/// under `NoGradGuard`); restores the previous mode on drop.
-struct GradGuard(bool);
-
-impl GradGuard {
-    fn new() -> Self {
-        GradGuard(GRAD_ENABLED.with(|g| g.replace(true)))
-    }
-}
-
-impl Drop for GradGuard {
+impl Drop for GradMode {
     fn drop(&mut self) {
         GRAD_ENABLED.with(|g| g.set(self.0));
     }
@@ -386,7 +384,7 @@ pub fn checkpoint(
     let outs = no_grad(|| f(&saved[..n_in], &saved[n_in..]))?;
     let want: Vec<bool> = all.iter().map(|t| t.requires_grad()).collect();
     Ok(record_many("checkpoint", outs, &all, move |gs| {
-        let _g = GradGuard::new();
+        let _g = GradMode::set(true);
         let xs: Vec<Tensor> = saved
             .iter()
             .zip(&want)
