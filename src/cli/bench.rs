@@ -376,7 +376,16 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
     let mut rng = Rng::new(0);
     // f32 master weights on the device; a bf16 run computes with bf16 copies of them (below).
     let model = QwenVl::random(config.clone(), DType::F32, &mut rng)?.to_device(device)?;
-    let batch = synthetic_batch(&config, a.batch, a.seq, h, w, &mut rng)?;
+    let mut batch = synthetic_batch(&config, a.batch, a.seq, h, w, &mut rng)?;
+    // The images on the device before the timed steps, as tools/bench/step_torch.py makes
+    // PyTorch's (and a training loop's loader prefetches): 19 MB of f32 pixels at 4 × 448²,
+    // which each step otherwise copied through the host's staging ring before the vision
+    // tower's first product could start. The token ids stay on the host, where the rope
+    // positions are computed from them.
+    batch.pixel_values = batch
+        .pixel_values
+        .map(|p| p.to_device(device))
+        .transpose()?;
     let mut opt = AdamW::new(model.params.tensors(), AdamWConfig::default())?;
     let fused_casts = std::env::var("TESSERA_FUSED_CASTS").map_or(true, |v| v != "0");
     let compute_grads = std::env::var("TESSERA_BF16_GRADS").map_or(true, |v| v != "0");
@@ -421,11 +430,11 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
         let t = Instant::now();
         let h_start = host();
         let loss = issue_step(opt)?;
-        let blocked = match (h_start, host()) {
-            (Some(a), Some(b)) => b.sync_ms - a.sync_ms,
-            _ => 0.0,
+        let (blocked, launching) = match (h_start, host()) {
+            (Some(a), Some(b)) => (b.sync_ms - a.sync_ms, b.launch_ms - a.launch_ms),
+            _ => (0.0, 0.0),
         };
-        issue_ms.push((t.elapsed().as_secs_f64() * 1e3, blocked));
+        issue_ms.push((t.elapsed().as_secs_f64() * 1e3, blocked, launching));
         last_loss = loss.to_scalar()?;
         Ok(t.elapsed().as_secs_f64())
     };
@@ -441,13 +450,15 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
         let steps = times.len() as f64;
         let issue: f64 = issue_ms[1..].iter().map(|x| x.0).sum::<f64>() / steps;
         let blocked: f64 = issue_ms[1..].iter().map(|x| x.1).sum::<f64>() / steps;
+        let launching: f64 = issue_ms[1..].iter().map(|x| x.2).sum::<f64>() / steps;
         eprintln!(
             "host per step: {:.0} launches, {:.0} synchronisations; the step's work was issued \
-             after {issue:.1} ms, {blocked:.1} ms of it blocked in synchronisations and {:.1} ms \
-             host work, of a {:.1} ms step",
+             after {issue:.1} ms: {blocked:.1} ms blocked in synchronisations, {launching:.1} ms \
+             in launch calls (waiting there when the launch queue is full) and {:.1} ms the \
+             host's own work, of a {:.1} ms step",
             (h1.launches - h0.launches) as f64 / steps,
             (h1.syncs - h0.syncs) as f64 / steps,
-            issue - blocked,
+            issue - blocked - launching,
             times.iter().sum::<f64>() * 1e3 / steps
         );
     }

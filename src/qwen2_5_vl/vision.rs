@@ -96,26 +96,27 @@ impl VisionPlan {
         for (i, &u) in unit_order.iter().enumerate() {
             inverse[u] = i as i64;
         }
-        let (mut cos, mut sin) = (Vec::with_capacity(s * hd), Vec::with_capacity(s * hd));
-        for &r in &rows {
-            let (hp, wp) = pos[r as usize];
-            let angles: Vec<f32> = inv
-                .iter()
-                .map(|&f| hp as f32 * f)
-                .chain(inv.iter().map(|&f| wp as f32 * f))
-                .collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
-            }
-        }
+        // Window order: angles [h·f, w·f] over the two axes.
+        let (hpos, wpos): (Vec<i64>, Vec<i64>) = rows
+            .iter()
+            .map(|&r| (pos[r as usize].0 as i64, pos[r as usize].1 as i64))
+            .unzip();
+        let freqs: Vec<f32> = inv.iter().chain(&inv).copied().collect();
+        let axis_of: Vec<usize> = (0..freqs.len()).map(|f| f / inv.len()).collect();
+        let (cos, sin) = super::rope::rotary_tables(
+            &[&hpos, &wpos],
+            &axis_of,
+            &freqs,
+            &[s, hd],
+            crate::DType::F32,
+        )?;
         Ok(VisionPlan {
             window_rows: Tensor::from_vec(rows, &[s])?,
             unit_inverse: Tensor::from_vec(inverse, &[s / unit])?,
             cu_window,
             cu_full,
-            cos: Tensor::from_vec(cos, &[s, hd])?,
-            sin: Tensor::from_vec(sin, &[s, hd])?,
+            cos,
+            sin,
         })
     }
 }

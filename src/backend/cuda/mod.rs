@@ -37,7 +37,9 @@ pub struct CudaDevice {
     pub sm_count: i32,
     pub total_mem: usize,
     alloc: Mutex<alloc::Allocator>,
-    functions: Mutex<HashMap<(&'static str, String), usize>>,
+    /// Loaded kernels by file, then name: the function and the dynamic shared memory it has
+    /// been allowed so far (a launch asking for more raises the limit once, not every time).
+    functions: Mutex<HashMap<&'static str, HashMap<String, (usize, u32)>>>,
     /// Pinned ring for uploads (made on first use; None when pinning failed or
     /// TESSERA_HTOD_SYNC=1 asks for the synchronising path).
     staging: OnceLock<Option<Mutex<staging::Staging>>>,
@@ -108,12 +110,16 @@ fn profile() -> &'static Profile {
 
 /// Whether `TESSERA_PROFILE` is set.
 /// Host-side counters since the process started: launches, stream synchronisations and the
-/// wall time the host spent blocked in them (always on: three relaxed atomic adds).
+/// wall time the host spent in them (always on: a few relaxed atomic adds).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HostStats {
     pub launches: u64,
     pub syncs: u64,
     pub sync_ms: f64,
+    /// Wall time inside the driver's launch calls: a few µs each, unless the launch queue is
+    /// full and the call waits for the device (the host is ahead). The host's own work is the
+    /// rest of its time.
+    pub launch_ms: f64,
 }
 
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);
@@ -139,12 +145,14 @@ pub fn launches_where(pick: impl Fn(&str) -> bool) -> u64 {
         .sum()
 }
 static SYNC_NS: AtomicU64 = AtomicU64::new(0);
+static LAUNCH_NS: AtomicU64 = AtomicU64::new(0);
 
 pub fn host_stats() -> HostStats {
     HostStats {
         launches: LAUNCHES.load(Ordering::Relaxed),
         syncs: SYNCS.load(Ordering::Relaxed),
         sync_ms: SYNC_NS.load(Ordering::Relaxed) as f64 * 1e-6,
+        launch_ms: LAUNCH_NS.load(Ordering::Relaxed) as f64 * 1e-6,
     }
 }
 
@@ -438,24 +446,47 @@ impl CudaDevice {
     }
 
     /// The function `kernel` of `kernels/<file>`, compiled (or loaded from the disk cache) on
-    /// first use.
-    fn function(&self, file: &'static str, kernel: &str) -> Result<sys::CUfunction> {
-        let key = (file, kernel.to_string());
-        if let Some(&f) = self.functions.lock().expect("functions lock").get(&key) {
-            return Ok(f as sys::CUfunction);
+    /// first use, allowed at least `shared_bytes` of dynamic shared memory. A launch looks it up
+    /// without allocating (the name is borrowed) and raises the limit only past what it was.
+    fn function(
+        &self,
+        file: &'static str,
+        kernel: &str,
+        shared_bytes: u32,
+    ) -> Result<sys::CUfunction> {
+        let mut functions = self.functions.lock().expect("functions lock");
+        let loaded = functions.get(file).and_then(|m| m.get(kernel)).copied();
+        let (f, allowed) = match loaded {
+            Some((f, allowed)) => (f as sys::CUfunction, allowed),
+            None => {
+                let module = self.module(file)?;
+                let name = CString::new(kernel).expect("kernel name");
+                // SAFETY: module is a loaded module of this context.
+                let f = unsafe { result::module::get_function(module, name) }.map_err(|e| {
+                    Error::Msg(format!(
+                        "cuda: kernel {kernel} not found in kernels/{file}: {e:?}"
+                    ))
+                })?;
+                (f, 48 * 1024)
+            }
+        };
+        if shared_bytes > allowed {
+            // SAFETY: f is a valid function; raising the dynamic shared-memory limit.
+            unsafe {
+                result::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_bytes as i32,
+                )
+            }
+            .map_err(|e| driver_err(kernel, e))?;
         }
-        let module = self.module(file)?;
-        let name = CString::new(kernel).expect("kernel name");
-        // SAFETY: module is a loaded module of this context.
-        let f = unsafe { result::module::get_function(module, name) }.map_err(|e| {
-            Error::Msg(format!(
-                "cuda: kernel {kernel} not found in kernels/{file}: {e:?}"
-            ))
-        })?;
-        self.functions
-            .lock()
-            .expect("functions lock")
-            .insert(key, f as usize);
+        if loaded.is_none() || shared_bytes > allowed {
+            functions
+                .entry(file)
+                .or_default()
+                .insert(kernel.to_string(), (f as usize, shared_bytes.max(allowed)));
+        }
         Ok(f)
     }
 
@@ -492,18 +523,7 @@ impl CudaDevice {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        let f = self.function(file, kernel)?;
-        if shared_bytes > 48 * 1024 {
-            // SAFETY: f is a valid function; raising the dynamic shared-memory limit.
-            unsafe {
-                result::function::set_function_attribute(
-                    f,
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    shared_bytes as i32,
-                )
-            }
-            .map_err(|e| driver_err(kernel, e))?;
-        }
+        let f = self.function(file, kernel, shared_bytes)?;
         let mut params: Vec<*mut c_void> = args.iter().map(|a| a.0).collect();
         LAUNCHES.fetch_add(1, Ordering::Relaxed);
         if COUNTING.load(Ordering::Relaxed) {
@@ -525,8 +545,10 @@ impl CudaDevice {
         };
         // SAFETY: the argument list matches the kernel's signature (callers' contract, checked
         // by the op tests); all pointers are live device allocations.
+        let t = std::time::Instant::now();
         unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut params) }
             .map_err(|e| Error::Msg(format!("cuda: launching {kernel} (kernels/{file}): {e:?}")))?;
+        LAUNCH_NS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Some((a, b)) = timed {
             // SAFETY: as above.
             unsafe { result::event::record(b, self.stream) }.map_err(|e| driver_err("event", e))?;
