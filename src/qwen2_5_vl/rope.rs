@@ -218,15 +218,17 @@ mod tests {
         dtype: DType,
     ) -> (Vec<f64>, Vec<f64>) {
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for r in 0..axes[0].len() {
-            let angles: Vec<f32> = (0..freqs.len())
-                .map(|f| axes[axis_of[f]][r] as f32 * freqs[f])
+        (0..axes[0].len()).for_each(|r| {
+            let angles: Vec<f32> = axis_of
+                .iter()
+                .zip(freqs)
+                .map(|(&a, &w)| axes[a][r] as f32 * w)
                 .collect();
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos()));
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
-        }
+        });
         let round = |v: Vec<f32>| {
             let n = v.len();
             Tensor::from_vec(v, &[n])
@@ -254,7 +256,8 @@ mod tests {
         let vinv = inv_freq_f32(10000.0, hd / 2);
         let vfreqs: Vec<f32> = vinv.iter().chain(&vinv).copied().collect();
         let vaxis: Vec<usize> = (0..hd / 2).map(|f| f / vinv.len()).collect();
-        let cases: [(&[&[i64]], &[usize], &[f32]); 2] = [
+        type Case<'a> = (&'a [&'a [i64]], &'a [usize], &'a [f32]);
+        let cases: [Case; 2] = [
             (&[&t, &h, &w], &text_axis, &inv),
             (&[&h, &w], &vaxis, &vfreqs),
         ];

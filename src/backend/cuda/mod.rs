@@ -39,11 +39,14 @@ pub struct CudaDevice {
     alloc: Mutex<alloc::Allocator>,
     /// Loaded kernels by file, then name: the function and the dynamic shared memory it has
     /// been allowed so far (a launch asking for more raises the limit once, not every time).
-    functions: Mutex<HashMap<&'static str, HashMap<String, (usize, u32)>>>,
+    functions: Mutex<HashMap<&'static str, Kernels>>,
     /// Pinned ring for uploads (made on first use; None when pinning failed or
     /// TESSERA_HTOD_SYNC=1 asks for the synchronising path).
     staging: OnceLock<Option<Mutex<staging::Staging>>>,
 }
+
+/// A file's loaded kernels by name: (the function, its dynamic shared-memory limit so far).
+type Kernels = HashMap<String, (usize, u32)>;
 
 // SAFETY: the ring's pinned block and events are driver objects used under its mutex.
 unsafe impl Send for staging::Staging {}
