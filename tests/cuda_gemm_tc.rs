@@ -81,13 +81,46 @@ const HOPPER_CASES: [(usize, usize, usize, bool); 8] = [
     (1000, 1000, 1000, false),
 ];
 
-/// Shapes that make the warp-specialised kernel pick each tile width (256, then 128 and 64
-/// when there are fewer tiles than SMs).
-const WS_WIDTH_CASES: [(usize, usize, usize, bool); 3] = [
+/// Shapes that make the warp-specialised kernel pick each tile width on a 132-SM H100/H200
+/// (`ws_block_n`'s wave model): 64 (4096 x 256: one wave of 128 tiles), 256 (2048 x 2048: one
+/// wave of 128; 1100 x 3000: one of 108, edges in both dims) and 128 (4096 x 1280: three waves of
+/// 128-wide tiles against two of 256, the second 21% full).
+const WS_WIDTH_CASES: [(usize, usize, usize, bool); 4] = [
     (4096, 256, 1024, false),
     (2048, 2048, 512, true),
     (1100, 3000, 136, false),
+    (4096, 1280, 264, true),
 ];
+
+/// Asserts that the warp-specialised kernel of each tile width launched since `before`
+/// (launch counts by name prefix, taken with `cuda::count_launches(true)`), on a 132-SM device
+/// (where `WS_WIDTH_CASES` picks each width).
+fn assert_every_width_ran(before: [u64; 3]) {
+    let dev = cuda::device().expect("device");
+    if dev.sm_count != 132 {
+        eprintln!(
+            "{} SMs: the widths each case picks differ from a 132-SM card's; not asserted",
+            dev.sm_count
+        );
+        return;
+    }
+    for (i, name) in WS_KERNEL_WIDTHS.iter().enumerate() {
+        assert!(
+            cuda::launches_where(|k| k.starts_with(name)) > before[i],
+            "no {name} launch: WS_WIDTH_CASES no longer cover every tile width"
+        );
+    }
+}
+
+const WS_KERNEL_WIDTHS: [&str; 3] = [
+    "gemm_wgmma_ws_bf16",
+    "gemm_wgmma_ws_n128_bf16",
+    "gemm_wgmma_ws_n64_bf16",
+];
+
+fn ws_launches() -> [u64; 3] {
+    WS_KERNEL_WIDTHS.map(|name| cuda::launches_where(|k| k.starts_with(name)))
+}
 
 /// The Hopper wgmma kernel (kernels/gemm_sm90.cu) on the same cases, where the device is sm_90.
 #[test]
@@ -191,9 +224,12 @@ fn gemm_wgmma_ws_matches_cpu() {
     if !hopper_or_skip("gemm_wgmma_ws") {
         return;
     }
+    cuda::count_launches(true);
+    let before = ws_launches();
     for (m, n, k, bias) in HOPPER_CASES.into_iter().chain(WS_WIDTH_CASES) {
         case_with(TcKernel::WgmmaWs, m, n, k, bias);
     }
+    assert_every_width_ran(before);
     batched_case(TcKernel::WgmmaWs, 3, 130, 300, 96, false, true, false);
     batched_case(TcKernel::WgmmaWs, 3, 130, 300, 96, true, false, true);
     batched_case(TcKernel::WgmmaWs, 2, 257, 72, 520, true, true, true);
@@ -220,9 +256,11 @@ fn gemm_wgmma_ws_tma_store_matches_cpu() {
         (200, 72, 64, true),
         (4100, 1904, 136, true),
     ];
+    let before = ws_launches();
     for (m, n, k, bias) in HOPPER_CASES.into_iter().chain(WS_WIDTH_CASES).chain(extra) {
         case_with(TcKernel::WgmmaWsTma, m, n, k, bias);
     }
+    assert_every_width_ran(before);
     // The same edges into an output of random values (anything left unwritten shows).
     majors_case_with(
         TcKernel::WgmmaWsTma,
@@ -407,10 +445,12 @@ fn gemm_wgmma_ws_mn_major_matches_cpu() {
         (4096, 256, 1024),
         (2048, 2048, 512),
         (1100, 3000, 136),
+        (4096, 1280, 72),
     ];
     cuda::count_launches(true);
     let mn_kernel = |k: &str| k.ends_with("_ta") || k.ends_with("_tb") || k.ends_with("_tab");
     let before = cuda::launches_where(mn_kernel);
+    let widths_before = ws_launches();
     for majors in [(MN, K), (K, MN), (MN, MN)] {
         for (i, &mnk) in shapes.iter().enumerate() {
             majors_case(majors, 1, mnk, false, i % 2 == 1, false);
@@ -440,6 +480,7 @@ fn gemm_wgmma_ws_mn_major_matches_cpu() {
         cuda::launches_where(mn_kernel) > before,
         "no MN-major kernel ran"
     );
+    assert_every_width_ran(widths_before);
 }
 
 /// `Tensor::linear` / `matmul` on CUDA bf16 with the MN-major mode on: the backward's `G · W`

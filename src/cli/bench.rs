@@ -97,6 +97,35 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     println!(
                         "{{\"op\": \"matmul\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}}}"
                     );
+                    // Where the wave model picks another tile width than the old rule
+                    // (`TESSERA_GEMM_BN=0`), the product under the old rule too, in both the
+                    // forward's layout and the weight gradients' (Aᵀ stored, both MN-major).
+                    use crate::backend::cuda::gemm_tc::{set_block_n_rule, ws_block_n};
+                    let sms = dev.sm_count as usize;
+                    let model_bn = ws_block_n(m, n, 1, sms).0;
+                    set_block_n_rule(Some(0));
+                    let old_bn = ws_block_n(m, n, 1, sms).0;
+                    let old_rule = if dev.cc == (9, 0) && dtype == DType::BF16 && old_bn != model_bn
+                    {
+                        let xt = x.t()?.contiguous()?;
+                        let fwd = super::bench_cuda::time_ms(10, || x.matmul(&y).map(|_| ()));
+                        let wgrad =
+                            super::bench_cuda::time_ms(10, || xt.t()?.matmul(&y).map(|_| ()));
+                        Some((fwd, wgrad))
+                    } else {
+                        None
+                    };
+                    set_block_n_rule(None);
+                    if let Some((fwd, wgrad)) = old_rule {
+                        for (label, ms) in [("matmul_bn_old", fwd), ("matmul_mn_ab_bn_old", wgrad)]
+                        {
+                            let ms = ms?;
+                            let tflops = 2.0 * (m * k * n) as f64 / (ms * 1e-3) / 1e12;
+                            println!(
+                                "{{\"op\": \"{label}\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}, \"bn\": {old_bn}, \"bn_model\": {model_bn}}}"
+                            );
+                        }
+                    }
                     if dtype == DType::BF16 && k.is_multiple_of(8) {
                         // The tensor-core kernel directly, B given as [N, K] (nn.Linear layout).
                         let bt = y.t()?.contiguous()?;

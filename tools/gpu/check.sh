@@ -252,11 +252,14 @@ fi
 [ -z "$MN_OK" ] && export TESSERA_BENCH_SKIP_MN=1
 # The 3B model's products (tokens 4096, hidden 2048, kv 256, MLP 11008): the forward's
 # m x k x n, then the weight gradients' (m = outputs, k = tokens, n = inputs; their rows
-# "Aᵀ-stored A, both MN-major" are the backward's layout).
+# "Aᵀ-stored A, both MN-major" are the backward's layout); then the fused q/k/v product and its
+# weight gradient, and the vision tower's N = 1280 products (proj, down, the gate/up input
+# gradients and weight gradients), where the wave model picks narrower tiles than the old rule
+# (rows `..._bn_old` time the old rule beside them).
 if [ -z "${SKIP_MATMUL:-}" ]; then
     log "bench matmul"
     timeout "$(tmo 120)" "$BIN/tessera" bench matmul --device cuda --dtype bf16 \
-        --sizes 1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048,2048x4096x2048,256x4096x2048,11008x4096x2048,2048x4096x11008 \
+        --sizes 1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048,2048x4096x2048,256x4096x2048,11008x4096x2048,2048x4096x11008,4096x2048x2560,2560x4096x2048,4096x1280x1280,4096x3424x1280,3424x4096x1280 \
         > "$OUT/bench_matmul.jsonl" 2>> "$OUT/bench_cuda.err"
 fi
 log "torch baselines"
@@ -326,6 +329,8 @@ done
 OFFS="TESSERA_GEMM_MN=0 TESSERA_FLASH_WG=0 TESSERA_FLASH_WG_BWD=0 TESSERA_GEMM_TS=0 TESSERA_ADAMW_MULTI=0"
 # The seventh session's changes, prepared without a GPU: what each saves in the step.
 OFFS="TESSERA_VISION_MLP_PAD=0 TESSERA_QKV_FUSED=0 TESSERA_ADD_NORM=0 $OFFS"
+# The eighth session's GEMM tile widths by waves (the old rule with TESSERA_GEMM_BN=0), first.
+OFFS="TESSERA_GEMM_BN=0 $OFFS"
 [ -n "$FUSED_OK" ] && OFFS="$OFFS TESSERA_FUSED_CASTS=0"
 [ -n "$FUSED_OK" ] && [ -n "$LEAVES_OK" ] && OFFS="$OFFS TESSERA_BF16_GRADS=0"
 # Where the step's time goes, per kernel (before the leave-one-out steps, as it says more than

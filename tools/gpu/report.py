@@ -51,8 +51,12 @@ def main():
                     "matmul_wgmma_ws_ts": "warp-specialised, TMA-store epilogue (A·Bᵀ)",
                     "matmul_wgmma_ws_nostore": "warp-specialised, stores skipped (the mainloop's ceiling)",
                     "matmul_mn_b": "Tensor::matmul, MN-major B read as stored",
-                    "matmul_mn_ab": "Tensor::matmul of Aᵀ-stored A, both MN-major"}.get(
+                    "matmul_mn_ab": "Tensor::matmul of Aᵀ-stored A, both MN-major",
+                    "matmul_bn_old": "Tensor::matmul, tile width by the old rule (TESSERA_GEMM_BN=0)",
+                    "matmul_mn_ab_bn_old": "Aᵀ-stored A, both MN-major, tile width by the old rule"}.get(
                 r["op"], "Tensor::matmul")
+            if "bn" in r:
+                kern += f" ({r['bn']} wide; the model's {r['bn_model']})"
             print(f"| {r['m']}x{r['k']}x{r['n']} ({r['dtype']}) | {kern} | {r['tflops']:.1f} | {tt} | {ratio} |")
     for op, title in [("attention", "forward"), ("attention_fwd_bwd", "forward + backward"),
                       ("attention_bwd", "backward"),

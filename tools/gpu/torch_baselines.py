@@ -38,7 +38,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--cols", type=int, default=4096)
-    ap.add_argument("--sizes", default="1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048,2048x4096x2048,256x4096x2048,11008x4096x2048,2048x4096x11008")
+    ap.add_argument("--sizes", default="1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048,2048x4096x2048,256x4096x2048,11008x4096x2048,2048x4096x11008,4096x2048x2560,2560x4096x2048,4096x1280x1280,4096x3424x1280,3424x4096x1280")
     a = ap.parse_args()
     torch.manual_seed(0)
     dev = "cuda"

@@ -332,16 +332,92 @@ pub(crate) fn ws_supported(
         && small(m.div_ceil(WS_BM) * n.div_ceil(64) * batch)
 }
 
-/// Block-tile width of the warp-specialised kernel and the kernel's name: 256 unless the
-/// product has fewer 128 x 256 tiles than the device has SMs, then 128, then 64.
-fn ws_block_n(m: usize, n: usize, batch: usize, sms: usize) -> (usize, &'static str) {
+/// The warp-specialised kernel's tile widths: (BN, the time of one 128 x BN tile against one
+/// 128 x 256 tile of the same K, kernel name). A narrower tile does less work but reloads its
+/// operands for fewer outputs: per FLOP, wgmma reads (64 + BN) / 64·BN bytes of shared memory
+/// (0.020 at 256, 0.023 at 128, 0.031 at 64) and TMA 1.33x / 2x the bytes of a 256 tile. Run
+/// 12's N = 256 products on 64-wide tiles ran at ~340 TFLOP/s where 256-wide ones reach ~600:
+/// the estimates below take 128 at ~86% and 64 at ~62% of the 256 tile's rate.
+const WS_WIDTHS: [(usize, f64, &str); 3] = [
+    (256, 1.0, "gemm_wgmma_ws_bf16"),
+    (128, 0.58, "gemm_wgmma_ws_n128_bf16"),
+    (64, 0.40, "gemm_wgmma_ws_n64_bf16"),
+];
+
+/// `TESSERA_GEMM_BN=0`: tile widths by the rule before the wave model (see [`ws_block_n`]), for
+/// measuring what the model gains.
+static BN_RULE: super::Switch = super::Switch::new("TESSERA_GEMM_BN");
+
+/// Overrides `TESSERA_GEMM_BN` for this process (`Some(0)`: the old rule; `None`: back to the
+/// environment).
+pub fn set_block_n_rule(v: Option<u8>) {
+    BN_RULE.set(v);
+}
+
+/// Block-tile width of the warp-specialised kernel and the kernel's name.
+///
+/// The grid is persistent, one CTA an SM, so a product takes ⌈tiles / SMs⌉ waves of tiles and
+/// the last wave may leave most SMs idle: 160 tiles of 128 x 256 (the vision tower's N = 1280
+/// products over 4096 patches, the text q/k/v weight gradient) are 2 waves, the second 21%
+/// full. The width chosen minimises waves × the tile's relative time (`WS_WIDTHS`), the wider
+/// on a tie: there 128-wide tiles take 3 waves of 0.58, 1.74 against 2.0. On the 3B step's
+/// products this changes 21 of 38 shapes (counted, not measured: ~1.4 ms of ~50).
+///
+/// `TESSERA_GEMM_BN=0` keeps the old rule: 256 unless the product has fewer 128 x 256 tiles
+/// than SMs, then 128, then 64.
+pub(crate) fn ws_block_n(m: usize, n: usize, batch: usize, sms: usize) -> (usize, &'static str) {
     let tiles = |bn: usize| m.div_ceil(WS_BM) * n.div_ceil(bn) * batch;
-    if tiles(256) >= sms {
-        (256, "gemm_wgmma_ws_bf16")
-    } else if tiles(128) >= sms {
-        (128, "gemm_wgmma_ws_n128_bf16")
-    } else {
-        (64, "gemm_wgmma_ws_n64_bf16")
+    let sms = sms.max(1);
+    if BN_RULE.get() == Some(0) {
+        let (bn, _, name) = *WS_WIDTHS
+            .iter()
+            .find(|w| tiles(w.0) >= sms)
+            .unwrap_or(&WS_WIDTHS[2]);
+        return (bn, name);
+    }
+    let time = |&(bn, cost, _): &(usize, f64, &str)| tiles(bn).div_ceil(sms) as f64 * cost;
+    let mut best = WS_WIDTHS[0];
+    for w in &WS_WIDTHS[1..] {
+        if time(w) < time(&best) {
+            best = *w;
+        }
+    }
+    (best.0, best.2)
+}
+
+#[cfg(test)]
+mod block_n_tests {
+    use super::*;
+
+    #[test]
+    fn tile_widths_by_waves() {
+        let sms = 132;
+        let bn = |m, n| ws_block_n(m, n, 1, sms).0;
+        // Many waves: the widest tile.
+        assert_eq!(bn(4096, 151936), 256);
+        assert_eq!(bn(4096, 11008), 256);
+        // 160 tiles of 256 (2 waves, the second 21% full): 128 (3 waves of 0.58).
+        assert_eq!(bn(4096, 1280), 128);
+        assert_eq!(bn(2560, 2048), 128);
+        // 128 tiles of 256 (one wave): 256, where the old rule took 128 (two waves).
+        assert_eq!(bn(2048, 2048), 256);
+        // A narrow product: 64 (one wave of 128 tiles).
+        assert_eq!(bn(4096, 256), 64);
+        // Few tiles at any width: the narrowest (one wave whatever the width).
+        assert_eq!(bn(128, 128), 64);
+        assert_eq!(bn(1024, 1024), 64);
+        // The batch counts tiles too.
+        assert_eq!(ws_block_n(2048, 2048, 4, sms).0, 256);
+        // The old rule, kept behind TESSERA_GEMM_BN=0.
+        set_block_n_rule(Some(0));
+        let old = [
+            bn(4096, 1280),
+            bn(2048, 2048),
+            bn(4096, 256),
+            bn(1024, 1024),
+        ];
+        set_block_n_rule(None);
+        assert_eq!(old, [256, 128, 64, 64]);
     }
 }
 
