@@ -385,42 +385,6 @@ pub(crate) fn ws_block_n(m: usize, n: usize, batch: usize, sms: usize) -> (usize
     (best.0, best.2)
 }
 
-#[cfg(test)]
-mod block_n_tests {
-    use super::*;
-
-    #[test]
-    fn tile_widths_by_waves() {
-        let sms = 132;
-        let bn = |m, n| ws_block_n(m, n, 1, sms).0;
-        // Many waves: the widest tile.
-        assert_eq!(bn(4096, 151936), 256);
-        assert_eq!(bn(4096, 11008), 256);
-        // 160 tiles of 256 (2 waves, the second 21% full): 128 (3 waves of 0.58).
-        assert_eq!(bn(4096, 1280), 128);
-        assert_eq!(bn(2560, 2048), 128);
-        // 128 tiles of 256 (one wave): 256, where the old rule took 128 (two waves).
-        assert_eq!(bn(2048, 2048), 256);
-        // A narrow product: 64 (one wave of 128 tiles).
-        assert_eq!(bn(4096, 256), 64);
-        // Few tiles at any width: the narrowest (one wave whatever the width).
-        assert_eq!(bn(128, 128), 64);
-        assert_eq!(bn(1024, 1024), 64);
-        // The batch counts tiles too.
-        assert_eq!(ws_block_n(2048, 2048, 4, sms).0, 256);
-        // The old rule, kept behind TESSERA_GEMM_BN=0.
-        set_block_n_rule(Some(0));
-        let old = [
-            bn(4096, 1280),
-            bn(2048, 2048),
-            bn(4096, 256),
-            bn(1024, 1024),
-        ];
-        set_block_n_rule(None);
-        assert_eq!(old, [256, 128, 64, 64]);
-    }
-}
-
 /// TMA descriptor of a bf16 operand of `rows` (M or N) x `k`, `batch` copies `batch_stride`
 /// apart (rank 3; rank 2 when not batched or shared), 128-byte swizzle, outside the tensor read
 /// as zeros. K-major: rows of K, `ld` apart, boxes of 64 (K, 128 bytes) x `box_rows`. MN-major:
@@ -677,4 +641,40 @@ pub fn matmul_bt_with(
         false,
     )?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod block_n_tests {
+    use super::*;
+
+    #[test]
+    fn tile_widths_by_waves() {
+        let sms = 132;
+        let bn = |m, n| ws_block_n(m, n, 1, sms).0;
+        // Many waves: the widest tile.
+        assert_eq!(bn(4096, 151936), 256);
+        assert_eq!(bn(4096, 11008), 256);
+        // 160 tiles of 256 (2 waves, the second 21% full): 128 (3 waves of 0.58).
+        assert_eq!(bn(4096, 1280), 128);
+        assert_eq!(bn(2560, 2048), 128);
+        // 128 tiles of 256 (one wave): 256, where the old rule took 128 (two waves).
+        assert_eq!(bn(2048, 2048), 256);
+        // A narrow product: 64 (one wave of 128 tiles).
+        assert_eq!(bn(4096, 256), 64);
+        // Few tiles at any width: the narrowest (one wave whatever the width).
+        assert_eq!(bn(128, 128), 64);
+        assert_eq!(bn(1024, 1024), 64);
+        // The batch counts tiles too.
+        assert_eq!(ws_block_n(2048, 2048, 4, sms).0, 256);
+        // The old rule, kept behind TESSERA_GEMM_BN=0.
+        set_block_n_rule(Some(0));
+        let old = [
+            bn(4096, 1280),
+            bn(2048, 2048),
+            bn(4096, 256),
+            bn(1024, 1024),
+        ];
+        set_block_n_rule(None);
+        assert_eq!(old, [256, 128, 64, 64]);
+    }
 }
