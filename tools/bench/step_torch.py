@@ -102,16 +102,24 @@ def main():
         [x.item() for x in losses]
         return (time.perf_counter() - t) / n * 1e3
 
-    step()
-    torch_ms = statistics.median(step() for _ in range(a.steps)) * 1e3
-    torch_pipe_ms = pipelined(a.steps) if dev.type == "cuda" else None
     n_params = sum(p.numel() for p in model.parameters())
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
     # Approximate model FLOPs per step: 6 x parameters x tokens (dense bf16 peak 989 TFLOP/s).
     flops = 6 * n_params * a.batch * a.seq
-    print(f"PyTorch {torch.__version__} ({a.attn}, {a.device}, {a.dtype}): {torch_ms:.1f} ms/step, "
-          f"{a.batch * a.seq / torch_ms * 1e3:.0f} tokens/s, {a.threads} threads, {n_params / 1e6:.0f}M params, "
-          f"peak {peak:.1f} GiB, approx MFU {flops / (torch_ms * 1e-3) / 989e12:.1%}")
+    try:
+        step()
+        torch_ms = statistics.median(step() for _ in range(a.steps)) * 1e3
+        torch_pipe_ms = pipelined(a.steps) if dev.type == "cuda" else None
+    except torch.cuda.OutOfMemoryError as e:
+        # The whole 3B model without checkpointing may not fit PyTorch's step; tessera's still
+        # runs below (after the memory is freed), without a ratio.
+        torch_ms = torch_pipe_ms = None
+        print(f"PyTorch {torch.__version__} ({a.attn}, {a.device}, {a.dtype}): out of GPU memory "
+              f"({str(e).splitlines()[0][:200]})")
+    if torch_ms is not None:
+        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+        print(f"PyTorch {torch.__version__} ({a.attn}, {a.device}, {a.dtype}): {torch_ms:.1f} ms/step, "
+              f"{a.batch * a.seq / torch_ms * 1e3:.0f} tokens/s, {a.threads} threads, {n_params / 1e6:.0f}M params, "
+              f"peak {peak:.1f} GiB, approx MFU {flops / (torch_ms * 1e-3) / 989e12:.1%}")
     if torch_pipe_ms is not None:
         print(f"PyTorch pipelined (steps back to back): {torch_pipe_ms:.1f} ms/step, "
               f"approx MFU {flops / (torch_pipe_ms * 1e-3) / 989e12:.1%}")
@@ -122,20 +130,29 @@ def main():
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        out = subprocess.run([a.tessera, "--threads", str(a.threads), "bench", "step", "--model", a.model,
+        run = subprocess.run([a.tessera, "--threads", str(a.threads), "bench", "step", "--model", a.model,
                               "--batch", str(a.batch), "--seq", str(a.seq), "--image", a.image,
                               "--steps", str(a.steps), "--device", a.device, "--dtype", a.dtype,
                               "--json"] + (["--checkpoint"] if a.checkpoint else []),
-                             check=True, capture_output=True, text=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            print(f"tessera bench step failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
+            raise SystemExit(1)
+        # bench step's host counters and profile (stderr), then its result.
+        host = [l for l in run.stderr.splitlines() if l.startswith("host per step")]
+        if host:
+            print(f"tessera {host[-1]}")
+        r = json.loads(run.stdout.strip().splitlines()[-1])
         print(f"tessera: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
               f"peak {r.get('peak_gib', float('nan')):.1f} GiB, "
               f"approx MFU {flops / (r['step_ms_median'] * 1e-3) / 989e12:.1%}, loss {r.get('loss')}")
-        print(f"tessera time / PyTorch time = {r['step_ms_median'] / torch_ms:.2f} (target <= 1.0)")
-        if r.get("pipelined_ms") and torch_pipe_ms:
+        if torch_ms is not None:
+            print(f"tessera time / PyTorch time = {r['step_ms_median'] / torch_ms:.2f} (target <= 1.0)")
+        if r.get("pipelined_ms"):
+            ratio = (f"; tessera / PyTorch pipelined = {r['pipelined_ms'] / torch_pipe_ms:.2f}"
+                     if torch_pipe_ms else "")
             print(f"tessera pipelined: {r['pipelined_ms']:.1f} ms/step, approx MFU "
-                  f"{flops / (r['pipelined_ms'] * 1e-3) / 989e12:.1%}; tessera / PyTorch pipelined = "
-                  f"{r['pipelined_ms'] / torch_pipe_ms:.2f}")
+                  f"{flops / (r['pipelined_ms'] * 1e-3) / 989e12:.1%}{ratio}")
 
 
 if __name__ == "__main__":
