@@ -134,6 +134,9 @@ pub fn mrope_tables(
     rotary_tables(&axes, &axis_of, &inv, &[pos.batch, 1, pos.seq, hd], dtype)
 }
 
+/// The most position axes `rotary_tables` takes (M-RoPE's T, H, W).
+const MAX_AXES: usize = 3;
+
 /// Rotary cos/sin tables of `shape` ([.., rows, 2·freqs.len()]) in `dtype`: row r, frequency f
 /// gets the angle `axes[axis_of[f]][r] · freqs[f]` in f32, and each half is duplicated
 /// (rotate-half pairs).
@@ -141,9 +144,10 @@ pub fn mrope_tables(
 /// Positions repeat: a text token has the same one on every axis, an image's rows and columns
 /// take few values. So each distinct (position, frequency) gets its cos and sin once and the
 /// rows gather them; the values are those of a cos/sin a row (the same f32 angle, the same
-/// rounding to `dtype`). For the 3B bench's 4 × 1024 tokens that is ~66 K cos/sin pairs where
-/// a pair a row and frequency, twice over, took 524 K (10 ms of the host's step here, before
-/// the text layers' first launch).
+/// rounding to `dtype`). For the 3B bench's 4 × 1024 tokens that is ~50 K cos/sin pairs where
+/// one a row and frequency, each computed twice, made 524 K: ~2 ms of the host's step on this
+/// 2-core VM where it took 10, while the device runs the vision tower before the text layers
+/// that wait for these tables.
 pub(crate) fn rotary_tables(
     axes: &[&[i64]],
     axis_of: &[usize],
@@ -155,6 +159,7 @@ pub(crate) fn rotary_tables(
     let half = freqs.len();
     let rows = axes.first().map_or(0, |a| a.len());
     if axis_of.len() != half
+        || axes.len() > MAX_AXES
         || axis_of.iter().any(|&a| a >= axes.len())
         || axes.iter().any(|a| a.len() != rows)
         || shape.iter().product::<usize>() != rows * 2 * half
@@ -176,28 +181,37 @@ pub(crate) fn rotary_tables(
     values.sort_unstable();
     values.dedup();
     crate::any_dispatch!(dtype, T => {
-        // [value][f] for each distinct position value.
-        let trig = |f: fn(f32) -> f32| -> Vec<T> {
-            values
-                .par_iter()
-                .flat_map_iter(|&p| freqs.iter().map(move |&w| T::from_f64(f(p as f32 * w) as f64)))
-                .collect()
-        };
-        let (ct, st) = (trig(f32::cos), trig(f32::sin));
         let zero = T::from_f64(0.0);
-        let (mut cos, mut sin) = (vec![zero; rows * 2 * half], vec![zero; rows * 2 * half]);
-        cos.par_chunks_mut(2 * half)
-            .zip(sin.par_chunks_mut(2 * half))
+        // [value][f] for each distinct position value.
+        let (mut ct, mut st) = (vec![zero; values.len() * half], vec![zero; values.len() * half]);
+        ct.par_chunks_mut(half.max(1))
+            .zip(st.par_chunks_mut(half.max(1)))
+            .zip(&values)
+            .for_each(|((c, s), &p)| {
+                for ((c, s), &w) in c.iter_mut().zip(s.iter_mut()).zip(freqs) {
+                    let angle = p as f32 * w;
+                    (*c, *s) = (T::from_f64(angle.cos() as f64), T::from_f64(angle.sin() as f64));
+                }
+            });
+        // Rows in chunks of 64 a task; each row finds its axes' values once.
+        let width = 2 * half;
+        let (mut cos, mut sin) = (vec![zero; rows * width], vec![zero; rows * width]);
+        const CHUNK: usize = 64;
+        cos.par_chunks_mut(CHUNK * width.max(1))
+            .zip(sin.par_chunks_mut(CHUNK * width.max(1)))
             .enumerate()
-            .for_each(|(r, (c, s))| {
-                let at: Vec<usize> = axes
-                    .iter()
-                    .map(|a| values.binary_search(&a[r]).expect("a collected value") * half)
-                    .collect();
-                for (f, &a) in axis_of.iter().enumerate() {
-                    let i = at[a] + f;
-                    (c[f], c[half + f]) = (ct[i], ct[i]);
-                    (s[f], s[half + f]) = (st[i], st[i]);
+            .for_each(|(chunk, (cs, ss))| {
+                let mut at = [0usize; MAX_AXES];
+                for (i, (c, s)) in cs.chunks_mut(width).zip(ss.chunks_mut(width)).enumerate() {
+                    let r = chunk * CHUNK + i;
+                    for (slot, a) in at.iter_mut().zip(axes) {
+                        *slot = values.binary_search(&a[r]).expect("a collected value") * half;
+                    }
+                    for (f, &a) in axis_of.iter().enumerate() {
+                        let i = at[a] + f;
+                        (c[f], c[half + f]) = (ct[i], ct[i]);
+                        (s[f], s[half + f]) = (st[i], st[i]);
+                    }
                 }
             });
         Ok((Tensor::from_vec(cos, shape)?, Tensor::from_vec(sin, shape)?))
