@@ -16,7 +16,8 @@
 # the profile is of the default step; PROFILE_STEP=0 for none), NCU=1 with NCU_KERNELS="regex ..."
 # (Nsight Compute), SWEEP="variant ..." (tools/sweep/tiny_base.sh on the spare cores),
 # BIG_STEP_BEFORE_S and STEP_COMBOS_BEFORE_S (skip those steps once the check has run that many
-# seconds), FULL_3B=1 (the whole 3B model's step with activation checkpointing, both sides),
+# seconds), FULL_3B=1 (the whole 3B model's step, both sides: without activation
+# checkpointing, then with it if tessera ran out of memory; FULL_3B=ckpt: with it),
 # SKIP_MATMUL=1 (no GEMM benchmark), TINY_STEP_DTYPES (default "f32 bf16": the
 # bench-tiny steps; empty for none), TEST_TIMEOUT, WITH_COMPILE_TEST=1, DEADLINE_S (default 540: every optional phase is
 # skipped, and every command's timeout clipped, so that the check ends by then and leaves its
