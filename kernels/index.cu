@@ -55,7 +55,13 @@ __device__ __forceinline__ void index_select_bwd(const T* g, const i64* starts, 
 // 151936-row table): dx is zeroed by a memset first, and only the u distinct selected rows are
 // visited: dx[o, rows[r], j] = Σ_{p in seg[r] .. seg[r+1]} g[o, srcs[p], j] for r < u, in the
 // dense kernel's order (the same bits). n = outer·u·inner.
-template <typename T>
+// ADD: into a gradient accumulated so far instead of a zeroed dx (autograd's `record_into`, an
+// embedding tied to the lm_head): each sum rounded to T as the zeroed dx would hold it, then
+// added to dx's value and rounded again, the bits of the two-step dense path (dx + that dx).
+__device__ __forceinline__ float round_as(const float*, float v) { return v; }
+__device__ __forceinline__ float round_as(const bf16_t*, float v) { return bf2f(f2bf(v)); }
+
+template <typename T, bool ADD>
 __device__ __forceinline__ void index_select_bwd_rows(const T* g, const i64* seg, const i64* srcs, const i64* rows,
                                                       T* dx, i64 n, i64 u, i64 size, i64 k, i64 inner) {
     GRID_LOOP(i, n) {
@@ -63,7 +69,9 @@ __device__ __forceinline__ void index_select_bwd_rows(const T* g, const i64* seg
         const i64 o = q / u, r = q - o * u;
         float acc = 0.f;
         for (i64 p = seg[r]; p < seg[r + 1]; ++p) acc += ld(g, (o * k + srcs[p]) * inner + j);
-        st(dx, (o * size + rows[r]) * inner + j, acc);
+        const i64 at = (o * size + rows[r]) * inner + j;
+        if (ADD) acc = ld(dx, at) + round_as(dx, acc);
+        st(dx, at, acc);
     }
 }
 
@@ -159,7 +167,12 @@ __device__ __forceinline__ void masked_scatter_bwd(const T* g, const i64* rowsrc
     extern "C" __global__ void index_select_bwd_rows_##SFX(const T* g, const i64* seg, const i64* srcs,             \
                                                            const i64* rows, T* dx, i64 n, i64 u, i64 size, i64 k,   \
                                                            i64 inner) {                                             \
-        index_select_bwd_rows<T>(g, seg, srcs, rows, dx, n, u, size, k, inner);                                     \
+        index_select_bwd_rows<T, false>(g, seg, srcs, rows, dx, n, u, size, k, inner);                              \
+    }                                                                                                               \
+    extern "C" __global__ void index_select_bwd_rows_add_##SFX(const T* g, const i64* seg, const i64* srcs,         \
+                                                               const i64* rows, T* dx, i64 n, i64 u, i64 size,      \
+                                                               i64 k, i64 inner) {                                  \
+        index_select_bwd_rows<T, true>(g, seg, srcs, rows, dx, n, u, size, k, inner);                               \
     }                                                                                                               \
     extern "C" __global__ void gather_bwd_##SFX(const T* g, const i64* seg, const i64* order, const i64* dst, T* dx, \
                                                 i64 u) {                                                            \

@@ -508,6 +508,36 @@ fn embedding_matches_cpu() {
     );
 }
 
+/// A table both looked up and used as the head's weight (Qwen's tied embeddings): the lookup's
+/// backward, which runs after the head's, adds its rows into the head's gradient in place
+/// (`index_select_bwd_rows_add`, autograd's `record_into`) instead of a dense gradient and an
+/// add over the whole table.
+#[test]
+fn embedding_tied_to_the_head_matches_cpu() {
+    if !has_gpu("embedding_tied_to_the_head") {
+        return;
+    }
+    tessera::backend::cuda::count_launches(true);
+    let before =
+        tessera::backend::cuda::launches_where(|k| k.starts_with("index_select_bwd_rows_add"));
+    let cpu_ids = ids(&[2, 19], 3000, 7);
+    check(
+        "embedding tied to the head, vocab 3000",
+        &[randn(&[3000, 64], 8), randn(&[2, 19, 64], 9)],
+        &[true, false],
+        |x| {
+            Tensor::embedding(&cpu_ids, &x[0])?
+                .mul(&x[1])?
+                .linear(&x[0], None)
+        },
+    );
+    assert!(
+        tessera::backend::cuda::launches_where(|k| k.starts_with("index_select_bwd_rows_add"))
+            > before,
+        "the lookup's gradient was not added into the head's in place"
+    );
+}
+
 // ---------------------------------------------------------------- losses
 
 #[test]

@@ -136,26 +136,41 @@ impl Tensor {
             Tensor::from_vec(out, &shape)?
         });
         let in_shape = self.shape().to_vec();
-        Ok(record("index_select", out, &[self], move |g| {
-            // scatter-add the gradient rows back to the rows they were read from
-            let gi = float_dispatch!(g.dtype(), "index_select_backward", T => {
-                let gv = g.to_vec::<T>()?;
-                let mut dx = vec![<T as num_traits::Zero>::zero(); outer * size * inner];
-                for o in 0..outer {
-                    for (k, &i) in idx.iter().enumerate() {
-                        let src = (o * idx.len() + k) * inner;
-                        let dst = (o * size + i) * inner;
-                        for j in 0..inner {
-                            dx[dst + j] += gv[src + j];
-                        }
-                    }
+        let idx = std::sync::Arc::new(idx);
+        let (idx2, shape2) = (idx.clone(), in_shape.clone());
+        Ok(crate::autograd::record_into(
+            "index_select",
+            out,
+            self,
+            move |g| {
+                let dense = index_select_grad(g, &idx, (outer, size, inner), &in_shape)?;
+                Ok(vec![Some(dense)])
+            },
+            move |g, total| {
+                // Into the input's gradient so far (a tied lm_head's): its rows in place when
+                // that gradient is this pass's own, else the dense gradient added.
+                if total.is_exclusive()
+                    && total.is_contiguous()
+                    && total.dtype() == g.dtype()
+                    && total.shape() == &shape2[..]
+                    && !total.is_cuda()
+                {
+                    #[cfg(test)]
+                    tests::IN_PLACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let g = g.contiguous()?;
+                    float_dispatch!(g.dtype(), "index_select_backward", T => {
+                        g.read::<T, _>(|gv| {
+                            total.write::<T, _>(|tv| {
+                                add_selected_rows(gv, tv, &idx2, (outer, size, inner))
+                            })
+                        })??
+                    });
+                    return Ok(total);
                 }
-                Tensor::from_vec(dx, &in_shape)?
-            });
-            Ok(vec![Some(gi)])
-        }))
+                total.add(&index_select_grad(g, &idx2, (outer, size, inner), &shape2)?)
+            },
+        ))
     }
-
     /// torch.gather: `index` (i64/u32) has this tensor's rank and, off `dim`, no larger
     /// sizes; out[..., j, ...] = self[..., index[..., j, ...], ...] along `dim`.
     pub fn gather(&self, index: &Tensor, dim: isize) -> Result<Tensor> {
@@ -311,5 +326,176 @@ impl Tensor {
             });
             Ok(vec![Some(gx), Some(gs)])
         }))
+    }
+}
+
+/// index_select's gradient: the rows of `g` summed back into the rows they were read from, in
+/// a zeroed input-shaped tensor (on the CPU).
+fn index_select_grad(
+    g: &Tensor,
+    idx: &[usize],
+    (outer, size, inner): (usize, usize, usize),
+    in_shape: &[usize],
+) -> Result<Tensor> {
+    Ok(float_dispatch!(g.dtype(), "index_select_backward", T => {
+        let mut dx = vec![<T as num_traits::Zero>::zero(); outer * size * inner];
+        g.contiguous()?.read::<T, _>(|gv| add_selected_rows(gv, &mut dx, idx, (outer, size, inner)))?;
+        Tensor::from_vec(dx, in_shape)?
+    }))
+}
+
+/// dx[o, idx[k], :] += Σ g[o, k, :] over each row's selections: each selected row's sum formed
+/// on its own, in the order of k, from zero, and then added to dx once, so that adding into a
+/// zeroed dx (`index_select_grad`) or into a gradient accumulated so far (`record_into`) give
+/// the bits of that sum added to what dx held.
+fn add_selected_rows<T: crate::Float>(
+    g: &[T],
+    dx: &mut [T],
+    idx: &[usize],
+    (outer, size, inner): (usize, usize, usize),
+) {
+    // The selections of each row, in order (rows by first selection).
+    let mut order: Vec<usize> = (0..idx.len()).collect();
+    order.sort_by_key(|&k| idx[k]);
+    let mut acc = vec![<T as num_traits::Zero>::zero(); inner];
+    for o in 0..outer {
+        let mut p = 0;
+        while p < order.len() {
+            let row = idx[order[p]];
+            acc.iter_mut()
+                .for_each(|a| *a = <T as num_traits::Zero>::zero());
+            while p < order.len() && idx[order[p]] == row {
+                let src = (o * idx.len() + order[p]) * inner;
+                for (a, &v) in acc.iter_mut().zip(&g[src..src + inner]) {
+                    *a += v;
+                }
+                p += 1;
+            }
+            let dst = (o * size + row) * inner;
+            for (d, &a) in dx[dst..dst + inner].iter_mut().zip(&acc) {
+                *d += a;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{DType, Rng, Tensor};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Times the CPU index_select gradient was added into an accumulated gradient in place.
+    pub(super) static IN_PLACE: AtomicUsize = AtomicUsize::new(0);
+
+    fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {
+        Tensor::randn(shape, 1.0, DType::F32, rng).unwrap()
+    }
+
+    /// A tied embedding: the table W read by index_select (ids with repeats) and used as the
+    /// output projection. Its gradient, accumulated in place into the projection's, has the bits
+    /// of the two gradients computed apart (untied leaves) and added.
+    #[test]
+    fn index_select_into_a_tied_gradient_matches_the_dense_sum() {
+        let mut rng = Rng::new(7);
+        let (v, c, t) = (50, 8, 12);
+        let w0 = randn(&[v, c], &mut rng);
+        let up = randn(&[t, c], &mut rng);
+        let down = randn(&[t, v], &mut rng);
+        let ids =
+            Tensor::from_vec((0..t as i64).map(|i| (i * 7) % 9).collect::<Vec<_>>(), &[t]).unwrap();
+        // As in the model: the lookup first, the head's product on what came of it, so the
+        // head's backward (and its gradient for W) comes before the lookup's.
+        let loss = |emb: &Tensor, head: &Tensor| -> Tensor {
+            let hidden = emb.index_select(&ids, 0).unwrap().mul(&up).unwrap();
+            hidden
+                .linear(head, None)
+                .unwrap()
+                .mul(&down)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let w = w0.requires_grad_();
+        let before = IN_PLACE.load(Ordering::Relaxed);
+        loss(&w, &w).backward().unwrap();
+        assert!(
+            IN_PLACE.load(Ordering::Relaxed) > before,
+            "the embedding's gradient did not go into the head's in place"
+        );
+        let (we, wh) = (w0.requires_grad_(), w0.requires_grad_());
+        loss(&we, &wh).backward().unwrap();
+        let expect = wh.grad().unwrap().add(&we.grad().unwrap()).unwrap();
+        assert_eq!(
+            w.grad().unwrap().to_f64s().unwrap(),
+            expect.to_f64s().unwrap()
+        );
+        // The table an op's output (a cast of the masters, say): the gradient so far sits in
+        // that node's slot, not on a leaf.
+        let w = w0.requires_grad_();
+        let before = IN_PLACE.load(Ordering::Relaxed);
+        let table = w.mul_scalar(0.5).unwrap();
+        loss(&table, &table).backward().unwrap();
+        assert!(
+            IN_PLACE.load(Ordering::Relaxed) > before,
+            "not in place through a node"
+        );
+        let (we, wh) = (w0.requires_grad_(), w0.requires_grad_());
+        loss(&we.mul_scalar(0.5).unwrap(), &wh.mul_scalar(0.5).unwrap())
+            .backward()
+            .unwrap();
+        let expect = wh.grad().unwrap().add(&we.grad().unwrap()).unwrap();
+        let got = w.grad().unwrap().to_f64s().unwrap();
+        for (a, b) in got.iter().zip(expect.to_f64s().unwrap()) {
+            // (a + b)·0.5 against a·0.5 + b·0.5: equal up to rounding.
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+
+    /// When the gradient so far is shared (an add passes one gradient to both its inputs), it is
+    /// not written in place: the other input's gradient stays its own.
+    #[test]
+    fn index_select_into_a_shared_gradient_leaves_it_alone() {
+        let mut rng = Rng::new(8);
+        let (v, c) = (6, 4);
+        let w = randn(&[v, c], &mut rng).requires_grad_();
+        let z = randn(&[v, c], &mut rng).requires_grad_();
+        let ids = Tensor::from_vec(vec![1i64, 3, 3], &[3]).unwrap();
+        let up = randn(&[3, c], &mut rng);
+        // s = Σ (W + (Z + a)), a = Σ W[ids] · up: the outer add's backward gives W and Z + a
+        // one gradient tensor, which reaches Z's leaf unchanged; the lookup's backward, upstream
+        // of both, comes last and finds W's gradient shared with Z's.
+        let a = w
+            .index_select(&ids, 0)
+            .unwrap()
+            .mul(&up)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let s = w.add(&z.add(&a).unwrap()).unwrap().sum_all().unwrap();
+        let before = IN_PLACE.load(Ordering::Relaxed);
+        s.backward().unwrap();
+        assert_eq!(
+            IN_PLACE.load(Ordering::Relaxed),
+            before,
+            "a shared gradient written in place"
+        );
+        assert_eq!(z.grad().unwrap().to_f64s().unwrap(), vec![1.0; v * c]);
+        let gw = w.grad().unwrap().to_f64s().unwrap();
+        let upv = up.to_f64s().unwrap();
+        let n = (v * c) as f64;
+        for r in 0..v {
+            for j in 0..c {
+                let picked: f64 = match r {
+                    1 => upv[j],
+                    3 => upv[c + j] + upv[2 * c + j],
+                    _ => 0.0,
+                };
+                let want = 1.0 + n * picked;
+                assert!(
+                    (gw[r * c + j] - want).abs() < 1e-4 * want.abs().max(1.0),
+                    "row {r}"
+                );
+            }
+        }
     }
 }

@@ -526,6 +526,12 @@ impl Tensor {
         Ok(f(all, &self.0.layout))
     }
 
+    /// Whether this handle is the only one to the tensor and its buffer (no clone, no view):
+    /// an in-place change is then seen by no one else (a gradient accumulated in place).
+    pub fn is_exclusive(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.0.storage) == 1
+    }
+
     /// Runs `f` on the elements of a contiguous tensor, writable in place. Used by optimisers
     /// on parameters; a view sharing the buffer sees the change.
     pub fn write<T: WithDType, R>(&self, f: impl FnOnce(&mut [T]) -> R) -> Result<R> {

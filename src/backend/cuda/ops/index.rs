@@ -225,97 +225,157 @@ pub fn index_select(x: &Tensor, idx: Vec<usize>, d: usize) -> Result<Tensor> {
         )?;
     }
     let in_shape = x.shape().to_vec();
-    Ok(record("index_select", out, &[x], move |g| {
-        let sfx = suffix(dtype, "index_select_backward")?;
-        let g = upstream(g, dtype)?;
-        // CSR: srcs[starts[s]..starts[s+1]] = the positions kk (increasing) with idx[kk] = s.
-        let mut starts = vec![0i64; size + 1];
-        for &i in &idx {
-            starts[i + 1] += 1;
-        }
-        for s in 0..size {
-            starts[s + 1] += starts[s];
-        }
-        let mut fill: Vec<i64> = starts[..size].to_vec();
-        let mut srcs = vec![0i64; k];
-        for (kk, &i) in idx.iter().enumerate() {
-            srcs[fill[i] as usize] = kk as i64;
-            fill[i] += 1;
-        }
-        // Distinct selected rows. When they are under half the rows (an embedding's
-        // gradient), only those are summed, over a zeroed dx, instead of visiting every row.
-        let rows: Vec<i64> = (0..size as i64)
-            .filter(|&s| starts[s as usize + 1] > starts[s as usize])
-            .collect();
-        if 2 * rows.len() < size && outer * inner > 0 {
-            let dx = Tensor::zeros_on(&in_shape, dtype, crate::Device::Cuda)?;
-            let u = rows.len();
-            if u > 0 {
-                let mut seg: Vec<i64> = rows.iter().map(|&s| starts[s as usize]).collect();
-                seg.push(k as i64);
-                let (seg_dev, srcs_dev, rows_dev) = (
-                    upload_i64(&seg, &[u + 1])?,
-                    upload_i64(&srcs, &[k])?,
-                    upload_i64(&rows, &[u])?,
-                );
-                let n = outer * u * inner;
-                let [n64, u64_, size64, k64, inner64] = [n, u, size, k, inner].map(|v| v as i64);
-                let (gp, sp, cp, rp, dp) = (
-                    g.cuda_ptr()?,
-                    seg_dev.cuda_ptr()?,
-                    srcs_dev.cuda_ptr()?,
-                    rows_dev.cuda_ptr()?,
-                    dx.cuda_ptr()?,
-                );
-                launch1d(
-                    &format!("index_select_bwd_rows_{sfx}"),
-                    n,
-                    &[
-                        arg(&gp),
-                        arg(&sp),
-                        arg(&cp),
-                        arg(&rp),
-                        arg(&dp),
-                        arg(&n64),
-                        arg(&u64_),
-                        arg(&size64),
-                        arg(&k64),
-                        arg(&inner64),
-                    ],
-                )?;
+    let idx = std::sync::Arc::new(idx);
+    let (idx2, shape2) = (idx.clone(), in_shape.clone());
+    Ok(crate::autograd::record_into(
+        "index_select",
+        out,
+        x,
+        move |g| {
+            let g = upstream(g, dtype)?;
+            Ok(vec![select_grad(
+                &g,
+                &idx,
+                (outer, size, inner),
+                &in_shape,
+                None,
+            )?])
+        },
+        move |g, total| {
+            // Into the input's gradient so far (a tied lm_head's): its selected rows summed
+            // and added in place when that gradient is this pass's own and the rows are few,
+            // else the dense gradient added.
+            let g = upstream(g, dtype)?;
+            if total.is_exclusive()
+                && total.is_cuda()
+                && total.is_contiguous()
+                && total.dtype() == dtype
+                && total.shape() == &shape2[..]
+            {
+                if let Some(t) =
+                    select_grad(&g, &idx2, (outer, size, inner), &shape2, Some(&total))?
+                {
+                    return Ok(t);
+                }
             }
-            return Ok(vec![Some(dx)]);
-        }
-        let dx = Tensor::empty_cuda(&in_shape, dtype)?;
-        let n = dx.numel();
-        if n > 0 {
-            let starts_dev = upload_i64(&starts, &[size + 1])?;
-            let srcs_dev = upload_i64(&srcs, &[k])?;
-            let (gp, sp, cp, dp) = (
+            match select_grad(&g, &idx2, (outer, size, inner), &shape2, None)? {
+                Some(dense) => total.add(&dense),
+                None => Err(Error::msg("index_select backward: no gradient")),
+            }
+        },
+    ))
+}
+
+/// index_select's gradient from the contiguous upstream `g` (dtype of the input): the rows of
+/// `g` summed back into the rows they were read from. `into: None`: a new input-shaped tensor;
+/// `Some(total)`: added into `total` in place, when few enough rows are selected for the rows
+/// path (else None, and nothing is written).
+fn select_grad(
+    g: &Tensor,
+    idx: &[usize],
+    (outer, size, inner): (usize, usize, usize),
+    in_shape: &[usize],
+    into: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let dtype = g.dtype();
+    let sfx = suffix(dtype, "index_select_backward")?;
+    let k = idx.len();
+    // CSR: srcs[starts[s]..starts[s+1]] = the positions kk (increasing) with idx[kk] = s.
+    let mut starts = vec![0i64; size + 1];
+    for &i in idx {
+        starts[i + 1] += 1;
+    }
+    for s in 0..size {
+        starts[s + 1] += starts[s];
+    }
+    let mut fill: Vec<i64> = starts[..size].to_vec();
+    let mut srcs = vec![0i64; k];
+    for (kk, &i) in idx.iter().enumerate() {
+        srcs[fill[i] as usize] = kk as i64;
+        fill[i] += 1;
+    }
+    // Distinct selected rows. When they are under half the rows (an embedding's gradient),
+    // only those are summed, over a zeroed dx (or into `into`), instead of visiting every row.
+    let rows: Vec<i64> = (0..size as i64)
+        .filter(|&s| starts[s as usize + 1] > starts[s as usize])
+        .collect();
+    if 2 * rows.len() < size && outer * inner > 0 {
+        let (dx, kernel) = match into {
+            Some(t) => (t.clone(), format!("index_select_bwd_rows_add_{sfx}")),
+            None => (
+                Tensor::zeros_on(in_shape, dtype, crate::Device::Cuda)?,
+                format!("index_select_bwd_rows_{sfx}"),
+            ),
+        };
+        let u = rows.len();
+        if u > 0 {
+            let mut seg: Vec<i64> = rows.iter().map(|&s| starts[s as usize]).collect();
+            seg.push(k as i64);
+            let (seg_dev, srcs_dev, rows_dev) = (
+                upload_i64(&seg, &[u + 1])?,
+                upload_i64(&srcs, &[k])?,
+                upload_i64(&rows, &[u])?,
+            );
+            let n = outer * u * inner;
+            let [n64, u64_, size64, k64, inner64] = [n, u, size, k, inner].map(|v| v as i64);
+            let (gp, sp, cp, rp, dp) = (
                 g.cuda_ptr()?,
-                starts_dev.cuda_ptr()?,
+                seg_dev.cuda_ptr()?,
                 srcs_dev.cuda_ptr()?,
+                rows_dev.cuda_ptr()?,
                 dx.cuda_ptr()?,
             );
-            let (n64, size64, k64, inner64) = (n as i64, size as i64, k as i64, inner as i64);
             launch1d(
-                &format!("index_select_bwd_{sfx}"),
+                &kernel,
                 n,
                 &[
                     arg(&gp),
                     arg(&sp),
                     arg(&cp),
+                    arg(&rp),
                     arg(&dp),
                     arg(&n64),
+                    arg(&u64_),
                     arg(&size64),
                     arg(&k64),
                     arg(&inner64),
                 ],
             )?;
         }
-        debug_assert_eq!(outer * size * inner, n);
-        Ok(vec![Some(dx)])
-    }))
+        return Ok(Some(dx));
+    }
+    if into.is_some() {
+        return Ok(None);
+    }
+    let dx = Tensor::empty_cuda(in_shape, dtype)?;
+    let n = dx.numel();
+    if n > 0 {
+        let starts_dev = upload_i64(&starts, &[size + 1])?;
+        let srcs_dev = upload_i64(&srcs, &[k])?;
+        let (gp, sp, cp, dp) = (
+            g.cuda_ptr()?,
+            starts_dev.cuda_ptr()?,
+            srcs_dev.cuda_ptr()?,
+            dx.cuda_ptr()?,
+        );
+        let (n64, size64, k64, inner64) = (n as i64, size as i64, k as i64, inner as i64);
+        launch1d(
+            &format!("index_select_bwd_{sfx}"),
+            n,
+            &[
+                arg(&gp),
+                arg(&sp),
+                arg(&cp),
+                arg(&dp),
+                arg(&n64),
+                arg(&size64),
+                arg(&k64),
+                arg(&inner64),
+            ],
+        )?;
+    }
+    debug_assert_eq!(outer * size * inner, n);
+    Ok(Some(dx))
 }
 
 /// `x.gather(index, dim)` given `src`, the offset into contiguous x of every output element
