@@ -211,3 +211,36 @@ fn checkpoint_gives_the_plain_gradients() {
         "{err}"
     );
 }
+
+/// A node keeps the part of the model it was recorded in (`autograd::part`, the CUDA profile's
+/// attribution), and its backward runs in that part, marked as a backward; the part is restored
+/// when its guard drops.
+#[test]
+fn backward_runs_in_the_part_that_recorded_it() {
+    use std::sync::{Arc, Mutex};
+    use tessera::autograd::{current_part, part, record};
+    let x = param(&[1.0, 2.0], &[2]);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let probe = |t: &Tensor, seen: &Arc<Mutex<Vec<(Option<&'static str>, bool)>>>| {
+        let seen = seen.clone();
+        record("probe", t.detach(), &[t], move |g| {
+            seen.lock().unwrap().push(current_part());
+            Ok(vec![Some(g.clone())])
+        })
+    };
+    let y = {
+        let _p = part("text mlp");
+        assert_eq!(current_part(), (Some("text mlp"), false));
+        let a = probe(&x, &seen);
+        let _q = part("lm head and loss");
+        probe(&a, &seen)
+    };
+    assert_eq!(current_part(), (None, false), "restored on drop");
+    y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![(Some("lm head and loss"), true), (Some("text mlp"), true)]
+    );
+    assert_eq!(current_part(), (None, false), "restored after the backward");
+    assert_eq!(x.grad().unwrap().to_f64s().unwrap(), vec![1.0, 1.0]);
+}

@@ -42,6 +42,8 @@ pub struct Node {
     /// `record_into`'s accumulation, taken instead of `backward` when the input already has a
     /// gradient in this pass.
     into: Mutex<Option<IntoFn>>,
+    /// The part of the model that recorded the node (`part`).
+    part: Option<&'static str>,
 }
 
 impl Node {
@@ -52,6 +54,35 @@ impl Node {
 
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+    /// The part of the model the ops now issued belong to, and whether they are a backward's
+    /// (`part`): the CUDA profile's attribution of kernels.
+    static PART: Cell<(Option<&'static str>, bool)> = const { Cell::new((None, false)) };
+}
+
+/// While alive, the ops issued belong to the part of the model `name` ("text mlp", "vision
+/// attention (windows)"): the CUDA profile (`TESSERA_PROFILE=1`) sums kernels by it, and the
+/// nodes recorded keep it, so their backward's kernels are counted to it too. Costs a
+/// thread-local write; restores the previous part on drop.
+pub fn part(name: &'static str) -> PartGuard {
+    PartGuard(PART.with(|p| p.replace((Some(name), false))))
+}
+
+/// The part (`part`) and whether inside a node's backward, for the ops issued now.
+pub fn current_part() -> (Option<&'static str>, bool) {
+    PART.with(|p| p.get())
+}
+
+pub struct PartGuard((Option<&'static str>, bool));
+
+impl Drop for PartGuard {
+    fn drop(&mut self) {
+        PART.with(|p| p.set(self.0));
+    }
+}
+
+/// A node's backward runs in the part that recorded it.
+fn backward_part(node: &Node) -> PartGuard {
+    PartGuard(PART.with(|p| p.replace((node.part, true))))
 }
 
 pub fn is_grad_enabled() -> bool {
@@ -116,6 +147,7 @@ pub fn record(
         slots: 1,
         backward: Mutex::new(Some(Backward::One(Box::new(backward)))),
         into: Mutex::new(None),
+        part: current_part().0,
     });
     out.with_grad_fn(node)
 }
@@ -142,6 +174,7 @@ pub fn record_into(
         slots: 1,
         backward: Mutex::new(Some(Backward::One(Box::new(backward)))),
         into: Mutex::new(Some(Box::new(into))),
+        part: current_part().0,
     });
     out.with_grad_fn(node)
 }
@@ -175,6 +208,7 @@ pub fn record_many(
         slots: outs.len(),
         backward: Mutex::new(Some(Backward::Many(Box::new(backward)))),
         into: Mutex::new(None),
+        part: current_part().0,
     });
     outs.into_iter()
         .enumerate()
@@ -187,6 +221,7 @@ pub fn record_many(
                     Ok(vec![Some(g.clone())])
                 })))),
                 into: Mutex::new(None),
+                part: current_part().0,
             });
             out.with_grad_fn(part)
         })
@@ -301,6 +336,7 @@ fn run_backward_many(roots: &[(Tensor, Tensor)]) -> Result<HashMap<TensorId, (Te
                     node.name
                 ))
             })?;
+        let _part = backward_part(&node);
         // `record_into`: the input's gradient so far, if it has one, takes this op's part.
         let into = node.into.lock().expect("node lock").take();
         if let (Some(into), [Some(edge)]) = (into, &node.edges[..]) {

@@ -493,8 +493,29 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
     }
     if device == crate::Device::Cuda && crate::backend::cuda::profiling() {
         // Kernel time per step, by kernel (TESSERA_PROFILE=1), against the measured step.
-        let (report, gaps) = crate::backend::cuda::profile_timeline()?;
+        let (tagged, gaps) = crate::backend::cuda::profile_timeline()?;
         let steps = times.len() as f64;
+        // Kernel names carry the part of the model that launched them ("... [text mlp,
+        // backward]", `autograd::part`): by kernel alone first, then by part.
+        let sum_by = |key: &dyn Fn(&str) -> String| {
+            let mut m: std::collections::HashMap<String, (usize, f64)> = Default::default();
+            for (name, n, ms) in &tagged {
+                let e = m.entry(key(name)).or_default();
+                e.0 += n;
+                e.1 += ms;
+            }
+            let mut v: Vec<(String, usize, f64)> =
+                m.into_iter().map(|(k, (n, ms))| (k, n, ms)).collect();
+            v.sort_by(|a, b| b.2.total_cmp(&a.2));
+            v
+        };
+        let report = sum_by(&|name: &str| name.split(" [").next().unwrap_or(name).to_string());
+        let parts = sum_by(&|name: &str| {
+            name.split_once(" [")
+                .map_or("(no part)".to_string(), |(_, p)| {
+                    p.trim_end_matches(']').to_string()
+                })
+        });
         let total: f64 = report.iter().map(|r| r.2).sum::<f64>() / steps;
         let wall = times.iter().sum::<f64>() * 1e3 / steps;
         eprintln!("kernel time {total:.1} ms of {wall:.1} ms per step (the rest: host work and synchronisation)");
@@ -520,6 +541,27 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
                 (n as f64 / steps).round(),
                 ms / steps,
                 100.0 * ms / steps / wall
+            );
+        }
+        eprintln!("kernel time by part of the model (autograd::part; a backward's kernels count to the part that recorded the op):");
+        eprintln!(
+            "{:<44} {:>9} {:>10} {:>6}",
+            "part", "launches", "ms/step", "share"
+        );
+        for (part, n, ms) in &parts {
+            eprintln!(
+                "{part:<44} {:>9} {:>10.2} {:>5.1}%",
+                (*n as f64 / steps).round(),
+                ms / steps,
+                100.0 * ms / steps / wall
+            );
+        }
+        eprintln!("the 25 largest kernels by part:");
+        for (name, n, ms) in tagged.iter().take(25) {
+            eprintln!(
+                "{name:<72} {:>6} {:>8.2}",
+                (*n as f64 / steps).round(),
+                ms / steps
             );
         }
         // Where the device was outside kernels (waiting for the host, or in memsets and

@@ -262,6 +262,7 @@ impl AdamW {
 
     /// One update of every parameter that has a gradient, with learning rate `lr`.
     pub fn step(&mut self, lr: f64) -> Result<()> {
+        let _part = crate::autograd::part("optimizer");
         if !(lr.is_finite() && lr >= 0.0) {
             return Err(Error::msg(format!(
                 "AdamW::step: invalid learning rate {lr}"

@@ -109,7 +109,10 @@ impl QwenVl {
             .input_ids
             .as_ref()
             .ok_or_else(|| Error::msg("forward: input_ids are required"))?;
-        let e = Tensor::embedding(ids, self.p("model.embed_tokens.weight")?)?;
+        let e = {
+            let _part = crate::autograd::part("token embedding");
+            Tensor::embedding(ids, self.p("model.embed_tokens.weight")?)?
+        };
         let n_img = ids
             .to_vec::<i64>()?
             .iter()
@@ -143,6 +146,7 @@ impl QwenVl {
                 .collect::<Vec<_>>(),
             &[ids.dim(0)?, ids.dim(1)?, 1],
         )?;
+        let _part = crate::autograd::part("token embedding");
         e.masked_scatter(&mask, &feats.to_dtype(e.dtype())?)
     }
 
@@ -238,6 +242,7 @@ impl QwenVl {
         let (b, seq) = (h.dim(0)?, h.dim(1)?);
         let (hd, nh, nkv) = (t.head_dim(), t.num_attention_heads, t.num_key_value_heads);
         let w = |s: &str| self.p(&format!("model.layers.{i}.{s}"));
+        let part = crate::autograd::part("text attention");
         let (h, x) = h.add_opt_rms_norm(pending, w("input_layernorm.weight")?, t.rms_norm_eps)?;
         let [q, k, v] = if seq > 1 && x.is_cuda() && QKV_FUSED.get() != Some(0) {
             // On CUDA, one product for q, k and v (their weights and biases concatenated: 10 MB
@@ -281,11 +286,10 @@ impl QwenVl {
         let a = Tensor::attention(&q, &k, &v, opts)?
             .transpose(1, 2)?
             .reshape(&[b, seq, nh * hd])?;
-        let (h, x) = h.add_rms_norm(
-            &a.linear(w("self_attn.o_proj.weight")?, None)?,
-            w("post_attention_layernorm.weight")?,
-            t.rms_norm_eps,
-        )?;
+        let o = a.linear(w("self_attn.o_proj.weight")?, None)?;
+        drop(part);
+        let _part = crate::autograd::part("text mlp");
+        let (h, x) = h.add_rms_norm(&o, w("post_attention_layernorm.weight")?, t.rms_norm_eps)?;
         let m = x
             .linear(w("mlp.gate_proj.weight")?, None)?
             .swiglu(&x.linear(w("mlp.up_proj.weight")?, None)?)?;
@@ -379,6 +383,7 @@ impl QwenVl {
 
     /// Final RMSNorm and lm_head: h [B, T, C] -> logits [B, T, V].
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let _part = crate::autograd::part("lm head and loss");
         h.rms_norm(self.p("model.norm.weight")?, self.config.text.rms_norm_eps)?
             .linear(self.lm_head()?, None)
     }
@@ -401,6 +406,7 @@ impl QwenVl {
                 ))
             }
             Some(l) => {
+                let _part = crate::autograd::part("lm head and loss");
                 // Position t predicts label t+1; the last position has none (-100, ignored), so
                 // the loss reads the logits whole: no narrowed copy of [B, T-1, V] and no
                 // zero-padded gradient for it. The same mean as over the first T-1 positions,

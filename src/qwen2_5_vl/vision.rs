@@ -139,22 +139,27 @@ fn block(
     let name = |s: &str| format!("visual.blocks.{i}.{s}");
     let w = |s: &str| p.require(&name(s));
     let (s, hd, nh) = (x.dim(0)?, c.head_dim(), c.num_heads);
+    let part = crate::autograd::part(if cu == &plan.cu_full[..] {
+        "vision attention (full)"
+    } else {
+        "vision attention (windows)"
+    });
     let (x, y) = x.add_opt_rms_norm(pending, w("norm1.weight")?, 1e-6)?;
     let qkv = y
         .linear(w("attn.qkv.weight")?, Some(w("attn.qkv.bias")?))?
         .reshape(&[s, 3, nh, hd])?
         .split(&[1, 1, 1], 1)?;
-    let part = |k: usize| qkv[k].squeeze(1); // [S, H, hd]
+    let piece = |k: usize| qkv[k].squeeze(1); // [S, H, hd]
     let (cos, sin) = (&plan.cos, &plan.sin);
     let heads = |t: Tensor| t.transpose(0, 1)?.unsqueeze(0); // [1, H, S, hd]
 
     // Rope of the heads-first views writes q and k contiguous, as attention reads them (the
     // other order needed a copy of each).
-    let q = heads(part(0)?)?.rope(cos, sin)?;
-    let k = heads(part(1)?)?.rope(cos, sin)?;
+    let q = heads(piece(0)?)?.rope(cos, sin)?;
+    let k = heads(piece(1)?)?.rope(cos, sin)?;
     // Contiguous once, as attention reads it (else copied in its forward and backward), and so
     // that the saved v does not hold the whole qkv product alive.
-    let v = heads(part(2)?)?.contiguous()?;
+    let v = heads(piece(2)?)?.contiguous()?;
     let opts = AttentionOptions {
         cu_seqlens: Some(cu.to_vec()),
         ..Default::default()
@@ -163,11 +168,10 @@ fn block(
         .squeeze(0)?
         .transpose(0, 1)?
         .reshape(&[s, nh * hd])?;
-    let (x, y) = x.add_rms_norm(
-        &a.linear(w("attn.proj.weight")?, Some(w("attn.proj.bias")?))?,
-        w("norm2.weight")?,
-        1e-6,
-    )?;
+    let proj = a.linear(w("attn.proj.weight")?, Some(w("attn.proj.bias")?))?;
+    drop(part);
+    let _part = crate::autograd::part("vision mlp");
+    let (x, y) = x.add_rms_norm(&proj, w("norm2.weight")?, 1e-6)?;
     let m = Mlp::new(&w, pad_mlp)?;
     let gate = y.linear(&m.gate_w, Some(&m.gate_b))?;
     let up = y.linear(&m.up_w, Some(&m.up_b))?;
@@ -298,6 +302,7 @@ fn forward_with(
             ),
         ));
     }
+    let embed_part = crate::autograd::part("vision patch embedding");
     let mut plan = VisionPlan::new(grids, c)?;
     let dtype = p.require("visual.patch_embed.proj.weight")?.dtype();
     let device = p.require("visual.patch_embed.proj.weight")?.device();
@@ -312,6 +317,7 @@ fn forward_with(
         .to_dtype(dtype)?
         .linear(&pe, None)?;
     let mut x = x.index_select(&plan.window_rows, 0)?;
+    drop(embed_part);
     let mut pending = None;
     for i in 0..c.depth {
         let cu = if c.fullatt_block_indexes.contains(&i) {
@@ -326,6 +332,7 @@ fn forward_with(
         };
         (x, pending) = (next, Some(mlp));
     }
+    let _part = crate::autograd::part("vision merger");
     let unit = c.spatial_merge_size * c.spatial_merge_size;
     let ln_q = p.require("visual.merger.ln_q.weight")?;
     let y = x

@@ -555,11 +555,18 @@ impl CudaDevice {
         if let Some((a, b)) = timed {
             // SAFETY: as above.
             unsafe { result::event::record(b, self.stream) }.map_err(|e| driver_err("event", e))?;
-            profile().events.lock().expect("profile lock").push((
-                kernel.to_string(),
-                a as usize,
-                b as usize,
-            ));
+            // By the part of the model that issued it (`autograd::part`), and whether from a
+            // backward: "gemm_... [text mlp, backward]".
+            let name = match crate::autograd::current_part() {
+                (Some(part), false) => format!("{kernel} [{part}]"),
+                (Some(part), true) => format!("{kernel} [{part}, backward]"),
+                (None, _) => kernel.to_string(),
+            };
+            profile()
+                .events
+                .lock()
+                .expect("profile lock")
+                .push((name, a as usize, b as usize));
         }
         Ok(())
     }
