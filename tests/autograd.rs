@@ -220,8 +220,9 @@ fn backward_runs_in_the_part_that_recorded_it() {
     use std::sync::{Arc, Mutex};
     use tessera::autograd::{current_part, part, record};
     let x = param(&[1.0, 2.0], &[2]);
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let probe = |t: &Tensor, seen: &Arc<Mutex<Vec<(Option<&'static str>, bool)>>>| {
+    type Seen = Arc<Mutex<Vec<(Option<&'static str>, bool)>>>;
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+    let probe = |t: &Tensor, seen: &Seen| {
         let seen = seen.clone();
         record("probe", t.detach(), &[t], move |g| {
             seen.lock().unwrap().push(current_part());
