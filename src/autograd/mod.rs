@@ -72,6 +72,7 @@ pub fn current_part() -> (Option<&'static str>, bool) {
     PART.with(|p| p.get())
 }
 
+#[must_use = "the part ends when the guard drops"]
 pub struct PartGuard((Option<&'static str>, bool));
 
 impl Drop for PartGuard {

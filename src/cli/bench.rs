@@ -103,11 +103,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     use crate::backend::cuda::gemm_tc::{set_block_n_rule, ws_block_n};
                     let sms = dev.sm_count as usize;
                     let model_bn = ws_block_n(m, n, 1, sms).0;
+                    let xt = x.t()?.contiguous()?;
                     set_block_n_rule(Some(0));
                     let old_bn = ws_block_n(m, n, 1, sms).0;
                     let old_rule = if dev.cc == (9, 0) && dtype == DType::BF16 && old_bn != model_bn
                     {
-                        let xt = x.t()?.contiguous()?;
                         let fwd = super::bench_cuda::time_ms(10, || x.matmul(&y).map(|_| ()));
                         let wgrad =
                             super::bench_cuda::time_ms(10, || xt.t()?.matmul(&y).map(|_| ()));

@@ -156,7 +156,7 @@ impl Tensor {
                     && !total.is_cuda()
                 {
                     #[cfg(test)]
-                    tests::IN_PLACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tests::IN_PLACE.with(|n| n.set(n.get() + 1));
                     let g = g.contiguous()?;
                     float_dispatch!(g.dtype(), "index_select_backward", T => {
                         g.read::<T, _>(|gv| {
@@ -354,7 +354,7 @@ fn add_selected_rows<T: crate::Float>(
     idx: &[usize],
     (outer, size, inner): (usize, usize, usize),
 ) {
-    // The selections of each row, in order (rows by first selection).
+    // The selections of each row, in order (rows by index).
     let mut order: Vec<usize> = (0..idx.len()).collect();
     order.sort_by_key(|&k| idx[k]);
     let mut acc = vec![<T as num_traits::Zero>::zero(); inner];
@@ -382,10 +382,15 @@ fn add_selected_rows<T: crate::Float>(
 #[cfg(test)]
 mod tests {
     use crate::{DType, Rng, Tensor};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    thread_local! {
+        /// Times the CPU index_select gradient was added into an accumulated gradient in place,
+        /// on this thread (the backward runs on the thread that calls it; tests run in parallel).
+        pub(super) static IN_PLACE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
 
-    /// Times the CPU index_select gradient was added into an accumulated gradient in place.
-    pub(super) static IN_PLACE: AtomicUsize = AtomicUsize::new(0);
+    fn in_place() -> usize {
+        IN_PLACE.with(|n| n.get())
+    }
 
     fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {
         Tensor::randn(shape, 1.0, DType::F32, rng).unwrap()
@@ -416,10 +421,10 @@ mod tests {
                 .unwrap()
         };
         let w = w0.requires_grad_();
-        let before = IN_PLACE.load(Ordering::Relaxed);
+        let before = in_place();
         loss(&w, &w).backward().unwrap();
         assert!(
-            IN_PLACE.load(Ordering::Relaxed) > before,
+            in_place() > before,
             "the embedding's gradient did not go into the head's in place"
         );
         let (we, wh) = (w0.requires_grad_(), w0.requires_grad_());
@@ -432,13 +437,10 @@ mod tests {
         // The table an op's output (a cast of the masters, say): the gradient so far sits in
         // that node's slot, not on a leaf.
         let w = w0.requires_grad_();
-        let before = IN_PLACE.load(Ordering::Relaxed);
+        let before = in_place();
         let table = w.mul_scalar(0.5).unwrap();
         loss(&table, &table).backward().unwrap();
-        assert!(
-            IN_PLACE.load(Ordering::Relaxed) > before,
-            "not in place through a node"
-        );
+        assert!(in_place() > before, "not in place through a node");
         let (we, wh) = (w0.requires_grad_(), w0.requires_grad_());
         loss(&we.mul_scalar(0.5).unwrap(), &wh.mul_scalar(0.5).unwrap())
             .backward()
@@ -472,13 +474,9 @@ mod tests {
             .sum_all()
             .unwrap();
         let s = w.add(&z.add(&a).unwrap()).unwrap().sum_all().unwrap();
-        let before = IN_PLACE.load(Ordering::Relaxed);
+        let before = in_place();
         s.backward().unwrap();
-        assert_eq!(
-            IN_PLACE.load(Ordering::Relaxed),
-            before,
-            "a shared gradient written in place"
-        );
+        assert_eq!(in_place(), before, "a shared gradient written in place");
         assert_eq!(z.grad().unwrap().to_f64s().unwrap(), vec![1.0; v * c]);
         let gw = w.grad().unwrap().to_f64s().unwrap();
         let upv = up.to_f64s().unwrap();

@@ -180,19 +180,28 @@ pub(crate) fn rotary_tables(
     let mut values: Vec<i64> = axes.iter().flat_map(|a| a.iter().copied()).collect();
     values.sort_unstable();
     values.dedup();
+    // [value][f] for each distinct position value, in f32, then rounded to `dtype` by
+    // `to_dtype`, as the per-row tables were (bf16's `from_f64` rounds differently from
+    // `from_f32` for ~1 value in 10⁴).
+    let (mut ctf, mut stf) = (
+        vec![0f32; values.len() * half],
+        vec![0f32; values.len() * half],
+    );
+    ctf.par_chunks_mut(half.max(1))
+        .zip(stf.par_chunks_mut(half.max(1)))
+        .zip(&values)
+        .for_each(|((c, s), &p)| {
+            for ((c, s), &w) in c.iter_mut().zip(s.iter_mut()).zip(freqs) {
+                let angle = p as f32 * w;
+                (*c, *s) = (angle.cos(), angle.sin());
+            }
+        });
+    let n = ctf.len();
+    let ct = Tensor::from_vec(ctf, &[n])?.to_dtype(dtype)?;
+    let st = Tensor::from_vec(stf, &[n])?.to_dtype(dtype)?;
     crate::any_dispatch!(dtype, T => {
         let zero = T::from_f64(0.0);
-        // [value][f] for each distinct position value.
-        let (mut ct, mut st) = (vec![zero; values.len() * half], vec![zero; values.len() * half]);
-        ct.par_chunks_mut(half.max(1))
-            .zip(st.par_chunks_mut(half.max(1)))
-            .zip(&values)
-            .for_each(|((c, s), &p)| {
-                for ((c, s), &w) in c.iter_mut().zip(s.iter_mut()).zip(freqs) {
-                    let angle = p as f32 * w;
-                    (*c, *s) = (T::from_f64(angle.cos() as f64), T::from_f64(angle.sin() as f64));
-                }
-            });
+        let (ct, st) = (ct.to_vec::<T>()?, st.to_vec::<T>()?);
         // Rows in chunks of 64 a task; each row finds its axes' values once.
         let width = 2 * half;
         let (mut cos, mut sin) = (vec![zero; rows * width], vec![zero; rows * width]);
@@ -284,10 +293,30 @@ mod tests {
                 assert_eq!(s.to_f64s().unwrap(), es, "sin, {dtype}");
             }
         }
-        let e = rotary_tables(&[&t, &h[..39]], &[0, 1], &inv[..2], &[40, 4], DType::F32)
-            .err()
-            .unwrap()
-            .to_string();
+        // Many distinct positions (20000 rows, ~10⁵ cos/sin values a table): the rounding to
+        // bf16 / f16 of every value is that of `to_dtype` (bf16's `from_f64` differs from
+        // `from_f32` for ~1 value in 10⁴).
+        let n = 20000;
+        let t: Vec<i64> = (0..n as i64).collect();
+        let h: Vec<i64> = t.iter().map(|&i| i / 3).collect();
+        let w: Vec<i64> = t.iter().map(|&i| i * 7 % 5000).collect();
+        for dtype in [DType::BF16, DType::F16] {
+            let axes: [&[i64]; 3] = [&t, &h, &w];
+            let (c, s) = rotary_tables(&axes, &text_axis, &inv, &[n, hd], dtype).unwrap();
+            let (ec, es) = per_row(&axes, &text_axis, &inv, dtype);
+            assert!(c.to_f64s().unwrap() == ec, "cos, {dtype}, many positions");
+            assert!(s.to_f64s().unwrap() == es, "sin, {dtype}, many positions");
+        }
+        let e = rotary_tables(
+            &[&t[..40], &h[..39]],
+            &[0, 1],
+            &inv[..2],
+            &[40, 4],
+            DType::F32,
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("rotary_tables"), "{e}");
     }
 }

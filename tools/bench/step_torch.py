@@ -105,14 +105,14 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     # Approximate model FLOPs per step: 6 x parameters x tokens (dense bf16 peak 989 TFLOP/s).
     flops = 6 * n_params * a.batch * a.seq
+    torch_ms = torch_pipe_ms = None
     try:
         step()
         torch_ms = statistics.median(step() for _ in range(a.steps)) * 1e3
         torch_pipe_ms = pipelined(a.steps) if dev.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
         # The whole 3B model without checkpointing may not fit PyTorch's step; tessera's still
-        # runs below (after the memory is freed), without a ratio.
-        torch_ms = torch_pipe_ms = None
+        # runs below (after the memory is freed), without a ratio where PyTorch has no time.
         print(f"PyTorch {torch.__version__} ({a.attn}, {a.device}, {a.dtype}): out of GPU memory "
               f"({str(e).splitlines()[0][:200]})")
     if torch_ms is not None:

@@ -251,7 +251,7 @@ if [ -n "${FULL_3B:-}" ] && fits 300 "train step (qwen2.5-vl-3b)"; then
     }
     if [ "$FULL_3B" = ckpt ]; then
         full_3b step-3b-full-ckpt --checkpoint
-    elif ! full_3b step-3b-full && grep -q "out of memory" "$OUT/step-3b-full.txt" \
+    elif ! full_3b step-3b-full && grep -q "cuda: out of memory" "$OUT/step-3b-full.txt" \
         && fits 300 "train step (qwen2.5-vl-3b, checkpointed)"; then
         full_3b step-3b-full-ckpt --checkpoint
     fi
