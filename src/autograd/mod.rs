@@ -156,7 +156,7 @@ pub fn record(
 /// `record` for a one-input op whose gradient is sparse in its input: an embedding's few
 /// thousand rows of a 151936-row table. When the input already has a gradient from elsewhere in
 /// the same backward pass (the tied lm_head's product, whose backward runs first), `into(g,
-/// total)` adds this op's part to that total (in place where the total is not shared) instead
+/// total)` adds this op's gradient to that total (in place where the total is not shared), instead
 /// of `backward` building a dense gradient of the whole input for an add: at the 3B model's
 /// table, a 622 MB memset and an add over 1.9 GB. Otherwise `backward` runs as with `record`.
 pub fn record_into(
@@ -338,7 +338,7 @@ fn run_backward_many(roots: &[(Tensor, Tensor)]) -> Result<HashMap<TensorId, (Te
                 ))
             })?;
         let _part = backward_part(&node);
-        // `record_into`: the input's gradient so far, if it has one, takes this op's part.
+        // `record_into`: the input's gradient so far, if it has one, takes this op's gradient.
         let into = node.into.lock().expect("node lock").take();
         if let (Some(into), [Some(edge)]) = (into, &node.edges[..]) {
             let g0 = g[0].as_ref().expect("one-output node with a gradient");
