@@ -467,6 +467,17 @@ fn gemm_wgmma_ws_mn_major_matches_cpu() {
             true,
             false,
         );
+        // The 128-wide tiles (4096 x 1280: three waves of them, `ws_block_n`) with the TMA-store
+        // epilogue, as the vision tower's weight gradients take them.
+        majors_case_with(
+            TcKernel::WgmmaWsTma,
+            majors,
+            1,
+            (4096, 1280, 72),
+            false,
+            true,
+            false,
+        );
         majors_case(majors, 3, (130, 300, 96), false, true, false);
         majors_case(majors, 3, (130, 300, 96), true, false, true);
         majors_case(majors, 2, (257, 72, 520), true, true, true);
