@@ -167,6 +167,11 @@ __device__ __forceinline__ void lse_pick_vec(const T* x, const I* t, float* lse,
 // one MUFU.EX2 per element), combined over the warp at the end. No block barrier, so one row's
 // reduction never holds up another's loads.
 #define CE_WARP_U 8
+// `TESSERA_CE_STAGES=7`: 2 of each batch's 8 vectors (a quarter of the exponentials) by
+// poly_exp2, which balances the MUFU (16 ex2 a clock per SM: 16 µs of the 33 µs floor at 16384
+// x 4096 by MUFU alone) against the issue slots the polynomial's 11 instructions take (~12 µs
+// each at this split, by count).
+#define CE_POLY_VECS 2
 
 template <typename T, int U = CE_WARP_U>
 __device__ __forceinline__ void ce_warp_load(const uint4* xv, int j0, int nv, uint4* u) {
@@ -214,8 +219,10 @@ __device__ __forceinline__ float ce_batch_max(const uint4* u, bf16_t) {
     return fmaxf(__uint_as_float(a << 16), __uint_as_float(a & 0xffff0000u));
 }
 
-// One lane's running max m and sum s = Σ 2^{(x − m)·log2e} updated with a batch of U vectors.
-template <typename T, int U = CE_WARP_U>
+// One lane's running max m and sum s = Σ 2^{(x − m)·log2e} updated with a batch of U vectors;
+// the first POLY vectors' exponentials by poly_exp2 on the FMA pipe, the others by MUFU.EX2
+// (`TESSERA_CE_STAGES=7`: POLY = CE_POLY_VECS).
+template <typename T, int U = CE_WARP_U, int POLY = 0>
 __device__ __forceinline__ void ce_batch_add(const uint4* u, float& m, float& s) {
     constexpr int N = Vec<T>::N;
     const float bm = ce_batch_max<U>(u, T());
@@ -230,7 +237,10 @@ __device__ __forceinline__ void ce_batch_add(const uint4* u, float& m, float& s)
             float f[N];
             unpack16<T>(u[k], f);
 #pragma unroll
-            for (int e = 0; e < N; ++e) s += fast_exp2(fmaf(f[e], LOG2E_F, -mlog2e));
+            for (int e = 0; e < N; ++e) {
+                const float x = fmaf(f[e], LOG2E_F, -mlog2e);
+                s += k < POLY ? poly_exp2(x) : fast_exp2(x);
+            }
         }
     }
 }
@@ -265,7 +275,8 @@ __device__ __forceinline__ void ce_warp_prefetch(const uint4* xv, int j0, int nv
 // wait on one scoreboard: without it each row exposes a DRAM latency per batch). Same results.
 // U (`TESSERA_CE_STAGES=4`, an experiment: 16): vectors per lane and batch, so that a row of
 // 4096 bf16 logits is one batch (one DRAM latency a row), with half the warps per SM.
-template <typename T, typename I, bool PF = false, int U = CE_WARP_U>
+// POLY (`TESSERA_CE_STAGES=7`): vectors of each batch whose exponentials poly_exp2 computes.
+template <typename T, typename I, bool PF = false, int U = CE_WARP_U, int POLY = 0>
 __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                               i64 ignore, i64 has_ignore) {
     constexpr int N = Vec<T>::N;
@@ -280,7 +291,7 @@ __device__ __forceinline__ void lse_pick_warp(const T* x, const I* t, float* lse
     const i64 c = ce_class(t, row, v, ignore, has_ignore);
     float m = NEG_INF, s = 0.f;
     for (int j0 = 0;;) {
-        ce_batch_add<T, U>(u, m, s);
+        ce_batch_add<T, U, POLY>(u, m, s);
         j0 += 32 * U;
         if (j0 >= nv) break;
         ce_warp_load<T, U>(xv, j0, nv, u);
@@ -410,6 +421,8 @@ __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse,
     // Both return, not exit: the block's barriers below need every warp.
     if (S <= 1) lse_pick_warp<T, I, S == 1>(x, t, lse, picked, rows, v, ignore, has_ignore);
     else if (S == 4) lse_pick_warp<T, I, false, 2 * CE_WARP_U>(x, t, lse, picked, rows, v, ignore, has_ignore);
+    else if (S == 7)
+        lse_pick_warp<T, I, false, CE_WARP_U, CE_POLY_VECS>(x, t, lse, picked, rows, v, ignore, has_ignore);
     else lse_pick_staged<T, I, (S == 2 || S == 3 ? S : 2)>(x, t, lse, picked, rows, v, ignore, has_ignore);
     __syncthreads();  // this block's picked[] are written (and visible to the block)
     float p = 0.f, c = 0.f;
@@ -705,6 +718,11 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
         float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
         ce_warp_mean<T, I, 4>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 4) ce_stage7_mean_##ISFX##_##SFX(                          \
+        const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
+        float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
+        ce_warp_mean<T, I, 7>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(32 * CE_BULK_WARPS) ce_bulk_mean_##ISFX##_##SFX(                 \
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \

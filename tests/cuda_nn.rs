@@ -1157,10 +1157,11 @@ fn cross_entropy_staged_variants_match_cpu() {
     // default kernel with batches of 16 vectors a lane; 5: rows by the bulk-copy engine (sm_90;
     // the default kernel elsewhere and for rows over 8 KB), 20001 rows: ~19 a warp, so every
     // stage's barrier turns its phase several times; 4500 x 4096 (bf16): full 8 KB rows, every
-    // stage reused; 6: the same with 2 stages a warp.
+    // stage reused; 6: the same with 2 stages a warp; 7: the default kernel with a quarter of
+    // the exponentials by poly_exp2.
     let hopper = tessera::backend::cuda::device().is_ok_and(|d| d.cc == (9, 0));
     tessera::backend::cuda::count_launches(true);
-    for stages in [1, 2, 3, 4, 5, 6] {
+    for stages in [1, 2, 3, 4, 5, 6, 7] {
         set_ce_stages(Some(stages)).unwrap();
         for (i, &(rows, v)) in [
             (64, 4096),
@@ -1184,12 +1185,34 @@ fn cross_entropy_staged_variants_match_cpu() {
             );
         }
     }
+    // 7 with −inf logits (masked classes: poly_exp2 gives them 0, as ex2 does) in every lane's
+    // polynomial vectors and MUFU vectors alike.
+    set_ce_stages(Some(7)).unwrap();
+    let mut x = randn(&[6, 4096], 990).to_vec::<f32>().unwrap();
+    for (i, e) in x.iter_mut().enumerate() {
+        if i % 7 == 3 {
+            *e = f32::NEG_INFINITY;
+        }
+    }
+    let x = Tensor::from_vec(x, &[6, 4096]).unwrap();
+    let t = Tensor::from_vec(vec![0i64, 1, 2, 4, 5, 6], &[6]).unwrap();
+    check(
+        "cross_entropy x7, -inf logits",
+        &[x, t],
+        &[true, false],
+        |x| x[0].cross_entropy(&x[1], -100),
+    );
     set_ce_stages(None).unwrap();
-    // On sm_90 the bulk kernels really ran (a silent fallback would pass the comparisons).
+    // On sm_90 the bulk kernels really ran (a silent fallback would pass the comparisons), and
+    // the polynomial one on any device.
     for name in ["ce_bulk_mean", "ce_bulk2_mean"] {
         let n = tessera::backend::cuda::launches_where(|k| k.starts_with(name));
         assert!(!hopper || n > 0, "{name} never launched on an sm_90 device");
     }
+    assert!(
+        tessera::backend::cuda::launches_where(|k| k.starts_with("ce_stage7_mean")) > 0,
+        "ce_stage7_mean never launched"
+    );
 }
 
 /// `cross_entropy_f32` (the model's loss): from bf16 logits an f32 loss computed without an f32

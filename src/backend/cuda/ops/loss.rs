@@ -255,24 +255,26 @@ fn warp_rows(v: usize, elem: usize, xp: u64) -> bool {
 /// twice as long (a row of 4096 bf16 logits in one batch: one DRAM latency a row, half the
 /// warps per SM); 5, rows streamed into shared memory by the bulk-copy engine with two rows in
 /// flight a warp (`ce_bulk_mean`, sm_90, rows of at most 8 KB); 6, the same with one row in
-/// flight a warp and 3 blocks an SM (`ce_bulk2_mean`); 0 for the default (`ce_warp_mean`,
-/// batches of 8 vectors a lane in registers). `TESSERA_CE_STAGES`, or `set_ce_stages`.
+/// flight a warp and 3 blocks an SM (`ce_bulk2_mean`); 7, the default kernel with a quarter of
+/// the exponentials by a polynomial on the FMA pipe instead of MUFU.EX2 (`poly_exp2`,
+/// FlashAttention-4's trick); 0 for the default (`ce_warp_mean`, batches of 8 vectors a lane in
+/// registers). `TESSERA_CE_STAGES`, or `set_ce_stages`.
 pub fn ce_stages() -> usize {
     match CE_STAGES.get() {
-        Some(s @ (1..=6)) => s as usize,
+        Some(s @ (1..=7)) => s as usize,
         _ => 0,
     }
 }
 
-/// Overrides `TESSERA_CE_STAGES` for this process (0 to 6; `None`: the environment again).
+/// Overrides `TESSERA_CE_STAGES` for this process (0 to 7; `None`: the environment again).
 pub fn set_ce_stages(stages: Option<usize>) -> Result<()> {
     match stages {
-        None | Some(0..=6) => {
+        None | Some(0..=7) => {
             CE_STAGES.set(stages.map(|s| s as u8));
             Ok(())
         }
         Some(s) => Err(Error::msg(format!(
-            "cross_entropy: {s} stages (want 0 to 6)"
+            "cross_entropy: {s} stages (want 0 to 7)"
         ))),
     }
 }
@@ -361,7 +363,7 @@ fn cross_entropy_dev(
                 (128 + CE_BULK_WARPS * st * CE_BULK_ROW) as u32,
             ),
             (0, _) => (format!("ce_warp_mean_{}_{sfx}", tg.tag), 0),
-            (st @ (1 | 4), _) => (format!("ce_stage{st}_mean_{}_{sfx}", tg.tag), 0),
+            (st @ (1 | 4 | 7), _) => (format!("ce_stage{st}_mean_{}_{sfx}", tg.tag), 0),
             (st, _) => (
                 format!("ce_stage{st}_mean_{}_{sfx}", tg.tag),
                 (WARP_ROWS * st * 32 * CE_BATCH_BYTES) as u32,
