@@ -169,7 +169,7 @@ __device__ __forceinline__ void lse_pick_vec(const T* x, const I* t, float* lse,
 #define CE_WARP_U 8
 // `TESSERA_CE_STAGES=7`: 2 of each batch's 8 vectors (a quarter of the exponentials) by
 // poly_exp2, which balances the MUFU (16 ex2 a clock per SM: 16 µs of the 33 µs floor at 16384
-// x 4096 by MUFU alone) against the issue slots the polynomial's 11 instructions take (~12 µs
+// x 4096 by MUFU alone) against the issue slots the polynomial's 12 instructions take (~12 µs
 // each at this split, by count).
 #define CE_POLY_VECS 2
 

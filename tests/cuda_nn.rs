@@ -1202,6 +1202,26 @@ fn cross_entropy_staged_variants_match_cpu() {
         &[true, false],
         |x| x[0].cross_entropy(&x[1], -100),
     );
+    // A NaN logit, not the target, in a lane's first (polynomial) vector: the loss is NaN, as
+    // with the default kernel (the exponent trick alone would have made it FLT_MAX).
+    if has_gpu("cross_entropy x7, a NaN logit") {
+        for dtype in [DType::F32, DType::BF16] {
+            let mut v = randn(&[2, 4096], 991).to_vec::<f32>().unwrap();
+            v[5] = f32::NAN;
+            let x = Tensor::from_vec(v, &[2, 4096])
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_cuda()
+                .unwrap();
+            let t = Tensor::from_vec(vec![0i64, 1], &[2]).unwrap();
+            let l = x.cross_entropy(&t, -100).unwrap().to_scalar().unwrap();
+            assert!(
+                l.is_nan(),
+                "cross_entropy x7 {dtype}, a NaN logit: loss {l}"
+            );
+        }
+    }
     set_ce_stages(None).unwrap();
     // On sm_90 the bulk kernels really ran (a silent fallback would pass the comparisons), and
     // the polynomial one on any device.
