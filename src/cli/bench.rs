@@ -91,40 +91,38 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     let dtype: DType = a.dtype.parse()?;
                     let (x, y) = (x.to_cuda()?.to_dtype(dtype)?, y.to_cuda()?.to_dtype(dtype)?);
                     let dev = crate::backend::cuda::device()?;
-                    // Median ms per call, 10 calls per event pair (as the PyTorch baseline).
-                    let ms = super::bench_cuda::time_ms(10, || x.matmul(&y).map(|_| ()))?;
-                    let tflops = 2.0 * (m * k * n) as f64 / (ms * 1e-3) / 1e12;
-                    println!(
-                        "{{\"op\": \"matmul\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}}}"
+                    // One JSON row: the op, its median ms per call (10 calls per event pair, as
+                    // the PyTorch baseline times them) and TFLOP/s, then `extra` fields.
+                    let row = |label: &str, ms: f64, extra: &str| {
+                        let tflops = 2.0 * (m * k * n) as f64 / (ms * 1e-3) / 1e12;
+                        println!(
+                            "{{\"op\": \"{label}\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}{extra}}}"
+                        );
+                    };
+                    row(
+                        "matmul",
+                        super::bench_cuda::time_ms(10, || x.matmul(&y).map(|_| ()))?,
+                        "",
                     );
                     // Where the wave model picks another tile width than the old rule
                     // (`TESSERA_GEMM_BN=0`), the product under the old rule too, in both the
                     // forward's layout and the weight gradients' (Aᵀ stored, both MN-major).
-                    use crate::backend::cuda::gemm_tc::{set_block_n_rule, ws_block_n};
+                    use crate::backend::cuda::gemm_tc::{set_block_n_rule, ws_block_n_by};
                     let sms = dev.sm_count as usize;
-                    let model_bn = ws_block_n(m, n, 1, sms).0;
-                    let xt = x.t()?.contiguous()?;
-                    set_block_n_rule(Some(0));
-                    let old_bn = ws_block_n(m, n, 1, sms).0;
-                    let old_rule = if dev.cc == (9, 0) && dtype == DType::BF16 && old_bn != model_bn
-                    {
+                    let (model_bn, old_bn) = (
+                        ws_block_n_by(true, m, n, 1, sms).0,
+                        ws_block_n_by(false, m, n, 1, sms).0,
+                    );
+                    if dev.cc == (9, 0) && dtype == DType::BF16 && old_bn != model_bn {
+                        let xt = x.t()?.contiguous()?;
+                        set_block_n_rule(Some(0));
                         let fwd = super::bench_cuda::time_ms(10, || x.matmul(&y).map(|_| ()));
                         let wgrad =
                             super::bench_cuda::time_ms(10, || xt.t()?.matmul(&y).map(|_| ()));
-                        Some((fwd, wgrad))
-                    } else {
-                        None
-                    };
-                    set_block_n_rule(None);
-                    if let Some((fwd, wgrad)) = old_rule {
-                        for (label, ms) in [("matmul_bn_old", fwd), ("matmul_mn_ab_bn_old", wgrad)]
-                        {
-                            let ms = ms?;
-                            let tflops = 2.0 * (m * k * n) as f64 / (ms * 1e-3) / 1e12;
-                            println!(
-                                "{{\"op\": \"{label}\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}, \"bn\": {old_bn}, \"bn_model\": {model_bn}}}"
-                            );
-                        }
+                        set_block_n_rule(None);
+                        let extra = format!(", \"bn\": {old_bn}, \"bn_model\": {model_bn}");
+                        row("matmul_bn_old", fwd?, &extra);
+                        row("matmul_mn_ab_bn_old", wgrad?, &extra);
                     }
                     if dtype == DType::BF16 && k.is_multiple_of(8) {
                         // The tensor-core kernel directly, B given as [N, K] (nn.Linear layout).
@@ -153,11 +151,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                                 matmul_bt_with(kernel, &x, &bt, None).map(|_| ())
                             });
                             set_skip_stores_for_benchmark(false);
-                            let ms = ms?;
-                            let tflops = 2.0 * (m * k * n) as f64 / (ms * 1e-3) / 1e12;
-                            println!(
-                                "{{\"op\": \"{label}\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}}}"
-                            );
+                            row(label, ms?, "");
                         }
                         // `Tensor::matmul` with the GEMM's MN-major mode: B [K, N] read as
                         // stored (the backward's G · W), then A given as Aᵀ [K, M] too (its
@@ -183,11 +177,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                             ];
                             set_mn_major(None);
                             for (label, ms) in timed {
-                                let ms = ms?;
-                                let tflops = 2.0 * (m * k * n) as f64 / (ms * 1e-3) / 1e12;
-                                println!(
-                                    "{{\"op\": \"{label}\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}}}"
-                                );
+                                row(label, ms?, "");
                             }
                         }
                     }

@@ -366,9 +366,20 @@ pub fn set_block_n_rule(v: Option<u8>) {
 /// `TESSERA_GEMM_BN=0` keeps the old rule: 256 unless the product has fewer 128 x 256 tiles
 /// than SMs, then 128, then 64.
 pub(crate) fn ws_block_n(m: usize, n: usize, batch: usize, sms: usize) -> (usize, &'static str) {
+    ws_block_n_by(BN_RULE.get() != Some(0), m, n, batch, sms)
+}
+
+/// `ws_block_n` by the wave model (`by_waves`) or by the old rule, whatever the switch says.
+pub(crate) fn ws_block_n_by(
+    by_waves: bool,
+    m: usize,
+    n: usize,
+    batch: usize,
+    sms: usize,
+) -> (usize, &'static str) {
     let tiles = |bn: usize| m.div_ceil(WS_BM) * n.div_ceil(bn) * batch;
     let sms = sms.max(1);
-    if BN_RULE.get() == Some(0) {
+    if !by_waves {
         let (bn, _, name) = *WS_WIDTHS
             .iter()
             .find(|w| tiles(w.0) >= sms)
