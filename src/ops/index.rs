@@ -149,12 +149,7 @@ impl Tensor {
             move |g, total| {
                 // Into the input's gradient so far (a tied lm_head's): its rows in place when
                 // that gradient is this pass's own, else the dense gradient added.
-                if total.is_exclusive()
-                    && total.is_contiguous()
-                    && total.dtype() == g.dtype()
-                    && total.shape() == &shape2[..]
-                    && !total.is_cuda()
-                {
+                if total.can_write_in_place(&shape2, g.dtype(), crate::Device::Cpu) {
                     #[cfg(test)]
                     tests::IN_PLACE.with(|n| n.set(n.get() + 1));
                     let g = g.contiguous()?;

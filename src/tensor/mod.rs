@@ -526,10 +526,16 @@ impl Tensor {
         Ok(f(all, &self.0.layout))
     }
 
-    /// Whether this handle is the only one to the tensor and its buffer (no clone, no view):
-    /// an in-place change is then seen by no one else (a gradient accumulated in place).
-    pub fn is_exclusive(&self) -> bool {
-        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.0.storage) == 1
+    /// Whether this handle is the only one to the tensor and its buffer (no clone, no view), and
+    /// the tensor a contiguous one of this shape, dtype and device: an in-place change is then
+    /// seen by no one else (a gradient accumulated in place, `autograd::record_into`).
+    pub fn can_write_in_place(&self, shape: &[usize], dtype: DType, device: Device) -> bool {
+        Arc::strong_count(&self.0) == 1
+            && Arc::strong_count(&self.0.storage) == 1
+            && self.is_contiguous()
+            && self.shape() == shape
+            && self.dtype() == dtype
+            && self.device() == device
     }
 
     /// Runs `f` on the elements of a contiguous tensor, writable in place. Used by optimisers

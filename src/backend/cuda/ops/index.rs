@@ -233,34 +233,23 @@ pub fn index_select(x: &Tensor, idx: Vec<usize>, d: usize) -> Result<Tensor> {
         x,
         move |g| {
             let g = upstream(g, dtype)?;
-            Ok(vec![select_grad(
+            Ok(vec![Some(select_grad(
                 &g,
                 &idx,
                 (outer, size, inner),
                 &in_shape,
                 None,
-            )?])
+            )?)])
         },
         move |g, total| {
-            // Into the input's gradient so far (a tied lm_head's): its selected rows summed
-            // and added in place when that gradient is this pass's own and the rows are few,
-            // else the dense gradient added.
+            // Into the input's gradient so far (a tied lm_head's): in place when that gradient
+            // is this pass's own, else the new gradient added to it.
             let g = upstream(g, dtype)?;
-            if total.is_exclusive()
-                && total.is_cuda()
-                && total.is_contiguous()
-                && total.dtype() == dtype
-                && total.shape() == &shape2[..]
-            {
-                if let Some(t) =
-                    select_grad(&g, &idx2, (outer, size, inner), &shape2, Some(&total))?
-                {
-                    return Ok(t);
-                }
-            }
-            match select_grad(&g, &idx2, (outer, size, inner), &shape2, None)? {
-                Some(dense) => total.add(&dense),
-                None => Err(Error::msg("index_select backward: no gradient")),
+            let dims = (outer, size, inner);
+            if total.can_write_in_place(&shape2, dtype, crate::Device::Cuda) {
+                select_grad(&g, &idx2, dims, &shape2, Some(total))
+            } else {
+                total.add(&select_grad(&g, &idx2, dims, &shape2, None)?)
             }
         },
     ))
@@ -268,15 +257,15 @@ pub fn index_select(x: &Tensor, idx: Vec<usize>, d: usize) -> Result<Tensor> {
 
 /// index_select's gradient from the contiguous upstream `g` (dtype of the input): the rows of
 /// `g` summed back into the rows they were read from. `into: None`: a new input-shaped tensor;
-/// `Some(total)`: added into `total` in place, when few enough rows are selected for the rows
-/// path (else None, and nothing is written).
+/// `Some(total)`: `total` plus that gradient, the rows added in place when few enough rows are
+/// selected for the rows path (`total` must be writable in place), else the two added.
 fn select_grad(
     g: &Tensor,
     idx: &[usize],
     (outer, size, inner): (usize, usize, usize),
     in_shape: &[usize],
-    into: Option<&Tensor>,
-) -> Result<Option<Tensor>> {
+    into: Option<Tensor>,
+) -> Result<Tensor> {
     let dtype = g.dtype();
     let sfx = suffix(dtype, "index_select_backward")?;
     let k = idx.len();
@@ -301,7 +290,7 @@ fn select_grad(
         .collect();
     if 2 * rows.len() < size && outer * inner > 0 {
         let (dx, kernel) = match into {
-            Some(t) => (t.clone(), format!("index_select_bwd_rows_add_{sfx}")),
+            Some(t) => (t, format!("index_select_bwd_rows_add_{sfx}")),
             None => (
                 Tensor::zeros_on(in_shape, dtype, crate::Device::Cuda)?,
                 format!("index_select_bwd_rows_{sfx}"),
@@ -342,10 +331,7 @@ fn select_grad(
                 ],
             )?;
         }
-        return Ok(Some(dx));
-    }
-    if into.is_some() {
-        return Ok(None);
+        return Ok(dx);
     }
     let dx = Tensor::empty_cuda(in_shape, dtype)?;
     let n = dx.numel();
@@ -375,7 +361,10 @@ fn select_grad(
         )?;
     }
     debug_assert_eq!(outer * size * inner, n);
-    Ok(Some(dx))
+    match into {
+        Some(total) => total.add(&dx),
+        None => Ok(dx),
+    }
 }
 
 /// `x.gather(index, dim)` given `src`, the offset into contiguous x of every output element
