@@ -64,6 +64,34 @@ pub fn time_median(budget: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64
     Ok(times[reps / 2])
 }
 
+/// A random [rows, cols] matrix of `dtype` on the CUDA device for `bench matmul`. Up to 2^24
+/// entries it is all fresh N(0, 1) values; a larger one (the lm head's [4096, 151936] logit
+/// gradient, 622 M entries, would take the host tens of seconds to draw) repeats a random block
+/// of at most 2^24 entries down its rows, which times the same as fresh values.
+fn cuda_bench_matrix(rows: usize, cols: usize, dtype: DType, rng: &mut Rng) -> Result<Tensor> {
+    bench_matrix(rows, cols, 1 << 24, dtype, crate::Device::Cuda, rng)
+}
+
+/// `cuda_bench_matrix` on `device`, with blocks of at most `max_block` entries.
+fn bench_matrix(
+    rows: usize,
+    cols: usize,
+    max_block: usize,
+    dtype: DType,
+    device: crate::Device,
+    rng: &mut Rng,
+) -> Result<Tensor> {
+    let block_rows = rows.min(max_block / cols.max(1)).max(1);
+    let block = Tensor::randn(&[block_rows, cols], 1.0, DType::F32, rng)?
+        .to_device(device)?
+        .to_dtype(dtype)?;
+    if block_rows == rows {
+        return Ok(block);
+    }
+    let parts = vec![&block; rows.div_ceil(block_rows)];
+    Tensor::cat(&parts, 0)?.narrow(0, 0, rows)?.contiguous()
+}
+
 fn parse_size(s: &str) -> Result<(usize, usize, usize)> {
     let dims: Vec<usize> = s
         .split('x')
@@ -85,12 +113,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let mut rng = Rng::new(0);
             for s in &a.sizes {
                 let (m, k, n) = parse_size(s)?;
-                let x = Tensor::randn(&[m, k], 1.0, DType::F32, &mut rng)?;
-                let y = Tensor::randn(&[k, n], 1.0, DType::F32, &mut rng)?;
                 if a.device == "cuda" {
                     let dtype: DType = a.dtype.parse()?;
-                    let (x, y) = (x.to_cuda()?.to_dtype(dtype)?, y.to_cuda()?.to_dtype(dtype)?);
+                    let x = cuda_bench_matrix(m, k, dtype, &mut rng)?;
+                    let y = cuda_bench_matrix(k, n, dtype, &mut rng)?;
                     let dev = crate::backend::cuda::device()?;
+                    // Event pairs per timing: 5 for the lm head's products (2.5 TFLOP a call).
+                    let reps = if 2.0 * (m * k * n) as f64 > 1e12 {
+                        5
+                    } else {
+                        10
+                    };
                     // One JSON row: the op, its median ms per call (10 calls per event pair, as
                     // the PyTorch baseline times them) and TFLOP/s, then `extra` fields.
                     let row = |label: &str, ms: f64, extra: &str| {
@@ -101,7 +134,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     };
                     row(
                         "matmul",
-                        super::bench_cuda::time_ms(10, || x.matmul(&y).map(|_| ()))?,
+                        super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ()))?,
                         "",
                     );
                     // Where the wave model picks another tile width than the old rule
@@ -116,9 +149,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     if dev.cc == (9, 0) && dtype == DType::BF16 && old_bn != model_bn {
                         let xt = x.t()?.contiguous()?;
                         set_block_n_rule(Some(0));
-                        let fwd = super::bench_cuda::time_ms(10, || x.matmul(&y).map(|_| ()));
+                        let fwd = super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ()));
                         let wgrad =
-                            super::bench_cuda::time_ms(10, || xt.t()?.matmul(&y).map(|_| ()));
+                            super::bench_cuda::time_ms(reps, || xt.t()?.matmul(&y).map(|_| ()));
                         set_block_n_rule(None);
                         let extra = format!(", \"bn\": {old_bn}, \"bn_model\": {model_bn}");
                         row("matmul_bn_old", fwd?, &extra);
@@ -147,7 +180,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                         for (label, kernel) in kernels {
                             let skip = label.ends_with("_nostore");
                             set_skip_stores_for_benchmark(skip);
-                            let ms = super::bench_cuda::time_ms(10, || {
+                            let ms = super::bench_cuda::time_ms(reps, || {
                                 matmul_bt_with(kernel, &x, &bt, None).map(|_| ())
                             });
                             set_skip_stores_for_benchmark(false);
@@ -166,11 +199,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
                             let timed = [
                                 (
                                     "matmul_mn_b",
-                                    super::bench_cuda::time_ms(10, || x.matmul(&y).map(|_| ())),
+                                    super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ())),
                                 ),
                                 (
                                     "matmul_mn_ab",
-                                    super::bench_cuda::time_ms(10, || {
+                                    super::bench_cuda::time_ms(reps, || {
                                         xt.t()?.matmul(&y).map(|_| ())
                                     }),
                                 ),
@@ -183,6 +216,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     }
                     continue;
                 }
+                let x = Tensor::randn(&[m, k], 1.0, DType::F32, &mut rng)?;
+                let y = Tensor::randn(&[k, n], 1.0, DType::F32, &mut rng)?;
                 let secs = time_median(1.0, || x.matmul(&y).map(|_| ()))?;
                 let gflops = 2.0 * (m * k * n) as f64 / secs / 1e9;
                 if a.json {
@@ -677,4 +712,26 @@ fn bench_forward(a: &BenchArgs) -> Result<()> {
         rayon::current_num_threads()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_matrices_repeat_one_random_block_down_their_rows() -> Result<()> {
+        let mut rng = Rng::new(0);
+        // 7 rows of 5 in blocks of 2 rows (at most 12 entries): rows 0-1 repeat at 2-3, 4-5, 6.
+        let m = bench_matrix(7, 5, 12, DType::F32, crate::Device::Cpu, &mut rng)?;
+        assert_eq!(m.shape(), &[7, 5]);
+        let v = m.to_vec::<f32>()?;
+        assert!(v[..10].iter().all(|x| x.is_finite() && *x != 0.0));
+        for r in 2..7 {
+            assert_eq!(v[r * 5..r * 5 + 5], v[(r % 2) * 5..(r % 2) * 5 + 5]);
+        }
+        // Small enough: one fresh block.
+        let m = bench_matrix(3, 4, 12, DType::BF16, crate::Device::Cpu, &mut rng)?;
+        assert_eq!((m.shape(), m.dtype()), (&[3, 4][..], DType::BF16));
+        Ok(())
+    }
 }

@@ -271,11 +271,13 @@ fi
 # "Aᵀ-stored A, both MN-major" are the backward's layout); then the fused q/k/v product and its
 # weight gradient, and the vision tower's N = 1280 products (proj, down, the gate/up input
 # gradients and weight gradients), where the wave model picks narrower tiles than the old rule
-# (rows `..._bn_old` time the old rule beside them).
+# (rows `..._bn_old` time the old rule beside them); last, the tied lm head's three products
+# (logits X·Eᵀ, dX = dlogits·E, dE = dlogitsᵀ·X over the 151936-token vocabulary): ~28% of the
+# 3B step's FLOPs, not timed alone before.
 if [ -z "${SKIP_MATMUL:-}" ]; then
     log "bench matmul"
-    timeout "$(tmo 120)" "$BIN/tessera" bench matmul --device cuda --dtype bf16 \
-        --sizes 1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048,2048x4096x2048,256x4096x2048,11008x4096x2048,2048x4096x11008,4096x2048x2560,2560x4096x2048,4096x1280x1280,4096x3424x1280,3424x4096x1280 \
+    timeout "$(tmo 150)" "$BIN/tessera" bench matmul --device cuda --dtype bf16 \
+        --sizes 1024,2048,4096x2048x2048,4096x2048x256,4096x2048x11008,4096x11008x2048,2048x4096x2048,256x4096x2048,11008x4096x2048,2048x4096x11008,4096x2048x2560,2560x4096x2048,4096x1280x1280,4096x3424x1280,3424x4096x1280,4096x2048x151936,4096x151936x2048,151936x4096x2048 \
         > "$OUT/bench_matmul.jsonl" 2>> "$OUT/bench_cuda.err"
 fi
 log "torch baselines"
