@@ -241,7 +241,8 @@ __device__ __forceinline__ float poly_exp2(float x) {
     p = fmaf(p, f, 0.24022120237350464f);
     p = fmaf(p, f, 0.6931469440460205f);
     p = fmaf(p, f, 1.0000001192092896f);
-    const float r = __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+    // Unsigned: t's bits shifted left by 23 overflow a signed int (the same bits, defined).
+    const float r = __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));
     return x < -125.f ? 0.f : (x != x ? x : r);
 }
 
