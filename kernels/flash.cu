@@ -325,6 +325,10 @@ FLASH_FWD(flash_fwd_seg_d128, 128, FA_FWD_BN(128, true), 2, true, 2)
 FLASH_FWD(flash_fwd_d128_bn32, 128, 32, 2, false, 2)
 FLASH_FWD(flash_fwd_m64_d128, 128, 32, 1, false, 3)
 FLASH_FWD(flash_fwd_m64_d64, 64, 64, 1, false, 4)
+// 64-query blocks with segments, for segments of at most 64 tokens (the vision tower's windows:
+// a 128-query block spans two windows, and its key hull is both: half its products masked).
+FLASH_FWD(flash_fwd_seg_m64_d64, 64, 64, 1, true, 4)
+FLASH_FWD(flash_fwd_seg_m64_d80, 80, 64, 1, true, 4)
 
 // ---------------------------------------------------------------------------------------------
 // Backward (FlashAttention-2 scheme, deterministic: no atomics). With P = exp(S·scale − lse),

@@ -382,6 +382,29 @@ fn flash_fwd_segments_match_cpu() {
     segmented_case(1, 4, 1, 150, 150, 80, false, Some(&[0, 0, 70, 70, 150]));
 }
 
+/// Segments of at most 64 tokens (the vision windows) take 64-query blocks
+/// (`flash_fwd_seg_m64_d*`): windows of 64, and short uneven segments that straddle the
+/// blocks, with an empty one, causal and GQA; the launches are counted.
+#[test]
+fn flash_fwd_short_segments_take_64_query_blocks() {
+    if cuda::device_or_skip("flash_fwd").is_none() {
+        return;
+    }
+    let m64 = || cuda::launches_where(|k| k.starts_with("flash_fwd_seg_m64_d"));
+    cuda::count_launches(true);
+    let before = m64();
+    let windows: Vec<usize> = (0..=6).map(|i| i * 64).collect();
+    let short = [0, 13, 64, 64, 100, 150, 170, 200];
+    segmented_case(2, 4, 4, 384, 384, 80, false, Some(&windows));
+    segmented_case(1, 4, 2, 200, 200, 80, false, Some(&short));
+    segmented_case(1, 2, 1, 200, 200, 64, true, Some(&short));
+    segmented_case(1, 2, 2, 384, 384, 64, false, Some(&windows));
+    assert!(
+        !flash::seg_m64() || m64() >= before + 4,
+        "the short segments did not take flash_fwd_seg_m64_d*"
+    );
+}
+
 /// `Tensor::attention` in bf16 with `cu_seqlens` (the vision tower's windows) takes the flash
 /// kernels with segments; output and all three gradients match the CPU.
 #[test]

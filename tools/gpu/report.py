@@ -102,6 +102,15 @@ def steps(d):
         else:
             label = name
         rows.append((label, r[-1] if r else None))
+    # The whole 3B model's steps (FULL_3B): step_torch.py's lines for each side, as printed.
+    for path in sorted(glob.glob(os.path.join(d, "step-3b-full*.txt"))):
+        lines = [ln.rstrip() for ln in open(path, errors="replace")
+                 if ln.startswith(("tessera", "PyTorch", "step qwen2.5-vl-3b"))]
+        print()
+        print(f"Whole 3B model ({os.path.basename(path)}):")
+        print()
+        for ln in lines or ["(no result lines; see the file)"]:
+            print(f"    {ln}")
     if not rows:
         return
     print()
@@ -112,7 +121,8 @@ def steps(d):
             print(f"| {label} | failed (see its json) | | | | |")
         else:
             pipe = f"{r['pipelined_ms']:.1f}" if r.get("pipelined_ms") else "-"
-            print(f"| {label} | {r['step_ms_median']:.1f} | {r['tokens_per_s']:.0f} | {pipe} | {r['peak_gib']:.1f} | {r['loss']:.4f} |")
+            loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "not finite"
+            print(f"| {label} | {r['step_ms_median']:.1f} | {r['tokens_per_s']:.0f} | {pipe} | {r['peak_gib']:.1f} | {loss} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ pub struct Segments {
     key_hi: Tensor,
     query_lo: Tensor,
     query_hi: Tensor,
+    /// The longest segment's length (tokens).
+    max_len: usize,
 }
 
 impl Segments {
@@ -45,6 +47,11 @@ impl Segments {
             query_hi: hi.clone(),
             key_lo: lo,
             key_hi: hi,
+            max_len: cu_seqlens
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .max()
+                .unwrap_or(0),
         })
     }
 
@@ -115,8 +122,27 @@ pub fn flash_fwd_segments(
     } else {
         64
     };
-    fwd(q, k, v, causal, scale, segments, FWD_BM, bn)
+    // Segments of at most 64 tokens (the vision windows): 64-query blocks, whose key hull is
+    // their own segment's, where a 128-query block spans two and masks half its products.
+    let bm = match segments {
+        Some(s) if s.max_len <= 64 && d <= 80 && seg_m64() => 64,
+        _ => FWD_BM,
+    };
+    fwd(q, k, v, causal, scale, segments, bm, bn)
 }
+
+/// Whether `flash_fwd_segments` takes 64-query blocks for segments of at most 64 tokens (on by
+/// default; `TESSERA_FLASH_SEG_M64=0`, or `set_seg_m64`, keeps the 128-query blocks).
+pub fn seg_m64() -> bool {
+    SEG_M64.get() != Some(0)
+}
+
+/// Overrides `TESSERA_FLASH_SEG_M64` for this process (`None`: back to the environment).
+pub fn set_seg_m64(on: Option<bool>) {
+    SEG_M64.set(on.map(u8::from));
+}
+
+static SEG_M64: super::Switch = super::Switch::new("TESSERA_FLASH_SEG_M64");
 
 /// `flash_fwd` with chosen tiles, for benchmarks and tests: (queries per block, keys per tile)
 /// = the default (128, 64), or the variants (128, 32) at D 128 (no spilled registers), (64, 32)
@@ -354,7 +380,7 @@ fn fwd(
         | (FWD_BM, 64 | 80, 64, true)
         | (FWD_BM, 128, 32, true) => ("", ""),
         (FWD_BM, 128, 32, false) => ("", "_bn32"),
-        (64, 128, 32, false) | (64, 64, 64, false) => ("m64_", ""),
+        (64, 128, 32, false) | (64, 64, 64, false) | (64, 64 | 80, 64, true) => ("m64_", ""),
         _ => {
             let with = if segments.is_some() {
                 " with segments"
