@@ -522,6 +522,49 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
         }
     }
 
+    // The 3B bench's vision attention as one block sees it: 4 images of 1024 patches, 16 heads
+    // of 80, non-causal, in windows of 64 patches (cu_seqlens) or whole images (the full
+    // blocks); forward (the windows in 64- and 128-query blocks) and backward. PyTorch's SDPA
+    // gets the same work batched (tools/gpu/torch_baselines.py).
+    {
+        let (h, t, d) = (16usize, 4096usize, 80usize);
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = rand(&[1, h, t, d], &mut rng)?;
+        let g = rand(&[1, h, t, d], &mut rng)?;
+        for (case, seg) in [("windows of 64", 64usize), ("whole images of 1024", 1024)] {
+            let cu: Vec<usize> = (0..=t / seg).map(|i| i * seg).collect();
+            let segs = cuda::flash::Segments::from_cu_seqlens(&cu)?;
+            let flops = 4.0 * (h * t * seg * d) as f64;
+            let mut row = |pass: &str, kernel: &str, ms: f64, work: f64| {
+                att.push(format!(
+                    "{{\"op\": \"attention_vision\", \"case\": \"{case}\", \"pass\": \"{pass}\", \"kernel\": \"{kernel}\", \"h\": {h}, \"t\": {t}, \"d\": {d}, \"seg\": {seg}, \"ms\": {ms:.4}, \"tflops\": {:.2}}}",
+                    work * flops / (ms * 1e-3) / 1e12
+                ));
+            };
+            let fwd = || cuda::flash::flash_fwd_segments(&q, &q, &q, false, scale, Some(&segs));
+            let blocks: &[(Option<bool>, &str)] = if seg <= 64 {
+                &[
+                    (Some(true), "64-query blocks"),
+                    (Some(false), "128-query blocks"),
+                ]
+            } else {
+                &[(None, "128-query blocks")]
+            };
+            for &(m64, label) in blocks {
+                cuda::flash::set_seg_m64(m64);
+                let ms = time_ms(5, || fwd().map(|_| ()));
+                cuda::flash::set_seg_m64(None);
+                row("fwd", &format!("flash_fwd_seg ({label})"), ms?, 1.0);
+            }
+            let (o, lse) = fwd()?;
+            let ms = time_ms(5, || {
+                cuda::flash::flash_bwd(&q, &q, &q, &o, &lse, &g, false, scale, Some(&segs))
+                    .map(|_| ())
+            })?;
+            row("bwd", "flash_bwd_seg (delta, dK/dV, dQ)", ms, 2.5);
+        }
+    }
+
     let copy_bw = out[0].bytes / (out[0].ms * 1e-3);
     if !json {
         println!(

@@ -75,6 +75,17 @@ def main():
             ref = sd.get((r["b"], r["h"], r["t"], r["d"]))
             frac = f"{100 * ref['ms'] / r['ms']:.0f}%" if ref else "-"
             print(f"| {r['b']},{r['h']},{r['t']},{r['d']} | tessera {r['kernel']} | {r['ms']:.3f} | {r['tflops']:.1f} | {frac} |")
+    vis = [r for r in torch + allours if r.get("op") == "attention_vision"]
+    if vis:
+        print()
+        print("| vision attention (16 heads of 80, 4096 patches, non-causal) | pass | implementation | ms | TFLOP/s | of SDPA |")
+        print("|---|---|---|---:|---:|---:|")
+        sd = {(r["case"], r["pass"]): r for r in vis if r.get("device") == "torch"}
+        for r in vis:
+            ref = sd.get((r["case"], r["pass"]))
+            frac = f"{100 * ref['ms'] / r['ms']:.0f}%" if ref else "-"
+            who = "PyTorch SDPA, batched" if r.get("device") == "torch" else f"tessera {r['kernel']}"
+            print(f"| {r['case']} | {r['pass']} | {who} | {r['ms']:.3f} | {r['tflops']:.1f} | {frac} |")
     steps(d)
 
 

@@ -144,6 +144,23 @@ def main():
         emit(op="attention_bwd", device="torch", b=b, h=hh, t=tt, d=dd, ms=ms,
              tflops=2.5 * 4 * b * hh * tt * tt * dd / 2 / ms / 1e9)
         del q_, k_, v_, o_
+    # The 3B bench's vision attention (`tessera bench cuda`'s attention_vision rows): 4 images of
+    # 1024 patches, 16 heads of 80, non-causal, in windows of 64 or whole; SDPA on the same work
+    # batched ([windows, heads, 64, 80]), the layout most favourable to it.
+    for case, seg in [("windows of 64", 64), ("whole images of 1024", 1024)]:
+        h, t, d = 16, 4096, 80
+        qq = torch.randn(t // seg, h, seg, d, device=dev, dtype=bf)
+        go = torch.randn_like(qq)
+        flops = 4 * h * t * seg * d
+        ms = time_ms(lambda: F.scaled_dot_product_attention(qq, qq, qq))
+        emit(op="attention_vision", device="torch", case=case, kernel="SDPA", h=h, t=t, d=d, seg=seg,
+             ms=ms, tflops=flops / ms / 1e9, **{"pass": "fwd"})
+        q_, k_, v_ = (qq.detach().requires_grad_() for _ in range(3))
+        o_ = F.scaled_dot_product_attention(q_, k_, v_)
+        ms = time_ms(lambda: torch.autograd.grad(o_, [q_, k_, v_], go, retain_graph=True))
+        emit(op="attention_vision", device="torch", case=case, kernel="SDPA", h=h, t=t, d=d, seg=seg,
+             ms=ms, tflops=2.5 * flops / ms / 1e9, **{"pass": "bwd"})
+        del q_, k_, v_, o_
 
 
 if __name__ == "__main__":
