@@ -45,10 +45,13 @@ __device__ __forceinline__ void fh_zero(float* s) {
 
 // Issues S += A Bᵀ for one 64-row slice (A rows of D at sa in chunks of `a_chunk` bytes, B the
 // BN-row tile at sb), without a fence: the caller zeroes S and fences first, then commits.
-template <int D, int BN>
+// DE <= D: the head dim's real width (80 in chunks laid out for 128, whose columns past 80 the
+// TMA loads filled with zeros): the 16-wide steps past DE would add zeros and are skipped.
+template <int D, int BN, int DE = D>
 __device__ __forceinline__ void fh_issue_ab(float* s, unsigned int sa, unsigned int a_chunk, unsigned int sb) {
+    static_assert(DE <= D && DE % 16 == 0, "the real head dim in 16-wide steps within D");
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
+    for (int kk = 0; kk < DE / 16; ++kk) {
         const unsigned int ch = (unsigned int)(kk >> 2), in = (unsigned int)(kk & 3) * 32u;
         wgmma_bn<BN, 0, 0>(s, wg_desc(sa + ch * a_chunk + in), wg_desc(sb + ch * (BN * 128) + in));
     }
@@ -56,11 +59,11 @@ __device__ __forceinline__ void fh_issue_ab(float* s, unsigned int sa, unsigned 
 
 // Issues S = Q Kᵀ (64 rows x BN keys of this warpgroup, accumulators zeroed first) after a
 // wgmma fence; the caller commits. sqa: this warpgroup's rows of Q; sk: the K tile.
-template <int D, int BN>
+template <int D, int BN, int DE = D>
 __device__ __forceinline__ void fh_issue_scores(float* s, unsigned int sqa, unsigned int sk) {
     fh_zero<BN / 2>(s);
     wg_fence();
-    fh_issue_ab<D, BN>(s, sqa, FH_BM * 128, sk);
+    fh_issue_ab<D, BN, DE>(s, sqa, FH_BM * 128, sk);
 }
 
 // Issues O += P V (P from the registers pa, V the tile at sv read MN-major) after a wgmma
@@ -211,13 +214,16 @@ __device__ __forceinline__ void fh_produce_kv(unsigned int bars, unsigned int sk
     }
 }
 
-template <int D, int BN, bool OVERLAP, bool PINGPONG>
+// DE: the real head dim (o's row stride and stored columns; the scores' steps), D the chunks'
+// (DE = 80 runs in D = 128's layout: the TMA boxes past column 80 are zero-filled).
+template <int D, int BN, bool OVERLAP, bool PINGPONG, int DE = D>
 __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned long long map_k,
                                              unsigned long long map_v, bf16_t* __restrict__ o,
                                              float* __restrict__ lse, i64 hq, i64 hkv, i64 tq, i64 tk, float scale,
                                              i64 causal) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     static_assert(D == 64 || D == 128, "head dim 64 or 128");
+    static_assert(DE <= D && DE % 16 == 0, "the real head dim in 16-wide steps within D");
     constexpr int STAGES = OVERLAP ? 3 : 2;
     constexpr int DC = D / 64;                      // 64-wide chunks of the head dim
     constexpr unsigned int Q_CHUNK = FH_BM * 128;   // bytes of one chunk of Q
@@ -277,7 +283,7 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
         unsigned int phase = 0;
         for (int i = 0; i < ntiles; ++i) {
             mbar_wait_soft(FH_KFULL(stage), phase, FH_FAULT);
-            fh_issue_scores<D, BN>(s, sqa, FH_K(stage));
+            fh_issue_scores<D, BN, DE>(s, sqa, FH_K(stage));
             wg_commit();
             wg_wait0();
 #pragma unroll
@@ -309,7 +315,7 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
         if (PINGPONG && ci == 1) named_bar_arrive(FH_TURN(0), 256);
         mbar_wait_soft(FH_KFULL(0), 0u, FH_FAULT);
         if (PINGPONG) named_bar_sync(FH_TURN(ci), 256);
-        fh_issue_scores<D, BN>(s, sqa, FH_K(0));
+        fh_issue_scores<D, BN, DE>(s, sqa, FH_K(0));
         if (PINGPONG) named_bar_arrive(FH_TURN(ci ^ 1), 256);
         wg_commit();
         wg_wait0();
@@ -327,7 +333,7 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
             mbar_wait_soft(FH_KFULL(stage), phase, FH_FAULT);
             mbar_wait_soft(FH_VFULL(prev), prev_phase, FH_FAULT);
             if (PINGPONG) named_bar_sync(FH_TURN(ci), 256);
-            fh_issue_scores<D, BN>(s, sqa, FH_K(stage));
+            fh_issue_scores<D, BN, DE>(s, sqa, FH_K(stage));
             wg_commit();
             fh_issue_pv<D, BN>(acc, pa, FH_V(prev));
             wg_commit();
@@ -373,9 +379,9 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
         const i64 row = row0 + 8 * r;
         if (row >= tq) continue;
         const float inv = l[r] > 0.f ? 1.f / l[r] : (fault ? l[r] : 0.f);
-        bf16_t* orow = o + ((i64)bh_q * tq + row) * D + 2 * t;
+        bf16_t* orow = o + ((i64)bh_q * tq + row) * DE + 2 * t;
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j)
+        for (int j = 0; j < DE / 8; ++j)
             *reinterpret_cast<unsigned int*>(orow + 8 * j) =
                 pack_bf16_rn(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
         if (t == 0) lse[(i64)bh_q * tq + row] = l[r] > 0.f ? m[r] * scale + logf(l[r]) : (fault ? l[r] : NEG_INF);
@@ -388,20 +394,27 @@ __device__ __forceinline__ void flash_fwd_wg(unsigned long long map_q, unsigned 
 // 3 for _wgo_: 225 KB at D 128; src/backend/cuda/flash.rs). The consumers' waits are soft
 // (hopper.cuh) so ptxas compiles them to setmaxnreg's 240 registers: _wgo_d128 holds a 64 x 128
 // score tile, the previous tile's packed P and the 64 x 128 output in 184.
-#define FLASH_FWD_WG(NAME, D, BN, OVERLAP, PINGPONG)                                                                       \
+#define FLASH_FWD_WG_DE(NAME, D, BN, OVERLAP, PINGPONG, DE)                                                  \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                     \
         NAME(const __grid_constant__ TmaMap map_q, const __grid_constant__ TmaMap map_k,                     \
              const __grid_constant__ TmaMap map_v, bf16_t* o, float* lse, i64 hq, i64 hkv, i64 tq, i64 tk,   \
              float scale, i64 causal) {                                                                      \
-        flash_fwd_wg<D, BN, OVERLAP, PINGPONG>((unsigned long long)&map_q, (unsigned long long)&map_k,                     \
+        flash_fwd_wg<D, BN, OVERLAP, PINGPONG, DE>((unsigned long long)&map_q, (unsigned long long)&map_k,   \
                                  (unsigned long long)&map_v, o, lse, hq, hkv, tq, tk, scale, causal);        \
     }
+#define FLASH_FWD_WG(NAME, D, BN, OVERLAP, PINGPONG) FLASH_FWD_WG_DE(NAME, D, BN, OVERLAP, PINGPONG, D)
 FLASH_FWD_WG(flash_fwd_wg_d64, 64, 128, false, false)
 FLASH_FWD_WG(flash_fwd_wg_d128, 128, 128, false, false)
 FLASH_FWD_WG(flash_fwd_wgo_d64, 64, 128, true, false)
 FLASH_FWD_WG(flash_fwd_wgo_d128, 128, 128, true, false)
 FLASH_FWD_WG(flash_fwd_wgp_d64, 64, 128, true, true)
 FLASH_FWD_WG(flash_fwd_wgp_d128, 128, 128, true, true)
+// Head dim 80 (the vision tower's) in D 128's layout (TESSERA_FLASH_WG_D80=1; not yet run on a
+// GPU): the scores over 5 of the 8 16-wide steps, P V over all 128 columns (V's past 80 are
+// zeros), o stored 80 wide.
+FLASH_FWD_WG_DE(flash_fwd_wg_d80, 128, 128, false, false, 80)
+FLASH_FWD_WG_DE(flash_fwd_wgo_d80, 128, 128, true, false, 80)
+FLASH_FWD_WG_DE(flash_fwd_wgp_d80, 128, 128, true, true, 80)
 
 // ---------------------------------------------------------------------------------------------
 // Hopper flash attention backward, dK and dV (sm_90a): the FlashAttention-2 scheme of
@@ -433,7 +446,7 @@ FLASH_FWD_WG(flash_fwd_wgp_d128, 128, 128, true, true)
 #define FB_BK 128  // keys per block: two consumer warpgroups of 64
 #define FB_BQ 64   // queries per streamed tile
 
-template <int D, int STAGES, bool SPLIT>
+template <int D, int STAGES, bool SPLIT, int DE = D>
 __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsigned long long map_k,
                                                   unsigned long long map_v, unsigned long long map_g,
                                                   unsigned long long map_lse, unsigned long long map_delta,
@@ -441,6 +454,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
                                                   i64 hkv, i64 tq, i64 tk, float scale, i64 causal, i64 lstride) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     static_assert(D == 64 || D == 128, "head dim 64 or 128");
+    static_assert(DE <= D && DE % 16 == 0, "the real head dim in 16-wide steps within D");
     constexpr int DC = D / 64;
     constexpr unsigned int KV_CHUNK = FB_BK * 128, KV_BYTES = DC * KV_CHUNK;
     constexpr unsigned int Q_CHUNK = FB_BQ * 128, Q_BYTES = DC * Q_CHUNK;
@@ -546,13 +560,13 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
         }
         wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < DE / 16; ++kk) {
             const unsigned int ch = (unsigned int)(kk >> 2), in = (unsigned int)(kk & 3) * 32u;
             wgmma_n64<0, 0>(st, wg_desc(ska + ch * KV_CHUNK + in), wg_desc(FB_Q(stage) + ch * Q_CHUNK + in));
         }
         wg_commit();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < DE / 16; ++kk) {
             const unsigned int ch = (unsigned int)(kk >> 2), in = (unsigned int)(kk & 3) * 32u;
             wgmma_n64<0, 0>(dp, wg_desc(sva + ch * KV_CHUNK + in), wg_desc(FB_G(stage) + ch * Q_CHUNK + in));
         }
@@ -622,9 +636,9 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
     for (int r = 0; r < 2; ++r) {
         const i64 key = key0 + 8 * r;
         if (key >= tk) continue;
-        const i64 row = ((SPLIT ? b * hq + (i64)blockIdx.y : b * hkv + hk) * tk + key) * D + 2 * t;
+        const i64 row = ((SPLIT ? b * hq + (i64)blockIdx.y : b * hkv + hk) * tk + key) * DE + 2 * t;
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
+        for (int j = 0; j < DE / 8; ++j) {
             float k_0 = dk[4 * j + 2 * r] * scale, k_1 = dk[4 * j + 2 * r + 1] * scale;
             float v_0 = dv[4 * j + 2 * r], v_1 = dv[4 * j + 2 * r + 1];
             if (fault) k_0 = k_1 = v_0 = v_1 = nan;
@@ -650,13 +664,14 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(unsigned long long map_q, unsi
 // Launch: grid (ceil(Tk / 128), Hkv (Hq with _split), B), 384 threads, dynamic shared memory
 // 256 + 1024 + 2 · 128 · D · 2 + STAGES (2, or 3 for _s3_) · roundup1024(2 · 64 · D · 2 + 512) bytes
 // (src/backend/cuda/flash.rs). dk / dv: bf16 [B, Hkv, Tk, D]; with _split f32 [B, Hq, Tk, D].
-#define FLASH_BWD_WG(NAME, D, STAGES, SPLIT)                                                                       \
+#define FLASH_BWD_WG(NAME, D, STAGES, SPLIT) FLASH_BWD_WG_DE(NAME, D, STAGES, SPLIT, D)
+#define FLASH_BWD_WG_DE(NAME, D, STAGES, SPLIT, DE)                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                         \
         NAME(const __grid_constant__ TmaMap map_q, const __grid_constant__ TmaMap map_k,                         \
              const __grid_constant__ TmaMap map_v, const __grid_constant__ TmaMap map_g,                         \
              const __grid_constant__ TmaMap map_lse, const __grid_constant__ TmaMap map_delta, void* dk, void* dv, \
              i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal, i64 lstride) {                            \
-        flash_bwd_dkdv_wg<D, STAGES, SPLIT>((unsigned long long)&map_q, (unsigned long long)&map_k,                 \
+        flash_bwd_dkdv_wg<D, STAGES, SPLIT, DE>((unsigned long long)&map_q, (unsigned long long)&map_k,                 \
                                        (unsigned long long)&map_v, (unsigned long long)&map_g,                      \
                                        (unsigned long long)&map_lse, (unsigned long long)&map_delta, dk, dv, hq,    \
                                        hkv, tq, tk, scale, causal, lstride);                                     \
@@ -670,6 +685,11 @@ FLASH_BWD_WG(flash_bwd_dkdv_wg_s3_d64, 64, 3, false)
 FLASH_BWD_WG(flash_bwd_dkdv_wg_s3_d128, 128, 3, false)
 FLASH_BWD_WG(flash_bwd_dkdv_wg_split_s3_d64, 64, 3, true)
 FLASH_BWD_WG(flash_bwd_dkdv_wg_split_s3_d128, 128, 3, true)
+// Head dim 80 in D 128's layout (TESSERA_FLASH_WG_D80=1; as the forward's d80 kernels).
+FLASH_BWD_WG_DE(flash_bwd_dkdv_wg_d80, 128, 2, false, 80)
+FLASH_BWD_WG_DE(flash_bwd_dkdv_wg_split_d80, 128, 2, true, 80)
+FLASH_BWD_WG_DE(flash_bwd_dkdv_wg_s3_d80, 128, 3, false, 80)
+FLASH_BWD_WG_DE(flash_bwd_dkdv_wg_split_s3_d80, 128, 3, true, 80)
 
 // ---------------------------------------------------------------------------------------------
 // Hopper flash attention backward, dQ (sm_90a): flash_bwd_dq of kernels/flash.cu (dQ = scale
@@ -682,7 +702,7 @@ FLASH_BWD_WG(flash_bwd_dkdv_wg_split_s3_d128, 128, 3, true)
 //   dQ += dS K: wgmma with A = dS from registers, B = the K tile read MN-major (fh_issue_pv).
 // Deterministic (no atomics), like the mma.sync kernel it replaces.
 
-template <int D, int BN>
+template <int D, int BN, int DE = D>
 __device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsigned long long map_k,
                                                 unsigned long long map_v, unsigned long long map_g,
                                                 const float* __restrict__ lse, const float* __restrict__ delta,
@@ -690,6 +710,7 @@ __device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsign
                                                 i64 causal) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     static_assert(D == 64 || D == 128, "head dim 64 or 128");
+    static_assert(DE <= D && DE % 16 == 0, "the real head dim in 16-wide steps within D");
     constexpr int STAGES = 2;
     constexpr int DC = D / 64;
     constexpr unsigned int Q_CHUNK = FH_BM * 128, Q_BYTES = DC * Q_CHUNK;
@@ -758,9 +779,9 @@ __device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsign
         fh_zero<BN / 2>(s);
         fh_zero<BN / 2>(dp);
         wg_fence();
-        fh_issue_ab<D, BN>(s, sqa, FH_BM * 128, FH_K(stage));
+        fh_issue_ab<D, BN, DE>(s, sqa, FH_BM * 128, FH_K(stage));
         wg_commit();
-        fh_issue_ab<D, BN>(dp, sga, FH_BM * 128, FH_V(stage));
+        fh_issue_ab<D, BN, DE>(dp, sga, FH_BM * 128, FH_V(stage));
         wg_commit();
         wg_wait1();  // S ready; dP may still run
 #pragma unroll
@@ -805,10 +826,10 @@ __device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsign
     for (int r = 0; r < 2; ++r) {
         const i64 row = row0 + 8 * r;
         if (row >= tq) continue;
-        bf16_t* out = dq + ((i64)bh_q * tq + row) * D + 2 * t;
+        bf16_t* out = dq + ((i64)bh_q * tq + row) * DE + 2 * t;
         const float sc = fault ? __int_as_float(0x7fc00000) : scale;
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j)
+        for (int j = 0; j < DE / 8; ++j)
             *reinterpret_cast<unsigned int*>(out + 8 * j) =
                 pack_bf16_rn(acc[4 * j + 2 * r] * sc, acc[4 * j + 2 * r + 1] * sc);
     }
@@ -818,16 +839,18 @@ __device__ __forceinline__ void flash_bwd_dq_wg(unsigned long long map_q, unsign
 // Launch: grid (ceil(Tq / 128), Hq, B), 384 threads, dynamic shared memory
 // 256 + 1024 + 2 · 128 · D · 2 + 2 stages · 2 · BN · D · 2 bytes, K/V boxes of BN = 128 rows
 // (src/backend/cuda/flash.rs). lse, delta: [B, Hq, Tq] f32; dq: bf16 [B, Hq, Tq, D].
-#define FLASH_BWD_DQ_WG(NAME, D, BN)                                                                             \
+#define FLASH_BWD_DQ_WG(NAME, D, BN) FLASH_BWD_DQ_WG_DE(NAME, D, BN, D)
+#define FLASH_BWD_DQ_WG_DE(NAME, D, BN, DE)                                                                     \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                         \
         NAME(const __grid_constant__ TmaMap map_q, const __grid_constant__ TmaMap map_k,                         \
              const __grid_constant__ TmaMap map_v, const __grid_constant__ TmaMap map_g, const float* lse,       \
              const float* delta, bf16_t* dq, i64 hq, i64 hkv, i64 tq, i64 tk, float scale, i64 causal) {         \
-        flash_bwd_dq_wg<D, BN>((unsigned long long)&map_q, (unsigned long long)&map_k, (unsigned long long)&map_v, \
+        flash_bwd_dq_wg<D, BN, DE>((unsigned long long)&map_q, (unsigned long long)&map_k, (unsigned long long)&map_v, \
                                (unsigned long long)&map_g, lse, delta, dq, hq, hkv, tq, tk, scale, causal);        \
     }
 FLASH_BWD_DQ_WG(flash_bwd_dq_wg_d64, 64, 128)
 FLASH_BWD_DQ_WG(flash_bwd_dq_wg_d128, 128, 128)
+FLASH_BWD_DQ_WG_DE(flash_bwd_dq_wg_d80, 128, 128, 80)
 
 // The GQA sum of _split's partials: out [B, Hkv, inner] bf16 = Σ over the group of part
 // [B, Hkv · group, inner] f32 (inner = Tk · D, a multiple of 4). Grid-stride, 4 floats a thread.

@@ -300,6 +300,78 @@ fn bwd_wgmma_case((b, hq, hkv, tq, tk, d, causal): Shape, configs: &[(bool, u8)]
     }
 }
 
+/// Head dim 80 on the Hopper kernels (`TESSERA_FLASH_WG_D80`, off by default until a GPU run
+/// validates it: the layout of 128 with the columns past 80 zero-filled by the TMA loads), where
+/// the device is sm_90: the forward in its three schedules and the backward whole and split,
+/// 2 and 3 stages, against the CPU (causal or not, GQA, partial tiles, Tq != Tk); then
+/// `Tensor::attention` with segments of one length >= 128 (the vision tower's whole images),
+/// which the switch sends through these kernels as a batch, output and gradients against the
+/// CPU, launches counted. Its own process in tools/gpu/check.sh (it sets a process-wide switch).
+#[test]
+fn flash_wgmma_d80_and_uniform_segments_match_cpu() {
+    use tessera::testing::cuda::{assert_close_to_cpu, tol};
+    if !hopper_or_skip("flash_wgmma_d80") {
+        return;
+    }
+    flash::set_wgmma_d80(Some(true));
+    let shapes: [Shape; 5] = [
+        (1, 2, 2, 64, 64, 80, false),
+        (2, 4, 2, 200, 200, 80, true),
+        (1, 4, 1, 129, 300, 80, false),
+        (1, 2, 2, 300, 40, 80, true),
+        (1, 16, 16, 256, 256, 80, false),
+    ];
+    for (b, hq, hkv, tq, tk, d, causal) in shapes {
+        for schedule in 1..=3 {
+            forward_case(b, hq, hkv, tq, tk, d, causal, None, |q, k, v, c, sc| {
+                flash::flash_fwd_wgmma_with(q, k, v, c, sc, schedule)
+            });
+        }
+        bwd_wgmma_case(
+            (b, hq, hkv, tq, tk, d, causal),
+            &[(false, 2), (true, 2), (false, 3), (true, 3)],
+        );
+    }
+    let launched = || {
+        cuda::launches_where(|k| {
+            k.starts_with("flash_fwd_wg") && k.ends_with("_d80")
+                || k.starts_with("flash_bwd_dq_wg_d80")
+        })
+    };
+    cuda::count_launches(true);
+    let before = launched();
+    for (hq, d, cu) in [
+        (2usize, 80usize, vec![0usize, 256, 512, 768]),
+        (4, 80, vec![0, 128, 256]),
+        (2, 64, vec![0, 200, 400]),
+    ] {
+        let t = *cu.last().unwrap();
+        let (q, k, v) = (
+            randn(&[1, hq, t, d], 41),
+            randn(&[1, hq, t, d], 42),
+            randn(&[1, hq, t, d], 43),
+        );
+        let opts = AttentionOptions {
+            cu_seqlens: Some(cu.clone()),
+            ..Default::default()
+        };
+        assert_close_to_cpu(
+            &format!("attention(uniform segments {cu:?} as a batch) hq{hq} d{d}"),
+            &[q, k, v],
+            &[true, true, true],
+            DType::BF16,
+            tol(DType::BF16) * 2.0,
+            |x| Tensor::attention(&x[0], &x[1], &x[2], &opts),
+        );
+    }
+    let went = launched() - before;
+    flash::set_wgmma_d80(None);
+    assert!(
+        went >= 4,
+        "the uniform segments at D 80 did not take the Hopper kernels ({went} launches)"
+    );
+}
+
 /// The forward's tile variants (benchmarks) against the CPU.
 #[test]
 fn flash_fwd_tile_variants_match_cpu() {

@@ -556,12 +556,31 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
                 cuda::flash::set_seg_m64(None);
                 row("fwd", &format!("flash_fwd_seg ({label})"), ms?, 1.0);
             }
-            let (o, lse) = fwd()?;
-            let ms = time_ms(5, || {
-                cuda::flash::flash_bwd(&q, &q, &q, &o, &lse, &g, false, scale, Some(&segs))
+            let bwd = |o: &Tensor, lse: &Tensor| {
+                cuda::flash::flash_bwd(&q, &q, &q, o, lse, &g, false, scale, Some(&segs))
                     .map(|_| ())
-            })?;
+            };
+            let (o, lse) = fwd()?;
+            let ms = time_ms(5, || bwd(&o, &lse))?;
             row("bwd", "flash_bwd_seg (delta, dK/dV, dQ)", ms, 2.5);
+            // The whole images through the Hopper kernels at head dim 80, as a batch
+            // (TESSERA_FLASH_WG_D80=1; left out when the GPU check's test of them failed).
+            if seg >= 128
+                && dev.cc == (9, 0)
+                && std::env::var_os("TESSERA_BENCH_SKIP_FLASH_WG_D80").is_none()
+            {
+                cuda::flash::set_wgmma_d80(Some(true));
+                let timed = (|| {
+                    let f = time_ms(5, || fwd().map(|_| ()))?;
+                    let (o, lse) = fwd()?;
+                    Ok::<_, crate::Error>((f, time_ms(5, || bwd(&o, &lse))?))
+                })();
+                cuda::flash::set_wgmma_d80(None);
+                let (f, b) = timed?;
+                let label = "Hopper wgmma, head dim 80 in 128's layout, images as a batch";
+                row("fwd", label, f, 1.0);
+                row("bwd", label, b, 2.5);
+            }
         }
     }
 

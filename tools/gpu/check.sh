@@ -102,6 +102,7 @@ log "tests"
 EXPERIMENTS="cuda_gemm_tc:gemm_wgmma_ws_mn_major_matches_cpu cuda_gemm_tc:mn_major_products_match_cpu
 cuda_gemm_tc:gemm_wgmma_ws_tma_store_matches_cpu
 cuda_flash:flash_fwd_wgmma_matches_cpu cuda_flash:flash_bwd_wgmma_matches_cpu
+cuda_flash:flash_wgmma_d80_and_uniform_segments_match_cpu
 cuda_nn:cross_entropy_staged_variants_match_cpu
 cuda_matmul_attention:adamw_compute_copies_follow_the_masters
 cuda_matmul_attention:adamw_compute_leaves_update_as_compute_params
@@ -135,6 +136,11 @@ grep -q "flash_fwd_wgmma_matches_cpu ... ok" "$OUT/test-cuda_flash.log" 2>/dev/n
     || export TESSERA_BENCH_SKIP_FLASH_WG=1
 grep -q "flash_bwd_wgmma_matches_cpu ... ok" "$OUT/test-cuda_flash.log" 2>/dev/null \
     || export TESSERA_BENCH_SKIP_FLASH_WG_BWD=1
+# The Hopper flash kernels at head dim 80 and on uniform segments (TESSERA_FLASH_WG_D80=1, not
+# yet the default): timed, and the 3B step run with them, only if their test passed.
+D80_OK=
+grep -q "flash_wgmma_d80_and_uniform_segments_match_cpu ... ok" "$OUT/test-cuda_flash.log" 2>/dev/null \
+    && D80_OK=1 || export TESSERA_BENCH_SKIP_FLASH_WG_D80=1
 grep -q "gemm_wgmma_ws_tma_store_matches_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/dev/null \
     || export TESSERA_BENCH_SKIP_TS=1
 grep -q "cross_entropy_staged_variants_match_cpu ... ok" "$OUT/test-cuda_nn.log" 2>/dev/null \
@@ -366,6 +372,9 @@ OFFS="TESSERA_GEMM_MN=0 TESSERA_FLASH_WG=0 TESSERA_FLASH_WG_BWD=0 TESSERA_GEMM_T
 OFFS="TESSERA_VISION_MLP_PAD=0 TESSERA_QKV_FUSED=0 TESSERA_ADD_NORM=0 TESSERA_FLASH_SEG_M64=0 $OFFS"
 # The eighth session's GEMM tile widths by waves (the old rule with TESSERA_GEMM_BN=0), first.
 OFFS="TESSERA_GEMM_BN=0 $OFFS"
+# Not a default yet: the step with the Hopper flash kernels at head dim 80 (the vision tower's
+# whole-image blocks as a batch), second, when their test passed.
+[ -n "$D80_OK" ] && OFFS="${OFFS%% *} TESSERA_FLASH_WG_D80=1 ${OFFS#* }"
 [ -n "$FUSED_OK" ] && OFFS="$OFFS TESSERA_FUSED_CASTS=0"
 [ -n "$FUSED_OK" ] && [ -n "$LEAVES_OK" ] && OFFS="$OFFS TESSERA_BF16_GRADS=0"
 # Where the step's time goes, per kernel (before the leave-one-out steps, as it says more than

@@ -15,6 +15,9 @@ pub struct Segments {
     query_hi: Tensor,
     /// The longest segment's length (tokens).
     max_len: usize,
+    /// The segments' common length when there is at least one and all are equal (no empty
+    /// one): the kernels without segments can take them as a batch (`batched_uniform`).
+    uniform_len: Option<usize>,
 }
 
 impl Segments {
@@ -52,6 +55,7 @@ impl Segments {
                 .map(|w| w[1] - w[0])
                 .max()
                 .unwrap_or(0),
+            uniform_len: uniform_len(cu_seqlens),
         })
     }
 
@@ -75,6 +79,16 @@ impl Segments {
             self.query_hi.cuda_ptr()?,
         ])
     }
+}
+
+/// The common length of the segments of `cu_seqlens` when there is at least one and all have it
+/// (none empty).
+fn uniform_len(cu_seqlens: &[usize]) -> Option<usize> {
+    let len = cu_seqlens.get(1).copied().filter(|&l| l > 0)?;
+    cu_seqlens
+        .windows(2)
+        .all(|w| w[1] - w[0] == len)
+        .then_some(len)
 }
 
 /// Device pointers of optional segments (null where none).
@@ -114,7 +128,16 @@ pub fn flash_fwd_segments(
 ) -> Result<(Tensor, Tensor)> {
     let d = q.dims().last().copied().unwrap_or(0);
     let keys = k.dims().get(2).copied().unwrap_or(0);
-    if segments.is_none() && matches!(d, 64 | 128) && keys > 0 && wgmma_mode() > 0 && hopper() {
+    let hopper_fwd = wgmma_d(d) && keys > 0 && wgmma_mode() > 0 && hopper();
+    if let Some(len) = segments.and_then(|s| batched_uniform(s, q, k, d)) {
+        if hopper_fwd {
+            // [B, H, n·L, D] as [B·H·n, 1, L, D] (contiguous views), and back.
+            let (qb, kb, vb) = (as_batch(q, len)?, as_batch(k, len)?, as_batch(v, len)?);
+            let (o, lse) = flash_fwd_wgmma_with(&qb, &kb, &vb, causal, scale, wgmma_mode())?;
+            return Ok((o.reshape(q.shape())?, lse.reshape(&q.shape()[..3])?));
+        }
+    }
+    if segments.is_none() && hopper_fwd {
         return flash_fwd_wgmma_with(q, k, v, causal, scale, wgmma_mode());
     }
     let bn = if d == 128 && segments.is_some() {
@@ -143,6 +166,57 @@ pub fn set_seg_m64(on: Option<bool>) {
 }
 
 static SEG_M64: super::Switch = super::Switch::new("TESSERA_FLASH_SEG_M64");
+
+/// Whether the Hopper kernels (forward and backward) take head dim 80 (the vision tower's, in
+/// the layout of 128 with the columns past 80 zero-filled by the TMA loads) and segments of one
+/// common length of at least 128 tokens (the vision tower's whole images) as a batch of
+/// sequences. Off by default until a GPU run validates them; `TESSERA_FLASH_WG_D80=1` (or
+/// `set_wgmma_d80`) turns them on.
+pub fn wgmma_d80() -> bool {
+    WGMMA_D80.get().is_some_and(|v| v != 0)
+}
+
+/// Overrides `TESSERA_FLASH_WG_D80` for this process (`None`: back to the environment).
+pub fn set_wgmma_d80(on: Option<bool>) {
+    WGMMA_D80.set(on.map(u8::from));
+}
+
+static WGMMA_D80: super::Switch = super::Switch::new("TESSERA_FLASH_WG_D80");
+
+/// Whether the Hopper kernels take head dim `d`: 64 and 128, and 80 under `wgmma_d80`.
+fn wgmma_d(d: usize) -> bool {
+    matches!(d, 64 | 128) || (d == 80 && wgmma_d80())
+}
+
+/// The head dim the Hopper kernels lay `d` out in (shared memory, registers): 80 in 128's.
+fn wgmma_layout_d(d: usize) -> usize {
+    if d == 80 {
+        128
+    } else {
+        d
+    }
+}
+
+/// Segments' common length when (under `wgmma_d80`) the kernels without segments may take them
+/// as a batch: one length of at least 128 tokens (a whole 128-query block each), one query head
+/// a kv head (a batch index serves q and k alike), and q and k contiguous (a view).
+fn batched_uniform(s: &Segments, q: &Tensor, k: &Tensor, d: usize) -> Option<usize> {
+    let len = s.uniform_len.filter(|&l| l >= 128)?;
+    (wgmma_d80()
+        && wgmma_d(d)
+        && q.rank() == 4
+        && q.shape() == k.shape()
+        && q.is_contiguous()
+        && k.is_contiguous())
+    .then_some(len)
+}
+
+/// A contiguous [B, H, n·len, D] tensor as the batch [B·H·n, 1, len, D] (a view).
+fn as_batch(t: &Tensor, len: usize) -> Result<Tensor> {
+    let s = t.shape();
+    t.contiguous()?
+        .reshape(&[s[0] * s[1] * (s[2] / len), 1, len, s[3]])
+}
 
 /// `flash_fwd` with chosen tiles, for benchmarks and tests: (queries per block, keys per tile)
 /// = the default (128, 64), or the variants (128, 32) at D 128 (no spilled registers), (64, 32)
@@ -252,9 +326,9 @@ pub fn flash_fwd_wgmma_with(
     schedule: u8,
 ) -> Result<(Tensor, Tensor)> {
     let (b, hq, tq, d, hkv, tk) = check_fwd(q, k, v)?;
-    if !matches!(d, 64 | 128) || !hopper() {
+    if !matches!(d, 64 | 80 | 128) || !hopper() {
         return Err(Error::msg(format!(
-            "flash_fwd_wgmma: needs an sm_90 device and head dim 64 or 128 (got {d})"
+            "flash_fwd_wgmma: needs an sm_90 device and head dim 64, 80 or 128 (got {d})"
         )));
     }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
@@ -294,8 +368,9 @@ pub fn flash_fwd_wgmma_with(
     let (op, lp) = (o.cuda_ptr()?, lse.cuda_ptr()?);
     let [hq_, hkv_, tq_, tk_] = [hq, hkv, tq, tk].map(|x| x as i64);
     let (scale, causal) = (scale as f32, causal as i64);
-    // mbarriers, 1024-byte alignment, Q and the K/V stages.
-    let shared = (256 + 1024 + WG_BM * d * 2 + stages * 2 * bn * d * 2) as u32;
+    // mbarriers, 1024-byte alignment, Q and the K/V stages (in the layout of 128 at D 80).
+    let ld = wgmma_layout_d(d);
+    let shared = (256 + 1024 + WG_BM * ld * 2 + stages * 2 * bn * ld * 2) as u32;
     device()?.launch(
         "flash_sm90.cu",
         &format!("flash_fwd_{kernel}_d{d}"),
@@ -445,8 +520,24 @@ pub fn flash_bwd(
     scale: f64,
     segments: Option<&Segments>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let wg = (segments.is_none() && matches!(q.dim(3)?, 64 | 128) && wgmma_bwd() && hopper())
-        .then_some(None);
+    let d = q.dim(3)?;
+    let hopper_bwd = wgmma_d(d) && wgmma_bwd() && hopper();
+    if let Some(len) = segments.and_then(|s| batched_uniform(s, q, k, d)) {
+        if hopper_bwd && o.shape() == q.shape() && g.shape() == q.shape() {
+            // As the forward: the segments as a batch of sequences, and back.
+            let (qb, kb, vb) = (as_batch(q, len)?, as_batch(k, len)?, as_batch(v, len)?);
+            let (ob, gb) = (as_batch(o, len)?, as_batch(g, len)?);
+            let lb = lse.contiguous()?.reshape(&qb.shape()[..3])?;
+            let wg = Some(None);
+            let (dq, dk, dv) = bwd(&qb, &kb, &vb, &ob, &lb, &gb, causal, scale, None, wg, true)?;
+            return Ok((
+                dq.reshape(q.shape())?,
+                dk.reshape(k.shape())?,
+                dv.reshape(v.shape())?,
+            ));
+        }
+    }
+    let wg = (segments.is_none() && hopper_bwd).then_some(None);
     bwd(q, k, v, o, lse, g, causal, scale, segments, wg, true)
 }
 
@@ -469,9 +560,9 @@ pub fn flash_bwd_wgmma(
     split: Option<bool>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let d = q.dim(3)?;
-    if !matches!(d, 64 | 128) || !hopper() {
+    if !matches!(d, 64 | 80 | 128) || !hopper() {
         return Err(Error::msg(format!(
-            "flash_bwd_wgmma: needs an sm_90 device and head dim 64 or 128 (got {d})"
+            "flash_bwd_wgmma: needs an sm_90 device and head dim 64, 80 or 128 (got {d})"
         )));
     }
     bwd(q, k, v, o, lse, g, causal, scale, None, Some(split), false)
@@ -713,8 +804,9 @@ fn grads_wgmma(
     let (scale, causal) = (scale as f32, causal as i64);
     // mbarriers, 1024-byte alignment, K and V, 2 or 3 stages of (Q, dO, lse, delta).
     let stages = wgmma_bwd_stages();
-    let stage = (2 * 64 * d * 2 + 512).next_multiple_of(1024);
-    let shared = (256 + 1024 + 2 * WG_BK * d * 2 + stages * stage) as u32;
+    let ld = wgmma_layout_d(d); // shared memory in the layout of 128 at D 80
+    let stage = (2 * 64 * ld * 2 + 512).next_multiple_of(1024);
+    let shared = (256 + 1024 + 2 * WG_BK * ld * 2 + stages * stage) as u32;
     let kernel = format!(
         "flash_bwd_dkdv_wg_{}{}d{d}",
         if split { "split_" } else { "" },
@@ -768,7 +860,7 @@ fn grads_wgmma(
     let dq = Tensor::empty_cuda(q.shape(), DType::BF16)?;
     let (lp, dp, dqp) = (lse.cuda_ptr()?, delta.cuda_ptr()?, dq.cuda_ptr()?);
     // mbarriers, 1024-byte alignment, Q and dO, 2 stages of K and V (128-key tiles).
-    let shared = (256 + 1024 + 2 * WG_BM * d * 2 + 2 * 2 * WG_BK * d * 2) as u32;
+    let shared = (256 + 1024 + 2 * WG_BM * ld * 2 + 2 * 2 * WG_BK * ld * 2) as u32;
     dev.launch(
         "flash_sm90.cu",
         &format!("flash_bwd_dq_wg_d{d}"),
@@ -817,4 +909,18 @@ fn tma_error(op: &str, r: cudarc::driver::sys::CUresult, t: &Tensor) -> Error {
         "{op}: cuTensorMapEncodeTiled failed ({r:?}) for {:?}",
         t.shape()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn uniform_segments_are_found() {
+        use super::uniform_len;
+        assert_eq!(uniform_len(&[0, 1024, 2048, 3072, 4096]), Some(1024));
+        assert_eq!(uniform_len(&[0, 64]), Some(64));
+        assert_eq!(uniform_len(&[0, 64, 128, 130]), None);
+        assert_eq!(uniform_len(&[0, 0, 0]), None);
+        assert_eq!(uniform_len(&[0]), None);
+        assert_eq!(uniform_len(&[]), None);
+    }
 }
