@@ -10,7 +10,8 @@
 // Same contract as flash_fwd_d{D} of kernels/flash.cu, without segments: q [B, Hq, Tq, D], k and
 // v [B, Hkv, Tk, D] contiguous bf16, o [B, Hq, Tq, D] bf16, lse [B, Hq, Tq] f32 (natural log);
 // query head h reads kv head h / (Hq / Hkv); causal: query i sees keys j <= i + (Tk - Tq); a
-// row that sees no key gets o = 0 and lse = -inf. D is 64 or 128.
+// row that sees no key gets o = 0 and lse = -inf. D is 64 or 128; head dim 80 runs as D = 128
+// with DE = 80 (the _d80 kernels: tensor maps 80 wide, so the boxes' columns past 80 read zeros).
 //
 // Operands come through 3-d tensor maps over [B·H, T, D] (src/backend/cuda/flash.rs): boxes of
 // 64 (D, 128 bytes) x 128 (Q) or BN (K, V: the key tile) rows x 1, 128-byte swizzle, zeros past

@@ -335,15 +335,17 @@ fn flash_wgmma_d80_and_uniform_segments_match_cpu() {
     let launched = || {
         cuda::launches_where(|k| {
             k.starts_with("flash_fwd_wg") && k.ends_with("_d80")
+                || k.starts_with("flash_bwd_dkdv_wg") && k.ends_with("_d80")
                 || k.starts_with("flash_bwd_dq_wg_d80")
         })
     };
     cuda::count_launches(true);
     let before = launched();
-    for (hq, d, cu) in [
-        (2usize, 80usize, vec![0usize, 256, 512, 768]),
-        (4, 80, vec![0, 128, 256]),
-        (2, 64, vec![0, 200, 400]),
+    for (hq, d, causal, cu) in [
+        (2usize, 80usize, false, vec![0usize, 256, 512, 768]),
+        (4, 80, false, vec![0, 128, 256]),
+        (2, 80, true, vec![0, 256, 512]),
+        (2, 64, false, vec![0, 200, 400]),
     ] {
         let t = *cu.last().unwrap();
         let (q, k, v) = (
@@ -352,11 +354,12 @@ fn flash_wgmma_d80_and_uniform_segments_match_cpu() {
             randn(&[1, hq, t, d], 43),
         );
         let opts = AttentionOptions {
+            causal,
             cu_seqlens: Some(cu.clone()),
             ..Default::default()
         };
         assert_close_to_cpu(
-            &format!("attention(uniform segments {cu:?} as a batch) hq{hq} d{d}"),
+            &format!("attention(uniform segments {cu:?} as a batch) hq{hq} d{d} causal={causal}"),
             &[q, k, v],
             &[true, true, true],
             DType::BF16,
@@ -364,10 +367,11 @@ fn flash_wgmma_d80_and_uniform_segments_match_cpu() {
             |x| Tensor::attention(&x[0], &x[1], &x[2], &opts),
         );
     }
+    // Three cases at D 80, each a forward, a dK/dV and a dQ launch.
     let went = launched() - before;
     flash::set_wgmma_d80(None);
     assert!(
-        went >= 4,
+        went >= 9,
         "the uniform segments at D 80 did not take the Hopper kernels ({went} launches)"
     );
 }

@@ -198,14 +198,19 @@ fn wgmma_layout_d(d: usize) -> usize {
 }
 
 /// Segments' common length when (under `wgmma_d80`) the kernels without segments may take them
-/// as a batch: one length of at least 128 tokens (a whole 128-query block each), one query head
-/// a kv head (a batch index serves q and k alike), and q and k contiguous (a view).
+/// as a batch: one length of at least 128 tokens (a whole 128-query block each) that covers the
+/// sequence, one query head a kv head (a batch index serves q and k alike), q and k contiguous
+/// (a view), and at most 65535 sequences in all (the grid's z).
 fn batched_uniform(s: &Segments, q: &Tensor, k: &Tensor, d: usize) -> Option<usize> {
     let len = s.uniform_len.filter(|&l| l >= 128)?;
+    let sh = q.shape();
     (wgmma_d80()
         && wgmma_d(d)
         && q.rank() == 4
         && q.shape() == k.shape()
+        && s.key_lo.shape() == [sh[2]]
+        && sh[2].is_multiple_of(len)
+        && sh[0] * sh[1] * (sh[2] / len) <= u16::MAX as usize
         && q.is_contiguous()
         && k.is_contiguous())
     .then_some(len)
@@ -253,7 +258,7 @@ pub fn set_wgmma(mode: Option<u8>) {
 
 static WGMMA: super::Switch = super::Switch::new("TESSERA_FLASH_WG");
 
-/// Whether `flash_bwd` (no segments, D 64 or 128, on an sm_90 device) takes its gradients from
+/// Whether `flash_bwd` (no segments, D 64 or 128 (and 80 under `wgmma_d80`), on an sm_90 device) takes its gradients from
 /// the Hopper kernels (`flash_bwd_wgmma`). On by default since run 12 validated them on an H200
 /// (86-89% of SDPA's backward); `TESSERA_FLASH_WG_BWD=0` (or `set_wgmma_bwd`) turns them off.
 pub fn wgmma_bwd() -> bool {
@@ -301,7 +306,7 @@ const WG_BM: usize = 128;
 const WG_BK: usize = 128;
 
 /// `flash_fwd` (no segments) through the Hopper kernel (kernels/flash_sm90.cu: TMA, wgmma,
-/// a producer and two consumer warpgroups); sm_90 only, D 64 or 128.
+/// a producer and two consumer warpgroups); sm_90 only, D 64, 80 (in the layout of 128) or 128.
 pub fn flash_fwd_wgmma(
     q: &Tensor,
     k: &Tensor,
@@ -543,7 +548,8 @@ pub fn flash_bwd(
 
 /// `flash_bwd` (no segments) by the Hopper kernels (kernels/flash_sm90.cu: TMA loads by a
 /// producer warpgroup, every product by wgmma): dK/dV with K/V resident and Q/dO tiles
-/// streamed, dQ with Q/dO resident and K/V tiles streamed; sm_90 only, D 64 or 128.
+/// streamed, dQ with Q/dO resident and K/V tiles streamed; sm_90 only, D 64, 80 (in the layout
+/// of 128) or 128.
 /// `split`: dK/dV by one block per query head, f32 partials summed over the GQA group
 /// afterwards (`None`: when B · Hkv · Tk / 128 blocks would not fill the GPU). Deterministic
 /// too.
