@@ -18,7 +18,8 @@
 # BIG_STEP_BEFORE_S and STEP_COMBOS_BEFORE_S (skip those steps once the check has run that many
 # seconds), FULL_3B=1 (the whole 3B model's step, both sides: without activation
 # checkpointing, then with it if tessera ran out of memory; FULL_3B=ckpt: with it),
-# SKIP_MATMUL=1 (no GEMM benchmark), TINY_STEP_DTYPES (default "f32 bf16": the
+# SKIP_MATMUL=1 (no GEMM benchmark), SKIP_TESTS=1 (a later call after one whose tests all
+# passed: no tests, every kernel taken as validated), TINY_STEP_DTYPES (default "f32 bf16": the
 # bench-tiny steps; empty for none), TEST_TIMEOUT, WITH_COMPILE_TEST=1, DEADLINE_S (default 540: every optional phase is
 # skipped, and every command's timeout clipped, so that the check ends by then and leaves its
 # report; the device kills a command at 600 s, and a killed check returns nothing).
@@ -84,7 +85,7 @@ fi
 # ran on a GPU (soft mbarrier waits, shared helpers). If its test fails, every later test and
 # benchmark takes the mma.sync GEMM instead (TESSERA_GEMM=mma), so the rest of the run still
 # measures something.
-if [ -x "$BIN/tests/cuda_gemm_tc" ]; then
+if [ -x "$BIN/tests/cuda_gemm_tc" ] && [ -z "${SKIP_TESTS:-}" ]; then
     log "pre-flight: the default GEMM"
     timeout "$(tmo 120)" "$BIN/tests/cuda_gemm_tc" gemm_wgmma_ws_matches_cpu --exact --nocapture \
         > "$OUT/preflight-gemm.log" 2>&1
@@ -94,6 +95,11 @@ if [ -x "$BIN/tests/cuda_gemm_tc" ]; then
         tail -n 20 "$OUT/preflight-gemm.log"
     fi
 fi
+# passed TEST BINARY: whether TEST of tests/BINARY passed above (always, with SKIP_TESTS=1: a
+# later call after one whose tests all passed, to spend its time on the steps).
+passed() {
+    [ -n "${SKIP_TESTS:-}" ] || grep -q "$1 ... ok" "$OUT/test-$2.log" 2>/dev/null
+}
 log "tests"
 : > "$OUT/tests.log"
 # Kernels not yet validated on a GPU (off by default) run in processes of their own, so a
@@ -109,6 +115,7 @@ cuda_matmul_attention:adamw_compute_leaves_update_as_compute_params
 cuda_matmul_attention:adamw_multi_tensor_matches_per_tensor
 cuda_qwen:bf16_gradients_on_the_compute_copies_are_exact"
 for t in "$BIN"/tests/*; do
+    [ -n "${SKIP_TESTS:-}" ] && break
     name=$(basename "$t")
     # CI compiles every kernel for sm_80/sm_90 already; here the tests compile what they use.
     [ "$name" = cuda_compile ] && [ -z "${WITH_COMPILE_TEST:-}" ] && continue
@@ -123,6 +130,7 @@ for t in "$BIN"/tests/*; do
     echo "$name exit $rc" | tee -a "$OUT/tests.log"
 done
 for e in $EXPERIMENTS; do
+    [ -n "${SKIP_TESTS:-}" ] && break
     name=${e%%:*}; test=${e#*:}
     [ -x "$BIN/tests/$name" ] || continue
     log "experiment $name $test"
@@ -132,32 +140,32 @@ for e in $EXPERIMENTS; do
     echo "$name $test exit $rc" | tee -a "$OUT/tests.log"
 done
 # The Hopper flash forward is timed only if its test passed.
-grep -q "flash_fwd_wgmma_matches_cpu ... ok" "$OUT/test-cuda_flash.log" 2>/dev/null \
+passed "flash_fwd_wgmma_matches_cpu" cuda_flash \
     || export TESSERA_BENCH_SKIP_FLASH_WG=1
-grep -q "flash_bwd_wgmma_matches_cpu ... ok" "$OUT/test-cuda_flash.log" 2>/dev/null \
+passed "flash_bwd_wgmma_matches_cpu" cuda_flash \
     || export TESSERA_BENCH_SKIP_FLASH_WG_BWD=1
 # The Hopper flash kernels at head dim 80 and on uniform segments (TESSERA_FLASH_WG_D80=1, not
 # yet the default): timed, and the 3B step run with them, only if their test passed.
 D80_OK=
-grep -q "flash_wgmma_d80_and_uniform_segments_match_cpu ... ok" "$OUT/test-cuda_flash.log" 2>/dev/null \
+passed "flash_wgmma_d80_and_uniform_segments_match_cpu" cuda_flash \
     && D80_OK=1 || export TESSERA_BENCH_SKIP_FLASH_WG_D80=1
-grep -q "gemm_wgmma_ws_tma_store_matches_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/dev/null \
+passed "gemm_wgmma_ws_tma_store_matches_cpu" cuda_gemm_tc \
     || export TESSERA_BENCH_SKIP_TS=1
-grep -q "cross_entropy_staged_variants_match_cpu ... ok" "$OUT/test-cuda_nn.log" 2>/dev/null \
+passed "cross_entropy_staged_variants_match_cpu" cuda_nn \
     || export TESSERA_BENCH_SKIP_CE_STAGED=1
-grep -q "adamw_multi_tensor_matches_per_tensor ... ok" "$OUT/test-cuda_matmul_attention.log" 2>/dev/null \
+passed "adamw_multi_tensor_matches_per_tensor" cuda_matmul_attention \
     || export TESSERA_BENCH_SKIP_ADAMW_MULTI=1
 # AdamW's fused bf16 compute copies (the default of `bench step`): the cast kernels instead if
 # their test failed.
-if grep -q "adamw_compute_copies_follow_the_masters ... ok" "$OUT/test-cuda_matmul_attention.log" 2>/dev/null; then
+if passed "adamw_compute_copies_follow_the_masters" cuda_matmul_attention; then
     FUSED_OK=1
 else
     FUSED_OK=; export TESSERA_FUSED_CASTS=0; log "AdamW's compute copies failed their test: cast kernels in the steps"
 fi
 # The bf16 gradients left on those copies for AdamW to read (also the default of `bench step`):
 # the copies as cast nodes (f32 gradients on the masters) if either test failed.
-if grep -q "adamw_compute_leaves_update_as_compute_params ... ok" "$OUT/test-cuda_matmul_attention.log" 2>/dev/null \
-    && grep -q "bf16_gradients_on_the_compute_copies_are_exact ... ok" "$OUT/test-cuda_qwen.log" 2>/dev/null; then
+if passed "adamw_compute_leaves_update_as_compute_params" cuda_matmul_attention \
+    && passed "bf16_gradients_on_the_compute_copies_are_exact" cuda_qwen; then
     LEAVES_OK=1
 else
     LEAVES_OK=; export TESSERA_BF16_GRADS=0; log "bf16 gradients on the compute copies failed their tests: f32 gradients on the masters in the steps"
@@ -167,11 +175,11 @@ fi
 # own test failed, and all of them (and the tile widths by waves) when the model's CUDA tests
 # failed, so that the step rows and the profile still time a model that computes correctly.
 NEW_OFF=
-grep -q "add_rms_norm_matches_cpu ... ok" "$OUT/test-cuda_nn.log" 2>/dev/null || NEW_OFF="TESSERA_ADD_NORM=0"
-grep -q "flash_fwd_short_segments_take_64_query_blocks ... ok" "$OUT/test-cuda_flash.log" 2>/dev/null \
+passed "add_rms_norm_matches_cpu" cuda_nn || NEW_OFF="TESSERA_ADD_NORM=0"
+passed "flash_fwd_short_segments_take_64_query_blocks" cuda_flash \
     || NEW_OFF="$NEW_OFF TESSERA_FLASH_SEG_M64=0"
 for t in tied_gqa_on_cuda_matches_cpu padded_vision_mlp_on_cuda_matches_cpu text_only_on_cuda_matches_cpu; do
-    grep -q "$t ... ok" "$OUT/test-cuda_qwen.log" 2>/dev/null && continue
+    passed "$t" cuda_qwen && continue
     NEW_OFF="TESSERA_ADD_NORM=0 TESSERA_QKV_FUSED=0 TESSERA_VISION_MLP_PAD=0 TESSERA_FLASH_SEG_M64=0 TESSERA_GEMM_BN=0"
     break
 done
@@ -183,6 +191,7 @@ done
 rerun() {
     local tag=$1 switches=$2 ok=0 name rc
     shift 2
+    [ -n "${SKIP_TESTS:-}" ] && return 0
     for name in "$@"; do
         [ -x "$BIN/tests/$name" ] || continue
         fits 60 "$name with $switches" || continue
@@ -200,7 +209,7 @@ rerun() {
 # The GEMM's MN-major mode, its TMA-store epilogue, the Hopper flash forward with its overlap
 # and the one-launch AdamW are the defaults since run 11 (the whole test suite above ran with
 # them). MN_OK: the MN-major tests passed (its benchmark rows need it).
-if grep -q "mn_major_products_match_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/dev/null; then
+if passed "mn_major_products_match_cpu" cuda_gemm_tc; then
     MN_OK=1
 else
     MN_OK=; log "the GEMM's MN-major mode failed (or skipped) its test"
@@ -282,7 +291,7 @@ log "bench cuda"
 timeout "$(tmo 150)" "$BIN/tessera" bench cuda --json > "$OUT/bench_cuda.jsonl" 2> "$OUT/bench_cuda.err"
 echo "exit $?" >> "$OUT/bench_cuda.err"
 # The warp-specialised GEMM is timed (benchmark and training step) only if its test passed.
-if grep -q "gemm_wgmma_ws_matches_cpu ... ok" "$OUT/test-cuda_gemm_tc.log" 2>/dev/null; then
+if passed "gemm_wgmma_ws_matches_cpu" cuda_gemm_tc; then
     WS_OK=1
 else
     WS_OK=; export TESSERA_BENCH_SKIP_WS=1; log "the ws GEMM failed its test: left out of the benchmarks"
