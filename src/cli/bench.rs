@@ -525,7 +525,11 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
     }
     if device == crate::Device::Cuda && crate::backend::cuda::profiling() {
         // Kernel time per step, by kernel (TESSERA_PROFILE=1), against the measured step.
-        let (tagged, gaps) = crate::backend::cuda::profile_timeline()?;
+        let crate::backend::cuda::Timeline {
+            kernels: tagged,
+            gaps,
+            noted,
+        } = crate::backend::cuda::profile_timeline()?;
         let steps = times.len() as f64;
         // Kernel names carry the part of the model that launched them ("... [text mlp,
         // backward]", `autograd::part`): by kernel alone first, then by part.
@@ -586,6 +590,17 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
                 (*n as f64 / steps).round(),
                 ms / steps,
                 100.0 * ms / steps / wall
+            );
+        }
+        // The products by shape (their launchers' `profile_note`): where the GEMM time goes,
+        // and at what rate, in the step itself.
+        eprintln!("the 40 largest products by shape (m x k x n; TFLOP/s of their own time):");
+        for (name, shape, n, ms, flops) in noted.iter().take(40) {
+            eprintln!(
+                "{name:<72} {shape:>22} {:>4} {:>8.3} {:>7.1}",
+                (*n as f64 / steps).round(),
+                ms / steps,
+                flops / (ms * 1e-3) / 1e12
             );
         }
         eprintln!("the 25 largest kernels by part:");

@@ -147,6 +147,18 @@ pub fn launch(
     )
 }
 
+/// While profiling, names the next launch's product for the profile's table by shape: "m x k x
+/// n" (times the batch), and its FLOPs.
+pub(crate) fn note_product(m: usize, n: usize, k: usize, batch: usize) {
+    super::profile_note(
+        || match batch {
+            1 => format!("{m}x{k}x{n}"),
+            _ => format!("{batch} x {m}x{k}x{n}"),
+        },
+        2.0 * (m * n * k * batch) as f64,
+    );
+}
+
 /// `launch` with an explicit kernel choice.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_with(
@@ -188,6 +200,7 @@ pub fn launch_with(
     }
     let flags: i64 = bias.is_some() as i64 | ((accumulate as i64) << 1);
     let bias = bias.unwrap_or(0);
+    note_product(m, n, k, batch);
     let [m_, n_, k_, lda_, ldb_, ldc_, ba, bb, bc] =
         [m, n, k, lda, ldb, ldc, batch_a, batch_b, batch_c].map(|v| v as i64);
     let (file, name, grid, shared) = match kernel {
@@ -581,6 +594,7 @@ fn launch_ws(
         | (((ts && c3) as i64) << 5);
     let bias = bias.unwrap_or(0);
     let [m_, n_, k_, ldc_, batch_, bc] = [m, n, k, ldc, batch, batch_c].map(|v| v as i64);
+    note_product(m, n, k, batch);
     dev.launch(
         "gemm_sm90.cu",
         &name,

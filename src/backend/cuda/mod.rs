@@ -100,7 +100,28 @@ impl Switch {
 /// report sums the GPU time per kernel name.
 struct Profile {
     on: bool,
-    events: Mutex<Vec<(String, usize, usize)>>,
+    events: Mutex<Vec<Event>>,
+}
+
+/// One profiled launch: its name (with the part of the model), the note its launcher left
+/// (`profile_note`: a product's m x k x n and FLOPs), and its two events.
+struct Event {
+    name: String,
+    note: Option<(String, f64)>,
+    start: usize,
+    end: usize,
+}
+
+thread_local! {
+    static NOTE: std::cell::RefCell<Option<(String, f64)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// While profiling, a note for the next launch on this thread: a label (a product's
+/// "m x k x n") and its FLOPs, so the profile can give time and TFLOP/s by shape.
+pub fn profile_note(label: impl FnOnce() -> String, flops: f64) {
+    if profiling() {
+        NOTE.with(|n| *n.borrow_mut() = Some((label(), flops)));
+    }
 }
 
 fn profile() -> &'static Profile {
@@ -166,31 +187,60 @@ pub fn profiling() -> bool {
 /// GPU time per kernel since the last report (or start): (kernel, launches, total ms), the
 /// most expensive first. Synchronises the device. Empty unless `TESSERA_PROFILE` is set.
 pub fn profile_report() -> Result<Vec<(String, usize, f64)>> {
-    Ok(profile_timeline()?.0)
+    Ok(profile_timeline()?.kernels)
 }
 
-/// `profile_report`, and where the device was outside kernels: for each kernel, the time from
-/// the end of the kernel launched before it to its own start, summed by that kernel's name
-/// (kernel, gaps, total ms), the largest first. A gap is the device waiting for the host, or
-/// running a memset or copy (those carry no events).
-#[allow(clippy::type_complexity)]
-pub fn profile_timeline() -> Result<(Vec<(String, usize, f64)>, Vec<(String, usize, f64)>)> {
+/// The profiled launches (`profile_timeline`), summed three ways.
+pub struct Timeline {
+    /// By kernel name (with the part): (name, launches, ms), the largest first.
+    pub kernels: Vec<(String, usize, f64)>,
+    /// Where the device was outside kernels, by the kernel that came next: (name, gaps, ms).
+    pub gaps: Vec<(String, usize, f64)>,
+    /// The launches that carried a note (`profile_note`: the products), by name and note:
+    /// (name, note, launches, ms, FLOPs), the largest first.
+    pub noted: Vec<(String, String, usize, f64, f64)>,
+}
+
+/// `profile_report`, where the device was outside kernels (for each kernel, the time from the
+/// end of the kernel launched before it to its own start, summed by that kernel's name; a gap
+/// is the device waiting for the host, or running a memset or copy, which carry no events),
+/// and the noted launches by shape.
+pub fn profile_timeline() -> Result<Timeline> {
     let p = profile();
     if !p.on {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(Timeline {
+            kernels: Vec::new(),
+            gaps: Vec::new(),
+            noted: Vec::new(),
+        });
     }
     device()?.synchronize()?;
     let events = std::mem::take(&mut *p.events.lock().expect("profile lock"));
     let mut by: HashMap<String, (usize, f64)> = HashMap::new();
     let mut gaps: HashMap<String, (usize, f64)> = HashMap::new();
+    let mut noted: HashMap<(String, String), (usize, f64, f64)> = HashMap::new();
     let mut prev_end: Option<sys::CUevent> = None;
-    for (name, a, b) in &events {
-        let (a, b) = (*a as sys::CUevent, *b as sys::CUevent);
+    for Event {
+        name,
+        note,
+        start,
+        end,
+    } in &events
+    {
+        let (a, b) = (*start as sys::CUevent, *end as sys::CUevent);
         // SAFETY: the events were recorded on the stream, which is now idle.
         let ms = unsafe { result::event::elapsed(a, b) }.unwrap_or(0.0) as f64;
         let e = by.entry(name.clone()).or_insert((0, 0.0));
         e.0 += 1;
         e.1 += ms;
+        if let Some((label, flops)) = note {
+            let e = noted
+                .entry((name.clone(), label.clone()))
+                .or_insert((0, 0.0, 0.0));
+            e.0 += 1;
+            e.1 += ms;
+            e.2 += flops;
+        }
         if let Some(pe) = prev_end {
             // SAFETY: as above.
             let gap = unsafe { result::event::elapsed(pe, a) }.unwrap_or(0.0) as f64;
@@ -200,11 +250,11 @@ pub fn profile_timeline() -> Result<(Vec<(String, usize, f64)>, Vec<(String, usi
         }
         prev_end = Some(b);
     }
-    for (_, a, b) in events {
+    for e in events {
         // SAFETY: destroyed once, after every elapsed time is read.
         unsafe {
-            let _ = result::event::destroy(a as sys::CUevent);
-            let _ = result::event::destroy(b as sys::CUevent);
+            let _ = result::event::destroy(e.start as sys::CUevent);
+            let _ = result::event::destroy(e.end as sys::CUevent);
         }
     }
     let sorted = |m: HashMap<String, (usize, f64)>| {
@@ -213,7 +263,16 @@ pub fn profile_timeline() -> Result<(Vec<(String, usize, f64)>, Vec<(String, usi
         v.sort_by(|a, b| b.2.total_cmp(&a.2));
         v
     };
-    Ok((sorted(by), sorted(gaps)))
+    let mut noted: Vec<(String, String, usize, f64, f64)> = noted
+        .into_iter()
+        .map(|((name, label), (n, ms, flops))| (name, label, n, ms, flops))
+        .collect();
+    noted.sort_by(|a, b| b.3.total_cmp(&a.3));
+    Ok(Timeline {
+        kernels: sorted(by),
+        gaps: sorted(gaps),
+        noted,
+    })
 }
 
 thread_local! {
@@ -523,6 +582,10 @@ impl CudaDevice {
         shared_bytes: u32,
         args: &[Arg<'_>],
     ) -> Result<()> {
+        // The launcher's note is for this launch, launched or not.
+        let note = profiling()
+            .then(|| NOTE.with(|n| n.borrow_mut().take()))
+            .flatten();
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -562,11 +625,12 @@ impl CudaDevice {
                 (Some(part), true) => format!("{kernel} [{part}, backward]"),
                 (None, _) => kernel.to_string(),
             };
-            profile()
-                .events
-                .lock()
-                .expect("profile lock")
-                .push((name, a as usize, b as usize));
+            profile().events.lock().expect("profile lock").push(Event {
+                name,
+                note,
+                start: a as usize,
+                end: b as usize,
+            });
         }
         Ok(())
     }

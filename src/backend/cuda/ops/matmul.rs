@@ -146,6 +146,8 @@ fn gemm(
         Some(t) => Some(t.contiguous()?),
         None => None,
     };
+    // (A batch of z products, each summed over r of them.)
+    super::super::gemm_tc::note_product(m, n, k * r, z);
     let bias_ptr = match &bias {
         Some(t) => t.cuda_ptr()?,
         None => 0u64,
