@@ -258,9 +258,10 @@ pub fn set_wgmma(mode: Option<u8>) {
 
 static WGMMA: super::Switch = super::Switch::new("TESSERA_FLASH_WG");
 
-/// Whether `flash_bwd` (no segments, D 64 or 128 (and 80 under `wgmma_d80`), on an sm_90 device) takes its gradients from
-/// the Hopper kernels (`flash_bwd_wgmma`). On by default since run 12 validated them on an H200
-/// (86-89% of SDPA's backward); `TESSERA_FLASH_WG_BWD=0` (or `set_wgmma_bwd`) turns them off.
+/// Whether `flash_bwd` (no segments, D 64 or 128, and 80 under `wgmma_d80`, on an sm_90
+/// device) takes its gradients from the Hopper kernels (`flash_bwd_wgmma`). On by default
+/// since run 12 validated them on an H200 (86-89% of SDPA's backward);
+/// `TESSERA_FLASH_WG_BWD=0` (or `set_wgmma_bwd`) turns them off.
 pub fn wgmma_bwd() -> bool {
     WGMMA_BWD.get() != Some(0)
 }
