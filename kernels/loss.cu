@@ -451,12 +451,14 @@ __device__ __forceinline__ void ce_warp_mean(const T* x, const I* t, float* lse,
 // order (lane 0), the block its warps in order, then ce_finish_mean: deterministic for a given
 // grid. Launch: block (32, CE_BULK_WARPS), dynamic shared memory 128 + CE_BULK_WARPS · STAGES
 // · CE_BULK_ROW bytes: STAGES = 3 (`ce_bulk_mean`, 2 rows ahead a warp, 2 blocks an SM) or 2
-// (`ce_bulk2_mean`, `TESSERA_CE_STAGES=6`: 1 row ahead, 3 blocks an SM).
+// (`ce_bulk2_mean`, `TESSERA_CE_STAGES=6`: 1 row ahead, 3 blocks an SM). POLY: of each lane's
+// CE_WARP_U vectors a pass, the first POLY's exponentials by poly_exp2 on the FMA pipe
+// (`ce_bulk_poly_mean`, `TESSERA_CE_STAGES=8`: 5's data path with 7's exponentials).
 // TESSERA_ARCH_SUFFIX_A: this file gets kernels/hopper.cuh (mbarriers, bulk copies) and the
 // sm_90a target on Hopper; the kernel is empty below sm_90, where the launcher never picks it.
 #define CE_BULK_WARPS 4
 #define CE_BULK_ROW 8192
-template <typename T, typename I, int STAGES>
+template <typename T, typename I, int STAGES, int POLY = 0>
 __device__ __forceinline__ void ce_bulk_mean(const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v,
                                              i64 ignore, i64 has_ignore, float* partial, unsigned int* done, float* out,
                                              float* inv_count) {
@@ -520,7 +522,10 @@ __device__ __forceinline__ void ce_bulk_mean(const T* x, const I* t, float* lse,
                         float f[N];
                         unpack16<T>(rv[j], f);
 #pragma unroll
-                        for (int e = 0; e < N; ++e) sum += fast_exp2(fmaf(f[e], LOG2E_F, -mlog2e));
+                        for (int e = 0; e < N; ++e) {
+                            const float y = fmaf(f[e], LOG2E_F, -mlog2e);
+                            sum += k < POLY ? poly_exp2(y) : fast_exp2(y);
+                        }
                     }
                 }
             }
@@ -733,6 +738,12 @@ __device__ __forceinline__ void lse_pick_bwd_vec(const T* x, const I* t, const f
         const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,         \
         float* partial, unsigned int* done, float* out, float* inv_count) {                                          \
         ce_bulk_mean<T, I, 2>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out, inv_count);    \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * CE_BULK_WARPS) ce_bulk_poly_mean_##ISFX##_##SFX(            \
+        const T* x, const I* t, float* lse, float* picked, i64 rows, i64 v, i64 ignore, i64 has_ignore,           \
+        float* partial, unsigned int* done, float* out, float* inv_count) {                                       \
+        ce_bulk_mean<T, I, 3, CE_POLY_VECS>(x, t, lse, picked, rows, v, ignore, has_ignore, partial, done, out,  \
+                                            inv_count);                                                          \
     }                                                                                                            \
     extern "C" __global__ void ce_mean_##ISFX##_##SFX(const float* picked, const I* t, float* out, float* inv_count, \
                                                       i64 rows, i64 ignore, i64 has_ignore) {                    \

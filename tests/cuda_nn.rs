@@ -1158,10 +1158,10 @@ fn cross_entropy_staged_variants_match_cpu() {
     // the default kernel elsewhere and for rows over 8 KB), 20001 rows: ~19 a warp, so every
     // stage's barrier turns its phase several times; 4500 x 4096 (bf16): full 8 KB rows, every
     // stage reused; 6: the same with 2 stages a warp; 7: the default kernel with a quarter of
-    // the exponentials by poly_exp2.
+    // the exponentials by poly_exp2; 8: 5 with 7's exponentials.
     let hopper = tessera::backend::cuda::device().is_ok_and(|d| d.cc == (9, 0));
     tessera::backend::cuda::count_launches(true);
-    for stages in [1, 2, 3, 4, 5, 6, 7] {
+    for stages in [1, 2, 3, 4, 5, 6, 7, 8] {
         set_ce_stages(Some(stages)).unwrap();
         for (i, &(rows, v)) in [
             (64, 4096),
@@ -1185,47 +1185,54 @@ fn cross_entropy_staged_variants_match_cpu() {
             );
         }
     }
-    // 7 with −inf logits (masked classes: poly_exp2 gives them 0, as ex2 does) in every lane's
-    // polynomial vectors and MUFU vectors alike.
-    set_ce_stages(Some(7)).unwrap();
-    let mut x = randn(&[6, 4096], 990).to_vec::<f32>().unwrap();
-    for (i, e) in x.iter_mut().enumerate() {
-        if i % 7 == 3 {
-            *e = f32::NEG_INFINITY;
+    // 7 and 8 with −inf logits (masked classes: poly_exp2 gives them 0, as ex2 does) in every
+    // lane's polynomial vectors and MUFU vectors alike.
+    for stages in [7, 8] {
+        set_ce_stages(Some(stages)).unwrap();
+        let mut x = randn(&[6, 4096], 990).to_vec::<f32>().unwrap();
+        for (i, e) in x.iter_mut().enumerate() {
+            if i % 7 == 3 {
+                *e = f32::NEG_INFINITY;
+            }
         }
+        let x = Tensor::from_vec(x, &[6, 4096]).unwrap();
+        let t = Tensor::from_vec(vec![0i64, 1, 2, 4, 5, 6], &[6]).unwrap();
+        check(
+            &format!("cross_entropy x{stages}, -inf logits"),
+            &[x, t],
+            &[true, false],
+            |x| x[0].cross_entropy(&x[1], -100),
+        );
     }
-    let x = Tensor::from_vec(x, &[6, 4096]).unwrap();
-    let t = Tensor::from_vec(vec![0i64, 1, 2, 4, 5, 6], &[6]).unwrap();
-    check(
-        "cross_entropy x7, -inf logits",
-        &[x, t],
-        &[true, false],
-        |x| x[0].cross_entropy(&x[1], -100),
-    );
     // A NaN logit, not the target, in a lane's first (polynomial) vector: the loss is NaN, as
-    // with the default kernel (the exponent trick alone would have made it FLT_MAX).
-    if has_gpu("cross_entropy x7, a NaN logit") {
-        for dtype in [DType::F32, DType::BF16] {
-            let mut v = randn(&[2, 4096], 991).to_vec::<f32>().unwrap();
-            v[5] = f32::NAN;
-            let x = Tensor::from_vec(v, &[2, 4096])
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap()
-                .to_cuda()
-                .unwrap();
-            let t = Tensor::from_vec(vec![0i64, 1], &[2]).unwrap();
-            let l = x.cross_entropy(&t, -100).unwrap().to_scalar().unwrap();
-            assert!(
-                l.is_nan(),
-                "cross_entropy x7 {dtype}, a NaN logit: loss {l}"
-            );
+    // with the default kernel (the exponent trick alone would have made it FLT_MAX); 7 and 8.
+    for (stages, dtype) in [7, 8]
+        .into_iter()
+        .flat_map(|s| [(s, DType::F32), (s, DType::BF16)])
+    {
+        if !has_gpu("cross_entropy x7/x8, a NaN logit") {
+            break;
         }
+        set_ce_stages(Some(stages)).unwrap();
+        let mut v = randn(&[2, 4096], 991).to_vec::<f32>().unwrap();
+        v[5] = f32::NAN;
+        let x = Tensor::from_vec(v, &[2, 4096])
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_cuda()
+            .unwrap();
+        let t = Tensor::from_vec(vec![0i64, 1], &[2]).unwrap();
+        let l = x.cross_entropy(&t, -100).unwrap().to_scalar().unwrap();
+        assert!(
+            l.is_nan(),
+            "cross_entropy x{stages} {dtype}, a NaN logit: loss {l}"
+        );
     }
     set_ce_stages(None).unwrap();
     // On sm_90 the bulk kernels really ran (a silent fallback would pass the comparisons), and
     // the polynomial one on any device.
-    for name in ["ce_bulk_mean", "ce_bulk2_mean"] {
+    for name in ["ce_bulk_mean", "ce_bulk2_mean", "ce_bulk_poly_mean"] {
         let n = tessera::backend::cuda::launches_where(|k| k.starts_with(name));
         assert!(!hopper || n > 0, "{name} never launched on an sm_90 device");
     }

@@ -169,7 +169,7 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
     let staged: &[usize] = if std::env::var_os("TESSERA_BENCH_SKIP_CE_STAGED").is_some() {
         &[]
     } else {
-        &[1, 2, 3, 4, 5, 6, 7]
+        &[1, 2, 3, 4, 5, 6, 7, 8]
     };
     for &stages in staged {
         cuda::ops::loss::set_ce_stages(Some(stages))?;
@@ -184,6 +184,8 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
                 5 => "cross_entropy fwd (rows by the bulk-copy engine, 2 in flight a warp)".into(),
                 6 => "cross_entropy fwd (rows by the bulk-copy engine, 1 in flight a warp)".into(),
                 7 => "cross_entropy fwd (a quarter of the exps by an FMA polynomial)".into(),
+                8 => "cross_entropy fwd (bulk copies, 2 rows ahead, a quarter of the exps by polynomial)"
+                    .into(),
                 _ => format!("cross_entropy fwd (cp.async, {stages} batches in flight)"),
             },
             shape: shape.clone(),

@@ -257,24 +257,24 @@ fn warp_rows(v: usize, elem: usize, xp: u64) -> bool {
 /// flight a warp (`ce_bulk_mean`, sm_90, rows of at most 8 KB); 6, the same with one row in
 /// flight a warp and 3 blocks an SM (`ce_bulk2_mean`); 7, the default kernel with a quarter of
 /// the exponentials by a polynomial on the FMA pipe instead of MUFU.EX2 (`poly_exp2`,
-/// FlashAttention-4's trick); 0 for the default (`ce_warp_mean`, batches of 8 vectors a lane in
+/// FlashAttention-4's trick); 8, 5 with 7's exponentials (`ce_bulk_poly_mean`); 0 for the default (`ce_warp_mean`, batches of 8 vectors a lane in
 /// registers). `TESSERA_CE_STAGES`, or `set_ce_stages`.
 pub fn ce_stages() -> usize {
     match CE_STAGES.get() {
-        Some(s @ (1..=7)) => s as usize,
+        Some(s @ (1..=8)) => s as usize,
         _ => 0,
     }
 }
 
-/// Overrides `TESSERA_CE_STAGES` for this process (0 to 7; `None`: the environment again).
+/// Overrides `TESSERA_CE_STAGES` for this process (0 to 8; `None`: the environment again).
 pub fn set_ce_stages(stages: Option<usize>) -> Result<()> {
     match stages {
-        None | Some(0..=7) => {
+        None | Some(0..=8) => {
             CE_STAGES.set(stages.map(|s| s as u8));
             Ok(())
         }
         Some(s) => Err(Error::msg(format!(
-            "cross_entropy: {s} stages (want 0 to 7)"
+            "cross_entropy: {s} stages (want 0 to 8)"
         ))),
     }
 }
@@ -327,10 +327,11 @@ fn cross_entropy_dev(
         let lse = Tensor::empty_cuda(&[rows], DType::F32)?;
         let picked = Tensor::empty_cuda(&[rows], DType::F32)?;
         let dev = device()?;
-        // `TESSERA_CE_STAGES=5`, `6` (ce_bulk_mean, ce_bulk2_mean): persistent warps, on sm_90
-        // for rows of at most CE_BULK_ROW bytes; elsewhere the default kernel.
+        // `TESSERA_CE_STAGES=5`, `6`, `8` (ce_bulk_mean, ce_bulk2_mean, ce_bulk_poly_mean):
+        // persistent warps, on sm_90 for rows of at most CE_BULK_ROW bytes; elsewhere the
+        // default kernel.
         let stages = match ce_stages() {
-            5 | 6 if dev.cc != (9, 0) || v * dtype.size_in_bytes() > CE_BULK_ROW => 0,
+            5 | 6 | 8 if dev.cc != (9, 0) || v * dtype.size_in_bytes() > CE_BULK_ROW => 0,
             st => st,
         };
         // The bulk kernels: (kernel, stage buffers a warp, blocks an SM); 3 stages keep two rows
@@ -338,6 +339,7 @@ fn cross_entropy_dev(
         let bulk = match stages {
             5 => Some(("ce_bulk", 3, 2)),
             6 => Some(("ce_bulk2", 2, 3)),
+            8 => Some(("ce_bulk_poly", 3, 2)),
             _ => None,
         };
         let (blocks, block_rows) = match bulk {
