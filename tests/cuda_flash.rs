@@ -50,6 +50,20 @@ fn segmented_case(
     );
 }
 
+/// `Tensor::attention` of bf16 q, k, v with `opts` on CUDA against the CPU: output and all
+/// three gradients, at twice bf16's tolerance.
+fn attention_matches_cpu(label: &str, qkv: [Tensor; 3], opts: &AttentionOptions) {
+    use tessera::testing::cuda::{assert_close_to_cpu, tol};
+    assert_close_to_cpu(
+        label,
+        &qkv,
+        &[true, true, true],
+        DType::BF16,
+        tol(DType::BF16) * 2.0,
+        |x| Tensor::attention(&x[0], &x[1], &x[2], opts),
+    );
+}
+
 /// `fwd`'s output and logsumexp against the CPU attention on fresh bf16-rounded inputs.
 #[allow(clippy::too_many_arguments)]
 fn forward_case(
@@ -309,7 +323,6 @@ fn bwd_wgmma_case((b, hq, hkv, tq, tk, d, causal): Shape, configs: &[(bool, u8)]
 /// CPU, launches counted. Its own process in tools/gpu/check.sh (it sets a process-wide switch).
 #[test]
 fn flash_wgmma_d80_and_uniform_segments_match_cpu() {
-    use tessera::testing::cuda::{assert_close_to_cpu, tol};
     if !hopper_or_skip("flash_wgmma_d80") {
         return;
     }
@@ -358,13 +371,10 @@ fn flash_wgmma_d80_and_uniform_segments_match_cpu() {
             cu_seqlens: Some(cu.clone()),
             ..Default::default()
         };
-        assert_close_to_cpu(
+        attention_matches_cpu(
             &format!("attention(uniform segments {cu:?} as a batch) hq{hq} d{d} causal={causal}"),
-            &[q, k, v],
-            &[true, true, true],
-            DType::BF16,
-            tol(DType::BF16) * 2.0,
-            |x| Tensor::attention(&x[0], &x[1], &x[2], &opts),
+            [q, k, v],
+            &opts,
         );
     }
     // Three cases at D 80, each a forward, a dK/dV and a dQ launch.
@@ -416,7 +426,6 @@ fn flash_fwd_tile_variants_match_cpu() {
 /// flash backward (dK/dV and dQ kernels); output and all three gradients match the CPU.
 #[test]
 fn attention_op_uses_flash_and_grads_match() {
-    use tessera::testing::cuda::{assert_close_to_cpu, tol};
     for &(b, hq, hkv, tq, tk, d, causal) in &[
         (2usize, 4usize, 2usize, 37usize, 37usize, 64usize, true),
         (1, 2, 1, 20, 45, 128, true),
@@ -435,13 +444,10 @@ fn attention_op_uses_flash_and_grads_match() {
             causal,
             ..Default::default()
         };
-        assert_close_to_cpu(
+        attention_matches_cpu(
             &format!("attention(flash fwd) b{b} hq{hq} hkv{hkv} tq{tq} tk{tk} d{d}"),
-            &[q, k, v],
-            &[true, true, true],
-            DType::BF16,
-            tol(DType::BF16) * 2.0,
-            |x| Tensor::attention(&x[0], &x[1], &x[2], &opts),
+            [q, k, v],
+            &opts,
         );
     }
 }
@@ -485,7 +491,6 @@ fn flash_fwd_short_segments_take_64_query_blocks() {
 /// kernels with segments; output and all three gradients match the CPU.
 #[test]
 fn attention_op_with_segments_uses_flash_and_grads_match() {
-    use tessera::testing::cuda::{assert_close_to_cpu, tol};
     let windows: Vec<usize> = (0..=4).map(|i| i * 64).collect();
     let uneven = vec![0, 37, 100, 101, 230];
     let with_empty = vec![0, 0, 70, 70, 71, 150];
@@ -510,15 +515,12 @@ fn attention_op_with_segments_uses_flash_and_grads_match() {
             cu_seqlens: Some(cu.clone()),
             ..Default::default()
         };
-        assert_close_to_cpu(
+        attention_matches_cpu(
             &format!(
                 "attention(flash, segments {cu:?}) b{b} hq{hq} hkv{hkv} t{t} d{d} causal={causal}"
             ),
-            &[q, k, v],
-            &[true, true, true],
-            DType::BF16,
-            tol(DType::BF16) * 2.0,
-            |x| Tensor::attention(&x[0], &x[1], &x[2], &opts),
+            [q, k, v],
+            &opts,
         );
     }
 }
