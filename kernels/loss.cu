@@ -219,12 +219,25 @@ __device__ __forceinline__ float ce_batch_max(const uint4* u, bf16_t) {
     return fmaxf(__uint_as_float(a << 16), __uint_as_float(a & 0xffff0000u));
 }
 
+// s += 2^{x·log2e − mlog2e} over one 16-byte vector's logits, in order: by poly_exp2 on the FMA
+// pipe when `poly`, else by MUFU.EX2 (fast_exp2). The callers' `poly` is a constant per unrolled
+// vector (`k < POLY`).
+template <typename T>
+__device__ __forceinline__ void ce_vec_exp_add(const uint4& v, float mlog2e, bool poly, float& s) {
+    float f[Vec<T>::N];
+    unpack16<T>(v, f);
+#pragma unroll
+    for (int e = 0; e < Vec<T>::N; ++e) {
+        const float x = fmaf(f[e], LOG2E_F, -mlog2e);
+        s += poly ? poly_exp2(x) : fast_exp2(x);
+    }
+}
+
 // One lane's running max m and sum s = Σ 2^{(x − m)·log2e} updated with a batch of U vectors;
 // the first POLY vectors' exponentials by poly_exp2 on the FMA pipe, the others by MUFU.EX2
 // (`TESSERA_CE_STAGES=7`: POLY = CE_POLY_VECS).
 template <typename T, int U = CE_WARP_U, int POLY = 0>
 __device__ __forceinline__ void ce_batch_add(const uint4* u, float& m, float& s) {
-    constexpr int N = Vec<T>::N;
     const float bm = ce_batch_max<U>(u, T());
     if (bm > m) {
         s = m > NEG_INF ? s * fast_exp2((m - bm) * LOG2E_F) : 0.f;
@@ -233,15 +246,7 @@ __device__ __forceinline__ void ce_batch_add(const uint4* u, float& m, float& s)
     if (m > NEG_INF) {  // else every value so far is −inf: nothing to add
         const float mlog2e = m * LOG2E_F;
 #pragma unroll
-        for (int k = 0; k < U; ++k) {
-            float f[N];
-            unpack16<T>(u[k], f);
-#pragma unroll
-            for (int e = 0; e < N; ++e) {
-                const float x = fmaf(f[e], LOG2E_F, -mlog2e);
-                s += k < POLY ? poly_exp2(x) : fast_exp2(x);
-            }
-        }
+        for (int k = 0; k < U; ++k) ce_vec_exp_add<T>(u[k], mlog2e, k < POLY, s);
     }
 }
 
@@ -518,15 +523,7 @@ __device__ __forceinline__ void ce_bulk_mean(const T* x, const I* t, float* lse,
 #pragma unroll
                 for (int k = 0; k < CE_WARP_U; ++k) {
                     const int j = j0 + lane + 32 * k;
-                    if (j < nv) {
-                        float f[N];
-                        unpack16<T>(rv[j], f);
-#pragma unroll
-                        for (int e = 0; e < N; ++e) {
-                            const float y = fmaf(f[e], LOG2E_F, -mlog2e);
-                            sum += k < POLY ? poly_exp2(y) : fast_exp2(y);
-                        }
-                    }
+                    if (j < nv) ce_vec_exp_add<T>(rv[j], mlog2e, k < POLY, sum);
                 }
             }
         }
