@@ -572,28 +572,20 @@ pub fn run(rows: usize, cols: usize, json: bool) -> Result<()> {
             }
             row("bwd", "flash_bwd_seg (delta, dK/dV, dQ)", ms?, 2.5);
             // The segments through the Hopper kernels at head dim 80 as a batch of sequences
-            // [16·n, 1, seg, 80] (TESSERA_FLASH_WG_D80=1, which takes them for whole images; the
-            // windows only here, to see whether 128-query blocks half past each window's end
-            // beat the 64-query segment kernel). Left out when the GPU check's test failed.
+            // [16·n, 1, seg, 80], called directly (TESSERA_FLASH_WG_D80=1 sends the whole images
+            // there; the windows only here, to see whether 128-query blocks half past each
+            // window's end beat the 64-query segment kernel). Left out when the GPU check's test
+            // failed.
             if dev.cc == (9, 0) && std::env::var_os("TESSERA_BENCH_SKIP_FLASH_WG_D80").is_none() {
-                cuda::flash::set_wgmma_d80(Some(true));
                 let qb = q.reshape(&[h * (t / seg), 1, seg, d])?;
                 let gb = g.reshape(&[h * (t / seg), 1, seg, d])?;
-                let timed = (|| {
-                    let fwd_b =
-                        || cuda::flash::flash_fwd_wgmma_with(&qb, &qb, &qb, false, scale, 2);
-                    let f = time_ms(5, || fwd_b().map(|_| ()))?;
-                    let (o, lse) = fwd_b()?;
-                    let b = time_ms(5, || {
-                        cuda::flash::flash_bwd_wgmma(
-                            &qb, &qb, &qb, &o, &lse, &gb, false, scale, None,
-                        )
+                let fwd_b = || cuda::flash::flash_fwd_wgmma_with(&qb, &qb, &qb, false, scale, 2);
+                let f = time_ms(5, || fwd_b().map(|_| ()))?;
+                let (o, lse) = fwd_b()?;
+                let b = time_ms(5, || {
+                    cuda::flash::flash_bwd_wgmma(&qb, &qb, &qb, &o, &lse, &gb, false, scale, None)
                         .map(|_| ())
-                    })?;
-                    Ok::<_, crate::Error>((f, b))
-                })();
-                cuda::flash::set_wgmma_d80(None);
-                let (f, b) = timed?;
+                })?;
                 let label = "Hopper wgmma, head dim 80 in 128's layout, segments as a batch";
                 row("fwd", label, f, 1.0);
                 row("bwd", label, b, 2.5);

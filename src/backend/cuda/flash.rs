@@ -129,13 +129,12 @@ pub fn flash_fwd_segments(
     let d = q.dims().last().copied().unwrap_or(0);
     let keys = k.dims().get(2).copied().unwrap_or(0);
     let hopper_fwd = wgmma_d(d) && keys > 0 && wgmma_mode() > 0 && hopper();
-    if let Some(len) = segments.and_then(|s| batched_uniform(s, q, k, d)) {
-        if hopper_fwd {
-            // [B, H, n·L, D] as [B·H·n, 1, L, D] (contiguous views), and back.
-            let (qb, kb, vb) = (as_batch(q, len)?, as_batch(k, len)?, as_batch(v, len)?);
-            let (o, lse) = flash_fwd_wgmma_with(&qb, &kb, &vb, causal, scale, wgmma_mode())?;
-            return Ok((o.reshape(q.shape())?, lse.reshape(&q.shape()[..3])?));
-        }
+    let batched = segments.and_then(|s| batched_uniform(s, q, k));
+    if let (true, Some(len)) = (hopper_fwd, batched) {
+        // [B, H, n·L, D] as [B·H·n, 1, L, D] (contiguous views), and back.
+        let (qb, kb, vb) = (as_batch(q, len)?, as_batch(k, len)?, as_batch(v, len)?);
+        let (o, lse) = flash_fwd_wgmma_with(&qb, &kb, &vb, causal, scale, wgmma_mode())?;
+        return Ok((o.reshape(q.shape())?, lse.reshape(&q.shape()[..3])?));
     }
     if segments.is_none() && hopper_fwd {
         return flash_fwd_wgmma_with(q, k, v, causal, scale, wgmma_mode());
@@ -200,12 +199,12 @@ fn wgmma_layout_d(d: usize) -> usize {
 /// Segments' common length when (under `wgmma_d80`) the kernels without segments may take them
 /// as a batch: one length of at least 128 tokens (a whole 128-query block each) that covers the
 /// sequence, one query head a kv head (a batch index serves q and k alike), q and k contiguous
-/// (a view), and at most 65535 sequences in all (the grid's z).
-fn batched_uniform(s: &Segments, q: &Tensor, k: &Tensor, d: usize) -> Option<usize> {
+/// (a view), and at most 65535 sequences in all (the grid's z). The callers check that the
+/// Hopper kernels take the head dim (`wgmma_d`).
+fn batched_uniform(s: &Segments, q: &Tensor, k: &Tensor) -> Option<usize> {
     let len = s.uniform_len.filter(|&l| l >= 128)?;
     let sh = q.shape();
     (wgmma_d80()
-        && wgmma_d(d)
         && q.rank() == 4
         && q.shape() == k.shape()
         && s.key_lo.shape() == [sh[2]]
@@ -528,8 +527,8 @@ pub fn flash_bwd(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let d = q.dim(3)?;
     let hopper_bwd = wgmma_d(d) && wgmma_bwd() && hopper();
-    if let Some(len) = segments.and_then(|s| batched_uniform(s, q, k, d)) {
-        if hopper_bwd && o.shape() == q.shape() && g.shape() == q.shape() {
+    if let (true, Some(len)) = (hopper_bwd, segments.and_then(|s| batched_uniform(s, q, k))) {
+        if o.shape() == q.shape() && g.shape() == q.shape() {
             // As the forward: the segments as a batch of sequences, and back.
             let (qb, kb, vb) = (as_batch(q, len)?, as_batch(k, len)?, as_batch(v, len)?);
             let (ob, gb) = (as_batch(o, len)?, as_batch(g, len)?);

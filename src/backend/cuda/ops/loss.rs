@@ -257,8 +257,9 @@ fn warp_rows(v: usize, elem: usize, xp: u64) -> bool {
 /// flight a warp (`ce_bulk_mean`, sm_90, rows of at most 8 KB); 6, the same with one row in
 /// flight a warp and 3 blocks an SM (`ce_bulk2_mean`); 7, the default kernel with a quarter of
 /// the exponentials by a polynomial on the FMA pipe instead of MUFU.EX2 (`poly_exp2`,
-/// FlashAttention-4's trick); 8, 5 with 7's exponentials (`ce_bulk_poly_mean`); 0 for the default (`ce_warp_mean`, batches of 8 vectors a lane in
-/// registers). `TESSERA_CE_STAGES`, or `set_ce_stages`.
+/// FlashAttention-4's trick); 8, 5 with 7's exponentials (`ce_bulk_poly_mean`); 0 for the
+/// default (`ce_warp_mean`, batches of 8 vectors a lane in registers). `TESSERA_CE_STAGES`, or
+/// `set_ce_stages`.
 pub fn ce_stages() -> usize {
     match CE_STAGES.get() {
         Some(s @ (1..=8)) => s as usize,
