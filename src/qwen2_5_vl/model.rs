@@ -52,6 +52,25 @@ pub struct LayerKv {
     pub values: Tensor,
 }
 
+/// What every decoder layer of one pass reads besides its own weights: the rotary tables
+/// cos/sin [B, 1, T, head_dim] and the attention options (causal, key padding).
+#[derive(Clone)]
+struct LayerShared {
+    cos: Tensor,
+    sin: Tensor,
+    opts: AttentionOptions,
+}
+
+impl LayerShared {
+    fn new(cos: &Tensor, sin: &Tensor, opts: &AttentionOptions) -> LayerShared {
+        LayerShared {
+            cos: cos.clone(),
+            sin: sin.clone(),
+            opts: opts.clone(),
+        }
+    }
+}
+
 pub struct Output {
     /// [B, T, V]
     pub logits: Tensor,
@@ -219,7 +238,8 @@ impl QwenVl {
         opts: &AttentionOptions,
         past: Option<&LayerKv>,
     ) -> Result<(Tensor, LayerKv)> {
-        let (h, mlp, kv) = self.layer(i, h, None, cos, sin, opts, past)?;
+        let shared = LayerShared::new(cos, sin, opts);
+        let (h, mlp, kv) = self.layer(i, h, None, &shared, past)?;
         Ok((h.add(&mlp)?, kv))
     }
 
@@ -227,17 +247,15 @@ impl QwenVl {
     /// layer's MLP output still to be added (`pending`), returns (h after attention, this
     /// layer's MLP output, keys/values). Each residual add is then fused with the norm that
     /// follows it (`add_rms_norm`).
-    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         i: usize,
         h: &Tensor,
         pending: Option<&Tensor>,
-        cos: &Tensor,
-        sin: &Tensor,
-        opts: &AttentionOptions,
+        shared: &LayerShared,
         past: Option<&LayerKv>,
     ) -> Result<(Tensor, Tensor, LayerKv)> {
+        let LayerShared { cos, sin, opts } = shared;
         let t = &self.config.text;
         let (b, seq) = (h.dim(0)?, h.dim(1)?);
         let (hd, nh, nkv) = (t.head_dim(), t.num_attention_heads, t.num_key_value_heads);
@@ -304,12 +322,9 @@ impl QwenVl {
         i: usize,
         h: &Tensor,
         pending: Option<&Tensor>,
-        cos: &Tensor,
-        sin: &Tensor,
-        opts: &AttentionOptions,
+        shared: &LayerShared,
     ) -> Result<(Tensor, Tensor)> {
-        let (config, cos, sin, opts) =
-            (self.config.clone(), cos.clone(), sin.clone(), opts.clone());
+        let (config, shared) = (self.config.clone(), shared.clone());
         let mut inputs = vec![h];
         inputs.extend(pending);
         let prefix = format!("model.layers.{i}.");
@@ -320,7 +335,7 @@ impl QwenVl {
                     config: config.clone(),
                     params: params.clone(),
                 };
-                let (h, mlp, _) = layer.layer(i, &xs[0], xs.get(1), &cos, &sin, &opts, None)?;
+                let (h, mlp, _) = layer.layer(i, &xs[0], xs.get(1), &shared, None)?;
                 Ok(vec![h, mlp])
             })?;
         let mut it = outs.into_iter();
@@ -345,6 +360,7 @@ impl QwenVl {
             key_padding: key_padding.cloned(),
             ..Default::default()
         };
+        let shared = LayerShared::new(cos, sin, &opts);
         if let Some(c) = cache.as_deref() {
             if !c.is_empty() && c.len() != layers {
                 return Err(Error::msg(format!(
@@ -359,13 +375,12 @@ impl QwenVl {
             && crate::autograd::is_grad_enabled();
         for i in 0..layers {
             if checkpoint {
-                let (next, mlp) =
-                    self.layer_checkpointed(i, &h, pending.as_ref(), cos, sin, &opts)?;
+                let (next, mlp) = self.layer_checkpointed(i, &h, pending.as_ref(), &shared)?;
                 (h, pending) = (next, Some(mlp));
                 continue;
             }
             let past = cache.as_deref().and_then(|c| c.get(i));
-            let (next, mlp, kv) = self.layer(i, &h, pending.as_ref(), cos, sin, &opts, past)?;
+            let (next, mlp, kv) = self.layer(i, &h, pending.as_ref(), &shared, past)?;
             (h, pending) = (next, Some(mlp));
             if let Some(c) = cache.as_deref_mut() {
                 if c.len() == layers {

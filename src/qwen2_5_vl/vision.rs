@@ -121,29 +121,42 @@ impl VisionPlan {
     }
 }
 
+/// What every block of one forward reads besides its own weights: the config, the plan
+/// (window order, segments, rotary tables) and whether the MLP is padded (see [`Mlp`]).
+#[derive(Clone)]
+struct Tower {
+    c: VisionConfig,
+    plan: VisionPlan,
+    pad_mlp: bool,
+}
+
+impl Tower {
+    fn full_attention(&self, i: usize) -> bool {
+        self.c.fullatt_block_indexes.contains(&i)
+    }
+}
+
 /// One block: x + proj(attn(rope(qkv(norm1 x)))) then x + mlp(norm2 x), all with biases.
 /// The last add is left to the caller: given x and the previous block's MLP output still to
 /// be added (`pending`), returns (x after attention, this block's MLP output), so that each
 /// residual add is fused with the norm after it (`add_rms_norm`).
-#[allow(clippy::too_many_arguments)]
 fn block(
     x: &Tensor,
     pending: Option<&Tensor>,
     p: &Params,
     i: usize,
-    c: &VisionConfig,
-    plan: &VisionPlan,
-    cu: &[usize],
-    pad_mlp: bool,
+    tower: &Tower,
 ) -> Result<(Tensor, Tensor)> {
+    let Tower { c, plan, pad_mlp } = tower;
     let name = |s: &str| format!("visual.blocks.{i}.{s}");
     let w = |s: &str| p.require(&name(s));
     let (s, hd, nh) = (x.dim(0)?, c.head_dim(), c.num_heads);
-    let part = crate::autograd::part(if cu == &plan.cu_full[..] {
-        "vision attention (full)"
+    let (cu, part) = if tower.full_attention(i) {
+        (&plan.cu_full, "vision attention (full)")
     } else {
-        "vision attention (windows)"
-    });
+        (&plan.cu_window, "vision attention (windows)")
+    };
+    let part = crate::autograd::part(part);
     let (x, y) = x.add_opt_rms_norm(pending, w("norm1.weight")?, 1e-6)?;
     let qkv = y
         .linear(w("attn.qkv.weight")?, Some(w("attn.qkv.bias")?))?
@@ -161,7 +174,7 @@ fn block(
     // that the saved v does not hold the whole qkv product alive.
     let v = heads(piece(2)?)?.contiguous()?;
     let opts = AttentionOptions {
-        cu_seqlens: Some(cu.to_vec()),
+        cu_seqlens: Some(cu.clone()),
         ..Default::default()
     };
     let a = Tensor::attention(&q, &k, &v, &opts)?
@@ -172,7 +185,7 @@ fn block(
     drop(part);
     let _part = crate::autograd::part("vision mlp");
     let (x, y) = x.add_rms_norm(&proj, w("norm2.weight")?, 1e-6)?;
-    let m = Mlp::new(&w, pad_mlp)?;
+    let m = Mlp::new(&w, *pad_mlp)?;
     let gate = y.linear(&m.gate_w, Some(&m.gate_b))?;
     let up = y.linear(&m.up_w, Some(&m.up_b))?;
     Ok((x, gate.swiglu(&up)?.linear(&m.down_w, Some(&m.down_b))?))
@@ -226,23 +239,19 @@ impl Mlp {
 
 /// `block` under `autograd::checkpoint`: its inputs kept, its forward computed again in the
 /// backward with the block's weights (`visual.blocks.{i}.*`) passed as params.
-#[allow(clippy::too_many_arguments)]
 fn block_checkpointed(
     x: &Tensor,
     pending: Option<&Tensor>,
     p: &Params,
     i: usize,
-    c: &VisionConfig,
-    plan: &VisionPlan,
-    cu: &[usize],
-    pad_mlp: bool,
+    tower: &Tower,
 ) -> Result<(Tensor, Tensor)> {
-    let (c, plan, cu) = (c.clone(), plan.clone(), cu.to_vec());
+    let tower = tower.clone();
     let mut inputs = vec![x];
     inputs.extend(pending);
     let prefix = format!("visual.blocks.{i}.");
     let outs = p.checkpoint_block(&prefix, &inputs, move |xs, p| {
-        let (x, mlp) = block(&xs[0], xs.get(1), p, i, &c, &plan, &cu, pad_mlp)?;
+        let (x, mlp) = block(&xs[0], xs.get(1), p, i, &tower)?;
         Ok(vec![x, mlp])
     })?;
     let mut it = outs.into_iter();
@@ -318,17 +327,17 @@ fn forward_with(
         .linear(&pe, None)?;
     let mut x = x.index_select(&plan.window_rows, 0)?;
     drop(embed_part);
+    let tower = Tower {
+        c: c.clone(),
+        plan,
+        pad_mlp,
+    };
     let mut pending = None;
     for i in 0..c.depth {
-        let cu = if c.fullatt_block_indexes.contains(&i) {
-            &plan.cu_full
-        } else {
-            &plan.cu_window
-        };
         let (next, mlp) = if checkpoint && crate::autograd::is_grad_enabled() {
-            block_checkpointed(&x, pending.as_ref(), p, i, c, &plan, cu, pad_mlp)?
+            block_checkpointed(&x, pending.as_ref(), p, i, &tower)?
         } else {
-            block(&x, pending.as_ref(), p, i, c, &plan, cu, pad_mlp)?
+            block(&x, pending.as_ref(), p, i, &tower)?
         };
         (x, pending) = (next, Some(mlp));
     }
@@ -349,7 +358,7 @@ fn forward_with(
             p.require("visual.merger.mlp.2.weight")?,
             Some(p.require("visual.merger.mlp.2.bias")?),
         )?;
-    z.index_select(&plan.unit_inverse, 0)
+    z.index_select(&tower.plan.unit_inverse, 0)
 }
 
 /// Number of language-model tokens an image of this grid becomes.
