@@ -132,11 +132,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
                             "{{\"op\": \"{label}\", \"device\": \"cuda\", \"dtype\": \"{dtype}\", \"m\": {m}, \"k\": {k}, \"n\": {n}, \"ms\": {ms:.4}, \"tflops\": {tflops:.2}{extra}}}"
                         );
                     };
+                    // A stored transposed: xt.t() is A as the weight gradients read it.
+                    let xt = x.t()?.contiguous()?;
                     row(
                         "matmul",
                         super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ()))?,
                         "",
                     );
+                    // The reference in the same process: cuBLAS on the same operands, in the
+                    // forward's layout and the weight gradients' (Aᵀ stored), when libcublas
+                    // loads (else a line on stderr).
+                    use crate::backend::cuda::gemm_tc::with_gemm_choice;
+                    let timed = with_gemm_choice("cublas", || {
+                        let fwd = super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ()))?;
+                        let wgrad =
+                            super::bench_cuda::time_ms(reps, || xt.t()?.matmul(&y).map(|_| ()))?;
+                        Ok((fwd, wgrad))
+                    });
+                    match timed {
+                        Ok((fwd, wgrad)) => {
+                            row("matmul_cublas", fwd, "");
+                            row("matmul_cublas_mn_ab", wgrad, "");
+                        }
+                        Err(e) => eprintln!("bench matmul: no cuBLAS row: {e}"),
+                    }
                     // Where the wave model picks another tile width than the old rule
                     // (`TESSERA_GEMM_BN=0`), the product under the old rule too, in both the
                     // forward's layout and the weight gradients' (Aᵀ stored, both MN-major).
@@ -154,7 +173,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
                         && std::env::var_os("TESSERA_BENCH_SKIP_WS").is_none()
                         && std::env::var_os("TESSERA_BENCH_SKIP_MN").is_none()
                     {
-                        let xt = x.t()?.contiguous()?;
                         set_block_n_rule(Some(0));
                         let fwd = super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ()));
                         let wgrad =
@@ -201,7 +219,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
                             && std::env::var_os("TESSERA_BENCH_SKIP_WS").is_none()
                             && std::env::var_os("TESSERA_BENCH_SKIP_MN").is_none()
                         {
-                            let xt = x.t()?.contiguous()?;
                             set_mn_major(Some(true));
                             let timed = [
                                 (
@@ -418,38 +435,108 @@ pub fn synthetic_batch(
     })
 }
 
+/// A training step of Qwen2.5-VL with random weights, on a synthetic batch (one image per
+/// sample), as `bench step` times it; benches/cuda_kernels.rs times it too.
+pub struct TrainStep {
+    pub model: crate::qwen2_5_vl::QwenVl,
+    batch: crate::qwen2_5_vl::Batch,
+    opt: crate::optim::AdamW,
+    dtype: DType,
+    fused_casts: bool,
+    compute_grads: bool,
+}
+
+impl TrainStep {
+    /// The model of `model_dir`'s config.json (random f32 master weights on `device`), AdamW,
+    /// and `batch` samples of `seq` tokens with one `image` [h, w] each; a bf16 `dtype`
+    /// computes with bf16 copies of the masters.
+    pub fn new(
+        model_dir: &std::path::Path,
+        (batch, seq, image): (usize, usize, [usize; 2]),
+        device: crate::Device,
+        dtype: DType,
+        checkpoint: bool,
+    ) -> Result<TrainStep> {
+        use crate::optim::{AdamW, AdamWConfig};
+        use crate::qwen2_5_vl::{Config, QwenVl};
+        if device == crate::Device::Cpu && dtype != DType::F32 {
+            return Err(Error::msg(format!(
+                "--dtype {dtype}: the CPU backend computes in f32"
+            )));
+        }
+        let mut config = Config::from_file(model_dir.join("config.json"))?;
+        config.gradient_checkpointing = checkpoint;
+        let mut rng = Rng::new(0);
+        // f32 master weights on the device; a bf16 run computes with bf16 copies of them.
+        let model = QwenVl::random(config.clone(), DType::F32, &mut rng)?.to_device(device)?;
+        let [h, w] = image;
+        let mut batch = synthetic_batch(&config, batch, seq, h, w, &mut rng)?;
+        // The images on the device before the timed steps, as tools/bench/step_torch.py makes
+        // PyTorch's (and a training loop's loader prefetches): 19 MB of f32 pixels at 4 × 448²,
+        // which each step otherwise copied through the host's staging ring before the vision
+        // tower's first product could start. The token ids stay on the host, where the rope
+        // positions are computed from them.
+        batch.pixel_values = batch
+            .pixel_values
+            .map(|p| p.to_device(device))
+            .transpose()?;
+        let opt = AdamW::new(model.params.tensors(), AdamWConfig::default())?;
+        Ok(TrainStep {
+            model,
+            batch,
+            opt,
+            dtype,
+            fused_casts: std::env::var("TESSERA_FUSED_CASTS").map_or(true, |v| v != "0"),
+            compute_grads: std::env::var("TESSERA_BF16_GRADS").map_or(true, |v| v != "0"),
+        })
+    }
+
+    /// Issues one step (forward, backward, AdamW); its loss, not yet read back.
+    pub fn issue(&mut self) -> Result<Tensor> {
+        use crate::qwen2_5_vl::QwenVl;
+        let (model, opt, dtype) = (&self.model, &mut self.opt, self.dtype);
+        // bf16: the model computes with AdamW's compute copies, rewritten by its fused step,
+        // and leaves its gradients on them in bf16 for the step to read (`TESSERA_BF16_GRADS=0`:
+        // the copies are cast nodes whose backward casts the gradients to the f32 masters;
+        // `TESSERA_FUSED_CASTS=0`: a cast kernel per parameter in the graph instead).
+        let params = if dtype == DType::F32 {
+            model.params.clone()
+        } else if self.fused_casts && self.compute_grads {
+            model.params.with_tensors(opt.compute_leaves(dtype)?)?
+        } else if self.fused_casts {
+            model.params.with_tensors(opt.compute_params(dtype)?)?
+        } else {
+            model.params.cast(dtype)?
+        };
+        let compute = QwenVl {
+            config: model.config.clone(),
+            params,
+        };
+        let loss = compute
+            .forward(&self.batch)?
+            .loss
+            .ok_or_else(|| Error::msg("no loss"))?;
+        loss.backward()?;
+        opt.step(1e-4)?;
+        opt.zero_grad();
+        Ok(loss)
+    }
+}
+
 /// One full training step (forward, backward, AdamW) of Qwen2.5-VL with random weights.
 fn bench_step(a: &BenchArgs) -> Result<()> {
-    use crate::optim::{AdamW, AdamWConfig};
-    use crate::qwen2_5_vl::{Config, QwenVl};
     let device: crate::Device = a.device.parse()?;
     let dtype: DType = a.dtype.parse()?;
-    if device == crate::Device::Cpu && dtype != DType::F32 {
-        return Err(Error::msg(format!(
-            "--dtype {dtype}: the CPU backend computes in f32"
-        )));
-    }
     let [h, w] = a.image[..] else {
         return Err(Error::msg("--image wants H,W"));
     };
-    let mut config = Config::from_file(a.model.join("config.json"))?;
-    config.gradient_checkpointing = a.checkpoint;
-    let mut rng = Rng::new(0);
-    // f32 master weights on the device; a bf16 run computes with bf16 copies of them (below).
-    let model = QwenVl::random(config.clone(), DType::F32, &mut rng)?.to_device(device)?;
-    let mut batch = synthetic_batch(&config, a.batch, a.seq, h, w, &mut rng)?;
-    // The images on the device before the timed steps, as tools/bench/step_torch.py makes
-    // PyTorch's (and a training loop's loader prefetches): 19 MB of f32 pixels at 4 × 448²,
-    // which each step otherwise copied through the host's staging ring before the vision
-    // tower's first product could start. The token ids stay on the host, where the rope
-    // positions are computed from them.
-    batch.pixel_values = batch
-        .pixel_values
-        .map(|p| p.to_device(device))
-        .transpose()?;
-    let mut opt = AdamW::new(model.params.tensors(), AdamWConfig::default())?;
-    let fused_casts = std::env::var("TESSERA_FUSED_CASTS").map_or(true, |v| v != "0");
-    let compute_grads = std::env::var("TESSERA_BF16_GRADS").map_or(true, |v| v != "0");
+    let mut train = TrainStep::new(
+        &a.model,
+        (a.batch, a.seq, [h, w]),
+        device,
+        dtype,
+        a.checkpoint,
+    )?;
     let mut last_loss = f64::NAN;
     // CUDA: where the host's time goes (launches, synchronisations and the time blocked in
     // them, and the time to issue the step's work before the final read of the loss).
@@ -457,40 +544,12 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
     let host = || cuda.then(crate::backend::cuda::host_stats);
     // Per step: (ms to issue the step, ms of it blocked in synchronisations).
     let mut issue_ms = Vec::new();
-    // One step issued (forward, backward, AdamW); its loss, not yet read back.
-    let issue_step = |opt: &mut AdamW| -> Result<Tensor> {
-        // bf16: the model computes with AdamW's compute copies, rewritten by its fused step,
-        // and leaves its gradients on them in bf16 for the step to read (`TESSERA_BF16_GRADS=0`:
-        // the copies are cast nodes whose backward casts the gradients to the f32 masters;
-        // `TESSERA_FUSED_CASTS=0`: a cast kernel per parameter in the graph instead).
-        let params = if dtype == DType::F32 {
-            model.params.clone()
-        } else if fused_casts && compute_grads {
-            model.params.with_tensors(opt.compute_leaves(dtype)?)?
-        } else if fused_casts {
-            model.params.with_tensors(opt.compute_params(dtype)?)?
-        } else {
-            model.params.cast(dtype)?
-        };
-        let compute = QwenVl {
-            config: config.clone(),
-            params,
-        };
-        let loss = compute
-            .forward(&batch)?
-            .loss
-            .ok_or_else(|| Error::msg("no loss"))?;
-        loss.backward()?;
-        opt.step(1e-4)?;
-        opt.zero_grad();
-        Ok(loss)
-    };
     // A step from an idle device to its loss on the host (the measured step, as
     // tools/bench/step_torch.py times PyTorch's).
-    let mut step = |opt: &mut AdamW| -> Result<f64> {
+    let mut step = |train: &mut TrainStep| -> Result<f64> {
         let t = Instant::now();
         let h_start = host();
-        let loss = issue_step(opt)?;
+        let loss = train.issue()?;
         let (blocked, launching) = match (h_start, host()) {
             (Some(a), Some(b)) => (b.sync_ms - a.sync_ms, b.launch_ms - a.launch_ms),
             _ => (0.0, 0.0),
@@ -499,13 +558,13 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
         last_loss = loss.to_scalar()?;
         Ok(t.elapsed().as_secs_f64())
     };
-    step(&mut opt)?; // warm-up
+    step(&mut train)?; // warm-up
     let host0 = host();
     if device == crate::Device::Cuda {
         crate::backend::cuda::profile_report()?; // drop the warm-up's kernels
     }
     let mut times: Vec<f64> = (0..a.steps.max(1))
-        .map(|_| step(&mut opt))
+        .map(|_| step(&mut train))
         .collect::<Result<_>>()?;
     if let (Some(h0), Some(h1)) = (host0, host()) {
         let steps = times.len() as f64;
@@ -633,7 +692,7 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
         crate::backend::cuda::device()?.synchronize()?;
         let t = Instant::now();
         let losses: Vec<Tensor> = (0..times.len())
-            .map(|_| issue_step(&mut opt))
+            .map(|_| train.issue())
             .collect::<Result<_>>()?;
         for l in &losses {
             last_loss = l.to_scalar()?;
@@ -659,7 +718,7 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
             tokens,
             pipelined_ms.map_or("null".to_string(), |ms| format!("{ms:.3}")),
             rayon::current_num_threads(),
-            model.params.numel(),
+            train.model.params.numel(),
             // JSON has no inf or NaN: a diverged loss is null.
             if last_loss.is_finite() {
                 format!("{last_loss:.4}")

@@ -26,6 +26,11 @@ struct Cli {
     /// Worker threads (default: all cores; or RAYON_NUM_THREADS).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// The kernel for CUDA matrix products: the hand-written GEMM (default), cuBLAS (the
+    /// benchmark reference: `bench matmul` and `bench step` then time it), or for measurements
+    /// the older mma / wgmma kernels and the SIMT one. Same as TESSERA_GEMM.
+    #[arg(long, global = true, value_parser = clap::builder::PossibleValuesParser::new(crate::backend::cuda::gemm_tc::GEMM_CHOICES))]
+    gemm: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,6 +67,9 @@ enum Command {
 pub fn run() -> Result<()> {
     crate::backend::cpu::keep_freed_memory();
     let cli = Cli::parse();
+    if let Some(g) = &cli.gemm {
+        crate::backend::cuda::gemm_tc::set_gemm_choice(Some(g))?;
+    }
     // The command runs on a worker of its own pool (`install`), not beside it: with the
     // command on the main thread, the pool's idle workers spun (sched_yield) against its
     // serial work, three threads on two cores; a pretraining step of the tiny preset took
@@ -93,5 +101,22 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(a),
         Command::Dynamics(a) => dynamics::run(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::{CommandFactory, Parser};
+
+    /// clap's own checks of every command's arguments (a global flag such as `--gemm` clashing
+    /// with a subcommand's would only panic when that subcommand is parsed), and `--gemm`
+    /// taken by any command.
+    #[test]
+    fn arguments_are_consistent() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["tessera", "bench", "matmul", "--gemm", "cublas"]).unwrap();
+        assert_eq!(cli.gemm.as_deref(), Some("cublas"));
+        assert!(Cli::try_parse_from(["tessera", "--gemm", "cuBLAS", "demo"]).is_err());
     }
 }

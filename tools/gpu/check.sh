@@ -8,7 +8,8 @@
 # writes logs and report.md under /tmp/tessera-gpu and, when $OUT is set, report.md, tests.log
 # and all.tar.gz (every log) into $OUT. Finishes in a few minutes.
 #
-# Options (environment): ONLY_TESTS=1 (tests alone), SKIP_STEPS=1 (no training-step
+# Options (environment): ONLY_TESTS=1 (tests alone), CRITERION=1 (the criterion benchmarks
+# measured, not only run once), SKIP_STEPS=1 (no training-step
 # benchmarks), STEP_GEMMS="mma ws wgmma" (the 3B step per GEMM kernel), PROFILE_STEP=1 with
 # PROFILE_GEMM=..., PROFILE_MN=1, PROFILE_FLASH_WG=1, PROFILE_FLASH_WG_BWD=1, PROFILE_TS=1 (a
 # per-kernel profile of the 3B step, with the MN-major GEMM mode / the Hopper flash forward /
@@ -58,6 +59,16 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda*/target
     if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then
         export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
         log "nvrtc from $d"
+        break
+    fi
+done
+# cuBLAS (the GEMM reference: `--gemm cublas`, the cuda_cublas test, the `matmul_cublas` rows
+# and the 3B step through it): the toolkit's, else PyTorch's.
+for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib \
+         $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13/lib") for p in nvidia.__path__))' 2>/dev/null); do
+    if ls "$d"/libcublas.so.13* >/dev/null 2>&1; then
+        case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}" ;; esac
+        log "cublas from $d"
         break
     fi
 done
@@ -384,6 +395,12 @@ OFFS="TESSERA_GEMM_BN=0 $OFFS"
 # Not a default yet: the step with the Hopper flash kernels at head dim 80 (the vision tower's
 # whole-image blocks as a batch), second, when their test passed.
 [ -n "$D80_OK" ] && OFFS="${OFFS%% *} TESSERA_FLASH_WG_D80=1 ${OFFS#* }"
+# Not a default ever: every product of the step through cuBLAS (the reference), which says how
+# much of the step's distance to the MFU target is the GEMM's; first, when its test passed.
+CUBLAS_OK=
+passed "cublas_reference_matches_cpu" cuda_cublas \
+    && ! grep -q "skipped cublas_reference_matches_cpu" "$OUT/test-cuda_cublas.log" 2>/dev/null \
+    && CUBLAS_OK=1 && OFFS="TESSERA_GEMM=cublas $OFFS"
 [ -n "$FUSED_OK" ] && OFFS="$OFFS TESSERA_FUSED_CASTS=0"
 [ -n "$FUSED_OK" ] && [ -n "$LEAVES_OK" ] && OFFS="$OFFS TESSERA_BF16_GRADS=0"
 # Where the step's time goes, per kernel (before the leave-one-out steps, as it says more than
@@ -428,6 +445,28 @@ if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
         echo "$off exit $?: $(tail -c 400 "$OUT/step-combo$i.json")" | tee -a "$OUT/step.txt"
         echo "$off" > "$OUT/step-combo$i.label"
     done
+fi
+# The criterion benchmarks (benches/cuda_kernels.rs): each benchmark once, as criterion's test
+# mode runs them (that the harness works on a GPU); CRITERION=1 measures them (~1 minute).
+if [ -x "$BIN/benches/cuda_kernels" ] && fits 40 "criterion benchmarks"; then
+    log "criterion benchmarks (cuda_kernels${CRITERION:+, measured})"
+    if [ -n "${CRITERION:-}" ]; then
+        timeout "$(tmo 120)" "$BIN/benches/cuda_kernels" --bench --warm-up-time 0.3 --measurement-time 1 \
+            > "$OUT/criterion.txt" 2>&1
+    else
+        timeout "$(tmo 60)" "$BIN/benches/cuda_kernels" > "$OUT/criterion.txt" 2>&1
+    fi
+    echo "criterion exit $?" | tee -a "$OUT/criterion.txt"
+    grep -cE "Success|time:" "$OUT/criterion.txt"
+fi
+# The step's products by shape through cuBLAS, beside the default step's profile above.
+if [ -n "$CUBLAS_OK" ] && [ -z "${SKIP_STEPS:-}" ] && [ -n "$PROFILED" ] && fits 60 "profiled step through cuBLAS"; then
+    log "profiled step (bench-3b-8layers) through cuBLAS"
+    env TESSERA_PROFILE=1 TESSERA_GEMM=cublas timeout "$(tmo 120)" "$BIN/tessera" --threads 16 bench step \
+        --model models/bench-3b-8layers --batch 4 --seq 1024 --image 448,448 --steps 3 --device cuda \
+        --dtype bf16 > "$OUT/profile-cublas.txt" 2>&1
+    echo "profile exit $?" >> "$OUT/profile-cublas.txt"
+    [ -n "$FINAL" ] && mkdir -p "$FINAL" && cp "$OUT/profile-cublas.txt" "$FINAL/"
 fi
 grep -v "^\[transformers\]" "$OUT/step.txt" | tail -n 14
 python3 tools/gpu/report.py "$OUT" | tee "$OUT/report.md"

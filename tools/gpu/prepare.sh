@@ -16,7 +16,11 @@ cargo test --release --no-run $TESTS 2>&1 | tee /tmp/tessera-test-build.log | gr
     name=$(basename "$exe" | sed -E 's/-[0-9a-f]+$//')
     cp "$exe" "$DEST/tests/$name"
 done
+# The criterion benchmarks of the CUDA kernels (benches/cuda_kernels.rs), the same way.
+mkdir -p "$DEST/benches"
+cargo bench --no-run --bench cuda_kernels 2>&1 | tee -a /tmp/tessera-test-build.log | grep -E "Executable benches/" \
+    | sed -E 's/.*\((.*)\)/\1/' | while read -r exe; do cp "$exe" "$DEST/benches/cuda_kernels"; done
 cp target/release/tessera "$DEST/"
-strip "$DEST"/tessera "$DEST"/tests/*
+strip "$DEST"/tessera "$DEST"/tests/* "$DEST"/benches/*
 echo "$PWD" > "$DEST/built_at"
 du -sh "$DEST"; ls -la "$DEST/tests"

@@ -53,7 +53,9 @@ def main():
                     "matmul_mn_b": "Tensor::matmul, MN-major B read as stored",
                     "matmul_mn_ab": "Tensor::matmul of Aᵀ-stored A, both MN-major",
                     "matmul_bn_old": "Tensor::matmul, tile width by the old rule (TESSERA_GEMM_BN=0)",
-                    "matmul_mn_ab_bn_old": "Aᵀ-stored A, both MN-major, tile width by the old rule"}.get(
+                    "matmul_mn_ab_bn_old": "Aᵀ-stored A, both MN-major, tile width by the old rule",
+                    "matmul_cublas": "cuBLAS through tessera (cublasGemmEx, --gemm cublas)",
+                    "matmul_cublas_mn_ab": "cuBLAS through tessera, Aᵀ-stored A"}.get(
                 r["op"], "Tensor::matmul")
             if "bn" in r:
                 kern += f" ({r['bn']} wide; the model's {r['bn_model']})"

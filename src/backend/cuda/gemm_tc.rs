@@ -62,10 +62,58 @@ impl TcKernel {
     }
 }
 
-/// `TESSERA_GEMM` (empty when unset), read once: it is consulted on every product.
+/// The kernels a product may be sent to instead of the default (`TESSERA_GEMM`, `--gemm`):
+/// the SIMT kernel, the mma.sync or the plain wgmma tensor-core kernel, or cuBLAS (the
+/// benchmark reference, `backend::cuda::cublas`).
+pub const GEMM_CHOICES: [&str; 5] = ["default", "simple", "mma", "wgmma", "cublas"];
+
+/// `set_gemm_choice`'s value as an index into `GEMM_CHOICES` (`u8::MAX`: not set).
+static GEMM_SET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// The process's GEMM choice: `set_gemm_choice`'s, else `TESSERA_GEMM` (read once; empty when
+/// unset or "default"). Consulted on every product.
 pub(crate) fn gemm_choice() -> &'static str {
-    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    V.get_or_init(|| std::env::var("TESSERA_GEMM").unwrap_or_default())
+    static ENV: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    match GEMM_SET.load(std::sync::atomic::Ordering::Relaxed) {
+        u8::MAX => ENV.get_or_init(|| match std::env::var("TESSERA_GEMM") {
+            Ok(v) if v != "default" => v,
+            _ => String::new(),
+        }),
+        0 => "",
+        i => GEMM_CHOICES[i as usize],
+    }
+}
+
+/// `f` with this process's products sent to `choice` (one of `GEMM_CHOICES`), then the
+/// choice as it was.
+pub fn with_gemm_choice<T>(choice: &str, f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
+    let before = GEMM_SET.load(std::sync::atomic::Ordering::Relaxed);
+    set_gemm_choice(Some(choice))?;
+    let out = f();
+    GEMM_SET.store(before, std::sync::atomic::Ordering::Relaxed);
+    out
+}
+
+/// Sends this process's products to one of `GEMM_CHOICES` (`None`: back to `TESSERA_GEMM`).
+/// `cublas` is checked here: an error when libcublas cannot be loaded or set up.
+pub fn set_gemm_choice(choice: Option<&str>) -> crate::Result<()> {
+    let i = match choice {
+        None => u8::MAX,
+        Some(c) => {
+            let i = GEMM_CHOICES.iter().position(|&g| g == c).ok_or_else(|| {
+                crate::Error::msg(format!(
+                    "--gemm {c}: unknown (one of {})",
+                    GEMM_CHOICES.join(", ")
+                ))
+            })?;
+            if c == "cublas" {
+                super::cublas::handle()?;
+            }
+            i as u8
+        }
+    };
+    GEMM_SET.store(i, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 static TMA_STORE: super::Switch = super::Switch::new("TESSERA_GEMM_TS");
@@ -701,5 +749,28 @@ mod block_n_tests {
         ];
         set_block_n_rule(None);
         assert_eq!(old, [256, 128, 64, 64]);
+    }
+}
+
+#[cfg(test)]
+mod choice_tests {
+    use super::*;
+
+    /// `--gemm`'s names: an unknown one is an error that lists the others; a choice made for a
+    /// call is undone after it, whatever it was before.
+    #[test]
+    fn gemm_choices_are_checked_and_restored() {
+        let err = set_gemm_choice(Some("cuBLAS")).unwrap_err().to_string();
+        assert!(err.contains("unknown") && err.contains("cublas"), "{err}");
+        let before = gemm_choice();
+        with_gemm_choice("mma", || {
+            assert_eq!(gemm_choice(), "mma");
+            with_gemm_choice("default", || {
+                assert_eq!(gemm_choice(), "");
+                Ok(())
+            })
+        })
+        .unwrap();
+        assert_eq!(gemm_choice(), before);
     }
 }

@@ -11,6 +11,7 @@
 
 mod alloc;
 pub mod compile;
+mod cublas;
 pub mod flash;
 pub mod gemm_tc;
 pub mod kernels;
@@ -582,15 +583,33 @@ impl CudaDevice {
         shared_bytes: u32,
         args: &[Arg<'_>],
     ) -> Result<()> {
-        // The launcher's note is for this launch, launched or not.
-        let note = profiling()
-            .then(|| NOTE.with(|n| n.borrow_mut().take()))
-            .flatten();
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            // The launcher's note was for this launch.
+            if profiling() {
+                NOTE.with(|n| n.borrow_mut().take());
+            }
             return Ok(());
         }
         let f = self.function(file, kernel, shared_bytes)?;
         let mut params: Vec<*mut c_void> = args.iter().map(|a| a.0).collect();
+        self.recorded(kernel, || {
+            // SAFETY: the argument list matches the kernel's signature (callers' contract,
+            // checked by the op tests); all pointers are live device allocations.
+            unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut params) }
+                .map_err(|e| {
+                    Error::Msg(format!("cuda: launching {kernel} (kernels/{file}): {e:?}"))
+                })
+        })
+    }
+
+    /// Issues work on the stream through `issue` (a kernel launch, or a library call such as
+    /// cuBLAS's) as one launch named `kernel`: counted (`host_stats`, `count_launches`), its host
+    /// time in the launch time, and under `TESSERA_PROFILE` timed between two events.
+    pub(crate) fn recorded(&self, kernel: &str, issue: impl FnOnce() -> Result<()>) -> Result<()> {
+        // The launcher's note is for this launch.
+        let note = profiling()
+            .then(|| NOTE.with(|n| n.borrow_mut().take()))
+            .flatten();
         LAUNCHES.fetch_add(1, Ordering::Relaxed);
         if COUNTING.load(Ordering::Relaxed) {
             let mut counts = COUNTS.lock().expect("launch counts lock");
@@ -609,11 +628,8 @@ impl CudaDevice {
         } else {
             None
         };
-        // SAFETY: the argument list matches the kernel's signature (callers' contract, checked
-        // by the op tests); all pointers are live device allocations.
         let t = std::time::Instant::now();
-        unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut params) }
-            .map_err(|e| Error::Msg(format!("cuda: launching {kernel} (kernels/{file}): {e:?}")))?;
+        issue()?;
         LAUNCH_NS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Some((a, b)) = timed {
             // SAFETY: as above.

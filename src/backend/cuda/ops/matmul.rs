@@ -7,7 +7,7 @@
 
 use super::{arg, device, grid_for, THREADS};
 use crate::autograd::record;
-use crate::backend::cuda::gemm_tc::Major;
+use crate::backend::cuda::gemm_tc::{gemm_choice, Major};
 use crate::backend::cuda::kernels::suffix;
 use crate::tensor::{broadcast_shapes, contiguous_strides};
 use crate::{DType, Error, Result, Tensor};
@@ -138,6 +138,11 @@ fn gemm(
         // and never with a batch).
         return Tensor::zeros_on(&out_shape, dtype, crate::Device::Cuda);
     }
+    if gemm_choice() == "cublas" {
+        if let Some(out) = gemm_cublas(dtype, (m, n, k), a, b, &bt, &out_shape, bias)? {
+            return Ok(out);
+        }
+    }
     if tensor_cores_apply(dtype, z, r, k) {
         return gemm_tensor_cores((m, n, k), a, b, &out_shape, bias);
     }
@@ -187,15 +192,59 @@ fn gemm(
     Ok(out)
 }
 
+/// The product through cuBLAS (`--gemm cublas`, the benchmark reference): one product or a
+/// batch along one (or several collapsible) dims with nonzero strides, no summed batch dims;
+/// linear's bias is written into C first and added by beta = 1. None when cuBLAS cannot take
+/// it as laid out: the caller's kernels run it.
+#[allow(clippy::too_many_arguments)]
+fn gemm_cublas(
+    dtype: DType,
+    (m, n, k): (usize, usize, usize),
+    a: &Operand,
+    b: &Operand,
+    bt: &GemmBatch,
+    out_shape: &[usize],
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    use crate::backend::cuda::cublas::{self, Mat};
+    if bt.rrank > 0 || k == 0 {
+        return Ok(None);
+    }
+    // The batch dims as one stride each (row-major dims, outer first): each outer dim's
+    // strides must be the inner dim's times its size.
+    let rank = bt.rank as usize;
+    let z: usize = bt.shape[..rank].iter().map(|&s| s as usize).product();
+    for i in 1..rank {
+        let outer = |s: &[i64; MAXB]| s[i - 1] == s[i] * bt.shape[i];
+        if !(outer(&bt.sa) && outer(&bt.sb) && outer(&bt.sc)) {
+            return Ok(None);
+        }
+    }
+    let stride = |s: &[i64; MAXB]| if rank == 0 { 0 } else { s[rank - 1] as usize };
+    let mat = |o: &Operand, rows, cols, batch| Mat {
+        ptr: o.ptr,
+        rows,
+        cols,
+        rs: o.rs,
+        cs: o.cs,
+        batch,
+    };
+    let (ma, mb) = (mat(a, m, k, stride(&bt.sa)), mat(b, k, n, stride(&bt.sb)));
+    if cublas::transposed(&ma).is_none() || cublas::transposed(&mb).is_none() {
+        return Ok(None);
+    }
+    let out = match bias {
+        Some(bias) => bias.detach().broadcast_as(out_shape)?.contiguous()?,
+        None => Tensor::empty_cuda(out_shape, dtype)?,
+    };
+    Ok(cublas::gemm(dtype, &ma, &mb, out.cuda_ptr()?, z, bias.is_some())?.then_some(out))
+}
+
 /// Whether the tensor-core kernel (kernels/gemm.cu) takes this product: bf16, one matrix
 /// (no batch). A K that is not a multiple of 8 is padded with zero columns (the vision MLP's
 /// intermediate size 3420, say). `TESSERA_GEMM=simple` forces the SIMT kernel (benchmarks).
 fn tensor_cores_apply(dtype: DType, z: usize, r: usize, k: usize) -> bool {
-    dtype == DType::BF16
-        && z == 1
-        && r == 1
-        && k > 0
-        && crate::backend::cuda::gemm_tc::gemm_choice() != "simple"
+    dtype == DType::BF16 && z == 1 && r == 1 && k > 0 && gemm_choice() != "simple"
 }
 
 /// A [rows, kp] copy of the operand seen as element (i, j) at `ptr + i·rs + j·cs` (j < k),

@@ -1,0 +1,244 @@
+//! cuBLAS, the reference the hand-written GEMM is measured against, never the default:
+//! `--gemm cublas` (or `TESSERA_GEMM=cublas`) sends every product `Tensor::matmul` and `linear`
+//! can express to `cublasGemmEx` / `cublasGemmStridedBatchedEx` instead of kernels/gemm*.cu, so
+//! one run gives the ratio of a product, or of the whole training step, to cuBLAS on the same
+//! card. The calls are PyTorch's for `torch.matmul`: f32 accumulation (`CUBLAS_COMPUTE_32F`),
+//! the default algorithm, a 32 MiB workspace. libcublas is loaded at run time like the driver;
+//! without it choosing cuBLAS is an error that says so, never a panic.
+
+use super::{device, CudaBuffer};
+use crate::{DType, Error, Result};
+use cudarc::cublas::sys;
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+/// The process's handle, bound to the device's stream, with its workspace.
+pub(crate) struct Handle {
+    raw: sys::cublasHandle_t,
+    _workspace: CudaBuffer,
+}
+
+// SAFETY: the handle is only used on the device's single stream, whose work is ordered by the
+// driver; cuBLAS handles may be used from any thread with the context current (`device()`).
+unsafe impl Send for Handle {}
+unsafe impl Sync for Handle {}
+
+/// cuBLAS's workspace: PyTorch's default on Hopper (CUBLAS_WORKSPACE_CONFIG=:4096:8).
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+fn check(what: &str, status: sys::cublasStatus_t) -> Result<()> {
+    match status {
+        sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
+        s => Err(Error::msg(format!("cublas: {what}: {s:?}"))),
+    }
+}
+
+/// The handle, made on first use; the error (no libcublas, no device) is remembered.
+pub(crate) fn handle() -> Result<&'static Handle> {
+    static H: OnceLock<std::result::Result<Handle, String>> = OnceLock::new();
+    H.get_or_init(|| {
+        let make = || -> Result<Handle> {
+            let dev = device()?;
+            // SAFETY: only probes whether the shared library can be opened.
+            if !unsafe { sys::is_culib_present() } {
+                return Err(Error::msg(
+                    "cublas: libcublas.so could not be loaded (cuBLAS is the GEMM benchmark \
+                     reference; put the CUDA toolkit's lib64 on LD_LIBRARY_PATH)",
+                ));
+            }
+            let workspace = dev.alloc(WORKSPACE_BYTES)?;
+            let mut raw: sys::cublasHandle_t = std::ptr::null_mut();
+            // SAFETY: a fresh handle on the current (primary) context, given the device's
+            // stream and a workspace that lives as long as the handle (the process).
+            unsafe {
+                check("cublasCreate", sys::cublasCreate_v2(&mut raw))?;
+                check(
+                    "cublasSetStream",
+                    sys::cublasSetStream_v2(raw, dev.stream as sys::cudaStream_t),
+                )?;
+                check(
+                    "cublasSetWorkspace",
+                    sys::cublasSetWorkspace_v2(
+                        raw,
+                        workspace.ptr() as *mut c_void,
+                        WORKSPACE_BYTES,
+                    ),
+                )?;
+            }
+            Ok(Handle {
+                raw,
+                _workspace: workspace,
+            })
+        };
+        make().map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| Error::Msg(e.clone()))
+}
+
+/// A matrix operand as tessera views it: `rows` x `cols`, element (r, c) at
+/// `ptr + (r·rs + c·cs)` elements, and `batch` elements between the products of a batch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mat {
+    pub ptr: u64,
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+    pub batch: usize,
+}
+
+/// How cuBLAS (column-major) reads `m`'s transpose: op(X) = mᵀ with X column-major of leading
+/// dimension `ld`. Row-major m (cs = 1) is mᵀ column-major as stored (N); column-major m
+/// (rs = 1) is X = m (T). None for any other layout (a broadcast row, a strided view).
+pub(crate) fn transposed(m: &Mat) -> Option<(sys::cublasOperation_t, usize)> {
+    let (r, c) = (m.rows.max(1), m.cols.max(1));
+    if (m.cs == 1 || c == 1) && (m.rs >= c || r == 1) {
+        return Some((
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            if r == 1 { c } else { m.rs },
+        ));
+    }
+    if (m.rs == 1 || r == 1) && (m.cs >= r || c == 1) {
+        return Some((
+            sys::cublasOperation_t::CUBLAS_OP_T,
+            if c == 1 { r } else { m.cs },
+        ));
+    }
+    None
+}
+
+fn data_type(dtype: DType) -> Option<sys::cudaDataType> {
+    match dtype {
+        DType::BF16 => Some(sys::cudaDataType::CUDA_R_16BF),
+        DType::F16 => Some(sys::cudaDataType::CUDA_R_16F),
+        DType::F32 => Some(sys::cudaDataType::CUDA_R_32F),
+        _ => None,
+    }
+}
+
+/// C = A B (+ C when `accumulate`) for `z` products: A `m` x `k`, B `k` x `n`, C row-major
+/// `m` x `n` at `c` (`m·n` elements apart). Row-major C is column-major Cᵀ = Bᵀ Aᵀ, which is
+/// what cuBLAS is asked for. Returns false, with nothing issued, when cuBLAS cannot read the
+/// operands as laid out or the dtype is not bf16, f16 or f32; the caller's kernels run it then.
+pub(crate) fn gemm(
+    dtype: DType,
+    a: &Mat,
+    b: &Mat,
+    c: u64,
+    z: usize,
+    accumulate: bool,
+) -> Result<bool> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (Some(ty), Some((op_b, ldb)), Some((op_a, lda))) =
+        (data_type(dtype), transposed(b), transposed(a))
+    else {
+        return Ok(false);
+    };
+    let int = |v: usize| i32::try_from(v).ok();
+    let (Some(mi), Some(ni), Some(ki), Some(lda), Some(ldb), Some(zi)) =
+        (int(m), int(n), int(k), int(lda), int(ldb), int(z))
+    else {
+        return Ok(false);
+    };
+    if z > 1 && (a.batch == 0 || b.batch == 0) {
+        return Ok(false);
+    }
+    let h = handle()?.raw;
+    let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+    let (alpha, beta) = (
+        &alpha as *const f32 as *const c_void,
+        &beta as *const f32 as *const c_void,
+    );
+    let compute = sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+    let algo = sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+    let (ap, bp, cp) = (
+        a.ptr as *const c_void,
+        b.ptr as *const c_void,
+        c as *mut c_void,
+    );
+    super::gemm_tc::note_product(m, n, k, z);
+    device()?.recorded("cublas_gemm", || {
+        // SAFETY: the operands are live device allocations laid out as `transposed` read them
+        // (leading dimensions checked there), C holds z·m·n elements, alpha and beta outlive
+        // the call (cuBLAS reads host scalars before it returns).
+        let status = unsafe {
+            if z == 1 {
+                sys::cublasGemmEx(
+                    h, op_b, op_a, ni, mi, ki, alpha, bp, ty, ldb, ap, ty, lda, beta, cp, ty, ni,
+                    compute, algo,
+                )
+            } else {
+                sys::cublasGemmStridedBatchedEx(
+                    h,
+                    op_b,
+                    op_a,
+                    ni,
+                    mi,
+                    ki,
+                    alpha,
+                    bp,
+                    ty,
+                    ldb,
+                    b.batch as i64,
+                    ap,
+                    ty,
+                    lda,
+                    a.batch as i64,
+                    beta,
+                    cp,
+                    ty,
+                    ni,
+                    (m * n) as i64,
+                    zi,
+                    compute,
+                    algo,
+                )
+            }
+        };
+        check(&format!("gemm {m}x{k}x{n} (batch {z}, {dtype})"), status)
+    })?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
+
+    fn mat(rows: usize, cols: usize, rs: usize, cs: usize) -> Mat {
+        Mat {
+            ptr: 0,
+            rows,
+            cols,
+            rs,
+            cs,
+            batch: 0,
+        }
+    }
+
+    /// The column-major reading of each layout a product meets: row-major and transposed views,
+    /// padded rows, single rows and columns; broadcast and strided views refused.
+    #[test]
+    fn operands_map_to_column_major() {
+        assert_eq!(transposed(&mat(4, 6, 6, 1)), Some((N, 6)), "row-major");
+        assert_eq!(transposed(&mat(4, 6, 8, 1)), Some((N, 8)), "padded rows");
+        assert_eq!(
+            transposed(&mat(4, 6, 1, 4)),
+            Some((T, 4)),
+            "a transposed view"
+        );
+        assert_eq!(transposed(&mat(4, 6, 1, 5)), Some((T, 5)));
+        assert_eq!(transposed(&mat(1, 6, 0, 1)), Some((N, 6)), "one row");
+        assert_eq!(transposed(&mat(4, 1, 1, 0)), Some((N, 1)), "one column");
+        assert_eq!(
+            transposed(&mat(4, 1, 3, 0)),
+            Some((N, 3)),
+            "a strided column"
+        );
+        assert_eq!(transposed(&mat(1, 6, 0, 2)), Some((T, 2)), "a strided row");
+        assert_eq!(transposed(&mat(4, 6, 0, 1)), None, "a broadcast row");
+        assert_eq!(transposed(&mat(4, 6, 12, 2)), None, "every other column");
+        assert_eq!(transposed(&mat(4, 6, 4, 1)), None, "rows overlap");
+    }
+}
