@@ -117,10 +117,43 @@ fn data_type(dtype: DType) -> Option<sys::cudaDataType> {
     }
 }
 
+/// The column-major call that computes row-major C [m, n] = A B: row-major C is
+/// column-major Cᵀ = Bᵀ Aᵀ, so cuBLAS's first operand is our B and its second our A, and its
+/// (m, n) are our (n, m); C's leading dimension is n.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Call {
+    pub op_first: sys::cublasOperation_t,
+    pub op_second: sys::cublasOperation_t,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub ld_first: i32,
+    pub ld_second: i32,
+    pub ldc: i32,
+}
+
+/// `Call` for A (`a.rows` x `a.cols`) times B (`b.cols` wide); None when an operand's layout
+/// is none cuBLAS reads (see `transposed`) or a size exceeds cuBLAS's 32-bit arguments.
+pub(crate) fn call_for(a: &Mat, b: &Mat) -> Option<Call> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let ((op_first, ld_first), (op_second, ld_second)) = (transposed(b)?, transposed(a)?);
+    let int = |v: usize| i32::try_from(v).ok();
+    Some(Call {
+        op_first,
+        op_second,
+        m: int(n)?,
+        n: int(m)?,
+        k: int(k)?,
+        ld_first: int(ld_first)?,
+        ld_second: int(ld_second)?,
+        ldc: int(n.max(1))?,
+    })
+}
+
 /// C = A B (+ C when `accumulate`) for `z` products: A `m` x `k`, B `k` x `n`, C row-major
-/// `m` x `n` at `c` (`m·n` elements apart). Row-major C is column-major Cᵀ = Bᵀ Aᵀ, which is
-/// what cuBLAS is asked for. Returns false, with nothing issued, when cuBLAS cannot read the
-/// operands as laid out or the dtype is not bf16, f16 or f32; the caller's kernels run it then.
+/// `m` x `n` at `c` (`m·n` elements apart), by `call_for`'s call. Returns false, with nothing
+/// issued, when cuBLAS cannot read the operands as laid out or the dtype is not bf16, f16 or
+/// f32; the caller's kernels run it then.
 pub(crate) fn gemm(
     dtype: DType,
     a: &Mat,
@@ -130,14 +163,7 @@ pub(crate) fn gemm(
     accumulate: bool,
 ) -> Result<bool> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let (Some(ty), Some((op_b, ldb)), Some((op_a, lda))) =
-        (data_type(dtype), transposed(b), transposed(a))
-    else {
-        return Ok(false);
-    };
-    let int = |v: usize| i32::try_from(v).ok();
-    let (Some(mi), Some(ni), Some(ki), Some(lda), Some(ldb), Some(zi)) =
-        (int(m), int(n), int(k), int(lda), int(ldb), int(z))
+    let (Some(ty), Some(call), Ok(zi)) = (data_type(dtype), call_for(a, b), i32::try_from(z))
     else {
         return Ok(false);
     };
@@ -163,32 +189,42 @@ pub(crate) fn gemm(
         // (leading dimensions checked there), C holds z·m·n elements, alpha and beta outlive
         // the call (cuBLAS reads host scalars before it returns).
         let status = unsafe {
+            let Call {
+                op_first,
+                op_second,
+                m: cm,
+                n: cn,
+                k: ck,
+                ld_first,
+                ld_second,
+                ldc,
+            } = call;
             if z == 1 {
                 sys::cublasGemmEx(
-                    h, op_b, op_a, ni, mi, ki, alpha, bp, ty, ldb, ap, ty, lda, beta, cp, ty, ni,
-                    compute, algo,
+                    h, op_first, op_second, cm, cn, ck, alpha, bp, ty, ld_first, ap, ty, ld_second,
+                    beta, cp, ty, ldc, compute, algo,
                 )
             } else {
                 sys::cublasGemmStridedBatchedEx(
                     h,
-                    op_b,
-                    op_a,
-                    ni,
-                    mi,
-                    ki,
+                    op_first,
+                    op_second,
+                    cm,
+                    cn,
+                    ck,
                     alpha,
                     bp,
                     ty,
-                    ldb,
+                    ld_first,
                     b.batch as i64,
                     ap,
                     ty,
-                    lda,
+                    ld_second,
                     a.batch as i64,
                     beta,
                     cp,
                     ty,
-                    ni,
+                    ldc,
                     (m * n) as i64,
                     zi,
                     compute,
@@ -240,5 +276,86 @@ mod tests {
         assert_eq!(transposed(&mat(4, 6, 0, 1)), None, "a broadcast row");
         assert_eq!(transposed(&mat(4, 6, 12, 2)), None, "every other column");
         assert_eq!(transposed(&mat(4, 6, 4, 1)), None, "rows overlap");
+    }
+
+    /// cuBLAS's column-major semantics on the host: C (m x n, leading dimension ldc) =
+    /// op(first) op(second), each operand element (r, c) read as its op says.
+    fn emulate(call: &Call, first: &[f64], second: &[f64]) -> Vec<f64> {
+        let (m, n, k) = (call.m as usize, call.n as usize, call.k as usize);
+        let at = |buf: &[f64], op, ld: i32, r: usize, c: usize| {
+            let ld = ld as usize;
+            if op == N {
+                buf[r + c * ld]
+            } else {
+                buf[c + r * ld]
+            }
+        };
+        let ldc = call.ldc as usize;
+        let mut out = vec![f64::NAN; ldc * n];
+        for j in 0..n {
+            for i in 0..m {
+                out[i + j * ldc] = (0..k)
+                    .map(|l| {
+                        at(first, call.op_first, call.ld_first, i, l)
+                            * at(second, call.op_second, call.ld_second, l, j)
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    /// The call `gemm` makes, run by `emulate`, gives row-major A B for every layout pair a
+    /// product meets (row-major, padded rows, transposed views, padded transposed views) and
+    /// degenerate sizes: the argument mapping, checked without a GPU.
+    #[test]
+    fn the_column_major_call_computes_the_row_major_product() {
+        let mut seed = 1u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as f64 / (1u64 << 31) as f64 - 0.5
+        };
+        // (rs, cs) of a rows x cols view: row-major, rows padded, transposed, transposed padded.
+        let layouts =
+            |rows: usize, cols: usize| [(cols, 1), (cols + 3, 1), (1, rows), (1, rows + 2)];
+        let mut checked = 0;
+        for (m, k, n) in [
+            (3, 5, 7),
+            (1, 4, 6),
+            (5, 1, 3),
+            (4, 6, 1),
+            (1, 1, 1),
+            (8, 16, 24),
+        ] {
+            for (ars, acs) in layouts(m, k) {
+                for (brs, bcs) in layouts(k, n) {
+                    let len = |rows: usize, cols: usize, rs: usize, cs: usize| {
+                        (rows - 1) * rs + (cols - 1) * cs + 1
+                    };
+                    let abuf: Vec<f64> = (0..len(m, k, ars, acs)).map(|_| next()).collect();
+                    let bbuf: Vec<f64> = (0..len(k, n, brs, bcs)).map(|_| next()).collect();
+                    let (a, b) = (mat(m, k, ars, acs), mat(k, n, brs, bcs));
+                    let call = call_for(&a, &b)
+                        .unwrap_or_else(|| panic!("{m}x{k}x{n} A ({ars}, {acs}) B ({brs}, {bcs})"));
+                    let got = emulate(&call, &bbuf, &abuf);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f64 = (0..k)
+                                .map(|l| abuf[i * ars + l * acs] * bbuf[l * brs + j * bcs])
+                                .sum();
+                            let g = got[i * n + j];
+                            assert!(
+                                (g - want).abs() < 1e-12,
+                                "{m}x{k}x{n} A ({ars}, {acs}) B ({brs}, {bcs}) C[{i}][{j}]: {g} vs {want} ({call:?})"
+                            );
+                        }
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 6 * 16);
     }
 }
