@@ -37,7 +37,7 @@ fn cases() -> Vec<Case> {
             |x| x[0].matmul(&x[1]),
         ),
         // Two batch dims that collapse into one stride; a permuted batch (strided operands);
-        // a broadcast operand (stride 0, summed in the backward: the kernels run those).
+        // B broadcast over A's batch (one product of all rows; its summed dB: the kernels).
         (
             "matmul 2 batch dims",
             vec![randn(&[2, 3, 5, 7], 11), randn(&[2, 3, 7, 4], 12)],
@@ -61,6 +61,17 @@ fn cases() -> Vec<Case> {
                 randn(&[19], 19),
             ],
             |x| x[0].linear(&x[1], Some(&x[2])),
+        ),
+        // One row: the bias broadcast to [1, 19] is a view that counts as contiguous, and the
+        // product must not be written into the bias itself: the second call would then see
+        // the first's output as its bias.
+        (
+            "linear one row, twice",
+            vec![randn(&[1, 37], 22), randn(&[19, 37], 23), randn(&[19], 24)],
+            |x| {
+                x[0].linear(&x[1], Some(&x[2]))?;
+                x[0].linear(&x[1], Some(&x[2]))
+            },
         ),
         (
             "linear k 3420",
@@ -101,7 +112,7 @@ fn cublas_reference_matches_cpu() {
     }
     let n = cuda::launches_where(|k| k == "cublas_gemm");
     println!("cuBLAS ran {n} products");
-    // Every case's forward and its two or three gradients in two dtypes, less the products
-    // cuBLAS leaves to the kernels (the permuted batch's and the broadcast backward's).
+    // About 60: every case's products (forward and gradients) in two dtypes, less the one
+    // cuBLAS leaves to the kernels (the broadcast case's summed dB).
     assert!(n >= 40, "cuBLAS ran only {n} of the products");
 }

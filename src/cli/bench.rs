@@ -111,6 +111,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what.as_str() {
         "matmul" => {
             let mut rng = Rng::new(0);
+            if a.device == "cuda" {
+                // Which cuBLAS the `matmul_cublas` rows come from.
+                match crate::backend::cuda::cublas_version() {
+                    Ok(v) => eprintln!("bench matmul: cuBLAS {}", v),
+                    Err(e) => eprintln!("bench matmul: no cuBLAS rows: {e}"),
+                }
+            }
             for s in &a.sizes {
                 let (m, k, n) = parse_size(s)?;
                 if a.device == "cuda" {
@@ -149,12 +156,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
                             super::bench_cuda::time_ms(reps, || xt.t()?.matmul(&y).map(|_| ()))?;
                         Ok((fwd, wgrad))
                     });
-                    match timed {
-                        Ok((fwd, wgrad)) => {
-                            row("matmul_cublas", fwd, "");
-                            row("matmul_cublas_mn_ab", wgrad, "");
-                        }
-                        Err(e) => eprintln!("bench matmul: no cuBLAS row: {e}"),
+                    // (Without libcublas: said once above.)
+                    if let Ok((fwd, wgrad)) = timed {
+                        row("matmul_cublas", fwd, "");
+                        row("matmul_cublas_mn_ab", wgrad, "");
                     }
                     // Where the wave model picks another tile width than the old rule
                     // (`TESSERA_GEMM_BN=0`), the product under the old rule too, in both the

@@ -16,6 +16,8 @@ use std::sync::OnceLock;
 pub(crate) struct Handle {
     raw: sys::cublasHandle_t,
     _workspace: CudaBuffer,
+    /// cublasGetVersion's number (major·10000 + minor·100 + patch).
+    version: i32,
 }
 
 // SAFETY: the handle is only used on the device's single stream, whose work is ordered by the
@@ -65,15 +67,27 @@ pub(crate) fn handle() -> Result<&'static Handle> {
                     ),
                 )?;
             }
+            let mut version = 0;
+            // SAFETY: the handle made above.
+            check("cublasGetVersion", unsafe {
+                sys::cublasGetVersion_v2(raw, &mut version)
+            })?;
             Ok(Handle {
                 raw,
                 _workspace: workspace,
+                version,
             })
         };
         make().map_err(|e| e.to_string())
     })
     .as_ref()
     .map_err(|e| Error::Msg(e.clone()))
+}
+
+/// The version of the libcublas loaded (major·10000 + minor·100 + patch): which library the
+/// reference numbers come from.
+pub fn version() -> Result<i32> {
+    Ok(handle()?.version)
 }
 
 /// A matrix operand as tessera views it: `rows` x `cols`, element (r, c) at

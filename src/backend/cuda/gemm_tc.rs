@@ -71,7 +71,8 @@ pub const GEMM_CHOICES: [&str; 5] = ["default", "simple", "mma", "wgmma", "cubla
 static GEMM_SET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
 
 /// The process's GEMM choice: `set_gemm_choice`'s, else `TESSERA_GEMM` (read once; empty when
-/// unset or "default"). Consulted on every product.
+/// unset or "default"; a value that names no choice, such as the GPU check's "ws", means the
+/// default too). Consulted on every product.
 pub(crate) fn gemm_choice() -> &'static str {
     static ENV: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     match GEMM_SET.load(std::sync::atomic::Ordering::Relaxed) {
@@ -87,11 +88,16 @@ pub(crate) fn gemm_choice() -> &'static str {
 /// `f` with this process's products sent to `choice` (one of `GEMM_CHOICES`), then the
 /// choice as it was.
 pub fn with_gemm_choice<T>(choice: &str, f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
-    let before = GEMM_SET.load(std::sync::atomic::Ordering::Relaxed);
+    /// Puts the choice back when dropped, a panic in `f` included.
+    struct Restore(u8);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GEMM_SET.store(self.0, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _restore = Restore(GEMM_SET.load(std::sync::atomic::Ordering::Relaxed));
     set_gemm_choice(Some(choice))?;
-    let out = f();
-    GEMM_SET.store(before, std::sync::atomic::Ordering::Relaxed);
-    out
+    f()
 }
 
 /// Sends this process's products to one of `GEMM_CHOICES` (`None`: back to `TESSERA_GEMM`).

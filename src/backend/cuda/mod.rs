@@ -19,6 +19,7 @@ pub mod ops;
 mod staging;
 
 pub use alloc::{AllocStats, CudaBuffer};
+pub use cublas::version as cublas_version;
 
 use crate::{Error, Result};
 use cudarc::driver::{result, sys};
@@ -590,7 +591,12 @@ impl CudaDevice {
             }
             return Ok(());
         }
-        let f = self.function(file, kernel, shared_bytes)?;
+        let f = self.function(file, kernel, shared_bytes).inspect_err(|_| {
+            // The launcher's note was for this launch, which fails.
+            if profiling() {
+                NOTE.with(|n| n.borrow_mut().take());
+            }
+        })?;
         let mut params: Vec<*mut c_void> = args.iter().map(|a| a.0).collect();
         self.recorded(kernel, || {
             // SAFETY: the argument list matches the kernel's signature (callers' contract,

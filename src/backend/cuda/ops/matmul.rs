@@ -193,7 +193,8 @@ fn gemm(
 }
 
 /// The product through cuBLAS (`--gemm cublas`, the benchmark reference): one product or a
-/// batch along one (or several collapsible) dims with nonzero strides, no summed batch dims;
+/// batch along one (or several collapsible) dims with nonzero strides (or B broadcast over A's
+/// evenly spaced rows: one product), no summed batch dims;
 /// linear's bias is written into C first and added by beta = 1. None when cuBLAS cannot take
 /// it as laid out: the caller's kernels run it.
 #[allow(clippy::too_many_arguments)]
@@ -229,12 +230,22 @@ fn gemm_cublas(
         cs: o.cs,
         batch,
     };
-    let (ma, mb) = (mat(a, m, k, stride(&bt.sa)), mat(b, k, n, stride(&bt.sb)));
+    let (mut ma, mb) = (mat(a, m, k, stride(&bt.sa)), mat(b, k, n, stride(&bt.sb)));
+    let mut z = z;
+    if z > 1 && mb.batch == 0 && ma.cs == 1 && ma.batch == m * ma.rs {
+        // B broadcast over A's batch, whose rows are evenly spaced across it ([B, T, K] @ [K,
+        // N]): one product of z·m rows, as torch.matmul folds it (C is contiguous either way).
+        (ma.rows, ma.batch, z) = (z * m, 0, 1);
+    }
     if cublas::transposed(&ma).is_none() || cublas::transposed(&mb).is_none() {
         return Ok(None);
     }
     let out = match bias {
-        Some(bias) => bias.detach().broadcast_as(out_shape)?.contiguous()?,
+        // Always a copy: a one-row broadcast view counts as contiguous and `contiguous()` would
+        // hand back the bias itself, which the product would then be added into.
+        Some(bias) => {
+            crate::backend::cuda::ops::contiguous(&bias.detach().broadcast_as(out_shape)?)?
+        }
         None => Tensor::empty_cuda(out_shape, dtype)?,
     };
     Ok(cublas::gemm(dtype, &ma, &mb, out.cuda_ptr()?, z, bias.is_some())?.then_some(out))
