@@ -89,6 +89,66 @@ def main():
             who = "PyTorch SDPA, batched" if r.get("device") == "torch" else f"tessera {r['kernel']}"
             print(f"| {r['case']} | {r['pass']} | {who} | {r['ms']:.3f} | {r['tflops']:.1f} | {frac} |")
     steps(d)
+    products(d)
+
+
+# One line of `bench step`'s profiled table of products by shape: the kernel and its part
+# ("gemm_ws_ts [text mlp, backward]"), the shape ("m x k x n", or "batch x m x k x n"), launches
+# per step, ms per step and TFLOP/s.
+PRODUCT = r"^(.*?)\s+((?:\d+ x )?\d+x\d+x\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$"
+
+
+def product_times(path):
+    """{(part, shape): (launches, ms)} from a profiled step's products-by-shape table, summed
+    over the kernels that ran each (a part's forward and backward are different parts)."""
+    import re
+    out = {}
+    if not os.path.exists(path):
+        return out
+    on = False
+    for line in open(path, errors="replace"):
+        line = line.rstrip()
+        if line.startswith("the products by shape") or line.startswith("the 40 largest products"):
+            on = True
+            continue
+        if not on:
+            continue
+        m = re.match(PRODUCT, line)
+        if not m:
+            if out:
+                break
+            continue
+        name, shape, n, ms = m.group(1), m.group(2), int(m.group(3)), float(m.group(4))
+        part = name.split(" [", 1)[1].rstrip("]") if " [" in name else "(no part)"
+        a, b = out.get((part, shape), (0, 0.0))
+        out[(part, shape)] = (a + n, b + ms)
+    return out
+
+
+def products(d):
+    """The default step's products beside the same products through cuBLAS (profile.txt and
+    profile-cublas.txt of check.sh), shape by shape: where the GEMM's time differs from the
+    reference's in the step itself."""
+    ours = product_times(os.path.join(d, "profile.txt"))
+    ref = product_times(os.path.join(d, "profile-cublas.txt"))
+    both = [k for k in ours if k in ref]
+    if not both:
+        return
+    both.sort(key=lambda k: -(ours[k][1] - ref[k][1]))
+    print()
+    print("| 3B step's products by shape: part | m x k x n | a step | tessera ms | cuBLAS ms | tessera / cuBLAS time |")
+    print("|---|---|---:|---:|---:|---:|")
+    for k in both:
+        (n, t), (_, c) = ours[k], ref[k]
+        print(f"| {k[0]} | {k[1]} | {n} | {t:.3f} | {c:.3f} | {t / c:.2f} |" if c > 0 else
+              f"| {k[0]} | {k[1]} | {n} | {t:.3f} | {c:.3f} | - |")
+    t_all, c_all = sum(ours[k][1] for k in both), sum(ref[k][1] for k in both)
+    only = sorted(set(ours) ^ set(ref))
+    print(f"| all {len(both)} shapes in both | | | {t_all:.2f} | {c_all:.2f} | "
+          f"{t_all / c_all:.2f} |" if c_all > 0 else "")
+    if only:
+        print(f"\n({len(only)} part/shape pairs appear in one profile only: "
+              + ", ".join(f"{p} {s}" for p, s in only[:8]) + (" ..." if len(only) > 8 else "") + ")")
 
 
 def steps(d):
