@@ -37,15 +37,23 @@ def main():
         print(f"| {r['kernel']} | {r['shape']} | {r['ms']:.3f} | {r['gbps']:.0f} | "
               f"{100 * r['fraction_of_copy']:.0f}% | {tm} | {ratio} |")
     mm = load(os.path.join(d, "bench_matmul.jsonl"))
-    tm = {(r["m"], r["k"], r["n"]): r for r in torch if r.get("op") == "matmul"}
+    # The references by layout: PyTorch's A @ B and At.t() @ B (A stored transposed, the weight
+    # gradients' layout), and cuBLAS in tessera's own process on the same operands.
+    tm = {(r["op"], r["m"], r["k"], r["n"]): r for r in torch if r.get("op") in ("matmul", "matmul_at")}
+    cub = {(r["op"], r["m"], r["k"], r["n"]): r for r in mm
+           if r.get("op") in ("matmul_cublas", "matmul_cublas_mn_ab")}
     if mm:
         print()
-        print("| GEMM m x k x n | tessera kernel | TFLOP/s | PyTorch (cuBLAS) TFLOP/s | ratio |")
-        print("|---|---|---:|---:|---:|")
+        print("| GEMM m x k x n | tessera kernel | TFLOP/s | PyTorch (cuBLAS) TFLOP/s, same layout | ratio | of cuBLAS in process |")
+        print("|---|---|---:|---:|---:|---:|")
         for r in mm:
-            t = tm.get((r["m"], r["k"], r["n"]))
+            at = "_mn_ab" in r["op"]
+            key = (r["m"], r["k"], r["n"])
+            t = tm.get(("matmul_at" if at else "matmul",) + key)
             tt = f"{t['tflops']:.1f}" if t else "-"
             ratio = f"{r['tflops'] / t['tflops']:.2f}" if t else "-"
+            c = cub.get(("matmul_cublas_mn_ab" if at else "matmul_cublas",) + key)
+            ratio += f" | {r['tflops'] / c['tflops']:.2f}" if c else " | -"
             kern = {"matmul_tc": "mma.sync gemm.cu (A·Bᵀ)", "matmul_wgmma": "wgmma gemm_sm90.cu (A·Bᵀ)",
                     "matmul_wgmma_ws": "warp-specialised wgmma + TMA (A·Bᵀ)",
                     "matmul_wgmma_ws_ts": "warp-specialised, TMA-store epilogue (A·Bᵀ)",

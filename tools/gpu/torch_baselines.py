@@ -122,6 +122,13 @@ def main():
         B = torch.randn(k, nn, device=dev, dtype=bf)
         ms = time_ms(lambda: A @ B)
         emit(op="matmul", device="torch", dtype="bf16", m=m, k=k, n=nn, ms=ms, tflops=2 * m * k * nn / ms / 1e9)
+        # A stored transposed ([k, m]), as the weight gradients read it: the reference for
+        # tessera's `matmul_mn_ab` rows in their own layout.
+        At = A.t().contiguous()
+        del A
+        ms = time_ms(lambda: At.t() @ B)
+        emit(op="matmul_at", device="torch", dtype="bf16", m=m, k=k, n=nn, ms=ms, tflops=2 * m * k * nn / ms / 1e9)
+        del At, B
     for (b, hh, tt, dd) in [(4, 16, 1024, 128), (4, 16, 2048, 64)]:
         qq = torch.randn(b, hh, tt, dd, device=dev, dtype=bf)
         ms = time_ms(lambda: F.scaled_dot_product_attention(qq, qq, qq, is_causal=True))
