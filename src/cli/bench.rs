@@ -111,13 +111,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what.as_str() {
         "matmul" => {
             let mut rng = Rng::new(0);
-            if a.device == "cuda" {
-                // Which cuBLAS the `matmul_cublas` rows come from.
-                match crate::backend::cuda::cublas_version() {
-                    Ok(v) => eprintln!("bench matmul: cuBLAS {}", v),
-                    Err(e) => eprintln!("bench matmul: no cuBLAS rows: {e}"),
-                }
-            }
+            // Which cuBLAS the `matmul_cublas` rows come from; none without libcublas, or with
+            // TESSERA_BENCH_SKIP_CUBLAS=1 (the GPU check, when its test failed).
+            let cublas = a.device == "cuda"
+                && if std::env::var_os("TESSERA_BENCH_SKIP_CUBLAS").is_some() {
+                    eprintln!("bench matmul: no cuBLAS rows (TESSERA_BENCH_SKIP_CUBLAS)");
+                    false
+                } else {
+                    match crate::backend::cuda::cublas_version() {
+                        Ok(v) => {
+                            eprintln!("bench matmul: cuBLAS {v}");
+                            true
+                        }
+                        Err(e) => {
+                            eprintln!("bench matmul: no cuBLAS rows: {e}");
+                            false
+                        }
+                    }
+                };
             for s in &a.sizes {
                 let (m, k, n) = parse_size(s)?;
                 if a.device == "cuda" {
@@ -150,16 +161,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     // forward's layout and the weight gradients' (Aᵀ stored), when libcublas
                     // loads (else a line on stderr).
                     use crate::backend::cuda::gemm_tc::with_gemm_choice;
-                    let timed = with_gemm_choice("cublas", || {
-                        let fwd = super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ()))?;
-                        let wgrad =
-                            super::bench_cuda::time_ms(reps, || xt.t()?.matmul(&y).map(|_| ()))?;
-                        Ok((fwd, wgrad))
-                    });
-                    // (Without libcublas: said once above.)
-                    if let Ok((fwd, wgrad)) = timed {
-                        row("matmul_cublas", fwd, "");
-                        row("matmul_cublas_mn_ab", wgrad, "");
+                    if cublas {
+                        let timed = with_gemm_choice("cublas", || {
+                            let fwd =
+                                super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ()))?;
+                            let wgrad = super::bench_cuda::time_ms(reps, || {
+                                xt.t()?.matmul(&y).map(|_| ())
+                            })?;
+                            Ok((fwd, wgrad))
+                        });
+                        match timed {
+                            Ok((fwd, wgrad)) => {
+                                row("matmul_cublas", fwd, "");
+                                row("matmul_cublas_mn_ab", wgrad, "");
+                            }
+                            Err(e) => eprintln!("bench matmul: cuBLAS at {m}x{k}x{n}: {e}"),
+                        }
                     }
                     // Where the wave model picks another tile width than the old rule
                     // (`TESSERA_GEMM_BN=0`), the product under the old rule too, in both the

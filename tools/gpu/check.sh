@@ -170,6 +170,10 @@ passed "cross_entropy_staged_variants_match_cpu" cuda_nn \
     || export TESSERA_BENCH_SKIP_CE_STAGED=1
 passed "adamw_multi_tensor_matches_per_tensor" cuda_matmul_attention \
     || export TESSERA_BENCH_SKIP_ADAMW_MULTI=1
+# cuBLAS's rows in `bench matmul` only if the products through it passed their test (a fault
+# there would end the benchmark's process and lose the rows after it).
+passed "cublas_reference_matches_cpu" cuda_cublas \
+    || export TESSERA_BENCH_SKIP_CUBLAS=1
 # AdamW's fused bf16 compute copies (the default of `bench step`): the cast kernels instead if
 # their test failed.
 if passed "adamw_compute_copies_follow_the_masters" cuda_matmul_attention; then
