@@ -727,13 +727,19 @@ fn bench_step(a: &BenchArgs) -> Result<()> {
     let median = times[times.len() / 2];
     let tokens = (a.batch * a.seq) as f64 / median;
     if a.json {
+        // Which kernel ran the CUDA products (`--gemm`): the rows are then self-describing.
+        let gemm = match crate::backend::cuda::gemm_tc::gemm_choice() {
+            _ if !cuda => "null".to_string(),
+            "" => "\"default\"".to_string(),
+            g => format!("\"{g}\""),
+        };
         let peak = if device == crate::Device::Cuda {
             crate::backend::cuda::device()?.mem_stats().peak as f64 / (1u64 << 30) as f64
         } else {
             peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
         };
         println!(
-            "{{\"device\": \"{device}\", \"dtype\": \"{dtype}\", \"batch\": {}, \"seq\": {}, \"step_ms_median\": {:.3}, \"tokens_per_s\": {:.1}, \"pipelined_ms\": {}, \"threads\": {}, \"params\": {}, \"loss\": {}, \"peak_gib\": {peak:.2}}}",
+            "{{\"device\": \"{device}\", \"dtype\": \"{dtype}\", \"batch\": {}, \"seq\": {}, \"step_ms_median\": {:.3}, \"tokens_per_s\": {:.1}, \"pipelined_ms\": {}, \"threads\": {}, \"params\": {}, \"loss\": {}, \"peak_gib\": {peak:.2}, \"gemm\": {gemm}}}",
             a.batch,
             a.seq,
             median * 1e3,
