@@ -1,4 +1,5 @@
-//! `tessera bench`: CPU kernel timings in a machine-readable form.
+//! `tessera bench`: timings of the products, fused ops, training step and forward, on the CPU
+//! or CUDA, as a table or JSON lines (`bench cuda`: src/cli/bench_cuda.rs).
 
 use crate::{DType, Error, Result, Rng, Tensor};
 use std::time::Instant;

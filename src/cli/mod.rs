@@ -59,8 +59,9 @@ enum Command {
     Train(train::TrainArgs),
     /// Learning dynamics: per-sample gradient influence of training samples on probes.
     Dynamics(dynamics::DynamicsArgs),
-    /// Benchmarks of the CPU kernels (GFLOP/s, ms); tools/bench/cpu_vs_torch.py puts them
-    /// beside PyTorch on the same machine.
+    /// Benchmarks: matrix products, the fused ops, a training step, a forward, on the CPU or
+    /// with --device cuda (and `bench cuda`: the memory-bound kernels against a device copy);
+    /// tools/bench/*.py and tools/gpu/ put them beside PyTorch on the same machine.
     Bench(bench::BenchArgs),
 }
 
