@@ -91,3 +91,28 @@ fn no_driver_is_an_error_not_a_panic() {
         }
     }
 }
+
+/// Fills the kernel cache (`TESSERA_CACHE_DIR`) with every kernel's cubin for sm_90, as the
+/// runtime would on an H100/H200: tools/gpu/prepare.sh runs it here, so the GPU check does not
+/// spend device time compiling (the cache key holds NVRTC's major.minor, so a GPU machine
+/// with another NVRTC compiles as before). Ignored in plain `cargo test`.
+#[test]
+#[ignore]
+fn fill_kernel_cache_for_sm90() {
+    assert!(
+        std::env::var_os("TESSERA_CACHE_DIR").is_some(),
+        "set TESSERA_CACHE_DIR to the cache to fill"
+    );
+    let (major, minor) = compile::nvrtc_version().expect("NVRTC");
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for (file, _) in kernels::SOURCES {
+            s.spawn(move || compile::cubin_cached(file, "sm_90").expect("compile"));
+        }
+    });
+    println!(
+        "NVRTC {major}.{minor}: {} kernel files cached for sm_90 in {:.1?}",
+        kernels::SOURCES.len(),
+        t.elapsed()
+    );
+}

@@ -80,6 +80,12 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda*/target
 done
 export TESSERA_REQUIRE_NVRTC=1 TESSERA_CACHE_DIR=/tmp/tessera-kernel-cache RUST_BACKTRACE=1
 TESSERA_BIN="$(cd "$BIN" && pwd)/tessera"; export TESSERA_BIN
+# The kernels prepare.sh compiled for sm_90 (used when this machine's NVRTC has the same
+# major.minor version; else the kernels compile here as before).
+if [ -d "$BIN/kernel-cache/kernels" ]; then
+    mkdir -p "$TESSERA_CACHE_DIR/kernels" && cp -n "$BIN"/kernel-cache/kernels/*.cubin "$TESSERA_CACHE_DIR/kernels/" 2>/dev/null
+    log "kernel cache: $(ls "$TESSERA_CACHE_DIR/kernels" | wc -l) cubins from prepare.sh"
+fi
 # Test binaries find their fixtures through the path they were built at.
 BUILT_AT=$(cat "$BIN/built_at" 2>/dev/null || echo /work/main)
 if [ "$BUILT_AT" != "$PWD" ] && [ ! -e "$BUILT_AT" ]; then

@@ -20,6 +20,21 @@ done
 mkdir -p "$DEST/benches"
 cargo bench --no-run --bench cuda_kernels 2>&1 | tee -a /tmp/tessera-test-build.log | grep -E "Executable benches/" \
     | sed -E 's/.*\((.*)\)/\1/' | while read -r exe; do cp "$exe" "$DEST/benches/cuda_kernels"; done
+# Every kernel's sm_90 cubin, compiled here by NVRTC into the cache the check starts from (the
+# device's time is not spent compiling; a GPU machine with another NVRTC version compiles as
+# before). NVRTC: the one .ci/run installs, else PyTorch's; without one, no cache.
+NVRTC_DIR=
+for d in target/nvrtc/nvidia/cu13/lib \
+         $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13/lib") for p in nvidia.__path__))' 2>/dev/null); do
+    ls "$d"/libnvrtc.so.13* >/dev/null 2>&1 && NVRTC_DIR=$(cd "$d" && pwd) && break
+done
+if [ -n "$NVRTC_DIR" ]; then
+    LD_LIBRARY_PATH="$NVRTC_DIR:${LD_LIBRARY_PATH:-}" TESSERA_CACHE_DIR="$PWD/$DEST/kernel-cache" \
+        cargo test --release --test cuda_compile -- --ignored --exact fill_kernel_cache_for_sm90 --nocapture \
+        2>&1 | grep -E "cached for sm_90|panicked|test result"
+else
+    echo "prepare: no NVRTC here (run .ci/run once, or pip install nvidia-cuda-nvrtc): no kernel cache"
+fi
 cp target/release/tessera "$DEST/"
 strip "$DEST"/tessera "$DEST"/tests/* "$DEST"/benches/*
 echo "$PWD" > "$DEST/built_at"
