@@ -93,6 +93,22 @@ fn bench_matrix(
     Tensor::cat(&parts, 0)?.narrow(0, 0, rows)?.contiguous()
 }
 
+/// Whether `bench matmul --device cuda` times cuBLAS beside tessera, saying which cuBLAS on
+/// stderr: not without libcublas, nor with TESSERA_BENCH_SKIP_CUBLAS=1 (the GPU check, when
+/// the cuBLAS test failed).
+fn cublas_rows() -> bool {
+    if std::env::var_os("TESSERA_BENCH_SKIP_CUBLAS").is_some() {
+        eprintln!("bench matmul: no cuBLAS rows (TESSERA_BENCH_SKIP_CUBLAS)");
+        return false;
+    }
+    let version = crate::backend::cuda::cublas_version();
+    match &version {
+        Ok(v) => eprintln!("bench matmul: cuBLAS {v}"),
+        Err(e) => eprintln!("bench matmul: no cuBLAS rows: {e}"),
+    }
+    version.is_ok()
+}
+
 fn parse_size(s: &str) -> Result<(usize, usize, usize)> {
     let dims: Vec<usize> = s
         .split('x')
@@ -112,24 +128,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what.as_str() {
         "matmul" => {
             let mut rng = Rng::new(0);
-            // Which cuBLAS the `matmul_cublas` rows come from; none without libcublas, or with
-            // TESSERA_BENCH_SKIP_CUBLAS=1 (the GPU check, when its test failed).
-            let cublas = a.device == "cuda"
-                && if std::env::var_os("TESSERA_BENCH_SKIP_CUBLAS").is_some() {
-                    eprintln!("bench matmul: no cuBLAS rows (TESSERA_BENCH_SKIP_CUBLAS)");
-                    false
-                } else {
-                    match crate::backend::cuda::cublas_version() {
-                        Ok(v) => {
-                            eprintln!("bench matmul: cuBLAS {v}");
-                            true
-                        }
-                        Err(e) => {
-                            eprintln!("bench matmul: no cuBLAS rows: {e}");
-                            false
-                        }
-                    }
-                };
+            let cublas = a.device == "cuda" && cublas_rows();
             for s in &a.sizes {
                 let (m, k, n) = parse_size(s)?;
                 if a.device == "cuda" {
@@ -153,25 +152,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     };
                     // A stored transposed: xt.t() is A as the weight gradients read it.
                     let xt = x.t()?.contiguous()?;
+                    // `Tensor::matmul` under whatever switch is set: ms in the forward's layout
+                    // and in the weight gradients' (Aᵀ stored).
+                    let fwd_and_wgrad = || -> Result<(f64, f64)> {
+                        Ok((
+                            super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ()))?,
+                            super::bench_cuda::time_ms(reps, || xt.t()?.matmul(&y).map(|_| ()))?,
+                        ))
+                    };
                     row(
                         "matmul",
                         super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ()))?,
                         "",
                     );
-                    // The reference in the same process: cuBLAS on the same operands, in the
-                    // forward's layout and the weight gradients' (Aᵀ stored), when libcublas
-                    // loads (else a line on stderr).
+                    // The reference in the same process: cuBLAS on the same operands, in both
+                    // layouts.
                     use crate::backend::cuda::gemm_tc::with_gemm_choice;
                     if cublas {
-                        let timed = with_gemm_choice("cublas", || {
-                            let fwd =
-                                super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ()))?;
-                            let wgrad = super::bench_cuda::time_ms(reps, || {
-                                xt.t()?.matmul(&y).map(|_| ())
-                            })?;
-                            Ok((fwd, wgrad))
-                        });
-                        match timed {
+                        match with_gemm_choice("cublas", fwd_and_wgrad) {
                             Ok((fwd, wgrad)) => {
                                 row("matmul_cublas", fwd, "");
                                 row("matmul_cublas_mn_ab", wgrad, "");
@@ -197,13 +195,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
                         && std::env::var_os("TESSERA_BENCH_SKIP_MN").is_none()
                     {
                         set_block_n_rule(Some(0));
-                        let fwd = super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ()));
-                        let wgrad =
-                            super::bench_cuda::time_ms(reps, || xt.t()?.matmul(&y).map(|_| ()));
+                        let timed = fwd_and_wgrad();
                         set_block_n_rule(None);
+                        let (fwd, wgrad) = timed?;
                         let extra = format!(", \"bn\": {old_bn}, \"bn_model\": {model_bn}");
-                        row("matmul_bn_old", fwd?, &extra);
-                        row("matmul_mn_ab_bn_old", wgrad?, &extra);
+                        row("matmul_bn_old", fwd, &extra);
+                        row("matmul_mn_ab_bn_old", wgrad, &extra);
                     }
                     if dtype == DType::BF16 && k.is_multiple_of(8) {
                         // The tensor-core kernel directly, B given as [N, K] (nn.Linear layout).
@@ -243,22 +240,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
                             && std::env::var_os("TESSERA_BENCH_SKIP_MN").is_none()
                         {
                             set_mn_major(Some(true));
-                            let timed = [
-                                (
-                                    "matmul_mn_b",
-                                    super::bench_cuda::time_ms(reps, || x.matmul(&y).map(|_| ())),
-                                ),
-                                (
-                                    "matmul_mn_ab",
-                                    super::bench_cuda::time_ms(reps, || {
-                                        xt.t()?.matmul(&y).map(|_| ())
-                                    }),
-                                ),
-                            ];
+                            let timed = fwd_and_wgrad();
                             set_mn_major(None);
-                            for (label, ms) in timed {
-                                row(label, ms?, "");
-                            }
+                            let (b_stored, both_stored) = timed?;
+                            row("matmul_mn_b", b_stored, "");
+                            row("matmul_mn_ab", both_stored, "");
                         }
                     }
                     continue;

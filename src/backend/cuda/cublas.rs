@@ -90,11 +90,10 @@ pub fn version() -> Result<i32> {
     Ok(handle()?.version)
 }
 
-/// A matrix operand as tessera views it: `rows` x `cols`, element (r, c) at
-/// `ptr + (r·rs + c·cs)` elements, and `batch` elements between the products of a batch.
+/// A matrix operand as tessera views it: `rows` x `cols`, element (r, c) at `r·rs + c·cs`
+/// elements from its first, and `batch` elements between the products of a batch.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Mat {
-    pub ptr: u64,
     pub rows: usize,
     pub cols: usize,
     pub rs: usize,
@@ -131,11 +130,13 @@ fn data_type(dtype: DType) -> Option<sys::cudaDataType> {
     }
 }
 
-/// The column-major call that computes row-major C [m, n] = A B: row-major C is
-/// column-major Cᵀ = Bᵀ Aᵀ, so cuBLAS's first operand is our B and its second our A, and its
-/// (m, n) are our (n, m); C's leading dimension is n.
+/// The column-major call that computes row-major C [m, n] = A B for a batch of `count`
+/// products: row-major C is column-major Cᵀ = Bᵀ Aᵀ, so cuBLAS's first operand is our B and
+/// its second our A, and its (m, n) are our (n, m); C's leading dimension is n, and C's
+/// products are m·n elements apart.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Call {
+    pub ty: sys::cudaDataType,
     pub op_first: sys::cublasOperation_t,
     pub op_second: sys::cublasOperation_t,
     pub m: i32,
@@ -144,15 +145,26 @@ pub(crate) struct Call {
     pub ld_first: i32,
     pub ld_second: i32,
     pub ldc: i32,
+    pub stride_first: i64,
+    pub stride_second: i64,
+    pub stride_c: i64,
+    pub count: i32,
 }
 
-/// `Call` for A (`a.rows` x `a.cols`) times B (`b.cols` wide); None when an operand's layout
-/// is none cuBLAS reads (see `transposed`) or a size exceeds cuBLAS's 32-bit arguments.
-pub(crate) fn call_for(a: &Mat, b: &Mat) -> Option<Call> {
+/// `Call` for `count` products of A (`a.rows` x `a.cols`) times B (`b.cols` wide) in `dtype`;
+/// None when cuBLAS cannot take them: a dtype other than bf16, f16 or f32, an operand layout
+/// it does not read (see `transposed`), K = 0, a size past its 32-bit arguments, or a batch
+/// that repeats an operand (stride 0). The caller's kernels run those.
+pub(crate) fn call_for(dtype: DType, a: &Mat, b: &Mat, count: usize) -> Option<Call> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
+    if k == 0 || (count > 1 && (a.batch == 0 || b.batch == 0)) {
+        return None;
+    }
     let ((op_first, ld_first), (op_second, ld_second)) = (transposed(b)?, transposed(a)?);
     let int = |v: usize| i32::try_from(v).ok();
+    let long = |v: usize| i64::try_from(v).ok();
     Some(Call {
+        ty: data_type(dtype)?,
         op_first,
         op_second,
         m: int(n)?,
@@ -161,29 +173,16 @@ pub(crate) fn call_for(a: &Mat, b: &Mat) -> Option<Call> {
         ld_first: int(ld_first)?,
         ld_second: int(ld_second)?,
         ldc: int(n.max(1))?,
+        stride_first: long(b.batch)?,
+        stride_second: long(a.batch)?,
+        stride_c: long(m * n)?,
+        count: int(count)?,
     })
 }
 
-/// C = A B (+ C when `accumulate`) for `z` products: A `m` x `k`, B `k` x `n`, C row-major
-/// `m` x `n` at `c` (`m·n` elements apart), by `call_for`'s call. Returns false, with nothing
-/// issued, when cuBLAS cannot read the operands as laid out or the dtype is not bf16, f16 or
-/// f32; the caller's kernels run it then.
-pub(crate) fn gemm(
-    dtype: DType,
-    a: &Mat,
-    b: &Mat,
-    c: u64,
-    z: usize,
-    accumulate: bool,
-) -> Result<bool> {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    let (Some(ty), Some(call), Ok(zi)) = (data_type(dtype), call_for(a, b), i32::try_from(z))
-    else {
-        return Ok(false);
-    };
-    if z > 1 && (a.batch == 0 || b.batch == 0) {
-        return Ok(false);
-    }
+/// Issues `call` (`call_for`) on A at `a`, B at `b` and C at `c`: C = A B, or C += A B when
+/// `accumulate`.
+pub(crate) fn gemm(call: &Call, a: u64, b: u64, c: u64, accumulate: bool) -> Result<()> {
     let h = handle()?.raw;
     let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
     let (alpha, beta) = (
@@ -192,30 +191,34 @@ pub(crate) fn gemm(
     );
     let compute = sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
     let algo = sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
-    let (ap, bp, cp) = (
-        a.ptr as *const c_void,
-        b.ptr as *const c_void,
-        c as *mut c_void,
-    );
-    super::gemm_tc::note_product(m, n, k, z);
-    device()?.recorded("cublas_gemm", || {
+    let (ap, bp, cp) = (a as *const c_void, b as *const c_void, c as *mut c_void);
+    let Call {
+        ty,
+        op_first,
+        op_second,
+        m,
+        n,
+        k,
+        ld_first,
+        ld_second,
+        ldc,
+        stride_first,
+        stride_second,
+        stride_c,
+        count,
+    } = *call;
+    // In our terms: `count` products of [n, k] times [k, m].
+    let us = |v: i32| v as usize;
+    super::gemm_tc::note_product(us(n), us(m), us(k), us(count));
+    device()?.recorded("cublas_gemm", super::take_note(), || {
         // SAFETY: the operands are live device allocations laid out as `transposed` read them
-        // (leading dimensions checked there), C holds z·m·n elements, alpha and beta outlive
+        // (leading dimensions checked there), C holds count·m·n elements, alpha and beta outlive
         // the call (cuBLAS reads host scalars before it returns).
         let status = unsafe {
-            let Call {
-                op_first,
-                op_second,
-                m: cm,
-                n: cn,
-                k: ck,
-                ld_first,
-                ld_second,
-                ldc,
-            } = call;
-            if z == 1 {
+            if count == 1 {
+                // One product: the call torch.matmul makes.
                 sys::cublasGemmEx(
-                    h, op_first, op_second, cm, cn, ck, alpha, bp, ty, ld_first, ap, ty, ld_second,
+                    h, op_first, op_second, m, n, k, alpha, bp, ty, ld_first, ap, ty, ld_second,
                     beta, cp, ty, ldc, compute, algo,
                 )
             } else {
@@ -223,32 +226,31 @@ pub(crate) fn gemm(
                     h,
                     op_first,
                     op_second,
-                    cm,
-                    cn,
-                    ck,
+                    m,
+                    n,
+                    k,
                     alpha,
                     bp,
                     ty,
                     ld_first,
-                    b.batch as i64,
+                    stride_first,
                     ap,
                     ty,
                     ld_second,
-                    a.batch as i64,
+                    stride_second,
                     beta,
                     cp,
                     ty,
                     ldc,
-                    (m * n) as i64,
-                    zi,
+                    stride_c,
+                    count,
                     compute,
                     algo,
                 )
             }
         };
-        check(&format!("gemm {m}x{k}x{n} (batch {z}, {dtype})"), status)
-    })?;
-    Ok(true)
+        check(&format!("gemm {n}x{k}x{m} (batch {count}, {ty:?})"), status)
+    })
 }
 
 #[cfg(test)]
@@ -258,7 +260,6 @@ mod tests {
 
     fn mat(rows: usize, cols: usize, rs: usize, cs: usize) -> Mat {
         Mat {
-            ptr: 0,
             rows,
             cols,
             rs,
@@ -351,7 +352,7 @@ mod tests {
                     let abuf: Vec<f64> = (0..len(m, k, ars, acs)).map(|_| next()).collect();
                     let bbuf: Vec<f64> = (0..len(k, n, brs, bcs)).map(|_| next()).collect();
                     let (a, b) = (mat(m, k, ars, acs), mat(k, n, brs, bcs));
-                    let call = call_for(&a, &b)
+                    let call = call_for(DType::F32, &a, &b, 1)
                         .unwrap_or_else(|| panic!("{m}x{k}x{n} A ({ars}, {acs}) B ({brs}, {bcs})"));
                     let got = emulate(&call, &bbuf, &abuf);
                     for i in 0..m {

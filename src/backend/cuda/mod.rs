@@ -126,6 +126,14 @@ pub fn profile_note(label: impl FnOnce() -> String, flops: f64) {
     }
 }
 
+/// The note `profile_note` left for the next launch (None when not profiling), taken: a
+/// launcher calls it once per launch, whether the launch happens or not.
+pub(crate) fn take_note() -> Option<(String, f64)> {
+    profiling()
+        .then(|| NOTE.with(|n| n.borrow_mut().take()))
+        .flatten()
+}
+
 fn profile() -> &'static Profile {
     static P: OnceLock<Profile> = OnceLock::new();
     P.get_or_init(|| Profile {
@@ -584,21 +592,14 @@ impl CudaDevice {
         shared_bytes: u32,
         args: &[Arg<'_>],
     ) -> Result<()> {
+        // The launcher's note is for this launch, launched or not.
+        let note = take_note();
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
-            // The launcher's note was for this launch.
-            if profiling() {
-                NOTE.with(|n| n.borrow_mut().take());
-            }
             return Ok(());
         }
-        let f = self.function(file, kernel, shared_bytes).inspect_err(|_| {
-            // The launcher's note was for this launch, which fails.
-            if profiling() {
-                NOTE.with(|n| n.borrow_mut().take());
-            }
-        })?;
+        let f = self.function(file, kernel, shared_bytes)?;
         let mut params: Vec<*mut c_void> = args.iter().map(|a| a.0).collect();
-        self.recorded(kernel, || {
+        self.recorded(kernel, note, || {
             // SAFETY: the argument list matches the kernel's signature (callers' contract,
             // checked by the op tests); all pointers are live device allocations.
             unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut params) }
@@ -610,12 +611,14 @@ impl CudaDevice {
 
     /// Issues work on the stream through `issue` (a kernel launch, or a library call such as
     /// cuBLAS's) as one launch named `kernel`: counted (`host_stats`, `count_launches`), its host
-    /// time in the launch time, and under `TESSERA_PROFILE` timed between two events.
-    pub(crate) fn recorded(&self, kernel: &str, issue: impl FnOnce() -> Result<()>) -> Result<()> {
-        // The launcher's note is for this launch.
-        let note = profiling()
-            .then(|| NOTE.with(|n| n.borrow_mut().take()))
-            .flatten();
+    /// time in the launch time, and under `TESSERA_PROFILE` timed between two events and kept
+    /// with its launcher's `note` (`take_note`).
+    pub(crate) fn recorded(
+        &self,
+        kernel: &str,
+        note: Option<(String, f64)>,
+        issue: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         LAUNCHES.fetch_add(1, Ordering::Relaxed);
         if COUNTING.load(Ordering::Relaxed) {
             let mut counts = COUNTS.lock().expect("launch counts lock");

@@ -197,7 +197,6 @@ fn gemm(
 /// evenly spaced rows: one product), no summed batch dims;
 /// linear's bias is written into C first and added by beta = 1. None when cuBLAS cannot take
 /// it as laid out: the caller's kernels run it.
-#[allow(clippy::too_many_arguments)]
 fn gemm_cublas(
     dtype: DType,
     (m, n, k): (usize, usize, usize),
@@ -208,13 +207,13 @@ fn gemm_cublas(
     bias: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     use crate::backend::cuda::cublas::{self, Mat};
-    if bt.rrank > 0 || k == 0 {
+    if bt.rrank > 0 {
         return Ok(None);
     }
     // The batch dims as one stride each (row-major dims, outer first): each outer dim's
     // strides must be the inner dim's times its size.
     let rank = bt.rank as usize;
-    let z: usize = bt.shape[..rank].iter().map(|&s| s as usize).product();
+    let mut z: usize = bt.shape[..rank].iter().map(|&s| s as usize).product();
     for i in 1..rank {
         let outer = |s: &[i64; MAXB]| s[i - 1] == s[i] * bt.shape[i];
         if !(outer(&bt.sa) && outer(&bt.sb) && outer(&bt.sc)) {
@@ -223,7 +222,6 @@ fn gemm_cublas(
     }
     let stride = |s: &[i64; MAXB]| if rank == 0 { 0 } else { s[rank - 1] as usize };
     let mat = |o: &Operand, rows, cols, batch| Mat {
-        ptr: o.ptr,
         rows,
         cols,
         rs: o.rs,
@@ -231,15 +229,14 @@ fn gemm_cublas(
         batch,
     };
     let (mut ma, mb) = (mat(a, m, k, stride(&bt.sa)), mat(b, k, n, stride(&bt.sb)));
-    let mut z = z;
     if z > 1 && mb.batch == 0 && ma.cs == 1 && ma.batch == m * ma.rs {
         // B broadcast over A's batch, whose rows are evenly spaced across it ([B, T, K] @ [K,
         // N]): one product of z·m rows, as torch.matmul folds it (C is contiguous either way).
         (ma.rows, ma.batch, z) = (z * m, 0, 1);
     }
-    if cublas::transposed(&ma).is_none() || cublas::transposed(&mb).is_none() {
+    let Some(call) = cublas::call_for(dtype, &ma, &mb, z) else {
         return Ok(None);
-    }
+    };
     let out = match bias {
         // Always a copy: a one-row broadcast view counts as contiguous and `contiguous()` would
         // hand back the bias itself, which the product would then be added into.
@@ -248,7 +245,8 @@ fn gemm_cublas(
         }
         None => Tensor::empty_cuda(out_shape, dtype)?,
     };
-    Ok(cublas::gemm(dtype, &ma, &mb, out.cuda_ptr()?, z, bias.is_some())?.then_some(out))
+    cublas::gemm(&call, a.ptr, b.ptr, out.cuda_ptr()?, bias.is_some())?;
+    Ok(Some(out))
 }
 
 /// Whether the tensor-core kernel (kernels/gemm.cu) takes this product: bf16, one matrix
