@@ -55,29 +55,29 @@ tmo() {
     echo $(( $1 < left ? $1 : left ))
 }
 
-# NVRTC: the CUDA toolkit's, else the one in PyTorch's environment.
-for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib \
-         $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13/lib") for p in nvidia.__path__))' 2>/dev/null); do
-    if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then
-        export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-        log "nvrtc from $d"
-        break
-    fi
-done
-CUBLAS_DIR=
-# cuBLAS (the GEMM reference: `--gemm cublas`, the cuda_cublas test, the `matmul_cublas` rows
-# and the 3B step through it): the toolkit's, else PyTorch's.
-for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib \
-         $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13/lib") for p in nvidia.__path__))' 2>/dev/null); do
-    if ls "$d"/libcublas.so.13* >/dev/null 2>&1; then
-        # First on the path, even where the NVRTC loop put it already (cudarc tries the
-        # unversioned libcublas.so first; `bench matmul` prints the version it loaded).
-        export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-        CUBLAS_DIR=$d
-        log "cublas from $d"
-        break
-    fi
-done
+# lib_dir PATTERN: the first CUDA library directory holding PATTERN, the toolkit's before the
+# one in PyTorch's environment; the directory goes first on LD_LIBRARY_PATH.
+lib_dir() {
+    local d
+    for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib \
+             $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13/lib") for p in nvidia.__path__))' 2>/dev/null); do
+        # shellcheck disable=SC2086
+        ls "$d"/$1 >/dev/null 2>&1 && { echo "$d"; return 0; }
+    done
+    return 1
+}
+# NVRTC, then cuBLAS (the GEMM reference: `--gemm cublas`, the cuda_cublas test, the
+# `matmul_cublas` rows and the 3B step through it). cuBLAS's directory goes first even where
+# NVRTC's is the same: cudarc tries the unversioned libcublas.so first, and `bench matmul`
+# prints the version it loaded.
+if NVRTC_DIR=$(lib_dir 'libnvrtc.so*'); then
+    export LD_LIBRARY_PATH="$NVRTC_DIR:${LD_LIBRARY_PATH:-}"
+    log "nvrtc from $NVRTC_DIR"
+fi
+if CUBLAS_DIR=$(lib_dir 'libcublas.so.13*'); then
+    export LD_LIBRARY_PATH="$CUBLAS_DIR:${LD_LIBRARY_PATH:-}"
+    log "cublas from $CUBLAS_DIR"
+fi
 export TESSERA_REQUIRE_NVRTC=1 TESSERA_CACHE_DIR=/tmp/tessera-kernel-cache RUST_BACKTRACE=1
 TESSERA_BIN="$(cd "$BIN" && pwd)/tessera"; export TESSERA_BIN
 # The kernels prepare.sh compiled for sm_90 (used when this machine's NVRTC has the same
@@ -178,10 +178,14 @@ passed "cross_entropy_staged_variants_match_cpu" cuda_nn \
     || export TESSERA_BENCH_SKIP_CE_STAGED=1
 passed "adamw_multi_tensor_matches_per_tensor" cuda_matmul_attention \
     || export TESSERA_BENCH_SKIP_ADAMW_MULTI=1
-# cuBLAS's rows in `bench matmul` only if the products through it passed their test (a fault
-# there would end the benchmark's process and lose the rows after it).
-passed "cublas_reference_matches_cpu" cuda_cublas \
-    || export TESSERA_BENCH_SKIP_CUBLAS=1
+# cuBLAS (never a default): its rows in `bench matmul` (a fault there would end the
+# benchmark's process and lose the rows after it), the 3B step and the profile through it, only
+# where libcublas was found and the products through it passed their test.
+CUBLAS_OK=
+[ -n "$CUBLAS_DIR" ] && passed "cublas_reference_matches_cpu" cuda_cublas \
+    && ! grep -q "skipped cublas_reference_matches_cpu" "$OUT/test-cuda_cublas.log" 2>/dev/null \
+    && CUBLAS_OK=1
+[ -n "$CUBLAS_OK" ] || export TESSERA_BENCH_SKIP_CUBLAS=1
 # AdamW's fused bf16 compute copies (the default of `bench step`): the cast kernels instead if
 # their test failed.
 if passed "adamw_compute_copies_follow_the_masters" cuda_matmul_attention; then
@@ -411,12 +415,9 @@ OFFS="TESSERA_GEMM_BN=0 $OFFS"
 # Not a default yet: the step with the Hopper flash kernels at head dim 80 (the vision tower's
 # whole-image blocks as a batch), second, when their test passed.
 [ -n "$D80_OK" ] && OFFS="${OFFS%% *} TESSERA_FLASH_WG_D80=1 ${OFFS#* }"
-# Not a default ever: every product of the step through cuBLAS (the reference), which says how
-# much of the step's distance to the MFU target is the GEMM's; first, when its test passed.
-CUBLAS_OK=
-[ -n "${CUBLAS_DIR:-}" ] && passed "cublas_reference_matches_cpu" cuda_cublas \
-    && ! grep -q "skipped cublas_reference_matches_cpu" "$OUT/test-cuda_cublas.log" 2>/dev/null \
-    && CUBLAS_OK=1 && OFFS="TESSERA_GEMM=cublas $OFFS"
+# Every product of the step through cuBLAS (the reference), which says how much of the step's
+# distance to the MFU target is the GEMM's; first.
+[ -n "$CUBLAS_OK" ] && OFFS="TESSERA_GEMM=cublas $OFFS"
 [ -n "$FUSED_OK" ] && OFFS="$OFFS TESSERA_FUSED_CASTS=0"
 [ -n "$FUSED_OK" ] && [ -n "$LEAVES_OK" ] && OFFS="$OFFS TESSERA_BF16_GRADS=0"
 # Where the step's time goes, per kernel (before the leave-one-out steps, as it says more than
