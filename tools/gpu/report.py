@@ -116,7 +116,7 @@ def product_times(path):
     on = False
     for line in open(path, errors="replace"):
         line = line.rstrip()
-        if line.startswith("the products by shape") or line.startswith("the 40 largest products"):
+        if line.startswith("the products by shape"):
             on = True
             continue
         if not on:
@@ -146,14 +146,14 @@ def products(d):
     print()
     print("| 3B step's products by shape: part | m x k x n | a step | tessera ms | cuBLAS ms | tessera / cuBLAS time |")
     print("|---|---|---:|---:|---:|---:|")
+    def ratio(t, c):
+        return f"{t / c:.2f}" if c > 0 else "-"
     for k in both:
         (n, t), (_, c) = ours[k], ref[k]
-        print(f"| {k[0]} | {k[1]} | {n} | {t:.3f} | {c:.3f} | {t / c:.2f} |" if c > 0 else
-              f"| {k[0]} | {k[1]} | {n} | {t:.3f} | {c:.3f} | - |")
+        print(f"| {k[0]} | {k[1]} | {n} | {t:.3f} | {c:.3f} | {ratio(t, c)} |")
     t_all, c_all = sum(ours[k][1] for k in both), sum(ref[k][1] for k in both)
     only = sorted(set(ours) ^ set(ref))
-    print(f"| all {len(both)} shapes in both | | | {t_all:.2f} | {c_all:.2f} | "
-          f"{t_all / c_all:.2f} |" if c_all > 0 else "")
+    print(f"| all {len(both)} shapes in both | | | {t_all:.2f} | {c_all:.2f} | {ratio(t_all, c_all)} |")
     if only:
         print(f"\n({len(only)} part/shape pairs appear in one profile only: "
               + ", ".join(f"{p} {s}" for p, s in only[:8]) + (" ..." if len(only) > 8 else "") + ")")
