@@ -1,5 +1,7 @@
 """Joins `tessera bench cuda --json` and tools/gpu/torch_baselines.py output into a markdown
-table: each kernel's bandwidth as a fraction of the copy, and the PyTorch time beside ours.
+table: each kernel's bandwidth as a fraction of the copy, and the PyTorch time beside ours;
+then the GEMM, attention and 3B-step tables. First, the verdicts: each target of issues 4 and
+5 met or not, and what each switch's step says to do with it.
 
     python3 tools/gpu/report.py OUT_DIR   (reads bench_cuda.jsonl, bench_matmul.jsonl, torch.jsonl)
 """
@@ -28,6 +30,8 @@ def main():
     ours = [r for r in allours if "fraction_of_copy" in r]
     torch = load(os.path.join(d, "torch.jsonl"))
     tk = {r["kernel"]: r for r in torch if "kernel" in r}
+    mm = load(os.path.join(d, "bench_matmul.jsonl"))
+    verdicts(d, allours, torch, mm)
     print("| kernel | shape | tessera ms | GB/s | of copy | PyTorch ms | PyTorch / tessera |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in ours:
@@ -36,7 +40,6 @@ def main():
         ratio = f"{t['ms'] / r['ms']:.2f}x" if t else "-"
         print(f"| {r['kernel']} | {r['shape']} | {r['ms']:.3f} | {r['gbps']:.0f} | "
               f"{100 * r['fraction_of_copy']:.0f}% | {tm} | {ratio} |")
-    mm = load(os.path.join(d, "bench_matmul.jsonl"))
     # The references by layout: PyTorch's A @ B and At.t() @ B (A stored transposed, the weight
     # gradients' layout), and cuBLAS in tessera's own process on the same operands.
     tm = {(r["op"], r["m"], r["k"], r["n"]): r for r in torch if r.get("op") in ("matmul", "matmul_at")}
@@ -204,6 +207,177 @@ def steps(d):
             pipe = f"{r['pipelined_ms']:.1f}" if r.get("pipelined_ms") else "-"
             loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "not finite"
             print(f"| {label} | {r['step_ms_median']:.1f} | {r['tokens_per_s']:.0f} | {pipe} | {r['peak_gib']:.1f} | {loss} |")
+
+
+# Issue 4's memory-bound kernels at 16384 x 4096 (target: >= 85% of the copy), by their `bench
+# cuda` names: the defaults, and AdamW as the 3B step runs it (bf16 gradients and copies; one
+# launch over many tensors).
+COPY_TARGET = 0.85
+COPY_ROWS = ["rms_norm fwd", "rms_norm fwd+bwd", "softmax fwd", "softmax fwd+bwd", "swiglu fwd",
+             "swiglu fwd+bwd", "rope fwd", "cross_entropy fwd", "cross_entropy fwd+bwd", "adamw step",
+             "adamw step (bf16 gradient, bf16 copy)",
+             "adamw step, 24 tensors of 2 text layers (one launch)"]
+# Issue 5's targets.
+GEMM_TARGET, FWD_TARGET, BWD_TARGET, SPEEDUP_TARGET, MFU_TARGET = 0.90, 0.80, 0.70, 1.2, 0.45
+# A 5-step median of the 3B step moved by up to ~5% between two runs of the same build (run 13:
+# 80.2 and 83.9 ms), so a switch's effect within this is noise.
+STEP_NOISE = 0.03
+
+
+def step_results(d):
+    """{label: {"torch_ms", "ms", "mfu", "pipelined_ms", "pipelined_mfu"}} from step_torch.py's
+    lines in step.txt, one entry per run it closes with "step LABEL exit N" ("3b-8layers bf16",
+    "bf16", ...)."""
+    import re
+    path = os.path.join(d, "step.txt")
+    out, cur = {}, {}
+    if not os.path.exists(path):
+        return out
+    num = r"([\d.]+) ms/step"
+    for line in open(path, errors="replace"):
+        m = re.match(r"^step (.+) exit (\d+)", line)
+        if m:
+            cur["exit"] = int(m.group(2))
+            out[m.group(1)] = cur
+            cur = {}
+            continue
+        m = re.search(num, line)
+        mfu = re.search(r"approx MFU ([\d.]+)%", line)
+        if not m:
+            continue
+        if line.startswith("PyTorch") and "pipelined" not in line:
+            cur["torch_ms"] = float(m.group(1))
+        elif line.startswith("tessera: "):
+            cur["ms"] = float(m.group(1))
+            cur["mfu"] = float(mfu.group(1)) / 100 if mfu else None
+        elif line.startswith("tessera pipelined: "):
+            cur["pipelined_ms"] = float(m.group(1))
+            cur["pipelined_mfu"] = float(mfu.group(1)) / 100 if mfu else None
+    return out
+
+
+def verdicts(d, ours, torch, mm):
+    """Each target of issues 4 and 5 against this run's numbers, and what each experiment says
+    to do with its switch: the list a session with a GPU acts on."""
+    import glob
+    import re
+    lines = []
+    say = lines.append
+    mark = lambda ok: "met" if ok else "NOT met"
+    # The tests: any failure first, as everything after it may rest on a broken kernel.
+    tl = os.path.join(d, "tests.log")
+    if os.path.exists(tl):
+        text = open(tl, errors="replace").read()
+        failed = sorted(set(re.findall(r"^(?:\[\w+\] )?test (\S+) \.\.\. FAILED", text, re.M)))
+        bad_exit = [ln for ln in text.splitlines() if re.search(r" exit (?!0\b)\d+", ln)]
+        if failed or bad_exit:
+            say(f"- **Tests: {len(failed)} failed** ({', '.join(failed) or 'none by name'}); "
+                f"non-zero exits: {'; '.join(bad_exit) or 'none'}. check.sh turned off the defaults "
+                "whose tests failed (its log says which); fix these first.")
+        elif "test result" in text:
+            skipped = len(re.findall(r"skipped", text))
+            say("- Tests: every test that ran passed"
+                + (f" ({skipped} lines say a test skipped: no GPU?)." if skipped else "."))
+    # Issue 4: the memory-bound kernels against the copy.
+    by = {r["kernel"]: r for r in ours}
+    rows = [(k, by[k]["fraction_of_copy"]) for k in COPY_ROWS if k in by]
+    if rows:
+        short = [f"{k} {100 * f:.0f}%" for k, f in rows if f < COPY_TARGET]
+        say(f"- Issue 4, memory-bound kernels >= {100 * COPY_TARGET:.0f}% of copy: "
+            f"{mark(not short)} ({len(rows) - len(short)} of {len(rows)}"
+            + (f"; short: {', '.join(short)}" if short else "") + ").")
+    ce = by.get("cross_entropy fwd")
+    variants = [(r["fraction_of_copy"], re.search(r"\[(TESSERA_CE_STAGES=\d+)\]$", r["kernel"]).group(1))
+                for r in ours if re.search(r"^cross_entropy fwd \(.*\[TESSERA_CE_STAGES=\d+\]$", r["kernel"])]
+    if ce and variants:
+        best, switch = max(variants)
+        if best > ce["fraction_of_copy"] * (1 + STEP_NOISE):
+            say(f"  - The cross-entropy forward's best variant, {switch}, reaches {100 * best:.0f}% "
+                f"against the default's {100 * ce['fraction_of_copy']:.0f}%: make it the default "
+                "(`ce_stages` in src/backend/cuda/ops/loss.rs) once its tests passed.")
+        else:
+            say(f"  - No cross-entropy variant beats the default's {100 * ce['fraction_of_copy']:.0f}% "
+                f"(best: {switch}, {100 * best:.0f}%): the default stays.")
+    # Issue 5: the GEMM against cuBLAS in the same layout (in process, else PyTorch's).
+    ref = {(r["op"], r["m"], r["k"], r["n"]): r["tflops"] for r in mm
+           if r.get("op") in ("matmul_cublas", "matmul_cublas_mn_ab")}
+    tref = {(r["op"], r["m"], r["k"], r["n"]): r["tflops"] for r in torch
+            if r.get("op") in ("matmul", "matmul_at")}
+    gemm = []
+    for r in mm:
+        if r.get("op") not in ("matmul", "matmul_mn_ab"):
+            continue
+        at = r["op"] == "matmul_mn_ab"
+        key = (r["m"], r["k"], r["n"])
+        c = ref.get(("matmul_cublas_mn_ab" if at else "matmul_cublas",) + key) \
+            or tref.get(("matmul_at" if at else "matmul",) + key)
+        if c:
+            gemm.append((r["tflops"] / c, f"{'x'.join(map(str, key))}{' (Aᵀ stored)' if at else ''}"))
+    if gemm:
+        short = sorted(g for g in gemm if g[0] < GEMM_TARGET)
+        say(f"- Issue 5, GEMM >= {100 * GEMM_TARGET:.0f}% of cuBLAS, same layout: {mark(not short)} "
+            f"({len(gemm) - len(short)} of {len(gemm)} shapes; lowest {min(gemm)[0]:.2f} at {min(gemm)[1]}"
+            + (f"; short: {', '.join(f'{n} {x:.2f}' for x, n in short)}" if short else "") + ").")
+    # Attention against SDPA: the defaults on sm_90 (else the mma.sync kernels).
+    sd = {(r["op"], r["b"], r["h"], r["t"], r["d"]): r["ms"] for r in torch
+          if r.get("op") in ("attention", "attention_bwd")}
+    for op, names, target in [
+            ("attention", ["flash_fwd_wgmma (TMA + wgmma, intra-warpgroup overlap)", "flash_fwd (tensor cores)"],
+             FWD_TARGET),
+            ("attention_bwd", ["flash_bwd_wgmma (TMA + wgmma dK/dV and dQ)", "flash_bwd (mma.sync dK/dV + dQ)"],
+             BWD_TARGET)]:
+        for name in names:
+            mine = [r for r in ours if r.get("op") == op and r.get("kernel") == name]
+            fr = [(sd[(op, r["b"], r["h"], r["t"], r["d"])] / r["ms"], f"{r['t']}x{r['d']}") for r in mine
+                  if (op, r["b"], r["h"], r["t"], r["d"]) in sd]
+            if fr:
+                say(f"- Issue 5, attention {'forward' if op == 'attention' else 'backward'} >= "
+                    f"{100 * target:.0f}% of SDPA ({name}): {mark(min(fr)[0] >= target)} ("
+                    + ", ".join(f"t x d {s}: {100 * x:.0f}%" for x, s in fr) + ").")
+                break
+    # The 3B step: speed-up on PyTorch + transformers and MFU.
+    step = step_results(d).get("3b-8layers bf16", {})
+    if step.get("ms"):
+        if step.get("torch_ms"):
+            sp = step["torch_ms"] / step["ms"]
+            say(f"- Issue 5, 3B step >= {SPEEDUP_TARGET}x PyTorch + transformers: {mark(sp >= SPEEDUP_TARGET)} "
+                f"({sp:.2f}x: {step['ms']:.1f} against {step['torch_ms']:.1f} ms).")
+        if step.get("mfu"):
+            need = step["ms"] * step["mfu"] / MFU_TARGET
+            say(f"- Issue 5, MFU >= {100 * MFU_TARGET:.0f}%: {mark(step['mfu'] >= MFU_TARGET)} "
+                f"({100 * step['mfu']:.1f}% at {step['ms']:.1f} ms; {100 * MFU_TARGET:.0f}% needs {need:.1f} ms"
+                + (f"; pipelined {100 * step['pipelined_mfu']:.1f}%" if step.get("pipelined_mfu") else "")
+                + ").")
+    # Each switch's step against the default step.
+    base = step.get("ms")
+    for path in sorted(glob.glob(os.path.join(d, "step-combo*.json"))):
+        lab = path[:-len(".json")] + ".label"
+        label = open(lab).read().strip() if os.path.exists(lab) else os.path.basename(path)
+        r = [x for x in load(path) if "step_ms_median" in x]
+        if not r or not base:
+            say(f"- `{label}`: no step time" + ("" if base else " (no default step to compare with)") + ".")
+            continue
+        ms = r[-1]["step_ms_median"]
+        rel = ms / base - 1
+        if label == "TESSERA_GEMM=cublas":
+            mfu = f", MFU {100 * step['mfu'] * base / ms:.1f}%" if step.get("mfu") else ""
+            say(f"- Every product through cuBLAS: {ms:.1f} ms against {base:.1f} ({ms - base:+.1f} ms{mfu}): "
+                f"{'the GEMMs are' if ms < base * (1 - STEP_NOISE) else 'the GEMMs are not'} "
+                "where the step loses time (the products table below says at which shapes).")
+            continue
+        on = label.endswith("=1")  # an experiment turned on; else a default turned off
+        if abs(rel) <= STEP_NOISE:
+            what = "within the noise: nothing to change"
+        elif rel < 0:
+            what = "faster: make it the default" if on else "faster with it off: revert that default"
+        else:
+            what = "slower: leave it off" if on else "slower with it off: the default is right"
+        say(f"- `{label}`: {ms:.1f} ms against the default's {base:.1f} ({100 * rel:+.1f}%): {what}.")
+    if lines:
+        print("## Verdicts (targets of issues 4 and 5, and what each switch's step says)")
+        print()
+        print("\n".join(lines))
+        print()
 
 
 if __name__ == "__main__":
