@@ -50,28 +50,47 @@ pub(crate) fn handle() -> Result<&'static Handle> {
             }
             let workspace = dev.alloc(WORKSPACE_BYTES)?;
             let mut raw: sys::cublasHandle_t = std::ptr::null_mut();
-            // SAFETY: a fresh handle on the current (primary) context, given the device's
-            // stream and a workspace that lives as long as the handle (the process).
-            unsafe {
-                check("cublasCreate", sys::cublasCreate_v2(&mut raw))?;
-                check(
-                    "cublasSetStream",
-                    sys::cublasSetStream_v2(raw, dev.stream as sys::cudaStream_t),
-                )?;
-                check(
-                    "cublasSetWorkspace",
-                    sys::cublasSetWorkspace_v2(
-                        raw,
-                        workspace.ptr() as *mut c_void,
-                        WORKSPACE_BYTES,
-                    ),
-                )?;
-            }
+            // SAFETY: creates a fresh handle on the current (primary) context.
+            check("cublasCreate", unsafe { sys::cublasCreate_v2(&mut raw) })?;
             let mut version = 0;
-            // SAFETY: the handle made above.
-            check("cublasGetVersion", unsafe {
-                sys::cublasGetVersion_v2(raw, &mut version)
-            })?;
+            // SAFETY: the handle made above, given the device's stream and a workspace that
+            // lives as long as the handle (the process). The version is read first: a library
+            // older than CUDA 11 has no cublasSetWorkspace_v2 (cudarc's loader would panic on
+            // the missing symbol) and no CUBLAS_COMPUTE_32F.
+            let setup = unsafe {
+                check(
+                    "cublasGetVersion",
+                    sys::cublasGetVersion_v2(raw, &mut version),
+                )
+                .and_then(|()| match version {
+                    v if v < 110000 => Err(Error::msg(format!(
+                        "cublas: libcublas {v} is older than CUDA 11 (put the CUDA toolkit's \
+                         lib64 first on LD_LIBRARY_PATH)"
+                    ))),
+                    _ => Ok(()),
+                })
+                .and_then(|()| {
+                    check(
+                        "cublasSetStream",
+                        sys::cublasSetStream_v2(raw, dev.stream as sys::cudaStream_t),
+                    )
+                })
+                .and_then(|()| {
+                    check(
+                        "cublasSetWorkspace",
+                        sys::cublasSetWorkspace_v2(
+                            raw,
+                            workspace.ptr() as *mut c_void,
+                            WORKSPACE_BYTES,
+                        ),
+                    )
+                })
+            };
+            if let Err(e) = setup {
+                // SAFETY: the handle made above, used by nothing else.
+                unsafe { sys::cublasDestroy_v2(raw) };
+                return Err(e);
+            }
             Ok(Handle {
                 raw,
                 _workspace: workspace,

@@ -638,7 +638,16 @@ impl CudaDevice {
             None
         };
         let t = std::time::Instant::now();
-        issue()?;
+        if let Err(e) = issue() {
+            if let Some((a, b)) = timed {
+                // SAFETY: the events made above, recorded on nothing that is pending.
+                unsafe {
+                    let _ = result::event::destroy(a);
+                    let _ = result::event::destroy(b);
+                }
+            }
+            return Err(e);
+        }
         LAUNCH_NS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Some((a, b)) = timed {
             // SAFETY: as above.
