@@ -7,11 +7,14 @@ use std::time::Duration;
 use tessera::qwen2_5_vl::model::QwenVl;
 use tessera::rl::checkpoint;
 use tessera::rl::config::TrainConfig;
-use tessera::rl::data::Example;
 use tessera::rl::sources;
-use tessera::rl::task::{Scored, Split, Task};
+use tessera::rl::task::Task;
 use tessera::rl::trainer::{Kind, Trainer};
 use tessera::DType;
+
+#[path = "common/by_length.rs"]
+mod by_length;
+use by_length::by_length;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -188,7 +191,7 @@ fn grpo_log_probabilities_are_those_of_the_tempered_sampler() {
     // temperature 2 every completion token's log π must be log softmax(logits / 2)[token].
     use tessera::qwen2_5_vl::config::Config;
     use tessera::qwen2_5_vl::tokenizer::QwenTokenizer;
-    use tessera::rl::data::{collate, completion_logits, policy_logprobs, Encoder};
+    use tessera::rl::data::{collate, completion_logits, policy_logprobs, Encoder, Example};
     let dir = root().join("models/tiny");
     let config = Config::from_file(dir.join("config.json")).unwrap();
     let model = QwenVl::random(config, DType::F32, &mut tessera::Rng::new(5)).unwrap();
@@ -343,35 +346,6 @@ fn a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint() {
         );
     }
     let _ = std::fs::remove_dir_all(&run);
-}
-
-/// Rewards the length of the completion (so a random model gets a GRPO signal); with
-/// `all_correct`, every completion also counts as correct (the export receives every rollout).
-struct ByLength {
-    inner: Box<dyn Task>,
-    all_correct: bool,
-}
-
-fn by_length(inner: Box<dyn Task>, all_correct: bool) -> Box<dyn Task> {
-    Box::new(ByLength { inner, all_correct })
-}
-
-impl Task for ByLength {
-    fn name(&self) -> String {
-        "by-length".into()
-    }
-    fn len(&self, s: Split) -> Option<usize> {
-        self.inner.len(s)
-    }
-    fn example(&self, s: Split, i: u64) -> tessera::Result<Example> {
-        self.inner.example(s, i)
-    }
-    fn score(&self, _: Split, _: u64, completion: &str) -> tessera::Result<Scored> {
-        Ok(Scored {
-            reward: completion.len() as f64,
-            correct: self.all_correct,
-        })
-    }
 }
 
 #[test]
