@@ -323,7 +323,8 @@ pub fn decode_step(model: &QwenVl, cache: &mut KvCache, tokens: &[u32]) -> Resul
         key_padding.extend_from_slice(&row[..t]);
         key_padding.push(1);
     }
-    let mask = Tensor::from_vec(key_padding.clone(), &[b, t + 1])?.to_device(device)?;
+    // On the host, where attention reads it (see `DecoderInputs::key_padding`).
+    let mask = Tensor::from_vec(key_padding.clone(), &[b, t + 1])?;
     let h = model.decoder(
         hidden,
         &cos.to_device(device)?,

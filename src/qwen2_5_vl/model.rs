@@ -39,7 +39,8 @@ pub struct DecoderInputs {
     /// M-RoPE tables [B, 1, T, head_dim], on the hidden state's device and dtype.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// attention_mask [B, T] (nonzero = token) on the hidden state's device, when given.
+    /// attention_mask [B, T] (nonzero = token) when given, on the host: attention reads it
+    /// there (which keys each query sees), so a device copy would be read back in every layer.
     pub key_padding: Option<Tensor>,
     /// The (T, H, W) position ids and per-row rope deltas they came from.
     pub positions: Positions,
@@ -209,7 +210,7 @@ impl QwenVl {
         let hidden = self.embed(batch)?;
         let (cos, sin) = mrope_tables(&c.text, &positions, hidden.dtype())?;
         let key_padding = match &batch.attention_mask {
-            Some(m) => Some(m.to_device(hidden.device())?),
+            Some(m) => Some(m.to_cpu()?),
             None => None,
         };
         Ok(DecoderInputs {

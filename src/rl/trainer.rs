@@ -419,7 +419,9 @@ impl Trainer {
         let mut c = collate(items, self.encoder.pad_id())?;
         let dev = self.model.device();
         if dev != Device::Cpu {
-            c.batch.input_ids = c.batch.input_ids.map(|t| t.to_device(dev)).transpose()?;
+            // The token ids stay on the host: the forward reads them there (positions, the
+            // image-token mask, the embedding rows), and `logprobs_of` uploads the completion
+            // columns it gathers. On the device they were read back several times a forward.
             c.batch.labels = c.batch.labels.map(|t| t.to_device(dev)).transpose()?;
             c.batch.pixel_values = c.batch.pixel_values.map(|t| t.to_device(dev)).transpose()?;
             c.completion_mask = c.completion_mask.to_device(dev)?;
