@@ -264,3 +264,45 @@ fn generation_on_cuda_follows_transformers_and_the_cpu() {
         assert_eq!(got, want, "{name}: sampled on cuda against the cpu, seed 1");
     }
 }
+
+#[test]
+fn the_smoke_study_runs_on_cuda_as_on_the_cpu() {
+    if cuda::device_or_skip("cuda_train study").is_none() {
+        return;
+    }
+    use tessera::study::{Inputs, Preset, Study};
+    let mut scores = Vec::new();
+    for device in [Device::Cpu, Device::Cuda] {
+        let dir = tmp(&format!("study-{device}"));
+        let inputs = Inputs {
+            tiny_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"),
+            device,
+            ..Inputs::default()
+        };
+        let arms = Study::new(Preset::smoke(), inputs, dir.clone())
+            .unwrap()
+            .run()
+            .unwrap_or_else(|e| panic!("the smoke study on {device}: {e}"));
+        assert!(dir.join("report.md").exists(), "{device}: no report");
+        scores.push(
+            arms.iter()
+                .map(|a| (a.name.clone(), a.scores.clone()))
+                .collect::<Vec<_>>(),
+        );
+    }
+    // Every arm's final greedy evaluation on every suite: the same arms and metrics, and
+    // accuracies within a quarter (an answer flips only where two logits tie to within the
+    // devices' rounding differences, which a few training steps can leave in a greedy path).
+    assert_eq!(scores[0].len(), scores[1].len());
+    for ((arm, cpu), (_, gpu)) in scores[0].iter().zip(&scores[1]) {
+        assert_eq!(
+            cpu.keys().collect::<Vec<_>>(),
+            gpu.keys().collect::<Vec<_>>(),
+            "{arm}"
+        );
+        for (k, v) in cpu {
+            let (x, y) = (v.as_f64().unwrap(), gpu[k].as_f64().unwrap());
+            assert!((x - y).abs() <= 0.25, "{arm} {k}: cpu {x} cuda {y}");
+        }
+    }
+}

@@ -397,6 +397,13 @@ fn config_errors_name_the_key() {
         &["data.train=jigsaw:2x2".into(), "grpo.loss_type=ppo".into()],
     );
     assert!(cfg.unwrap_err().to_string().contains("ppo"));
+    let err = TrainConfig::load(
+        None,
+        &["data.train=suite:colour".into(), "model.device=tpu".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("model.device") && err.contains("tpu"), "{err}");
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! `tessera study [--preset smoke|tiny] [--name NAME] [--model DIR --prior FILE.jsonl --images DIR]`
+//! `tessera study [--preset smoke|tiny] [--name NAME] [--model DIR --prior FILE.jsonl --images DIR]
+//! [--device cpu|cuda]`
 
 use crate::study::{Inputs, Preset, Study};
 use crate::Result;
@@ -34,6 +35,10 @@ pub struct StudyArgs {
     /// copy compiled into tessera is used.
     #[arg(long, default_value = "models/tiny")]
     tiny_dir: PathBuf,
+    /// Where the stages train and the evaluations run: cpu or cuda (every stage's
+    /// `model.device`).
+    #[arg(long, default_value = "cpu")]
+    device: crate::Device,
 }
 
 pub fn run(args: StudyArgs) -> Result<()> {
@@ -71,6 +76,7 @@ pub fn run(args: StudyArgs) -> Result<()> {
         prior: args.prior,
         images: args.images,
         tiny_dir,
+        device: args.device,
     };
     let study = Study::new(preset, inputs, args.runs.join(&name))?;
     study.run()?;

@@ -305,9 +305,18 @@ impl TrainConfig {
                 self.optim.lr
             ));
         }
+        self.device()?;
         self.loss_type()?;
         self.scale_rewards()?;
         self.schedule()?.validate()
+    }
+
+    /// `model.device`: cpu or cuda (also cuda:0 or gpu).
+    pub fn device(&self) -> Result<crate::Device> {
+        self.model
+            .device
+            .parse()
+            .map_err(|e| Error::msg(format!("train config: model.device: {e}")))
     }
 
     pub fn loss_type(&self) -> Result<LossType> {

@@ -107,15 +107,12 @@ impl Trainer {
         evals: Vec<Box<dyn Task>>,
         resume: bool,
     ) -> Result<Trainer> {
+        // Before the run folder exists: a bad device leaves nothing behind.
+        let device = cfg.device()?;
         let run = PathBuf::from(&cfg.out);
         std::fs::create_dir_all(&run)
             .map_err(|e| Error::file(&run, format!("cannot create: {e}")))?;
         let model_dir = PathBuf::from(&cfg.model.dir);
-        let device = match cfg.model.device.as_str() {
-            "cpu" => Device::Cpu,
-            "cuda" => Device::Cuda,
-            d => return Err(Error::msg(format!("model.device '{d}': want cpu or cuda"))),
-        };
         let resume_from = if resume {
             let dir = checkpoint::latest(&run)?;
             if dir.is_none() {

@@ -126,6 +126,9 @@ pub struct Inputs {
     pub images: Option<PathBuf>,
     /// Model directory of the tiny preset (config.json + tokenizer.json).
     pub tiny_dir: PathBuf,
+    /// Where every stage trains and evaluates (`model.device` of each stage's config), and
+    /// where the final evaluations and the dynamics probes run.
+    pub device: crate::Device,
 }
 
 /// One trained model of the study and its final evaluation.
@@ -210,6 +213,7 @@ impl Study {
             ..TrainConfig::default()
         };
         cfg.model.dir = model_dir.display().to_string();
+        cfg.model.device = self.inputs.device.to_string();
         cfg.data.train = train.to_string();
         cfg.data.eval = self.eval_specs();
         cfg.data.eval_samples = p.eval_samples;
@@ -296,7 +300,8 @@ impl Study {
     /// Final accuracies of a model directory on the jigsaw and every prior suite.
     pub fn evaluate(&self, model_dir: &Path) -> Result<Metrics> {
         let cfg = self.config("eval", model_dir, &self.jigsaw_spec, 1, 1e-3)?;
-        let model = crate::qwen2_5_vl::model::QwenVl::load(model_dir, crate::DType::F32)?;
+        let model = crate::qwen2_5_vl::model::QwenVl::load(model_dir, crate::DType::F32)?
+            .to_device(self.inputs.device)?;
         let tok_path = model_dir.join("tokenizer.json");
         let tokenizer = crate::qwen2_5_vl::tokenizer::QwenTokenizer::from_file(&tok_path)?;
         let encoder = crate::rl::data::Encoder::new(tokenizer, &model.config);

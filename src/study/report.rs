@@ -61,7 +61,7 @@ pub fn mean_prior_change(arm: &Arm, base: &Arm, priors: &[String]) -> Option<f64
 /// for GRPO and SFT-on-rollouts) against prior-knowledge probes, measured on the base model.
 pub fn dynamics_section(study: &Study, base_dir: &Path, rollouts: &Path) -> Result<String> {
     let n = study.preset.dynamics_samples;
-    let model = QwenVl::load(base_dir, DType::F32)?;
+    let model = QwenVl::load(base_dir, DType::F32)?.to_device(study.inputs.device)?;
     let tokenizer = QwenTokenizer::from_file(&base_dir.join("tokenizer.json"))?;
     let enc = Encoder::new(tokenizer, &model.config);
     let cfg = crate::rl::config::TrainConfig::default();

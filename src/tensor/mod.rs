@@ -69,8 +69,9 @@ macro_rules! any_dispatch {
 }
 
 /// Where a tensor's elements live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Device {
+    #[default]
     Cpu,
     /// The process's CUDA device (ordinal 0).
     Cuda,
