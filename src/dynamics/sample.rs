@@ -79,10 +79,10 @@ fn completion_logits(model: &QwenVl, e: &Encoded) -> Result<(Tensor, Tensor)> {
         )));
     }
     let c = t - p;
-    let logits = model.forward(&single_batch(e)?)?.logits;
-    let v = logits.dim(2)?;
     // Position j predicts token j + 1: columns P-1 .. T-2 predict the completion.
-    let logits = logits.narrow(1, p - 1, c)?.reshape(&[c, v])?;
+    let logits = model.logits_at(&single_batch(e)?, p - 1, c)?;
+    let v = logits.dim(2)?;
+    let logits = logits.reshape(&[c, v])?;
     let ids: Vec<i64> = e.completion().iter().map(|&i| i as i64).collect();
     let targets = Tensor::from_vec(ids, &[c])?.to_device(logits.device())?;
     Ok((logits, targets))

@@ -404,6 +404,33 @@ impl QwenVl {
             .linear(self.lm_head()?, None)
     }
 
+    /// The logits of positions `start .. start + len` only, [B, len, V]: the forward's values
+    /// there. On CUDA the final norm and the lm head run over those positions alone (what a
+    /// policy's log-probabilities of its completion need: with image prompts most positions
+    /// are the prompt's, and [B, T, V] logits of a real vocabulary take gigabytes). The CPU
+    /// runs them over every position, as `forward`, and narrows after: the head's weight
+    /// gradient summed over fewer rows rounds differently, and the tiny study's GRPO arm is
+    /// sensitive to rounding (docs/study.md), while its 192-token vocabulary gains nothing.
+    pub fn logits_at(&self, batch: &Batch, start: usize, len: usize) -> Result<Tensor> {
+        let x = self.decoder_inputs(batch)?;
+        let seq = x.positions.seq;
+        if start + len > seq {
+            return Err(Error::shape(
+                "logits_at",
+                format!(
+                    "positions {start}..{} of a {seq}-token sequence",
+                    start + len
+                ),
+            ));
+        }
+        let h = self.decoder(x.hidden, &x.cos, &x.sin, x.key_padding.as_ref(), None)?;
+        if h.is_cuda() {
+            self.head(&h.narrow(1, start, len)?)
+        } else {
+            self.head(&h)?.narrow(1, start, len)
+        }
+    }
+
     pub fn forward(&self, batch: &Batch) -> Result<Output> {
         let x = self.decoder_inputs(batch)?;
         let h = self.decoder(x.hidden, &x.cos, &x.sin, x.key_padding.as_ref(), None)?;

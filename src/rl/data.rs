@@ -263,9 +263,7 @@ pub fn completion_logits(model: &QwenVl, c: &Collated) -> Result<Tensor> {
         labels: None,
     };
     model
-        .forward(&batch)?
-        .logits
-        .narrow(1, c.prompt_cols - 1, c.completion_cols)?
+        .logits_at(&batch, c.prompt_cols - 1, c.completion_cols)?
         .to_dtype(DType::F32)
 }
 
