@@ -360,8 +360,19 @@ pub fn sample_token(logits: &[f64], cfg: &SamplingConfig, rng: &mut Rng) -> Resu
     if logits.is_empty() {
         return Err(Error::msg("sample_token: empty logits"));
     }
+    let u = if cfg.temperature == 0.0 {
+        0.0
+    } else {
+        rng.uniform()
+    };
+    Ok(sample_with(logits, cfg, u))
+}
+
+/// `sample_token` with its uniform draw `u` in [0, 1) given (unused when greedy), so that rows
+/// can be sampled in parallel from draws taken in row order. `logits` is not empty.
+fn sample_with(logits: &[f64], cfg: &SamplingConfig, u: f64) -> u32 {
     if cfg.temperature == 0.0 {
-        return Ok(argmax(logits) as u32);
+        return argmax(logits) as u32;
     }
     let mut scores: Vec<f64> = logits
         .iter()
@@ -376,9 +387,9 @@ pub fn sample_token(logits: &[f64], cfg: &SamplingConfig, rng: &mut Rng) -> Resu
     let v = scores.len();
     // Top-k (TopKLogitsWarper): drop everything below the k-th largest score (ties stay).
     if cfg.top_k > 0 && cfg.top_k < v {
+        // The k-th largest by selection (O(V)), the value a full sort puts there.
         let mut sorted = scores.clone();
-        sorted.sort_unstable_by(|a, b| b.total_cmp(a));
-        let kth = sorted[cfg.top_k - 1];
+        let (_, &mut kth, _) = sorted.select_nth_unstable_by(cfg.top_k - 1, |a, b| b.total_cmp(a));
         for s in scores.iter_mut().filter(|s| **s < kth) {
             *s = f64::NEG_INFINITY;
         }
@@ -386,12 +397,16 @@ pub fn sample_token(logits: &[f64], cfg: &SamplingConfig, rng: &mut Rng) -> Resu
     // Top-p (TopPLogitsWarper): in ascending order, drop tokens while the cumulative
     // probability stays <= 1 − top_p; the most likely token always stays.
     if cfg.top_p < 1.0 {
-        let mut order: Vec<usize> = (0..v).collect();
+        // Only the finite scores are ordered (after top-k, k of them): the −inf ones would come
+        // first in the ascending order, add exactly 0 to the cumulative probability, and be
+        // dropped again, so the decisions and their arithmetic are those of ordering them all
+        // (a stable sort keeps ties in index order either way).
+        let mut order: Vec<usize> = (0..v).filter(|&i| scores[i] > f64::NEG_INFINITY).collect();
         order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-        let max = scores[order[v - 1]];
+        let max = order.last().map_or(f64::NEG_INFINITY, |&i| scores[i]);
         let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
         let mut cumulative = 0.0;
-        for &i in &order[..v - 1] {
+        for &i in &order[..order.len().saturating_sub(1)] {
             cumulative += (scores[i] - max).exp() / total;
             if cumulative <= 1.0 - cfg.top_p {
                 scores[i] = f64::NEG_INFINITY;
@@ -403,7 +418,7 @@ pub fn sample_token(logits: &[f64], cfg: &SamplingConfig, rng: &mut Rng) -> Resu
     let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
     let total: f64 = weights.iter().sum();
-    let target = rng.uniform() * total;
+    let target = u * total;
     let mut cumulative = 0.0;
     let mut last_kept = argmax(&scores);
     for (i, w) in weights.iter().enumerate() {
@@ -411,11 +426,11 @@ pub fn sample_token(logits: &[f64], cfg: &SamplingConfig, rng: &mut Rng) -> Resu
             cumulative += w;
             last_kept = i;
             if target < cumulative {
-                return Ok(i as u32);
+                return i as u32;
             }
         }
     }
-    Ok(last_kept as u32)
+    last_kept as u32
 }
 
 /// Continues every prompt (batched, KV cache, no graph): see the module doc. Returns one
@@ -437,11 +452,34 @@ pub fn generate(
     let mut active: Vec<usize> = (0..prompts.len()).collect();
     loop {
         let v = logits.dim(1)?;
+        if v == 0 {
+            return Err(Error::msg("generate: the model gave empty logits"));
+        }
         let values = logits.to_f64s()?;
+        // One draw a row, in row order (as `sample_token` row by row), then the rows in
+        // parallel: with a real vocabulary (152k), sampling a batch on one core can take longer
+        // than the device's decode step.
+        let draws: Vec<f64> = active
+            .iter()
+            .map(|_| {
+                if cfg.temperature == 0.0 {
+                    0.0
+                } else {
+                    rng.uniform()
+                }
+            })
+            .collect();
+        let tokens: Vec<u32> = {
+            use rayon::prelude::*;
+            draws
+                .par_iter()
+                .enumerate()
+                .map(|(r, &u)| sample_with(&values[r * v..(r + 1) * v], cfg, u))
+                .collect()
+        };
         let mut next = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
-        for (r, &p) in active.iter().enumerate() {
-            let token = sample_token(&values[r * v..(r + 1) * v], cfg, rng)?;
+        for (r, (&p, &token)) in active.iter().zip(&tokens).enumerate() {
             let g = &mut out[p];
             g.tokens.push(token);
             if cfg.stop_ids.contains(&token) {
