@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use tessera::qwen2_5_vl::generate::{
-    decode_step, generate, pad_prompts, prefill, sample_token, Generation, Prompt, SamplingConfig,
+    decode_step, generate, generate_groups, pad_prompts, prefill, sample_token, Generation, Prompt,
+    SamplingConfig,
 };
 use tessera::qwen2_5_vl::QwenVl;
 use tessera::Rng;
@@ -96,6 +97,42 @@ fn batched_rows_equal_rows_alone() {
         let alone = generate(&model, std::slice::from_ref(p), &cfg, &mut Rng::new(0)).unwrap();
         assert_eq!(alone[0], batched[r], "row {r}");
     }
+}
+
+#[test]
+fn groups_equal_the_prompts_repeated() {
+    // GRPO's rollouts: each prompt (and its image) through the model once, its cache rows
+    // repeated; the tokens of generating from the prompts repeated, sampled and greedy.
+    let model = model();
+    let (prompts, _) = case("image", &model);
+    let repeated: Vec<Prompt> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), 3))
+        .collect();
+    let sampling = SamplingConfig {
+        max_new_tokens: 12,
+        temperature: 1.0,
+        top_k: 50,
+        top_p: 0.95,
+        stop_ids: vec![9],
+    };
+    for cfg in [sampling, SamplingConfig::greedy(8)] {
+        let want = generate(&model, &repeated, &cfg, &mut Rng::new(4)).unwrap();
+        let got = generate_groups(&model, &prompts, 3, &cfg, &mut Rng::new(4)).unwrap();
+        assert_eq!(got, want);
+    }
+    // Rows of one group differ when sampled (the comparison is not of copies).
+    let got = sampled(&model, &repeated, 1);
+    assert!(got.chunks(3).any(|g| g[0] != g[1] || g[1] != g[2]));
+    assert!(generate_groups(
+        &model,
+        &prompts,
+        0,
+        &SamplingConfig::greedy(4),
+        &mut Rng::new(0)
+    )
+    .unwrap()
+    .is_empty());
 }
 
 fn sampled(model: &QwenVl, prompts: &[Prompt], seed: u64) -> Vec<Generation> {

@@ -441,15 +441,38 @@ pub fn generate(
     cfg: &SamplingConfig,
     rng: &mut Rng,
 ) -> Result<Vec<Generation>> {
+    generate_groups(model, prompts, 1, cfg, rng)
+}
+
+/// `generate` of every prompt `group` times: generations [prompt 0 × group, prompt 1 × group,
+/// ...], the tokens `generate` gives for the prompts repeated so. Each prompt runs through the
+/// model once and its cache rows and last logits are repeated (GRPO's rollouts: repeating the
+/// prompts ran each image through the vision tower `group` times).
+pub fn generate_groups(
+    model: &QwenVl,
+    prompts: &[Prompt],
+    group: usize,
+    cfg: &SamplingConfig,
+    rng: &mut Rng,
+) -> Result<Vec<Generation>> {
     cfg.validate()?;
-    let mut out = vec![Generation::default(); prompts.len()];
-    if prompts.is_empty() || cfg.max_new_tokens == 0 {
+    let n = prompts.len() * group;
+    let mut out = vec![Generation::default(); n];
+    if n == 0 || cfg.max_new_tokens == 0 {
         return Ok(out);
     }
     let _no_grad = NoGradGuard::new();
     let (mut logits, mut cache) = prefill(model, prompts)?;
-    // active[r] = the prompt that cache row r continues.
-    let mut active: Vec<usize> = (0..prompts.len()).collect();
+    if group > 1 {
+        let rows: Vec<usize> = (0..prompts.len())
+            .flat_map(|p| std::iter::repeat_n(p, group))
+            .collect();
+        cache.select_rows(&rows)?;
+        let index = Tensor::from_vec(rows.iter().map(|&r| r as i64).collect(), &[n])?;
+        logits = logits.index_select(&index, 0)?;
+    }
+    // active[r] = the generation that cache row r continues.
+    let mut active: Vec<usize> = (0..n).collect();
     loop {
         let v = logits.dim(1)?;
         if v == 0 {

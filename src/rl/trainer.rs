@@ -8,7 +8,7 @@
 //! the last good checkpoint.
 
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ParamGroup};
-use crate::qwen2_5_vl::generate::{generate, Prompt, SamplingConfig};
+use crate::qwen2_5_vl::generate::{generate, generate_groups, Prompt, SamplingConfig};
 use crate::qwen2_5_vl::model::QwenVl;
 use crate::qwen2_5_vl::tokenizer::QwenTokenizer;
 use crate::rl::checkpoint::{self, Checkpoint, TrainerState};
@@ -453,8 +453,7 @@ impl Trainer {
         // Rollouts: G samples of every prompt, from the trainer's random stream.
         let rollout_prompts: Vec<Prompt> = prompts
             .iter()
-            .flat_map(|(_, p)| std::iter::repeat_n(p, g.group_size))
-            .map(|p| Prompt {
+            .map(|(_, p)| Prompt {
                 input_ids: p.input_ids.clone(),
                 pixel_values: p.pixel_values.clone(),
                 image_grid_thw: p.image_grid_thw.clone(),
@@ -462,9 +461,10 @@ impl Trainer {
             .collect();
         let mut rng = Rng::from_state(self.state.rng_state);
         let mut gens = no_grad(|| {
-            generate(
+            generate_groups(
                 &self.model,
                 &rollout_prompts,
+                g.group_size,
                 &self.sampling(false),
                 &mut rng,
             )
