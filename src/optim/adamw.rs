@@ -309,6 +309,13 @@ impl AdamW {
     }
 
     /// A snapshot of the state (tensors are copies: later steps do not change it).
+    /// The live state without a copy: the step count, then each parameter's state in
+    /// construction order (what `state` copies). For writing a checkpoint tensor by tensor:
+    /// `state` of a large model on a GPU copies every moment to the host at once.
+    pub fn state_ref(&self) -> (u64, &[Option<AdamWParamState>]) {
+        (self.steps, &self.state)
+    }
+
     pub fn state(&self) -> Result<AdamWState> {
         let params = self
             .state

@@ -165,19 +165,22 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
 
 /// AdamW moments as `exp_avg.NAME` / `exp_avg_sq.NAME` tensors; counts in the metadata.
 fn save_optimizer(path: &Path, params: &Params, opt: &AdamW) -> Result<()> {
-    let state = opt.state()?;
+    // The live moments, written one tensor at a time (on a GPU, copied to the host one at a
+    // time): a copy of the whole state first would hold both moments of every parameter in
+    // host memory at once.
+    let (steps, state) = opt.state_ref();
     let names: Vec<&str> = params.iter().map(|(n, _)| n).collect();
-    if names.len() != state.params.len() {
+    if names.len() != state.len() {
         return Err(Error::msg(format!(
             "checkpoint: the optimiser holds {} parameters but the model has {}",
-            state.params.len(),
+            state.len(),
             names.len()
         )));
     }
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let mut meta = HashMap::new();
-    meta.insert("steps".to_string(), state.steps.to_string());
-    for (name, s) in names.iter().zip(&state.params) {
+    meta.insert("steps".to_string(), steps.to_string());
+    for (name, s) in names.iter().zip(state) {
         if let Some(s) = s {
             tensors.push((format!("exp_avg.{name}"), s.exp_avg.clone()));
             tensors.push((format!("exp_avg_sq.{name}"), s.exp_avg_sq.clone()));

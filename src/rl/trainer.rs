@@ -275,12 +275,13 @@ impl Trainer {
 
     /// Writes a checkpoint of the current state; returns its directory.
     pub fn save(&mut self) -> Result<PathBuf> {
-        let params = self.model.params.to_device(Device::Cpu)?;
+        // The live parameters: the writer copies each to the host as it writes it (a copy of
+        // the whole model first held all of it in host memory at once).
         let dir = checkpoint::save(
             &self.run,
             &Checkpoint {
                 config_json: &self.config_json,
-                params: &params,
+                params: &self.model.params,
                 optimizer: &self.opt,
                 state: &self.state,
                 tokenizer: Some(&self.tokenizer_path),
