@@ -4,7 +4,9 @@
 //! (sampled rollouts, a KL term to the frozen reference, two passes over each batch), the
 //! evaluation by greedy generation, and a checkpoint resumed on the device; the tiny preset from
 //! random weights, in f32, so every step's metrics must match the CPU's: the first step's to
-//! f32 rounding, the later ones within what a few Adam steps amplify. Skips without a GPU.
+//! f32 rounding, the later ones within what a few Adam steps amplify; and with `model.dtype =
+//! "bf16"` (bf16 copies of the f32 weights), SFT within bf16's rounding of the CPU's f32 run
+//! and GRPO's steps finite with a signal. Skips without a GPU.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -305,4 +307,53 @@ fn the_smoke_study_runs_on_cuda_as_on_the_cpu() {
             assert!((x - y).abs() <= 0.25, "{arm} {k}: cpu {x} cuda {y}");
         }
     }
+}
+
+#[test]
+fn bf16_training_on_cuda_follows_the_cpu_in_f32() {
+    if cuda::device_or_skip("cuda_train bf16").is_none() {
+        return;
+    }
+    let mut runs = Vec::new();
+    for (device, dtype) in [("cpu", "f32"), ("cuda", "bf16")] {
+        let run = tmp(&format!("sft-{dtype}"));
+        let mut cfg = config(&run, device, "mix:colour,facts", 4);
+        cfg.model.dtype = dtype.into();
+        // Two sub-batches a step: each backward through copies of its own.
+        cfg.train.length_buckets = 2;
+        cfg.train.grad_accum = 2;
+        train(Kind::Sft, &cfg, &[], false);
+        runs.push(metrics(&run));
+    }
+    compare(
+        "sft bf16",
+        &runs[0],
+        &runs[1],
+        &["loss", "grad_norm"],
+        &[],
+        [2e-2, 5e-2],
+        1e-6,
+    );
+    // GRPO in bf16 (rollouts from bf16 probabilities: not the CPU's draws): finite, and the
+    // f32 weights move. A checkpoint of the f32 weights resumes.
+    let run = tmp("grpo-bf16");
+    let mut cfg = config(&run, "cuda", "mix:count,facts", 3);
+    cfg.model.dtype = "bf16".into();
+    cfg.grpo.mu = 2;
+    cfg.grpo.beta = 0.04;
+    cfg.train.save_every = 2;
+    train(Kind::Grpo, &cfg, &[], false);
+    let m = metrics(&run);
+    for key in ["loss", "grad_norm", "entropy", "kl"] {
+        let v: Vec<f64> = m.iter().map(|x| x[key].as_f64().unwrap()).collect();
+        assert!(v.iter().all(|x| x.is_finite()), "grpo bf16 {key}: {v:?}");
+    }
+    assert!(
+        m.iter().all(|x| x["grad_norm"].as_f64().unwrap() > 0.0),
+        "{m:?}"
+    );
+    let mut more = cfg.clone();
+    more.train.steps = 4;
+    train(Kind::Grpo, &more, &[], true);
+    assert_eq!(metrics(&run).len(), 4);
 }

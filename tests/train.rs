@@ -404,6 +404,18 @@ fn config_errors_name_the_key() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("model.device") && err.contains("tpu"), "{err}");
+    for (dtype, want) in [("bf16", "needs model.device"), ("fp8", "want f32 or bf16")] {
+        let err = TrainConfig::load(
+            None,
+            &[
+                "data.train=suite:colour".into(),
+                format!("model.dtype=\"{dtype}\""),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("model.dtype") && err.contains(want), "{err}");
+    }
 }
 
 #[test]

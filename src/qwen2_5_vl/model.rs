@@ -10,6 +10,8 @@ use crate::ops::attention::AttentionOptions;
 use crate::{DType, Error, Result, Rng, Tensor};
 use std::path::Path;
 
+/// The model: its config and its named parameters (cloning shares the tensors).
+#[derive(Clone)]
 pub struct QwenVl {
     pub config: Config,
     pub params: Params,

@@ -45,6 +45,9 @@ pub struct ModelConfig {
     pub init_seed: Option<u64>,
     /// "cpu" or "cuda".
     pub device: String,
+    /// "f32", or "bf16" (CUDA): the forward and backward computed with bf16 copies of the f32
+    /// weights, made each step; AdamW and checkpoints keep f32.
+    pub dtype: String,
     /// Activation checkpointing: each decoder layer and vision block keeps only its inputs
     /// for the backward and computes its forward again there (memory for about a third more
     /// compute; `autograd::checkpoint`).
@@ -157,6 +160,7 @@ impl Default for ModelConfig {
             tokenizer: None,
             init_seed: None,
             device: "cpu".into(),
+            dtype: "f32".into(),
             gradient_checkpointing: false,
         }
     }
@@ -306,9 +310,25 @@ impl TrainConfig {
             ));
         }
         self.device()?;
+        self.compute_dtype()?;
         self.loss_type()?;
         self.scale_rewards()?;
         self.schedule()?.validate()
+    }
+
+    /// `model.dtype`: f32, or bf16 on CUDA (the CPU backend computes in f32).
+    pub fn compute_dtype(&self) -> Result<crate::DType> {
+        match (self.model.dtype.as_str(), self.device()?) {
+            ("f32", _) => Ok(crate::DType::F32),
+            ("bf16", crate::Device::Cuda) => Ok(crate::DType::BF16),
+            ("bf16", crate::Device::Cpu) => Err(Error::msg(
+                "train config: model.dtype = \"bf16\" needs model.device = \"cuda\" (the CPU \
+                 backend computes in f32)",
+            )),
+            (d, _) => Err(Error::msg(format!(
+                "train config: model.dtype \"{d}\": want f32 or bf16"
+            ))),
+        }
     }
 
     /// `model.device`: cpu or cuda (also cuda:0 or gpu).

@@ -54,6 +54,8 @@ pub struct Trainer {
     task: Box<dyn Task>,
     evals: Vec<Box<dyn Task>>,
     reference: Option<QwenVl>,
+    /// `model.dtype`: the dtype of the copies the model computes with (`compute`).
+    compute_dtype: DType,
     run: PathBuf,
     metrics: File,
     last_checkpoint: Option<PathBuf>,
@@ -107,8 +109,9 @@ impl Trainer {
         evals: Vec<Box<dyn Task>>,
         resume: bool,
     ) -> Result<Trainer> {
-        // Before the run folder exists: a bad device leaves nothing behind.
+        // Before the run folder exists: a bad device or dtype leaves nothing behind.
         let device = cfg.device()?;
+        let compute_dtype = cfg.compute_dtype()?;
         let run = PathBuf::from(&cfg.out);
         std::fs::create_dir_all(&run)
             .map_err(|e| Error::file(&run, format!("cannot create: {e}")))?;
@@ -163,10 +166,18 @@ impl Trainer {
                 }
                 None => QwenVl::load(&model_dir, DType::F32)?,
             };
-            Some(if device == Device::Cpu {
+            let r = if device == Device::Cpu {
                 r
             } else {
                 r.to_device(device)?
+            };
+            // Frozen: in the compute dtype once (bf16 copies without a graph).
+            Some(match compute_dtype {
+                DType::F32 => r,
+                dtype => QwenVl {
+                    params: no_grad(|| r.params.cast(dtype))?,
+                    config: r.config,
+                },
             })
         } else {
             None
@@ -225,6 +236,7 @@ impl Trainer {
             task,
             evals,
             reference,
+            compute_dtype,
             run,
             metrics,
             order: None,
@@ -390,8 +402,10 @@ impl Trainer {
                 sub_batches += 1;
                 let sub: Vec<&Encoded> = group.iter().map(|&i| &items[i]).collect();
                 let c = self.collate_on_device(&sub)?;
+                // A graph of its own for each backward (bf16: its own copies, as a backward frees
+                // the graph it ran through).
                 let loss = self
-                    .model
+                    .compute()?
                     .forward(&c.batch)?
                     .loss
                     .ok_or_else(|| Error::msg("SFT: the model returned no loss"))?;
@@ -411,6 +425,19 @@ impl Trainer {
             json!(tokens as f64 / t0.elapsed().as_secs_f64()),
         );
         Ok(m)
+    }
+
+    /// The model that computes this step: the f32 weights themselves, or (`model.dtype =
+    /// "bf16"`) bf16 copies of them made now, whose backward adds the gradients to the f32
+    /// weights in f32. Made again after every optimiser step. (Cloning shares the tensors.)
+    fn compute(&self) -> Result<QwenVl> {
+        Ok(match self.compute_dtype {
+            DType::F32 => self.model.clone(),
+            dtype => QwenVl {
+                config: self.model.config.clone(),
+                params: self.model.params.cast(dtype)?,
+            },
+        })
     }
 
     fn collate_on_device(&self, items: &[&Encoded]) -> Result<Collated> {
@@ -461,9 +488,11 @@ impl Trainer {
             })
             .collect();
         let mut rng = Rng::from_state(self.state.rng_state);
+        // The sampling policy (no graph), also the old policy of the passes below.
+        let policy = no_grad(|| self.compute())?;
         let mut gens = no_grad(|| {
             generate_groups(
-                &self.model,
+                &policy,
                 &rollout_prompts,
                 g.group_size,
                 &self.sampling(false),
@@ -520,7 +549,7 @@ impl Trainer {
         let old: Vec<Option<Tensor>> = if g.mu > 1 {
             collated
                 .iter()
-                .map(|c| no_grad(|| policy_logprobs(&self.model, c, g.temperature)).map(Some))
+                .map(|c| no_grad(|| policy_logprobs(&policy, c, g.temperature)).map(Some))
                 .collect::<Result<_>>()?
         } else {
             vec![None; collated.len()]
@@ -534,6 +563,7 @@ impl Trainer {
         };
         let mut m = Metrics::new();
         let (mut loss_sum, mut kl_sum, mut clipped, mut ent_sum) = (0.0, 0.0, 0.0, 0.0);
+        drop(policy);
         for pass in 0..g.mu {
             for (k, c) in collated.iter().enumerate() {
                 if c.completion_cols == 0 {
@@ -541,7 +571,9 @@ impl Trainer {
                 }
                 let rows = chunks[k].len();
                 // Tempered like the sampler (see `policy_logprobs`); the entropy below too.
-                let logits = tempered(completion_logits(&self.model, c)?, g.temperature)?;
+                // A graph of its own for each backward (bf16: copies of the weights as they
+                // are after the last pass's step).
+                let logits = tempered(completion_logits(&self.compute()?, c)?, g.temperature)?;
                 let logps = logprobs_of(&logits, c)?;
                 let a: Vec<f64> = chunks[k].iter().map(|&i| adv[i]).collect();
                 let a = Tensor::from_f64s(&a, &[rows], DType::F32)?.to_device(logps.device())?;
@@ -616,9 +648,10 @@ impl Trainer {
     /// `eval/<task>` = fraction correct, `eval/<task>/reward` = mean reward.
     pub fn evaluate(&self, n: usize) -> Result<Metrics> {
         let mut m = Metrics::new();
+        let compute = no_grad(|| self.compute())?;
         for task in &self.evals {
             let (acc, reward) = evaluate_task(
-                &self.model,
+                &compute,
                 &self.encoder,
                 task.as_ref(),
                 n,
