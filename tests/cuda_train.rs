@@ -264,6 +264,15 @@ fn generation_on_cuda_follows_transformers_and_the_cpu() {
         let want = generate(&cpu, &prompts, &sampling, &mut Rng::new(1)).unwrap();
         let got = generate(&gpu, &prompts, &sampling, &mut Rng::new(1)).unwrap();
         assert_eq!(got, want, "{name}: sampled on cuda against the cpu, seed 1");
+        // bf16 weights (`generate --dtype bf16`): the decode path in bf16 runs to the end.
+        let bf16 = tessera::qwen2_5_vl::QwenVl {
+            config: gpu.config.clone(),
+            params: tessera::no_grad(|| gpu.params.cast(tessera::DType::BF16)).unwrap(),
+        };
+        let out = generate(&bf16, &prompts, &greedy, &mut Rng::new(0)).unwrap();
+        for (r, g) in out.iter().enumerate() {
+            assert_eq!(g.tokens.len(), expected[r].len(), "{name}: row {r} in bf16");
+        }
     }
 }
 

@@ -459,6 +459,18 @@ fn cli_errors_name_the_missing_path() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tokenizer.json"), "{stderr}");
 
+    // bf16 on the CPU, which computes in f32.
+    let out = tessera()
+        .arg("generate")
+        .arg("--model")
+        .arg(&dir)
+        .args(["--prompt", "hi", "--dtype", "bf16"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--device cuda"), "{stderr}");
+
     if let Some(tokenizer) = qwen_tokenizer() {
         let out = tessera()
             .arg("generate")

@@ -41,6 +41,9 @@ pub struct GenerateArgs {
     tokenizer: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// f32, or bf16 with --device cuda (the weights loaded in f32, then cast).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Time greedy generation of max_new_tokens for a batch of this many random prompts of
     /// --bench-prompt-len tokens; prints JSON to stdout.
     #[arg(long)]
@@ -54,9 +57,22 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         return Err(Error::file(&a.model, "model directory not found"));
     }
     let device: Device = a.device.parse()?;
+    let dtype: DType = a.dtype.parse()?;
+    match (dtype, device) {
+        (DType::F32, _) | (DType::BF16, Device::Cuda) => {}
+        (DType::BF16, Device::Cpu) => {
+            return Err(Error::msg(
+                "--dtype bf16: the CPU backend computes in f32 (bf16 needs --device cuda)",
+            ))
+        }
+        (d, _) => return Err(Error::msg(format!("--dtype {d}: want f32 or bf16"))),
+    }
     let load = || -> Result<QwenVl> {
         let t = Instant::now();
-        let model = QwenVl::load(&a.model, DType::F32)?.to_device(device)?;
+        let mut model = QwenVl::load(&a.model, DType::F32)?.to_device(device)?;
+        if dtype != DType::F32 {
+            model.params = crate::no_grad(|| model.params.cast(dtype))?;
+        }
         eprintln!(
             "loaded {} in {:.2} s",
             a.model.display(),
