@@ -11,7 +11,7 @@
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tessera::backend::cuda;
-use tessera::qwen2_5_vl::generate::{generate, SamplingConfig};
+use tessera::qwen2_5_vl::generate::{decode_step, generate, prefill, SamplingConfig};
 use tessera::rl::config::TrainConfig;
 use tessera::rl::sources;
 use tessera::rl::task::Task;
@@ -264,14 +264,27 @@ fn generation_on_cuda_follows_transformers_and_the_cpu() {
         let want = generate(&cpu, &prompts, &sampling, &mut Rng::new(1)).unwrap();
         let got = generate(&gpu, &prompts, &sampling, &mut Rng::new(1)).unwrap();
         assert_eq!(got, want, "{name}: sampled on cuda against the cpu, seed 1");
-        // bf16 weights (`generate --dtype bf16`): the decode path in bf16 runs to the end.
+        // bf16 weights (`generate --dtype bf16`): the prefill's logits and those of three
+        // decode steps through the bf16 KV cache (fed transformers' tokens) within bf16's
+        // rounding of the f32 ones (the largest difference against the largest logit).
         let bf16 = tessera::qwen2_5_vl::QwenVl {
             config: gpu.config.clone(),
             params: tessera::no_grad(|| gpu.params.cast(tessera::DType::BF16)).unwrap(),
         };
-        let out = generate(&bf16, &prompts, &greedy, &mut Rng::new(0)).unwrap();
-        for (r, g) in out.iter().enumerate() {
-            assert_eq!(g.tokens.len(), expected[r].len(), "{name}: row {r} in bf16");
+        let (mut want, mut f32_cache) = prefill(&gpu, &prompts).unwrap();
+        let (mut got, mut bf16_cache) = prefill(&bf16, &prompts).unwrap();
+        for step in 0..4 {
+            let err = tessera::testing::cuda::rel_error(&got, &want).unwrap();
+            assert!(
+                err <= 3e-2,
+                "{name}: bf16 logits at step {step}: relative error {err:.2e}"
+            );
+            if step == 3 {
+                break;
+            }
+            let tokens: Vec<u32> = expected.iter().map(|e| e[step]).collect();
+            want = decode_step(&gpu, &mut f32_cache, &tokens).unwrap();
+            got = decode_step(&bf16, &mut bf16_cache, &tokens).unwrap();
         }
     }
 }
@@ -302,8 +315,9 @@ fn the_smoke_study_runs_on_cuda_as_on_the_cpu() {
         );
     }
     // Every arm's final greedy evaluation on every suite: the same arms and metrics, and
-    // accuracies within a quarter (an answer flips only where two logits tie to within the
-    // devices' rounding differences, which a few training steps can leave in a greedy path).
+    // accuracies within one answer of the smoke preset's three a suite (an answer flips only
+    // where two logits tie to within the devices' rounding differences, which a few training
+    // steps can leave in a greedy path).
     assert_eq!(scores[0].len(), scores[1].len());
     for ((arm, cpu), (_, gpu)) in scores[0].iter().zip(&scores[1]) {
         assert_eq!(
@@ -313,7 +327,7 @@ fn the_smoke_study_runs_on_cuda_as_on_the_cpu() {
         );
         for (k, v) in cpu {
             let (x, y) = (v.as_f64().unwrap(), gpu[k].as_f64().unwrap());
-            assert!((x - y).abs() <= 0.25, "{arm} {k}: cpu {x} cuda {y}");
+            assert!((x - y).abs() <= 0.34, "{arm} {k}: cpu {x} cuda {y}");
         }
     }
 }

@@ -308,7 +308,6 @@ impl AdamW {
         Ok(())
     }
 
-    /// A snapshot of the state (tensors are copies: later steps do not change it).
     /// The live state without a copy: the step count, then each parameter's state in
     /// construction order (what `state` copies). For writing a checkpoint tensor by tensor:
     /// `state` of a large model on a GPU copies every moment to the host at once.
@@ -316,6 +315,7 @@ impl AdamW {
         (self.steps, &self.state)
     }
 
+    /// A snapshot of the state (tensors are copies: later steps do not change it).
     pub fn state(&self) -> Result<AdamWState> {
         let params = self
             .state

@@ -220,8 +220,10 @@ COPY_ROWS = ["rms_norm fwd", "rms_norm fwd+bwd", "softmax fwd", "softmax fwd+bwd
 # Issue 5's targets.
 GEMM_TARGET, FWD_TARGET, BWD_TARGET, SPEEDUP_TARGET, MFU_TARGET = 0.90, 0.80, 0.70, 1.2, 0.45
 # A 5-step median of the 3B step moved by up to ~5% between two runs of the same build (run 13:
-# 80.2 and 83.9 ms), so a switch's effect within this is noise.
-STEP_NOISE = 0.03
+# 80.2 and 83.9 ms, 4.6%), so a switch's effect within this is noise.
+STEP_NOISE = 0.05
+# Kernel rows are medians of event-timed batches: runs 11-13 repeated them within ~3%.
+KERNEL_NOISE = 0.03
 
 
 def step_results(d):
@@ -291,7 +293,7 @@ def verdicts(d, ours, torch, mm):
                 for r in ours if re.search(r"^cross_entropy fwd \(.*\[TESSERA_CE_STAGES=\d+\]$", r["kernel"])]
     if ce and variants:
         best, switch = max(variants)
-        if best > ce["fraction_of_copy"] * (1 + STEP_NOISE):
+        if best > ce["fraction_of_copy"] * (1 + KERNEL_NOISE):
             say(f"  - The cross-entropy forward's best variant, {switch}, reaches {100 * best:.0f}% "
                 f"against the default's {100 * ce['fraction_of_copy']:.0f}%: make it the default "
                 "(`ce_stages` in src/backend/cuda/ops/loss.rs) once its tests passed.")

@@ -55,16 +55,17 @@ pub(crate) fn handle() -> Result<&'static Handle> {
             let mut version = 0;
             // SAFETY: the handle made above, given the device's stream and a workspace that
             // lives as long as the handle (the process). The version is read first: a library
-            // older than CUDA 11 has no cublasSetWorkspace_v2 (cudarc's loader would panic on
-            // the missing symbol) and no CUBLAS_COMPUTE_32F.
+            // older than cuBLAS 11.2 (CUDA 11.0 update 1) has no cublasSetWorkspace_v2 (cudarc's
+            // loader would panic on the missing symbol), and one before 11 no
+            // CUBLAS_COMPUTE_32F.
             let setup = unsafe {
                 check(
                     "cublasGetVersion",
                     sys::cublasGetVersion_v2(raw, &mut version),
                 )
                 .and_then(|()| match version {
-                    v if v < 110000 => Err(Error::msg(format!(
-                        "cublas: libcublas {v} is older than CUDA 11 (put the CUDA toolkit's \
+                    v if v < 110200 => Err(Error::msg(format!(
+                        "cublas: libcublas {v} is older than 11.2 (put a newer CUDA toolkit's \
                          lib64 first on LD_LIBRARY_PATH)"
                     ))),
                     _ => Ok(()),

@@ -627,12 +627,25 @@ impl CudaDevice {
                 .entry(kernel.to_string())
                 .or_default() += 1;
         }
+        // Destroys the profile's events on an error path (no event is left behind).
+        let drop_events = |events: &[sys::CUevent]| {
+            for &e in events {
+                // SAFETY: an event made here, used by nothing after this error.
+                let _ = unsafe { result::event::destroy(e) };
+            }
+        };
         let timed = if profiling() {
             let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
             let a = result::event::create(flags).map_err(|e| driver_err("event", e))?;
-            let b = result::event::create(flags).map_err(|e| driver_err("event", e))?;
+            let b = result::event::create(flags).map_err(|e| {
+                drop_events(&[a]);
+                driver_err("event", e)
+            })?;
             // SAFETY: a fresh event recorded on this context's stream.
-            unsafe { result::event::record(a, self.stream) }.map_err(|e| driver_err("event", e))?;
+            unsafe { result::event::record(a, self.stream) }.map_err(|e| {
+                drop_events(&[a, b]);
+                driver_err("event", e)
+            })?;
             Some((a, b))
         } else {
             None
@@ -640,18 +653,17 @@ impl CudaDevice {
         let t = std::time::Instant::now();
         if let Err(e) = issue() {
             if let Some((a, b)) = timed {
-                // SAFETY: the events made above, recorded on nothing that is pending.
-                unsafe {
-                    let _ = result::event::destroy(a);
-                    let _ = result::event::destroy(b);
-                }
+                drop_events(&[a, b]);
             }
             return Err(e);
         }
         LAUNCH_NS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Some((a, b)) = timed {
             // SAFETY: as above.
-            unsafe { result::event::record(b, self.stream) }.map_err(|e| driver_err("event", e))?;
+            unsafe { result::event::record(b, self.stream) }.map_err(|e| {
+                drop_events(&[a, b]);
+                driver_err("event", e)
+            })?;
             // By the part of the model that issued it (`autograd::part`), and whether from a
             // backward: "gemm_... [text mlp, backward]".
             let name = match crate::autograd::current_part() {
