@@ -22,47 +22,22 @@ use tessera::{Device, Rng};
 mod generate_fixtures;
 use generate_fixtures::{case, model};
 
-#[path = "common/by_length.rs"]
-mod by_length;
-use by_length::by_length;
+#[path = "common/runs.rs"]
+mod runs;
+use runs::{by_length, metrics};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cuda-train-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    runs::tmp(&format!("cuda-train-{name}"))
 }
 
-/// A small run of the tiny preset from random weights on `device`.
+/// A small run of the tiny preset from random weights on `device`, evaluated on 4 examples,
+/// with completions of up to 6 tokens.
 fn config(out: &Path, device: &str, train: &str, steps: u64) -> TrainConfig {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny");
-    TrainConfig::load(
-        None,
-        &[
-            format!("out=\"{}\"", out.display()),
-            format!("model.dir=\"{}\"", model.display()),
-            format!("model.device=\"{device}\""),
-            "model.init_seed=3".into(),
-            format!("data.train=\"{train}\""),
-            format!("train.steps={steps}"),
-            "train.batch_size=4".into(),
-            "train.progress=false".into(),
-            "train.log_every=0".into(),
-            "data.eval_samples=4".into(),
-            "grpo.prompts_per_step=2".into(),
-            "grpo.group_size=3".into(),
-            "grpo.max_new_tokens=6".into(),
-            "optim.lr=3e-3".into(),
-        ],
-    )
-    .unwrap()
-}
-
-fn metrics(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap_or_else(|e| panic!("{}: {e}", run.join("metrics.jsonl").display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let mut cfg = runs::config(out, train, steps);
+    cfg.model.device = device.into();
+    cfg.data.eval_samples = 4;
+    cfg.grpo.max_new_tokens = 6;
+    cfg
 }
 
 /// Trains `cfg` from scratch (or resumes it), with `evals` evaluated at the end. GRPO's rewards

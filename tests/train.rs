@@ -12,51 +12,16 @@ use tessera::rl::task::Task;
 use tessera::rl::trainer::{Kind, Trainer};
 use tessera::DType;
 
-#[path = "common/by_length.rs"]
-mod by_length;
-use by_length::by_length;
+#[path = "common/runs.rs"]
+mod runs;
+use runs::{by_length, config, metrics};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn tmp(name: &str) -> PathBuf {
-    // Under target/ (CARGO_TARGET_TMPDIR), not the system temp folder; one folder per test,
-    // emptied when the test starts again (a failed run stays there for inspection).
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("train-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-/// A small run of the tiny preset from random weights.
-fn config(out: &Path, train: &str, steps: u64) -> TrainConfig {
-    let model = root().join("models/tiny");
-    TrainConfig::load(
-        None,
-        &[
-            format!("out=\"{}\"", out.display()),
-            format!("model.dir=\"{}\"", model.display()),
-            "model.init_seed=3".into(),
-            format!("data.train=\"{train}\""),
-            format!("train.steps={steps}"),
-            "train.batch_size=4".into(),
-            "train.progress=false".into(),
-            "train.log_every=0".into(),
-            "grpo.prompts_per_step=2".into(),
-            "grpo.group_size=3".into(),
-            "grpo.max_new_tokens=5".into(),
-            "optim.lr=3e-3".into(),
-        ],
-    )
-    .unwrap()
-}
-
-fn metrics(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    runs::tmp(&format!("train-{name}"))
 }
 
 fn field(m: &[Value], key: &str) -> Vec<f64> {
