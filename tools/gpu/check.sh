@@ -31,6 +31,14 @@ BIN=${1:-.gpu}
 FINAL=${OUT:-}
 OUT=/tmp/tessera-gpu
 rm -rf "$OUT" && mkdir -p "$OUT"
+# prepare.sh packs the binaries into one archive (BIN/bundle.tar.xz): unpacked here (Python's
+# tarfile, which needs no xz binary).
+if [ -f "$BIN/bundle.tar.xz" ]; then
+    rm -rf /tmp/tessera-bin && mkdir -p /tmp/tessera-bin
+    python3 -c 'import sys, tarfile; kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2], **kw)' \
+        "$BIN/bundle.tar.xz" /tmp/tessera-bin || { echo "check: cannot unpack $BIN/bundle.tar.xz"; exit 1; }
+    BIN=/tmp/tessera-bin
+fi
 pack() {
     [ -s "$OUT/report.md" ] || python3 tools/gpu/report.py "$OUT" > "$OUT/report.md" 2>/dev/null
     if [ -n "$FINAL" ]; then

@@ -39,3 +39,10 @@ cp target/release/tessera "$DEST/"
 strip "$DEST"/tessera "$DEST"/tests/* "$DEST"/benches/*
 echo "$PWD" > "$DEST/built_at"
 du -sh "$DEST"; ls -la "$DEST/tests"
+# One xz archive travels instead (58 MB of binaries and cubins are ~9 MB packed; a device call
+# carries at most 64 MiB); check.sh unpacks it. PACK=0 leaves the folder as it is.
+if [ "${PACK:-1}" != 0 ]; then
+    tar cf - -C "$DEST" . | xz -T0 -6 > "$DEST.bundle.tmp"
+    rm -rf "${DEST:?}"/* && mv "$DEST.bundle.tmp" "$DEST/bundle.tar.xz"
+    du -sh "$DEST/bundle.tar.xz"
+fi
