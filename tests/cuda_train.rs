@@ -16,7 +16,7 @@ use tessera::rl::config::TrainConfig;
 use tessera::rl::sources;
 use tessera::rl::task::Task;
 use tessera::rl::trainer::{Kind, Trainer};
-use tessera::{Device, Rng};
+use tessera::{DType, Device, Rng};
 
 #[path = "common/generate_fixtures.rs"]
 mod generate_fixtures;
@@ -244,7 +244,7 @@ fn generation_on_cuda_follows_transformers_and_the_cpu() {
         // rounding of the f32 ones (the largest difference against the largest logit).
         let bf16 = tessera::qwen2_5_vl::QwenVl {
             config: gpu.config.clone(),
-            params: tessera::no_grad(|| gpu.params.cast(tessera::DType::BF16)).unwrap(),
+            params: tessera::no_grad(|| gpu.params.cast(DType::BF16)).unwrap(),
         };
         let (mut want, mut f32_cache) = prefill(&gpu, &prompts).unwrap();
         let (mut got, mut bf16_cache) = prefill(&bf16, &prompts).unwrap();
@@ -271,18 +271,31 @@ fn the_smoke_study_runs_on_cuda_as_on_the_cpu() {
     }
     use tessera::study::{Inputs, Preset, Study};
     let mut scores = Vec::new();
-    for device in [Device::Cpu, Device::Cuda] {
-        let dir = tmp(&format!("study-{device}"));
+    for (device, dtype) in [
+        (Device::Cpu, DType::F32),
+        (Device::Cuda, DType::F32),
+        (Device::Cuda, DType::BF16),
+    ] {
+        let dir = tmp(&format!("study-{device}-{dtype}"));
         let inputs = Inputs {
             tiny_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"),
             device,
+            dtype,
             ..Inputs::default()
         };
         let arms = Study::new(Preset::smoke(), inputs, dir.clone())
             .unwrap()
             .run()
-            .unwrap_or_else(|e| panic!("the smoke study on {device}: {e}"));
-        assert!(dir.join("report.md").exists(), "{device}: no report");
+            .unwrap_or_else(|e| panic!("the smoke study on {device} in {dtype}: {e}"));
+        let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        assert!(
+            dtype == DType::F32 || report.contains("--device cuda --dtype bf16"),
+            "the rerun line names the device and dtype:\n{report}"
+        );
+        if dtype != DType::F32 {
+            // bf16 (rounded differently from the CPU's f32): it runs to its report.
+            continue;
+        }
         scores.push(
             arms.iter()
                 .map(|a| (a.name.clone(), a.scores.clone()))

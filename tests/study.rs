@@ -77,4 +77,25 @@ fn smoke_study_writes_a_complete_report() {
         t0.elapsed().as_secs_f64()
     );
     let _ = std::fs::remove_dir_all(&dir);
+    // bf16 needs CUDA: refused before anything is written.
+    let bf16 = Inputs {
+        dtype: tessera::DType::BF16,
+        ..inputs_for_errors()
+    };
+    let err = Study::new(Preset::smoke(), bf16, dir.clone())
+        .err()
+        .expect("bf16 on the CPU")
+        .to_string();
+    assert!(
+        err.contains("bf16") && err.contains("--device cuda"),
+        "{err}"
+    );
+    assert!(!dir.exists(), "a refused study wrote {}", dir.display());
+}
+
+fn inputs_for_errors() -> Inputs {
+    Inputs {
+        tiny_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny"),
+        ..Inputs::default()
+    }
 }

@@ -1,5 +1,5 @@
 //! `tessera study [--preset smoke|tiny] [--name NAME] [--model DIR --prior FILE.jsonl --images DIR]
-//! [--device cpu|cuda]`
+//! [--device cpu|cuda] [--dtype f32|bf16]`
 
 use crate::study::{Inputs, Preset, Study};
 use crate::Result;
@@ -39,6 +39,10 @@ pub struct StudyArgs {
     /// `model.device`).
     #[arg(long, default_value = "cpu")]
     device: crate::Device,
+    /// f32, or bf16 with --device cuda: the stages and the final evaluations compute with bf16
+    /// copies of the f32 weights (`model.dtype`).
+    #[arg(long, default_value = "f32")]
+    dtype: crate::DType,
 }
 
 pub fn run(args: StudyArgs) -> Result<()> {
@@ -77,6 +81,7 @@ pub fn run(args: StudyArgs) -> Result<()> {
         images: args.images,
         tiny_dir,
         device: args.device,
+        dtype: args.dtype,
     };
     let study = Study::new(preset, inputs, args.runs.join(&name))?;
     study.run()?;

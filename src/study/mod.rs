@@ -129,6 +129,9 @@ pub struct Inputs {
     /// Where every stage trains and evaluates (`model.device` of each stage's config), and
     /// where the final evaluations and the dynamics probes run.
     pub device: crate::Device,
+    /// What the stages and the final evaluations compute in (`model.dtype`: f32, or bf16 on
+    /// CUDA); the dynamics probes stay in f32.
+    pub dtype: crate::DType,
 }
 
 /// One trained model of the study and its final evaluation.
@@ -159,6 +162,14 @@ pub struct Study {
 
 impl Study {
     pub fn new(preset: Preset, inputs: Inputs, dir: PathBuf) -> Result<Study> {
+        match (inputs.dtype, inputs.device) {
+            (crate::DType::F32, _) | (crate::DType::BF16, crate::Device::Cuda) => {}
+            (d, device) => {
+                return Err(Error::msg(format!(
+                    "study --dtype {d} on {device}: want f32, or bf16 with --device cuda"
+                )))
+            }
+        }
         if inputs.model.is_some() && inputs.prior.is_empty() {
             return Err(Error::msg(
                 "study --model needs the prior-knowledge suites to measure: --prior FILE.jsonl",
@@ -214,6 +225,7 @@ impl Study {
         };
         cfg.model.dir = model_dir.display().to_string();
         cfg.model.device = self.inputs.device.to_string();
+        cfg.model.dtype = self.inputs.dtype.to_string();
         cfg.data.train = train.to_string();
         cfg.data.eval = self.eval_specs();
         cfg.data.eval_samples = p.eval_samples;
@@ -300,8 +312,11 @@ impl Study {
     /// Final accuracies of a model directory on the jigsaw and every prior suite.
     pub fn evaluate(&self, model_dir: &Path) -> Result<Metrics> {
         let cfg = self.config("eval", model_dir, &self.jigsaw_spec, 1, 1e-3)?;
-        let model = crate::qwen2_5_vl::model::QwenVl::load(model_dir, crate::DType::F32)?
+        let mut model = crate::qwen2_5_vl::model::QwenVl::load(model_dir, crate::DType::F32)?
             .to_device(self.inputs.device)?;
+        if self.inputs.dtype != crate::DType::F32 {
+            model.params = crate::no_grad(|| model.params.cast(self.inputs.dtype))?;
+        }
         let tok_path = model_dir.join("tokenizer.json");
         let tokenizer = crate::qwen2_5_vl::tokenizer::QwenTokenizer::from_file(&tok_path)?;
         let encoder = crate::rl::data::Encoder::new(tokenizer, &model.config);

@@ -243,7 +243,7 @@ pub fn write(study: &Study, arms: &[Arm], dynamics: Option<&str>) -> Result<()> 
     let _ = writeln!(r, "## Setup\n");
     let _ = writeln!(
         r,
-        "- base: {}\n- novel task: {} ({}x{} jigsaw; reward hit + accuracy + format)\n- prior suites: {}\n- preset `{}`: batch {}, pretrain {} steps (lr {}), SFT {} steps (lr {}), GRPO {} steps (lr {}, G = {}, {} prompts per step), SFT on rollouts {} steps; {} eval samples per task, every {} steps\n- rerun: `tessera study --preset {} --name {}` (finished stages are kept; a stopped study resumes)\n",
+        "- base: {}\n- novel task: {} ({}x{} jigsaw; reward hit + accuracy + format)\n- prior suites: {}\n- preset `{}`: batch {}, pretrain {} steps (lr {}), SFT {} steps (lr {}), GRPO {} steps (lr {}, G = {}, {} prompts per step), SFT on rollouts {} steps; {} eval samples per task, every {} steps\n- rerun: `tessera study --preset {} --name {}{}` (finished stages are kept; a stopped study resumes)\n",
         match &study.inputs.model {
             Some(m) => format!("the checkpoint {}", m.display()),
             None => format!(
@@ -270,6 +270,12 @@ pub fn write(study: &Study, arms: &[Arm], dynamics: Option<&str>) -> Result<()> 
         p.eval_every,
         p.name,
         dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+        // Where it ran, when not the default CPU in f32.
+        match (study.inputs.device, study.inputs.dtype) {
+            (crate::Device::Cpu, DType::F32) => String::new(),
+            (device, DType::F32) => format!(" --device {device}"),
+            (device, dtype) => format!(" --device {device} --dtype {dtype}"),
+        },
     );
 
     let _ = writeln!(r, "## Jigsaw accuracy\n");

@@ -3,8 +3,9 @@
 
 use half::{bf16, f16};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DType {
+    #[default]
     F32,
     F64,
     BF16,
