@@ -230,7 +230,8 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // polynomial (relative error ≤ 2.4e-7, about 2 ulp, as ex2.approx), and n added to the
 // exponent. Below 2^-125 it returns 0 (as ex2.approx.ftz for x < −126; −inf gives 0), and a NaN
 // is returned as it came (the bit trick would turn the canonical 0x7fffffff into FLT_MAX).
-// 12 instructions against one MUFU.EX2.
+// Domain: x < 128 (the exponent add overflows from 128, where ex2.approx gives +inf); its
+// callers pass x <= 0 (logits less their row maximum). 12 instructions against one MUFU.EX2.
 __device__ __forceinline__ float poly_exp2(float x) {
     const float xc = x < -125.f ? -125.f : x;  // a comparison, so a NaN passes through
     const float t = xc + 12582912.f;
