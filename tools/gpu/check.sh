@@ -150,6 +150,9 @@ for t in "$BIN"/tests/*; do
     name=$(basename "$t")
     # CI compiles every kernel for sm_80/sm_90 already; here the tests compile what they use.
     [ "$name" = cuda_compile ] && [ -z "${WITH_COMPILE_TEST:-}" ] && continue
+    # The jobs end to end (generation, SFT, GRPO, the smoke study: CPU against CUDA) decide no
+    # default for the benchmarks: they run last, while time is left (see the end).
+    [ "$name" = cuda_train ] && continue
     skips=()
     for e in $EXPERIMENTS; do
         [ "${e%%:*}" = "$name" ] && skips+=(--skip "${e#*:}")
@@ -292,8 +295,21 @@ if [ -n "${BWD_CASES:-}" ] && [ -x "$BIN/tests/cuda_flash" ]; then
     [ -n "$FINAL" ] && mkdir -p "$FINAL" && cp "$OUT/bwd-cases.log" "$OUT/bwd-sanitizer.log" "$FINAL/" 2>/dev/null
 fi
 tail -n 60 "$OUT"/test-*.log > "$OUT/tests-tail.log" 2>/dev/null
+# The jobs end to end on CUDA against the CPU (tests/cuda_train.rs): generation, SFT, GRPO and
+# the smoke study. Nothing else depends on them, so they run after the benchmarks and steps,
+# in the time those leave (or right after the other tests with ONLY_TESTS=1).
+jobs_test() {
+    [ -x "$BIN/tests/cuda_train" ] && [ -z "${SKIP_TESTS:-}" ] && fits 60 "test cuda_train" || return 0
+    log "test cuda_train"
+    timeout "$(tmo "${TEST_TIMEOUT:-150}")" "$BIN/tests/cuda_train" --test-threads 2 --nocapture \
+        > "$OUT/test-cuda_train.log" 2>&1
+    local rc=$?
+    grep -E "^test |test result|panicked|skipped" "$OUT/test-cuda_train.log" | tee -a "$OUT/tests.log"
+    echo "cuda_train exit $rc" | tee -a "$OUT/tests.log"
+}
 # ONLY_TESTS=1: the tests alone (a short check of a change).
 if [ -n "${ONLY_TESTS:-}" ]; then
+    jobs_test
     log "done (tests only)"
     exit 0
 fi
@@ -471,6 +487,9 @@ if [ -z "${SKIP_STEPS:-}" ] && [ -n "$WS_OK" ]; then
         echo "$off" > "$OUT/step-combo$i.label"
     done
 fi
+# The jobs end to end (tests/cuda_train.rs), after the step rows and before the optional
+# criterion run and cuBLAS profile.
+jobs_test
 # The criterion benchmarks (benches/cuda_kernels.rs): each benchmark once, as criterion's test
 # mode runs them (that the harness works on a GPU); CRITERION=1 measures them (~1 minute).
 CRIT_S=40; [ -n "${CRITERION:-}" ] && CRIT_S=130
