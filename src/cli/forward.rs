@@ -87,14 +87,9 @@ pub fn read_batch(path: &std::path::Path) -> Result<Batch> {
 pub fn run(a: ForwardArgs) -> Result<()> {
     let device: crate::Device = a.device.parse()?;
     let dtype: DType = a.dtype.parse()?;
-    if device == crate::Device::Cpu && dtype != DType::F32 {
-        return Err(Error::msg(format!(
-            "--dtype {dtype}: the CPU backend computes in f32 (bf16 needs --device cuda)"
-        )));
-    }
-    if dtype != DType::F32 && dtype != DType::BF16 {
-        return Err(Error::msg(format!("--dtype {dtype}: want f32 or bf16")));
-    }
+    dtype
+        .check_compute_on(device, "--device cuda")
+        .map_err(|why| Error::msg(format!("--dtype {dtype}: {why}")))?;
     // f32 master weights on the device; bf16 computes with in-graph casts, so gradients are
     // reported for the f32 parameters either way.
     let model = QwenVl::load(&a.model, DType::F32)?.to_device(device)?;

@@ -58,15 +58,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let device: Device = a.device.parse()?;
     let dtype: DType = a.dtype.parse()?;
-    match (dtype, device) {
-        (DType::F32, _) | (DType::BF16, Device::Cuda) => {}
-        (DType::BF16, Device::Cpu) => {
-            return Err(Error::msg(
-                "--dtype bf16: the CPU backend computes in f32 (bf16 needs --device cuda)",
-            ))
-        }
-        (d, _) => return Err(Error::msg(format!("--dtype {d}: want f32 or bf16"))),
-    }
+    dtype
+        .check_compute_on(device, "--device cuda")
+        .map_err(|why| Error::msg(format!("--dtype {dtype}: {why}")))?;
     let load = || -> Result<QwenVl> {
         let t = Instant::now();
         let mut model = QwenVl::load(&a.model, DType::F32)?.to_device(device)?;

@@ -318,17 +318,13 @@ impl TrainConfig {
 
     /// `model.dtype`: f32, or bf16 on CUDA (the CPU backend computes in f32).
     pub fn compute_dtype(&self) -> Result<crate::DType> {
-        match (self.model.dtype.as_str(), self.device()?) {
-            ("f32", _) => Ok(crate::DType::F32),
-            ("bf16", crate::Device::Cuda) => Ok(crate::DType::BF16),
-            ("bf16", crate::Device::Cpu) => Err(Error::msg(
-                "train config: model.dtype = \"bf16\" needs model.device = \"cuda\" (the CPU \
-                 backend computes in f32)",
-            )),
-            (d, _) => Err(Error::msg(format!(
-                "train config: model.dtype \"{d}\": want f32 or bf16"
-            ))),
-        }
+        let d = &self.model.dtype;
+        let why = |why: String| Error::msg(format!("train config: model.dtype \"{d}\": {why}"));
+        let dtype: crate::DType = d.parse().map_err(|_| why("want f32 or bf16".into()))?;
+        dtype
+            .check_compute_on(self.device()?, "model.device = \"cuda\"")
+            .map_err(why)?;
+        Ok(dtype)
     }
 
     /// `model.device`: cpu or cuda (also cuda:0 or gpu).

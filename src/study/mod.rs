@@ -162,14 +162,10 @@ pub struct Study {
 
 impl Study {
     pub fn new(preset: Preset, inputs: Inputs, dir: PathBuf) -> Result<Study> {
-        match (inputs.dtype, inputs.device) {
-            (crate::DType::F32, _) | (crate::DType::BF16, crate::Device::Cuda) => {}
-            (d, device) => {
-                return Err(Error::msg(format!(
-                    "study --dtype {d} on {device}: want f32, or bf16 with --device cuda"
-                )))
-            }
-        }
+        let dtype = inputs.dtype;
+        dtype
+            .check_compute_on(inputs.device, "--device cuda")
+            .map_err(|why| Error::msg(format!("study --dtype {dtype}: {why}")))?;
         if inputs.model.is_some() && inputs.prior.is_empty() {
             return Err(Error::msg(
                 "study --model needs the prior-knowledge suites to measure: --prior FILE.jsonl",

@@ -25,6 +25,22 @@ impl DType {
     pub fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::F64 | DType::BF16 | DType::F16)
     }
+    /// Whether the model can compute in this dtype on `device`: f32 anywhere, bf16 on CUDA (the
+    /// CPU backend computes in f32). The error says why not; `cuda` is how the caller's user
+    /// chooses CUDA (a flag or a config key), named as the remedy.
+    pub fn check_compute_on(
+        self,
+        device: crate::Device,
+        cuda: &str,
+    ) -> std::result::Result<(), String> {
+        match (self, device) {
+            (DType::F32, _) | (DType::BF16, crate::Device::Cuda) => Ok(()),
+            (_, crate::Device::Cpu) => Err(format!(
+                "the CPU backend computes in f32 (bf16 needs {cuda})"
+            )),
+            _ => Err("want f32 or bf16".into()),
+        }
+    }
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
