@@ -242,10 +242,7 @@ fn generation_on_cuda_follows_transformers_and_the_cpu() {
         // bf16 weights (`generate --dtype bf16`): the prefill's logits and those of three
         // decode steps through the bf16 KV cache (fed transformers' tokens) within bf16's
         // rounding of the f32 ones (the largest difference against the largest logit).
-        let bf16 = tessera::qwen2_5_vl::QwenVl {
-            config: gpu.config.clone(),
-            params: tessera::no_grad(|| gpu.params.cast(DType::BF16)).unwrap(),
-        };
+        let bf16 = tessera::no_grad(|| gpu.cast(DType::BF16)).unwrap();
         let (mut want, mut f32_cache) = prefill(&gpu, &prompts).unwrap();
         let (mut got, mut bf16_cache) = prefill(&bf16, &prompts).unwrap();
         for step in 0..4 {

@@ -93,14 +93,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     // f32 master weights on the device; bf16 computes with in-graph casts, so gradients are
     // reported for the f32 parameters either way.
     let model = QwenVl::load(&a.model, DType::F32)?.to_device(device)?;
-    let compute = QwenVl {
-        config: model.config.clone(),
-        params: if dtype == DType::F32 {
-            model.params.clone()
-        } else {
-            model.params.cast(dtype)?
-        },
-    };
+    let compute = model.cast(dtype)?;
     let batch = read_batch(&a.inputs)?;
     if a.grad && batch.labels.is_none() {
         return Err(Error::file(

@@ -63,10 +63,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .map_err(|why| Error::msg(format!("--dtype {dtype}: {why}")))?;
     let load = || -> Result<QwenVl> {
         let t = Instant::now();
-        let mut model = QwenVl::load(&a.model, DType::F32)?.to_device(device)?;
-        if dtype != DType::F32 {
-            model.params = crate::no_grad(|| model.params.cast(dtype))?;
-        }
+        let model = QwenVl::load(&a.model, DType::F32)?.to_device(device)?;
+        let model = crate::no_grad(|| model.cast(dtype))?;
         eprintln!(
             "loaded {} in {:.2} s",
             a.model.display(),

@@ -104,6 +104,16 @@ impl QwenVl {
         })
     }
 
+    /// The same model computing in `dtype`: its float parameters cast (`Params::cast`; with
+    /// gradients on, the casts' backward sends f32 gradients to these parameters), or shared
+    /// as they are where they already have the dtype.
+    pub fn cast(&self, dtype: DType) -> Result<QwenVl> {
+        Ok(QwenVl {
+            config: self.config.clone(),
+            params: self.params.cast(dtype)?,
+        })
+    }
+
     /// Where the parameters live.
     pub fn device(&self) -> crate::Device {
         self.params

@@ -166,19 +166,9 @@ impl Trainer {
                 }
                 None => QwenVl::load(&model_dir, DType::F32)?,
             };
-            let r = if device == Device::Cpu {
-                r
-            } else {
-                r.to_device(device)?
-            };
             // Frozen: in the compute dtype once (bf16 copies without a graph).
-            Some(match compute_dtype {
-                DType::F32 => r,
-                dtype => QwenVl {
-                    params: no_grad(|| r.params.cast(dtype))?,
-                    config: r.config,
-                },
-            })
+            let r = r.to_device(device)?;
+            Some(no_grad(|| r.cast(compute_dtype))?)
         } else {
             None
         };
@@ -427,17 +417,11 @@ impl Trainer {
         Ok(m)
     }
 
-    /// The model that computes this step: the f32 weights themselves, or (`model.dtype =
+    /// The model that computes a forward: the f32 weights themselves, or (`model.dtype =
     /// "bf16"`) bf16 copies of them made now, whose backward adds the gradients to the f32
-    /// weights in f32. Made again after every optimiser step. (Cloning shares the tensors.)
+    /// weights in f32. Made for each backward, as a backward frees the graph it ran through.
     fn compute(&self) -> Result<QwenVl> {
-        Ok(match self.compute_dtype {
-            DType::F32 => self.model.clone(),
-            dtype => QwenVl {
-                config: self.model.config.clone(),
-                params: self.model.params.cast(dtype)?,
-            },
-        })
+        self.model.cast(self.compute_dtype)
     }
 
     fn collate_on_device(&self, items: &[&Encoded]) -> Result<Collated> {

@@ -308,11 +308,9 @@ impl Study {
     /// Final accuracies of a model directory on the jigsaw and every prior suite.
     pub fn evaluate(&self, model_dir: &Path) -> Result<Metrics> {
         let cfg = self.config("eval", model_dir, &self.jigsaw_spec, 1, 1e-3)?;
-        let mut model = crate::qwen2_5_vl::model::QwenVl::load(model_dir, crate::DType::F32)?
+        let model = crate::qwen2_5_vl::model::QwenVl::load(model_dir, crate::DType::F32)?
             .to_device(self.inputs.device)?;
-        if self.inputs.dtype != crate::DType::F32 {
-            model.params = crate::no_grad(|| model.params.cast(self.inputs.dtype))?;
-        }
+        let model = crate::no_grad(|| model.cast(self.inputs.dtype))?;
         let tok_path = model_dir.join("tokenizer.json");
         let tokenizer = crate::qwen2_5_vl::tokenizer::QwenTokenizer::from_file(&tok_path)?;
         let encoder = crate::rl::data::Encoder::new(tokenizer, &model.config);
