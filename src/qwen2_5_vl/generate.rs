@@ -360,12 +360,16 @@ pub fn sample_token(logits: &[f64], cfg: &SamplingConfig, rng: &mut Rng) -> Resu
     if logits.is_empty() {
         return Err(Error::msg("sample_token: empty logits"));
     }
-    let u = if cfg.temperature == 0.0 {
+    Ok(sample_with(logits, cfg, draw(cfg, rng)))
+}
+
+/// The uniform a row's sampling uses: one `rng.uniform()`, none when greedy.
+fn draw(cfg: &SamplingConfig, rng: &mut Rng) -> f64 {
+    if cfg.temperature == 0.0 {
         0.0
     } else {
         rng.uniform()
-    };
-    Ok(sample_with(logits, cfg, u))
+    }
 }
 
 /// `sample_token` with its uniform draw `u` in [0, 1) given (unused when greedy), so that rows
@@ -482,16 +486,7 @@ pub fn generate_groups(
         // One draw a row, in row order (as `sample_token` row by row), then the rows in
         // parallel: with a real vocabulary (152k), sampling a batch on one core can take longer
         // than the device's decode step.
-        let draws: Vec<f64> = active
-            .iter()
-            .map(|_| {
-                if cfg.temperature == 0.0 {
-                    0.0
-                } else {
-                    rng.uniform()
-                }
-            })
-            .collect();
+        let draws: Vec<f64> = active.iter().map(|_| draw(cfg, rng)).collect();
         let tokens: Vec<u32> = {
             use rayon::prelude::*;
             draws
