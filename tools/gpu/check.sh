@@ -145,23 +145,31 @@ cuda_matmul_attention:adamw_compute_copies_follow_the_masters
 cuda_matmul_attention:adamw_compute_leaves_update_as_compute_params
 cuda_matmul_attention:adamw_multi_tensor_matches_per_tensor
 cuda_qwen:bf16_gradients_on_the_compute_copies_are_exact"
+# test_binary NAME [ARGS...]: tests/NAME whole (2 threads), its log in test-NAME.log, its
+# results and exit status in tests.log.
+test_binary() {
+    local name=$1 rc
+    shift
+    log "test $name"
+    timeout "$(tmo "${TEST_TIMEOUT:-150}")" "$BIN/tests/$name" --test-threads 2 --nocapture "$@" \
+        >"$OUT/test-$name.log" 2>&1
+    rc=$?
+    grep -E "^test |test result|panicked|skipped" "$OUT/test-$name.log" | tee -a "$OUT/tests.log"
+    echo "$name exit $rc" | tee -a "$OUT/tests.log"
+}
 for t in "$BIN"/tests/*; do
     [ -n "${SKIP_TESTS:-}" ] && break
     name=$(basename "$t")
     # CI compiles every kernel for sm_80/sm_90 already; here the tests compile what they use.
     [ "$name" = cuda_compile ] && [ -z "${WITH_COMPILE_TEST:-}" ] && continue
     # The jobs end to end (generation, SFT, GRPO, the smoke study: CPU against CUDA) decide no
-    # default for the benchmarks: they run last, while time is left (see the end).
+    # default for the benchmarks: they run after the steps, while time is left (`jobs_test`).
     [ "$name" = cuda_train ] && continue
     skips=()
     for e in $EXPERIMENTS; do
         [ "${e%%:*}" = "$name" ] && skips+=(--skip "${e#*:}")
     done
-    log "test $name"
-    timeout "$(tmo "${TEST_TIMEOUT:-150}")" "$t" --test-threads 2 --nocapture "${skips[@]}" >"$OUT/test-$name.log" 2>&1
-    rc=$?
-    grep -E "^test |test result|panicked|skipped" "$OUT/test-$name.log" | tee -a "$OUT/tests.log"
-    echo "$name exit $rc" | tee -a "$OUT/tests.log"
+    test_binary "$name" "${skips[@]}"
 done
 for e in $EXPERIMENTS; do
     [ -n "${SKIP_TESTS:-}" ] && break
@@ -300,12 +308,7 @@ tail -n 60 "$OUT"/test-*.log > "$OUT/tests-tail.log" 2>/dev/null
 # in the time those leave (or right after the other tests with ONLY_TESTS=1).
 jobs_test() {
     [ -x "$BIN/tests/cuda_train" ] && [ -z "${SKIP_TESTS:-}" ] && fits 60 "test cuda_train" || return 0
-    log "test cuda_train"
-    timeout "$(tmo "${TEST_TIMEOUT:-150}")" "$BIN/tests/cuda_train" --test-threads 2 --nocapture \
-        > "$OUT/test-cuda_train.log" 2>&1
-    local rc=$?
-    grep -E "^test |test result|panicked|skipped" "$OUT/test-cuda_train.log" | tee -a "$OUT/tests.log"
-    echo "cuda_train exit $rc" | tee -a "$OUT/tests.log"
+    test_binary cuda_train
 }
 # ONLY_TESTS=1: the tests alone (a short check of a change).
 if [ -n "${ONLY_TESTS:-}" ]; then
