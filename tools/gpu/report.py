@@ -40,22 +40,15 @@ def main():
         ratio = f"{t['ms'] / r['ms']:.2f}x" if t else "-"
         print(f"| {r['kernel']} | {r['shape']} | {r['ms']:.3f} | {r['gbps']:.0f} | "
               f"{100 * r['fraction_of_copy']:.0f}% | {tm} | {ratio} |")
-    # The references by layout: PyTorch's A @ B and At.t() @ B (A stored transposed, the weight
-    # gradients' layout), and cuBLAS in tessera's own process on the same operands.
-    tm = {(r["op"], r["m"], r["k"], r["n"]): r for r in torch if r.get("op") in ("matmul", "matmul_at")}
-    cub = {(r["op"], r["m"], r["k"], r["n"]): r for r in mm
-           if r.get("op") in ("matmul_cublas", "matmul_cublas_mn_ab")}
+    refs = gemm_references(mm, torch)
     if mm:
         print()
         print("| GEMM m x k x n | tessera kernel | TFLOP/s | PyTorch (cuBLAS) TFLOP/s, same layout | ratio | of cuBLAS in process |")
         print("|---|---|---:|---:|---:|---:|")
         for r in mm:
-            at = "_mn_ab" in r["op"]
-            key = (r["m"], r["k"], r["n"])
-            t = tm.get(("matmul_at" if at else "matmul",) + key)
+            t, c = refs(r)
             tt = f"{t['tflops']:.1f}" if t else "-"
             ratio = f"{r['tflops'] / t['tflops']:.2f}" if t else "-"
-            c = cub.get(("matmul_cublas_mn_ab" if at else "matmul_cublas",) + key)
             ratio += f" | {r['tflops'] / c['tflops']:.2f}" if c else " | -"
             kern = {"matmul_tc": "mma.sync gemm.cu (A·Bᵀ)", "matmul_wgmma": "wgmma gemm_sm90.cu (A·Bᵀ)",
                     "matmul_wgmma_ws": "warp-specialised wgmma + TMA (A·Bᵀ)",
@@ -101,6 +94,23 @@ def main():
             print(f"| {r['case']} | {r['pass']} | {who} | {r['ms']:.3f} | {r['tflops']:.1f} | {frac} |")
     steps(d)
     products(d)
+
+
+def gemm_references(mm, torch):
+    """For a `bench matmul` row, its references in the row's own layout: (PyTorch's row, cuBLAS's
+    row in tessera's process), either None. A row whose op has `_mn_ab` is in the weight
+    gradients' layout (A stored transposed): PyTorch's At.t() @ B (`matmul_at`) and
+    `matmul_cublas_mn_ab`; else A @ B (`matmul`) and `matmul_cublas`."""
+    tm = {(r["op"], r["m"], r["k"], r["n"]): r for r in torch if r.get("op") in ("matmul", "matmul_at")}
+    cub = {(r["op"], r["m"], r["k"], r["n"]): r for r in mm
+           if r.get("op") in ("matmul_cublas", "matmul_cublas_mn_ab")}
+
+    def refs(r):
+        at = "_mn_ab" in r["op"]
+        key = (r["m"], r["k"], r["n"])
+        return (tm.get(("matmul_at" if at else "matmul",) + key),
+                cub.get(("matmul_cublas_mn_ab" if at else "matmul_cublas",) + key))
+    return refs
 
 
 # One line of `bench step`'s profiled table of products by shape: the kernel and its part
@@ -301,20 +311,17 @@ def verdicts(d, ours, torch, mm):
             say(f"  - No cross-entropy variant beats the default's {100 * ce['fraction_of_copy']:.0f}% "
                 f"(best: {switch}, {100 * best:.0f}%): the default stays.")
     # Issue 5: the GEMM against cuBLAS in the same layout (in process, else PyTorch's).
-    ref = {(r["op"], r["m"], r["k"], r["n"]): r["tflops"] for r in mm
-           if r.get("op") in ("matmul_cublas", "matmul_cublas_mn_ab")}
-    tref = {(r["op"], r["m"], r["k"], r["n"]): r["tflops"] for r in torch
-            if r.get("op") in ("matmul", "matmul_at")}
+    refs = gemm_references(mm, torch)
     gemm = []
     for r in mm:
         if r.get("op") not in ("matmul", "matmul_mn_ab"):
             continue
-        at = r["op"] == "matmul_mn_ab"
-        key = (r["m"], r["k"], r["n"])
-        c = ref.get(("matmul_cublas_mn_ab" if at else "matmul_cublas",) + key) \
-            or tref.get(("matmul_at" if at else "matmul",) + key)
+        t, c = refs(r)
+        c = c or t
         if c:
-            gemm.append((r["tflops"] / c, f"{'x'.join(map(str, key))}{' (Aᵀ stored)' if at else ''}"))
+            shape = "x".join(str(r[x]) for x in "mkn")
+            gemm.append((r["tflops"] / c["tflops"],
+                         f"{shape}{' (Aᵀ stored)' if r['op'] == 'matmul_mn_ab' else ''}"))
     if gemm:
         short = sorted(g for g in gemm if g[0] < GEMM_TARGET)
         say(f"- Issue 5, GEMM >= {100 * GEMM_TARGET:.0f}% of cuBLAS, same layout: {mark(not short)} "
